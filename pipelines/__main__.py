@@ -1,0 +1,4 @@
+"""`python -m pipelines`: see pipelines/cli.py."""
+from pipelines.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,374 @@
+"""The pipeline's YAML config as typed models: load, apply `--set` overrides, validate, hash.
+
+Every problem is reported at once, by key path, with what is allowed, before any work starts.
+"""
+from __future__ import annotations
+
+import hashlib
+import inspect
+import json
+import re
+import types
+import typing
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from slowfast.model import PRESETS, SlowFastConfig
+
+# base_lr is the learning rate for this many clips per optimizer step (the paper: 8 GPUs x 8
+# clips, lr 0.1); the trainer scales it linearly with the real global batch.
+LR_REFERENCE_BATCH = 64
+
+_NAME = r"^[A-Za-z0-9][A-Za-z0-9._-]*$"  # ends up in storage paths and MLflow names
+
+
+class ConfigError(ValueError):
+    """A config that cannot be used; the message names the file, every bad key and what is allowed."""
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", coerce_numbers_to_str=True)
+
+
+class S3Section(Section):
+    """Where s3:// paths go. Credentials come from the environment or instance role, never from here."""
+
+    endpoint_url: str | None = Field(None, description="S3-compatible endpoint (MinIO, moto); None = AWS")
+    region: str | None = Field(None, description="bucket region; None = the environment's default")
+
+
+class SynthSection(Section):
+    """A synthetic motion dataset, generated when the video folder is empty: a CPU demo with no download."""
+
+    classes: int = Field(6, ge=2, le=64, description="number of motion classes")
+    videos_per_class: int = Field(24, ge=2, description="videos per class, train and val together")
+    val_fraction: float = Field(0.25, gt=0, lt=1, description="share of each class's videos kept for validation")
+    size: int = Field(96, ge=32, description="frame height and width of the generated videos, pixels")
+    seconds: float = Field(2.0, gt=0, description="length of each generated video (30 fps)")
+    seed: int = Field(0, description="same seed, same videos")
+
+
+class DataSection(Section):
+    """Which videos and labels to use."""
+
+    dataset: str = Field(pattern=_NAME, description="dataset name; shards and manifests are filed under it")
+    format: Literal["kinetics_csv", "path_label"] = Field(
+        "kinetics_csv", description="annotation format: Kinetics CSV (label,youtube_id,time_start,time_end,split) "
+                                    "or lines of '<path relative to video_root> <label>'")
+    video_root: str = Field(description="folder or s3:// prefix holding the videos")
+    annotations: dict[str, str] = Field(
+        default_factory=dict, description="split name -> annotation file (local path or s3://)")
+    train_split: str = Field("train", description="the split to train on")
+    val_split: str = Field("val", description="the split to evaluate and promote on")
+    synth: SynthSection | None = Field(
+        None, description="generate a synthetic dataset into video_root when it is empty; None = never")
+
+    @model_validator(mode="after")
+    def _splits_annotated(self) -> "DataSection":
+        for split in (self.train_split, self.val_split):
+            if self.annotations and split not in self.annotations:
+                raise ValueError(f"split {split!r} has no annotation file; annotations has: "
+                                 f"{', '.join(self.annotations)}")
+        return self
+
+
+class PreprocessSection(Section):
+    """Decode, pre-sample clips and write shards (Ray Data). Changing any of these makes new shards."""
+
+    target_fps: float = Field(30.0, gt=0, description="videos are resampled to this frame rate before sampling")
+    short_side: int = Field(256, ge=16, description="frames are resized so their short side is this many pixels")
+    clips_per_video: int = Field(2, ge=1, description="training clips pre-sampled per video at random start times")
+    eval_views: int = Field(10, ge=1, description="uniformly spaced clips pre-sampled per validation video")
+    frame_format: Literal["jpeg", "raw"] = Field("jpeg", description="how frames are stored in the shards")
+    jpeg_quality: int = Field(90, ge=1, le=100, description="JPEG quality when frame_format is jpeg")
+    max_frame_pixels: int = Field(
+        3840 * 2160, ge=1, description="videos with larger frames are quarantined instead of decoded")
+    rows_per_shard: int = Field(128, ge=1, description="clips per Parquet file")
+    seed: int = Field(0, description="seed of the clip start times; same seed, same shards")
+
+
+class ModelSection(SlowFastConfig):
+    """A named preset (slowfast.model.PRESETS) with any of its fields overridden."""
+
+    preset: str = Field(description=f"architecture preset: {', '.join(PRESETS)}")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _fill_from_preset(cls, data: Any) -> Any:
+        # Unknown presets pass through untouched so that the `preset` field validator reports them
+        # at model.preset rather than at model.
+        if isinstance(data, dict) and isinstance(data.get("preset"), str) and data["preset"] in PRESETS:
+            return {**PRESETS[data["preset"]].model_dump(), **data}
+        return data
+
+    @field_validator("preset")
+    @classmethod
+    def _known_preset(cls, value: str) -> str:
+        if value not in PRESETS:
+            raise ValueError(f"unknown preset {value!r}; known presets: {', '.join(PRESETS)}")
+        return value
+
+    def to_slowfast_config(self, **overrides) -> SlowFastConfig:
+        """The plain network config (e.g. `num_classes=len(classes)` once the dataset is known)."""
+        return SlowFastConfig(**{**self.model_dump(exclude={"preset"}), **overrides})
+
+    def overrides(self) -> dict[str, Any]:
+        """The fields that differ from the preset."""
+        preset = PRESETS[self.preset].model_dump()
+        return {k: v for k, v in self.model_dump(exclude={"preset"}).items() if preset[k] != v}
+
+
+class TrainSection(Section):
+    """Ray Train: workers, optimizer (SGD, linear warm-up then half-period cosine) and checkpoints."""
+
+    epochs: int = Field(196, ge=1, description="training epochs (the paper: 196 from scratch)")
+    batch_size: int = Field(8, ge=1, description="clips per worker per step")
+    base_lr: float = Field(
+        0.1, gt=0, description=f"learning rate for {LR_REFERENCE_BATCH} clips per step, scaled linearly "
+                               "with the global batch (batch_size * num_workers)")
+    warmup_epochs: float = Field(34.0, ge=0, description="linear warm-up length before the cosine schedule")
+    weight_decay: float = Field(1e-4, ge=0)
+    momentum: float = Field(0.9, ge=0, lt=1)
+    nesterov: bool = True
+    grad_clip: float | None = Field(None, gt=0, description="max global gradient norm; None = no clipping")
+    crop_size: int = Field(224, ge=16, description="square training crop, pixels")
+    scale_jitter: tuple[int, int] = Field(
+        (256, 320), description="short side is resized to a random size in [low, high] before cropping")
+    num_workers: int = Field(1, ge=1, description="Ray Train workers (DDP processes)")
+    use_gpu: bool = Field(False, description="one GPU per worker")
+    cpus_per_worker: float = Field(1.0, gt=0, description="CPUs reserved by each train worker")
+    max_failures: int = Field(3, ge=-1, description="restarts from the last checkpoint after worker loss; -1 = always")
+    keep_checkpoints: int = Field(2, ge=1, description="checkpoints kept per run, newest first")
+    mixed_precision: bool = Field(False, description="autocast on GPU (ignored on CPU)")
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _crop_fits(self) -> "TrainSection":
+        low, high = self.scale_jitter
+        if low > high:
+            raise ValueError(f"scale_jitter must be [low, high] with low <= high, got [{low}, {high}]")
+        if self.crop_size > low:
+            raise ValueError(f"crop_size {self.crop_size} is larger than the smallest jittered "
+                             f"short side {low}; lower crop_size or raise scale_jitter")
+        return self
+
+
+class EvaluateSection(Section):
+    """Multi-view testing: scores averaged over temporal views x spatial crops (the paper: 10 x 3)."""
+
+    temporal_views: int = Field(10, ge=1, description="clips per video, at most preprocess.eval_views")
+    spatial_crops: Literal[1, 3] = Field(3, description="1 = centre crop; 3 = left/centre/right (or top/centre/bottom)")
+
+
+class MlflowSection(Section):
+    """Tracking and the model registry."""
+
+    tracking_uri: str = Field("sqlite:///mlflow.db", description="MLflow tracking URI (sqlite:///..., http://...)")
+    experiment: str | None = Field(None, description="experiment name; None = the pipeline name")
+    model_name: str | None = Field(None, description="registered model name; None = the pipeline name")
+    promote_margin: float = Field(
+        0.0, ge=0, description="a challenger becomes champion only if its val top-1 beats the champion's "
+                               "by more than this (0.005 = half a point)")
+
+
+class RaySection(Section):
+    """Where Ray runs and how the CPUs are shared."""
+
+    address: str | None = Field(
+        None, description="None = start a local Ray; 'auto' or ray://host:port = join a cluster")
+    data_cpus: float = Field(
+        1.0, ge=0, description="CPUs left to Ray Data while training, so decoding never waits on train workers")
+
+
+class PipelineConfig(Section):
+    """One pipeline: data in, a registered model out."""
+
+    name: str = Field(pattern=_NAME, description="pipeline name: run records, checkpoints and MLflow names use it")
+    storage_root: str = Field(
+        "./storage", description="where everything the pipeline writes goes: a folder or s3://bucket/prefix")
+    s3: S3Section = Field(default_factory=S3Section)
+    data: DataSection
+    preprocess: PreprocessSection = Field(default_factory=PreprocessSection)
+    model: ModelSection
+    train: TrainSection = Field(default_factory=TrainSection)
+    evaluate: EvaluateSection = Field(default_factory=EvaluateSection)
+    mlflow: MlflowSection = Field(default_factory=MlflowSection)
+    ray: RaySection = Field(default_factory=RaySection)
+
+    @field_validator("storage_root")
+    @classmethod
+    def _local_or_s3(cls, value: str) -> str:
+        if "://" in value and not re.match(r"^s3://[a-z0-9][a-z0-9.-]{1,61}[a-z0-9](/.*)?$", value):
+            raise ValueError(f"must be a local folder or s3://bucket/prefix, got {value!r}")
+        return value
+
+    @model_validator(mode="after")
+    def _across_sections(self) -> "PipelineConfig":
+        # Errors raised here have no location of their own, so each message starts with its key.
+        if self.evaluate.temporal_views > self.preprocess.eval_views:
+            raise ValueError(f"evaluate.temporal_views: {self.evaluate.temporal_views} views but only "
+                             f"preprocess.eval_views={self.preprocess.eval_views} are pre-sampled; "
+                             "lower one or raise the other")
+        if self.mlflow.experiment is None:
+            self.mlflow.experiment = self.name
+        if self.mlflow.model_name is None:
+            self.mlflow.model_name = self.name
+        return self
+
+    def config_hash(self, *sections: str) -> str:
+        """sha256 of the canonical JSON of the resolved config, or of just the named sections."""
+        data = self.model_dump(mode="json", include=set(sections) or None)
+        return hashlib.sha256(json.dumps(data, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+    def flatten(self) -> dict[str, Any]:
+        """Dotted keys -> values (`train.base_lr: 0.1`), e.g. for MLflow params."""
+        return flatten(self.model_dump(mode="json"))
+
+    def to_yaml(self) -> str:
+        """The resolved config; `load_config` of this text gives the same config and hash."""
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+
+def flatten(mapping: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in mapping.items():
+        if isinstance(value, dict) and value:
+            flat.update(flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> PipelineConfig:
+    """Read the YAML file, apply `KEY=VALUE` overrides (dotted keys, YAML values), validate."""
+    path = Path(path)
+    data = _read_yaml(path)
+    problems = []
+    for override in overrides:
+        try:
+            _apply_override(data, override)
+        except ValueError as exc:
+            problems.append(str(exc))
+    try:
+        config = PipelineConfig.model_validate(data)
+    except ValidationError as exc:
+        problems += [_describe(err, overrides) for err in exc.errors()]
+    if problems:
+        raise ConfigError(_report(path, problems))
+    return config
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """SafeLoader that rejects a key given twice instead of silently keeping the last value."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"duplicate key {key!r}", key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: no such file; pass --config with the path of a pipeline YAML "
+                          "(configs/demo.yaml is an example)") from None
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read: {exc.strerror}") from None
+    try:
+        data = yaml.load(text, Loader=_StrictLoader)
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark or exc.context_mark
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise ConfigError(f"{path}: YAML syntax error{where}: {exc.problem or exc.context}; "
+                          "fix the file (indent with spaces, 'key: value')") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: YAML syntax error: {exc}") from None
+    if data is None:
+        raise ConfigError(f"{path}: the file is empty; it needs at least name, data and model sections")
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of sections "
+                          f"({', '.join(PipelineConfig.model_fields)}), got a {type(data).__name__}")
+    return data
+
+
+def _apply_override(data: dict[str, Any], override: str) -> None:
+    key, sep, text = override.partition("=")
+    parts = key.strip().split(".")
+    if not sep or not all(parts):
+        raise ValueError(f"--set {override!r}: expected KEY=VALUE with a dotted key, e.g. train.epochs=3")
+    try:
+        value = yaml.safe_load(text)
+    except yaml.YAMLError:
+        value = text  # not YAML (e.g. an unbalanced bracket): take it as a plain string
+    node = data
+    for depth, part in enumerate(parts[:-1]):
+        child = node.setdefault(part, {})
+        if child is None:  # `synth:` with nothing after it, or `synth: null`
+            child = node[part] = {}
+        if not isinstance(child, dict):
+            here = ".".join(parts[: depth + 1])
+            raise ValueError(f"{here}: is a value ({child!r}), not a section; cannot set {key.strip()!r}"
+                             f"  [from --set {override}]")
+        node = child
+    node[parts[-1]] = value
+
+
+def _report(path: Path, problems: list[str]) -> str:
+    count = f"{len(problems)} problem{'s' if len(problems) != 1 else ''}"
+    return f"{path}: invalid config, {count}:\n" + "\n".join(f"  {p}" for p in problems)
+
+
+def _describe(err: dict[str, Any], overrides) -> str:
+    loc = tuple(str(part) for part in err["loc"])
+    key = ".".join(loc)
+    msg = err["msg"].removeprefix("Value error, ").removeprefix("Assertion failed, ")
+    if err["type"] == "extra_forbidden":
+        owner = _model_at(PipelineConfig, loc[:-1])
+        allowed = ", ".join(owner.model_fields) if owner else "?"
+        msg = f"unknown key; allowed: {allowed}"
+    elif err["type"] == "missing":
+        msg = "required key is missing"
+    elif err["type"] != "value_error" and not isinstance(err.get("input"), dict):
+        msg = f"{msg} (got {err['input']!r})"
+    line = f"{key}: {msg}" if key else msg
+    for override in overrides:
+        target, sep, _ = override.partition("=")
+        target = target.strip()
+        if sep and key and (key == target or key.startswith(target + ".") or target.startswith(key + ".")):
+            line += f"  [from --set {override}]"
+    return line
+
+
+def _model_at(model: type[BaseModel], loc: tuple[str, ...]) -> type[BaseModel] | None:
+    """The model class that validates the mapping at `loc`, for listing its keys."""
+    tp: Any = model
+    for part in loc:
+        tp = _unwrap(tp)
+        if inspect.isclass(tp) and issubclass(tp, BaseModel):
+            field = tp.model_fields.get(part)
+            if field is None:
+                return None
+            tp = field.annotation
+        elif typing.get_origin(tp) in (dict, list, tuple):
+            tp = typing.get_args(tp)[-1]
+        else:
+            return None
+    tp = _unwrap(tp)
+    return tp if inspect.isclass(tp) and issubclass(tp, BaseModel) else None
+
+
+def _unwrap(tp: Any) -> Any:
+    """`X | None` -> X."""
+    args = [a for a in typing.get_args(tp) if a is not type(None)]
+    if typing.get_origin(tp) in (typing.Union, types.UnionType) and len(args) == 1:
+        return args[0]
+    return tp

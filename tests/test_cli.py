@@ -1,0 +1,135 @@
+"""`python -m pipelines`: exit codes, config checks before any work, and what `run` says is missing."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import slowfast.model
+from pipelines import cli
+from pipelines.cli import EXIT_CONFIG, EXIT_FAILED, EXIT_NOT_BUILT, EXIT_OK, ISSUES, NOT_BUILT, STEPS, main
+from slowfast.model import build, count_params
+
+ROOT = Path(__file__).resolve().parents[1]
+DEMO = str(ROOT / "configs" / "demo.yaml")
+COMMANDS = ["run", "synth", "ingest", "preprocess", "train", "evaluate", "promote", "predict", "status", "bench"]
+
+
+def test_help_in_a_real_process_lists_every_command():
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    done = subprocess.run([sys.executable, "-m", "pipelines", "--help"], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith("usage: python -m pipelines")
+    for command in COMMANDS:
+        assert f"\n    {command}" in done.stdout
+
+
+def test_every_not_built_entry_names_an_issue_with_a_title():
+    assert set(ISSUES) >= set(NOT_BUILT.values())
+    for what in NOT_BUILT:
+        assert what.split()[0] in COMMANDS
+
+
+@pytest.mark.parametrize("argv", [
+    ["synth", "--out", "videos", "--classes", "3"],
+    ["ingest", "--config", DEMO],
+    ["preprocess", "--config", DEMO, "--split", "train"],
+    ["train", "--config", DEMO, "--set", "train.epochs=1"],
+    ["evaluate", "--config", DEMO],
+    ["promote", "--config", DEMO, "--version", "2"],
+    ["predict", "clip.mp4", "--model-uri", "models:/demo@champion"],
+    ["status", "--config", DEMO],
+    ["bench", "data"],
+    ["bench", "train"],
+    ["bench", "ablate"],
+], ids=lambda argv: " ".join(argv[:2]) if argv[0] == "bench" else argv[0])
+def test_a_command_not_built_yet_says_which_issue_and_exits_3(argv, capsys):
+    what = " ".join(argv[:2]) if argv[0] == "bench" else argv[0]
+    if what not in NOT_BUILT:
+        pytest.skip(f"{what} is built")
+    assert main(argv) == EXIT_NOT_BUILT
+    issue = NOT_BUILT[what]
+    assert capsys.readouterr().err.strip() == \
+        f"pipelines {what}: not built yet — tracked in issue {issue} ({ISSUES[issue]})"
+
+
+def test_bad_config_exits_2_before_any_work(tmp_path, capsys, monkeypatch):
+    def no_work(*args, **kwargs):
+        raise AssertionError("the model was built although the config is invalid")
+
+    monkeypatch.setattr(slowfast.model, "SlowFast", no_work)
+    assert main(["run", "--config", DEMO, "--set", "train.lrr=1", "--set", "model.fusion=diagonal"]) == EXIT_CONFIG
+    out, err = capsys.readouterr()
+    assert out == ""
+    assert err.startswith(f"pipelines run: {DEMO}: invalid config, 2 problems:")
+    assert "train.lrr: unknown key; allowed: epochs," in err
+    assert "model.fusion: Input should be 'concat' or 'sum' (got 'diagonal')" in err
+    # Config errors come before "not built yet" too.
+    assert main(["train", "--config", str(tmp_path / "missing.yaml")]) == EXIT_CONFIG
+    assert "missing.yaml: no such file" in capsys.readouterr().err
+
+
+def test_usage_errors_exit_2(capsys):
+    assert main(["run"]) == EXIT_CONFIG  # --config is required
+    assert "--config" in capsys.readouterr().err
+    assert main(["synth", "--set", "train.epochs=1"]) == EXIT_CONFIG
+    assert "--set needs --config" in capsys.readouterr().err
+    assert main(["run", "--config", DEMO, "--from", "train", "--only", "evaluate"]) == EXIT_CONFIG
+    assert main(["run", "--config", DEMO, "--only", "deploy"]) == EXIT_CONFIG
+    assert "invalid choice: 'deploy'" in capsys.readouterr().err
+    assert main(["fly"]) == EXIT_CONFIG
+
+
+def test_run_validates_builds_the_model_and_lists_the_missing_steps(capsys):
+    assert main(["run", "--config", DEMO]) == EXIT_OK
+    out, err = capsys.readouterr()
+    params = count_params(build("slowfast_tiny"))
+    assert f"params         {params:,}" in out
+    assert "model          slowfast_tiny (overrides: none)" in out
+    assert "GFLOPs" in out and "at 64x64, 4 slow + 16 fast frames" in out
+    for step, command in STEPS.items():
+        if command in NOT_BUILT:
+            assert f"  {step:<11}    NOT BUILT YET (issue {NOT_BUILT[command]}" in out
+            assert step in err
+    assert out.splitlines()[-1].startswith("summary: ")
+    assert "./storage/demo" in out.splitlines()[-1]
+
+
+def test_run_reports_model_overrides_from_set(capsys):
+    assert main(["run", "--config", DEMO, "--set", "model.alpha=8", "--set", "train.crop_size=56"]) == EXIT_OK
+    out = capsys.readouterr().out
+    assert "slowfast_tiny (overrides: alpha=8)" in out
+    assert f"params         {count_params(build('slowfast_tiny', alpha=8)):,}" in out
+    assert "at 56x56, 4 slow + 32 fast frames" in out
+
+
+def test_bench_model_without_a_checkout_says_so(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(cli, "REPO_ROOT", tmp_path)
+    assert main(["bench", "model"]) == EXIT_FAILED
+    assert capsys.readouterr().err.strip() == \
+        "pipelines bench model: benchmarks/ not found: run from a source checkout"
+
+
+def test_bench_model_passes_its_arguments_to_the_script(tmp_path, monkeypatch, capsys):
+    bench = tmp_path / "benchmarks"
+    bench.mkdir()
+    # A sibling module, imported the way a script run as `python benchmarks/bench_model.py` would.
+    (bench / "_table.py").write_text("def render(argv):\n    return 'argv=' + ' '.join(argv)\n")
+    (bench / "bench_model.py").write_text(
+        "from _table import render\n\n"
+        "def main(argv=None):\n"
+        "    print(render(argv))\n"
+        "    return 7 if '--fail' in argv else None\n")
+    monkeypatch.setattr(cli, "REPO_ROOT", tmp_path)
+    try:
+        assert main(["bench", "model", "--preset", "slowfast_tiny", "--help"]) == EXIT_OK
+        assert capsys.readouterr().out.strip() == "argv=--preset slowfast_tiny --help"
+        assert main(["bench", "model", "--fail"]) == 7
+        assert str(bench) not in sys.path
+    finally:
+        sys.modules.pop("_table", None)
+        sys.modules.pop("bench_model", None)
