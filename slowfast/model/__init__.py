@@ -3,13 +3,13 @@ from __future__ import annotations
 
 from torch import nn
 
-from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from .checkpoint import CheckpointError, LoadedCheckpoint, export_state_dict, load_checkpoint, save_checkpoint
 from .config import PRESETS, SlowFastConfig, resolve
 from .flops import count_flops, count_params
 from .slowfast import SlowFast, example_inputs
 
-__all__ = ["PRESETS", "SlowFast", "SlowFastConfig", "CheckpointError", "build", "count_flops", "count_params",
-           "example_inputs", "load_checkpoint", "resolve", "save_checkpoint"]
+__all__ = ["PRESETS", "SlowFast", "SlowFastConfig", "CheckpointError", "LoadedCheckpoint", "build", "count_flops",
+           "count_params", "example_inputs", "export_state_dict", "load_checkpoint", "resolve", "save_checkpoint"]
 
 
 def build(preset: str, num_classes: int = 400, **overrides) -> nn.Module:
