@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 import pipelines
-from pipelines.config import ConfigError, PipelineConfig, load_config
+from pipelines.config import ConfigError, PipelineConfig, SynthSection, load_config
 
 EXIT_OK, EXIT_FAILED, EXIT_CONFIG, EXIT_NOT_BUILT = 0, 1, 2, 3
 
@@ -20,9 +20,6 @@ ISSUES = {3: "data", 4: "train", 5: "workflow", 6: "ablation"}
 
 # What does not exist yet, and the issue that builds it. Delete a row when its command works.
 NOT_BUILT: dict[str, int] = {
-    "synth": 3,
-    "ingest": 3,
-    "preprocess": 3,
     "train": 4,
     "evaluate": 4,
     "promote": 4,
@@ -88,6 +85,39 @@ def cmd_bench(args: argparse.Namespace, config: PipelineConfig | None) -> int:
     finally:
         sys.path.remove(str(script.parent))
     return result if isinstance(result, int) else EXIT_OK
+
+
+def cmd_synth(args: argparse.Namespace, config: PipelineConfig | None) -> int:
+    from pipelines.data import synthesize
+
+    synth = config.data.synth if config and config.data.synth else None
+    out = args.out or (config.data.video_root if config else None)
+    if not out:
+        args.parser.error("--out DIR is needed without --config")
+    defaults = synth or SynthSection()
+    synthesize(out, args.classes or defaults.classes, args.videos_per_class or defaults.videos_per_class,
+               defaults.seed if args.seed is None else args.seed, size=defaults.size, seconds=defaults.seconds,
+               val_fraction=defaults.val_fraction)
+    return EXIT_OK
+
+
+def cmd_ingest(args: argparse.Namespace, config: PipelineConfig) -> int:
+    from pipelines.data import run_ingest
+
+    plan = run_ingest(config)
+    total = sum(len(sp.todo) for sp in plan.splits.values())
+    print(f"summary: {len(plan.classes)} classes; {total} videos to decode (run `preprocess` to decode them)")
+    return EXIT_OK
+
+
+def cmd_preprocess(args: argparse.Namespace, config: PipelineConfig) -> int:
+    from pipelines.data import run_preprocess
+
+    out = run_preprocess(config, args.split or None)
+    parts = [f"{s}: {o['processed']} videos, {o['clips']} clips, {o['quarantined']} quarantined"
+             for s, o in out["splits"].items()]
+    print(f"summary: {'; '.join(parts)}")
+    return EXIT_OK
 
 
 def cmd_run(args: argparse.Namespace, config: PipelineConfig) -> int:
@@ -159,14 +189,16 @@ def build_parser() -> argparse.ArgumentParser:
                      help="re-run STEP even if it is up to date (repeatable)")
 
     synth = command("synth", "generate the synthetic motion dataset (videos + annotations); "
-                             "defaults from data.synth of --config", config="optional")
+                             "defaults from data.synth of --config", config="optional", handler=cmd_synth)
     synth.add_argument("--out", metavar="DIR", help="output folder (default: data.video_root)")
     synth.add_argument("--classes", metavar="N", type=int, help="number of motion classes")
     synth.add_argument("--videos-per-class", metavar="M", type=int, help="videos per class, train and val")
     synth.add_argument("--seed", metavar="S", type=int, help="random seed; same seed, same videos")
 
-    command("ingest", "plan the work: which annotation rows and videos are new or changed since the last run")
-    preprocess = command("preprocess", "Ray Data: decode, pre-sample clips, write Parquet shards and manifests")
+    command("ingest", "plan the work: which annotation rows and videos are new or changed since the last run",
+            handler=cmd_ingest)
+    preprocess = command("preprocess", "Ray Data: decode, pre-sample clips, write Parquet shards and manifests",
+                         handler=cmd_preprocess)
     preprocess.add_argument("--split", metavar="SPLIT", action="append", default=[],
                             help="split to preprocess (repeatable; default: data.train_split and data.val_split)")
     command("train", "Ray Train: train SlowFast on the shards, with checkpoints that survive worker loss")

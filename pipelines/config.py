@@ -46,7 +46,7 @@ class SynthSection(Section):
     classes: int = Field(6, ge=2, le=64, description="number of motion classes")
     videos_per_class: int = Field(24, ge=2, description="videos per class, train and val together")
     val_fraction: float = Field(0.25, gt=0, lt=1, description="share of each class's videos kept for validation")
-    size: int = Field(96, ge=32, description="frame height and width of the generated videos, pixels")
+    size: int = Field(96, ge=32, description="frame height of the generated videos, pixels (width: 4/3 of it)")
     seconds: float = Field(2.0, gt=0, description="length of each generated video (30 fps)")
     seed: int = Field(0, description="same seed, same videos")
 

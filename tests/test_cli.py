@@ -35,9 +35,6 @@ def test_every_not_built_entry_names_an_issue_with_a_title():
 
 
 @pytest.mark.parametrize("argv", [
-    ["synth", "--out", "videos", "--classes", "3"],
-    ["ingest", "--config", DEMO],
-    ["preprocess", "--config", DEMO, "--split", "train"],
     ["train", "--config", DEMO, "--set", "train.epochs=1"],
     ["evaluate", "--config", DEMO],
     ["promote", "--config", DEMO, "--version", "2"],

@@ -1,0 +1,180 @@
+"""Preprocess: Ray Data decodes videos with PyAV into pre-sampled dual-rate shards, then commits them.
+
+Actors (one per CPU of the cluster) each take a batch of videos, decode only the clip windows,
+write one Parquet shard, and return one small record per video. The driver streams those records
+and commits a manifest every few shards: a crash loses at most the uncommitted batches, and the
+re-run decodes exactly those videos again (same seeds, same clips).
+"""
+from __future__ import annotations
+
+import csv
+import io
+import json
+import time
+import uuid
+from collections import Counter
+from dataclasses import asdict
+
+import numpy as np
+
+from slowfast.shards import manifest
+from slowfast.shards.schema import ShardMeta, clips_to_table, encode_frames, write_shard
+from slowfast.video.decode import DECODE_ERROR, VideoDecodeError, VideoReader
+from slowfast.video.sampling import plan_clips, slow_indices
+
+from .config import PipelineConfig
+from .ingest import Plan, SplitPlan, Task
+from .storage import S3Options, Storage, VideoSource
+
+COMMIT_EVERY_SHARDS = 8
+COMMIT_EVERY_SECONDS = 30.0
+
+
+def shard_meta(cfg: PipelineConfig, plan: Plan, sp: SplitPlan) -> ShardMeta:
+    p, m = cfg.preprocess, cfg.model
+    return ShardMeta(dataset=cfg.data.dataset, split=sp.split, class_names=plan.classes, T=m.T, alpha=m.alpha,
+                     tau=m.tau, frames_per_clip=m.alpha * m.T, target_fps=p.target_fps, short_side=p.short_side,
+                     frame_format=p.frame_format, jpeg_quality=p.jpeg_quality, prep_hash=sp.prep_hash)
+
+
+def decode_video(src, task: Task, meta: ShardMeta, *, mode: str, num_clips: int, seed: int,
+                 max_pixels: int) -> tuple[list[dict], bool]:
+    """The clips of one video as shard rows, and whether it was shorter than one clip."""
+    with VideoReader(src, name=task.rel, max_pixels=max_pixels, threads=1) as reader:
+        plans = plan_clips(reader.info.frames_at(meta.target_fps), T=meta.T, tau=meta.tau, alpha=meta.alpha,
+                           mode=mode, num_clips=num_clips, seed=seed, video_id=task.video_id)
+        clips = reader.decode_windows([p.times(meta.target_fps) for p in plans], short_side=meta.short_side)
+    slow = slow_indices(meta.alpha, meta.T).astype(np.int16).tolist()
+    rows = []
+    for p, frames in zip(plans, clips):
+        rows.append({"video_id": task.video_id, "label": task.label, "clip_index": p.clip_index,
+                     "start_sec": p.start_sec(meta.target_fps), "height": frames.shape[1],
+                     "width": frames.shape[2], "frames": encode_frames(frames, meta.frame_format, meta.jpeg_quality),
+                     "slow_index": slow})
+    return rows, any(p.short for p in plans)
+
+
+class ClipWriter:
+    """Ray Data actor: a batch of videos in, one shard written, one record per video out."""
+
+    def __init__(self, store: Storage, source: VideoSource, meta_json: str, mode: str, num_clips: int, seed: int,
+                 max_pixels: int):
+        self.store, self.source = store, source
+        self.meta = ShardMeta.model_validate_json(meta_json)
+        self.mode, self.num_clips, self.seed, self.max_pixels = mode, num_clips, seed, max_pixels
+        self.folder = manifest.shard_dir(self.meta.dataset, self.meta.split, self.meta.prep_hash)
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list]:
+        rows, records = [], []
+        for i in range(len(batch["video_id"])):
+            task = Task(**{k: batch[k][i].item() if hasattr(batch[k][i], "item") else batch[k][i]
+                           for k in ("video_id", "label", "rel", "size", "etag")})
+            record = manifest.VideoRecord(task.video_id, task.rel, task.size, task.etag, label=task.label)
+            try:
+                clips, short = decode_video(self.source.open(task.rel), task, self.meta, mode=self.mode,
+                                            num_clips=self.num_clips, seed=self.seed, max_pixels=self.max_pixels)
+            except VideoDecodeError as exc:
+                record.reason, record.detail = exc.reason, exc.detail
+            except Exception as exc:  # noqa: BLE001 - any failure on one video quarantines it, not the run
+                record.reason, record.detail = DECODE_ERROR, f"{type(exc).__name__}: {exc}"
+            else:
+                rows.extend(clips)
+                record.clips, record.short = len(clips), short
+            records.append(record)
+        shard = {"path": "", "rows": 0, "bytes": 0, "videos": []}
+        if rows:
+            rel = f"{self.folder}/part-{uuid.uuid4().hex}.parquet"
+            table = clips_to_table(rows, self.meta)
+            write_shard(table, self.store.path(rel), filesystem=self.store.fs)
+            shard = {"path": rel, "rows": table.num_rows, "bytes": table.nbytes,
+                     "videos": sorted({r.video_id for r in records if not r.quarantined})}
+            for r in records:
+                if not r.quarantined:
+                    r.shard = rel
+        return {"record": [json.dumps(asdict(r)) for r in records],
+                "shard": [json.dumps(shard)] * len(records)}
+
+
+def _ray_data_run(cfg: PipelineConfig, store: Storage, sp: SplitPlan, meta: ShardMeta):
+    """Stream (record, shard) pairs back from the actor pool."""
+    import ray
+    from ray.data import ActorPoolStrategy
+
+    p = cfg.preprocess
+    num_clips = p.clips_per_video if sp.mode == "train" else p.eval_views
+    videos_per_shard = max(1, p.rows_per_shard // num_clips)
+    batches = -(-len(sp.todo) // videos_per_shard)
+    actors = max(1, min(int(ray.cluster_resources().get("CPU", 1)), batches))
+    source = VideoSource(cfg.data.video_root, S3Options(cfg.s3.endpoint_url, cfg.s3.region))
+    ds = ray.data.from_items([asdict(t) for t in sp.todo], override_num_blocks=batches)
+    ds = ds.map_batches(
+        ClipWriter, batch_size=videos_per_shard, batch_format="numpy", num_cpus=1,
+        compute=ActorPoolStrategy(min_size=1, max_size=actors),
+        fn_constructor_kwargs=dict(store=store, source=source, meta_json=meta.model_dump_json(), mode=sp.mode,
+                                   num_clips=num_clips, seed=p.seed, max_pixels=p.max_frame_pixels))
+    for row in ds.iter_rows():
+        yield manifest.VideoRecord(**json.loads(row["record"])), json.loads(row["shard"])
+
+
+def preprocess_split(cfg: PipelineConfig, store: Storage, plan: Plan, split: str, run_id: str, log=print) -> dict:
+    sp = plan.splits[split]
+    folder = manifest.manifest_dir(cfg.data.dataset, split, sp.prep_hash)
+    meta = shard_meta(cfg, plan, sp)
+    started = time.time()
+    decoded: Counter = Counter()
+    pending_videos: list[manifest.VideoRecord] = []
+    pending_shards: dict[str, dict] = {}
+    last_commit = time.time()
+
+    def flush():
+        nonlocal last_commit
+        if pending_videos:
+            manifest.commit(store, folder, run_id, list(pending_videos), list(pending_shards.values()))
+            pending_videos.clear()
+            pending_shards.clear()
+        last_commit = time.time()
+
+    if sp.todo:
+        for record, shard in _ray_data_run(cfg, store, sp, meta):
+            pending_videos.append(record)
+            if shard["path"]:
+                pending_shards[shard["path"]] = shard
+            decoded["quarantined" if record.quarantined else "processed"] += 1
+            decoded["clips"] += record.clips
+            done = decoded["processed"] + decoded["quarantined"]
+            if len(pending_shards) >= COMMIT_EVERY_SHARDS or time.time() - last_commit > COMMIT_EVERY_SECONDS:
+                flush()
+                log(f"  {split}: {done}/{len(sp.todo)} videos decoded, {decoded['clips']} clips committed")
+        flush()
+    state = manifest.DatasetState.load(store, folder)
+    report = write_quarantine_report(store, folder, sp, state)
+    reasons = Counter(v.reason for v in state.videos.values() if v.quarantined and v.video_id in sp.annotated_ids)
+    reasons.update(q.reason for q in sp.quarantined)
+    processed = sum(1 for v in state.videos.values() if not v.quarantined and v.video_id in sp.annotated_ids)
+    summary = {
+        "split": split, "mode": sp.mode, "prep_hash": sp.prep_hash, "rows_read": sp.rows_read,
+        "decoded_now": decoded["processed"] + decoded["quarantined"], "already_committed": sp.done,
+        "processed": processed, "quarantined": sum(reasons.values()), "quarantine_reasons": dict(reasons),
+        "clips": sum(v.clips for v in state.videos.values() if v.video_id in sp.annotated_ids and not v.quarantined),
+        "short_videos": sum(1 for v in state.videos.values() if v.short and v.video_id in sp.annotated_ids),
+        "shards": store.uri(manifest.shard_dir(cfg.data.dataset, split, sp.prep_hash)),
+        "manifests": store.uri(folder), "quarantine_report": report, "wall_s": round(time.time() - started, 2),
+    }
+    if summary["processed"] + summary["quarantined"] != summary["rows_read"]:
+        raise RuntimeError(f"{split}: accounting broke: {summary['processed']} processed + "
+                           f"{summary['quarantined']} quarantined != {summary['rows_read']} rows read")
+    return summary
+
+
+def write_quarantine_report(store: Storage, folder: str, sp: SplitPlan, state: manifest.DatasetState) -> str:
+    """video_id, path, reason, detail for every quarantined row of this split, as CSV."""
+    out = io.StringIO()
+    writer = csv.writer(out)
+    writer.writerow(["video_id", "path", "reason", "detail"])
+    for rec in sorted(state.videos.values(), key=lambda r: r.video_id):
+        if rec.quarantined and rec.video_id in sp.annotated_ids:
+            writer.writerow([rec.video_id, rec.source, rec.reason, rec.detail])
+    for rec in sp.quarantined:
+        writer.writerow([rec.video_id, rec.source, rec.reason, rec.detail])
+    store.write_bytes(f"{folder}/quarantine.csv", out.getvalue().encode())
+    return store.uri(f"{folder}/quarantine.csv")
