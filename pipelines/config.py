@@ -87,6 +87,8 @@ class PreprocessSection(Section):
     max_frame_pixels: int = Field(
         3840 * 2160, ge=1, description="videos with larger frames are quarantined instead of decoded")
     rows_per_shard: int = Field(128, ge=1, description="clips per Parquet file")
+    commit_every: int = Field(
+        8, ge=1, description="shards per manifest commit: after a crash, at most this many are decoded again")
     seed: int = Field(0, description="seed of the clip start times; same seed, same shards")
 
 

@@ -115,7 +115,8 @@ def parse_path_label(text: str, source: str) -> list[Row]:
         if len(parts) != 2:
             raise AnnotationError(f"{source}:{i}: expected '<path> <label>', got {line!r}")
         path, label = parts
-        vid = posixpath.splitext(posixpath.basename(path))[0]
+        # In a path list the path is the identity: two folders may hold files of the same name.
+        vid = posixpath.splitext(posixpath.normpath(path))[0].lstrip("/")
         rows.append(Row(i, vid, label, path=path))
     return rows
 

@@ -26,7 +26,6 @@ from .config import PipelineConfig
 from .ingest import Plan, SplitPlan, Task
 from .storage import S3Options, Storage, VideoSource
 
-COMMIT_EVERY_SHARDS = 8
 COMMIT_EVERY_SECONDS = 30.0
 
 
@@ -142,7 +141,7 @@ def preprocess_split(cfg: PipelineConfig, store: Storage, plan: Plan, split: str
             decoded["quarantined" if record.quarantined else "processed"] += 1
             decoded["clips"] += record.clips
             done = decoded["processed"] + decoded["quarantined"]
-            if len(pending_shards) >= COMMIT_EVERY_SHARDS or time.time() - last_commit > COMMIT_EVERY_SECONDS:
+            if len(pending_shards) >= cfg.preprocess.commit_every or time.time() - last_commit > COMMIT_EVERY_SECONDS:
                 flush()
                 log(f"  {split}: {done}/{len(sp.todo)} videos decoded, {decoded['clips']} clips committed")
         flush()

@@ -1,0 +1,92 @@
+"""Shared test fixtures: a real local Ray, a real S3 endpoint (moto_server on 127.0.0.1), and a
+small synthetic Kinetics-format video set encoded with PyAV."""
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+# Dummy credentials for the local S3 endpoint, set before any Ray worker starts so workers inherit
+# them; never real ones (the standard AWS chain would otherwise find a developer's own).
+os.environ.update(AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing", AWS_DEFAULT_REGION="us-east-1")
+os.environ.pop("AWS_PROFILE", None)
+os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    """One real local Ray instance for the session (2 CPUs, as on the dev machines)."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING")
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint():
+    """A real S3 HTTP endpoint: moto_server on 127.0.0.1, started and stopped by the tests."""
+    exe = shutil.which("moto_server", path=str(Path(sys.executable).parent)) or shutil.which("moto_server")
+    if exe is None:
+        pytest.fail("moto_server not found: install the dev extras (pip install -e '.[dev]')")
+    port = free_port()
+    proc = subprocess.Popen([exe, "-H", "127.0.0.1", "-p", str(port)], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 30
+    while time.time() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+            break
+        except OSError:
+            time.sleep(0.2)
+    else:
+        proc.kill()
+        pytest.fail("moto_server did not start within 30 s")
+    yield url
+    proc.terminate()
+    proc.wait(timeout=10)
+
+
+@pytest.fixture(scope="session")
+def synth_set(tmp_path_factory):
+    """4 motion classes x 4 videos (3 train + 1 val), 128x96, 1.5 s: real H.264 files and Kinetics CSVs."""
+    from slowfast.video.synth import write_dataset
+
+    out = tmp_path_factory.mktemp("synth")
+    write_dataset(out, classes=4, videos_per_class=4, seed=3, width=128, height=96, seconds=1.5)
+    return out
+
+
+def pipeline_config(tmp: Path, videos: Path, **sections):
+    """A small valid PipelineConfig over `videos` (a synth_set copy), with sections overridden."""
+    from pipelines.config import PipelineConfig
+
+    data = {"dataset": "synth", "format": "kinetics_csv", "video_root": str(videos),
+            "annotations": {"train": str(videos / "annotations/train.csv"),
+                            "val": str(videos / "annotations/val.csv")}}
+    raw = {"name": "test", "storage_root": str(tmp / "storage"), "data": data,
+           "preprocess": {"short_side": 48, "clips_per_video": 2, "eval_views": 3, "rows_per_shard": 4},
+           "model": {"preset": "slowfast_tiny"}, "train": {"crop_size": 32, "scale_jitter": [40, 48]},
+           "evaluate": {"temporal_views": 3}}
+    for key, value in sections.items():
+        if isinstance(value, dict) and isinstance(raw.get(key), dict):
+            raw[key] = {**raw[key], **value}
+        else:
+            raw[key] = value
+    return PipelineConfig.model_validate(raw)
