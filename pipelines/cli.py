@@ -26,7 +26,6 @@ NOT_BUILT: dict[str, int] = {
     "predict": 4,
     "status": 5,
     "run": 5,  # the workflow itself: steps in order, run records, --from/--only/--force
-    "bench data": 3,
     "bench train": 4,
     "bench ablate": 6,
 }
@@ -68,14 +67,15 @@ def cmd_not_built(args: argparse.Namespace, config: PipelineConfig | None) -> in
 
 
 def cmd_bench(args: argparse.Namespace, config: PipelineConfig | None) -> int:
-    if args.target != "model":
-        return not_built(f"bench {args.target}")
-    script = REPO_ROOT / "benchmarks" / "bench_model.py"
+    what = f"bench {args.target}"
+    if what in NOT_BUILT:
+        return not_built(what)
+    script = REPO_ROOT / "benchmarks" / f"bench_{args.target}.py"
     if not script.is_file():
-        print("pipelines bench model: benchmarks/ not found: run from a source checkout", file=sys.stderr)
+        print(f"pipelines {what}: benchmarks/ not found: run from a source checkout", file=sys.stderr)
         return EXIT_FAILED
     # Loaded by path: benchmarks/ is a folder of scripts in the checkout, not an installed package.
-    spec = importlib.util.spec_from_file_location("bench_model", script)
+    spec = importlib.util.spec_from_file_location(f"bench_{args.target}", script)
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module
     sys.path.insert(0, str(script.parent))

@@ -83,9 +83,8 @@ class ClipWriter:
         shard = {"path": "", "rows": 0, "bytes": 0, "videos": []}
         if rows:
             rel = f"{self.folder}/part-{uuid.uuid4().hex}.parquet"
-            table = clips_to_table(rows, self.meta)
-            write_shard(table, self.store.path(rel), filesystem=self.store.fs)
-            shard = {"path": rel, "rows": table.num_rows, "bytes": table.nbytes,
+            written = write_shard(clips_to_table(rows, self.meta), self.store.path(rel), filesystem=self.store.fs)
+            shard = {"path": rel, "rows": written["rows"], "bytes": written["bytes"],
                      "videos": sorted({r.video_id for r in records if not r.quarantined})}
             for r in records:
                 if not r.quarantined:
@@ -141,7 +140,8 @@ def preprocess_split(cfg: PipelineConfig, store: Storage, plan: Plan, split: str
             decoded["quarantined" if record.quarantined else "processed"] += 1
             decoded["clips"] += record.clips
             done = decoded["processed"] + decoded["quarantined"]
-            if len(pending_shards) >= cfg.preprocess.commit_every or time.time() - last_commit > COMMIT_EVERY_SECONDS:
+            due = time.time() - last_commit > COMMIT_EVERY_SECONDS
+            if len(pending_shards) >= cfg.preprocess.commit_every or due:
                 flush()
                 log(f"  {split}: {done}/{len(sp.todo)} videos decoded, {decoded['clips']} clips committed")
         flush()

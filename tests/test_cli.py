@@ -40,7 +40,6 @@ def test_every_not_built_entry_names_an_issue_with_a_title():
     ["promote", "--config", DEMO, "--version", "2"],
     ["predict", "clip.mp4", "--model-uri", "models:/demo@champion"],
     ["status", "--config", DEMO],
-    ["bench", "data"],
     ["bench", "train"],
     ["bench", "ablate"],
 ], ids=lambda argv: " ".join(argv[:2]) if argv[0] == "bench" else argv[0])
