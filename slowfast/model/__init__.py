@@ -5,7 +5,7 @@ from torch import nn
 
 from .checkpoint import CheckpointError, LoadedCheckpoint, export_state_dict, load_checkpoint, save_checkpoint
 from .config import PRESETS, SlowFastConfig, resolve
-from .flops import count_flops, count_params
+from .flops import count_flops, count_params, gflops
 from .slowfast import SlowFast, example_inputs
 
 __all__ = ["PRESETS", "SlowFast", "SlowFastConfig", "CheckpointError", "LoadedCheckpoint", "build", "count_flops",

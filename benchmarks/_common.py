@@ -1,0 +1,158 @@
+"""Helpers every benchmark shares: interleaved timing, a Markdown table, the run's environment, JSON output."""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+import types
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+
+@dataclass
+class Timing:
+    """Seconds per call of one case: wall clock, and CPU time of the whole process over the same calls.
+
+    On a shared machine the wall clock includes time other processes held the cores; the CPU time
+    leaves that out (it still counts threads spinning while they wait for each other, and shared
+    caches still slow it), so the two together tell a slow implementation from a busy machine.
+    """
+
+    wall: list[float] = field(default_factory=list)
+    cpu: list[float] = field(default_factory=list)
+
+    @property
+    def median_ms(self) -> float:
+        return 1e3 * statistics.median(self.wall)
+
+    @property
+    def min_ms(self) -> float:
+        return 1e3 * min(self.wall)
+
+    @property
+    def cpu_median_ms(self) -> float:
+        return 1e3 * statistics.median(self.cpu)
+
+
+def time_interleaved(cases: Mapping[str, Callable[[], object]], repeats: int, warmup: int = 1,
+                     sync: Callable[[], None] | None = None) -> dict[str, Timing]:
+    """Time each case `repeats` times, the cases taking turns, after `warmup` untimed calls each.
+
+    Alternating the cases within each repetition (and reversing the order every other one)
+    spreads drifts in clock speed, cache state and background load evenly over all of them,
+    which timing one case after the other does not. `sync` (e.g. torch.cuda.synchronize) is
+    called before and after every timed call so that asynchronous devices are measured in full.
+    """
+    sync = sync or (lambda: None)
+    names = list(cases)
+    for _ in range(warmup):
+        for name in names:
+            cases[name]()
+    sync()
+    timings = {name: Timing() for name in names}
+    for rep in range(repeats):
+        for name in (names if rep % 2 == 0 else names[::-1]):
+            sync()
+            wall, cpu = time.perf_counter(), time.process_time()
+            cases[name]()
+            sync()
+            timings[name].wall.append(time.perf_counter() - wall)
+            timings[name].cpu.append(time.process_time() - cpu)
+    return timings
+
+
+def format_table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
+    """A Markdown table that pastes into the README as is; columns of numbers are right-aligned.
+
+    Cells are shown as str() shows them (format numbers before, e.g. f"{x:.2f}"); None shows as '-'.
+    """
+    cells = [["-" if v is None else str(v) for v in row] for row in rows]
+    numeric = [all(_looks_numeric(row[i]) for row in cells) for i in range(len(headers))]
+    widths = [max([len(h)] + [len(row[i]) for row in cells]) for i, h in enumerate(headers)]
+
+    def line(values: Sequence[str]) -> str:
+        return "| " + " | ".join(v.rjust(w) if num else v.ljust(w)
+                                 for v, w, num in zip(values, widths, numeric)) + " |"
+
+    rule = "|" + "|".join("-" * (w + 1) + ":" if num else "-" * (w + 2) for w, num in zip(widths, numeric)) + "|"
+    return "\n".join([line(headers), rule] + [line(row) for row in cells])
+
+
+def _looks_numeric(text: str) -> bool:
+    if text == "-":
+        return True
+    try:
+        float(text.replace(",", "").rstrip("x%"))
+    except ValueError:
+        return False
+    return True
+
+
+def ratio(value: float | None, baseline: float | None, digits: int = 3) -> float | None:
+    if value is None or not baseline:
+        return None
+    return round(value / baseline, digits)
+
+
+def environment(device: str) -> dict[str, object]:
+    """What the figures depend on, recorded beside them."""
+    env: dict[str, object] = {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "device": device,
+        "cpu": platform.processor() or platform.machine(),
+        "torch_threads": torch.get_num_threads(),
+        "cpu_count": os.cpu_count(),
+        "load_average_1min": round(os.getloadavg()[0], 2),  # above cpu_count: other work shared the machine
+    }
+    if device.startswith("cuda") and torch.cuda.is_available():
+        env["gpu"] = torch.cuda.get_device_name(device)
+    return env
+
+
+def write_json(path: str | Path, payload: Mapping[str, object]) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(payload, indent=2) + "\n")
+
+
+@contextlib.contextmanager
+def torchvision_stub() -> Iterator[None]:
+    """Let `import pytorchvideo.models` succeed where torchvision is not installed.
+
+    pytorchvideo/models/head.py imports `torchvision.ops.RoIAlign` at import time for its
+    detection head only; classification models (SlowFast, Slow) never call it. torchvision is not
+    a dependency here (its wheels pin a torch of their own), so while the import runs we put a
+    `torchvision.ops` whose RoIAlign refuses to be built, and take it out of sys.modules again
+    afterwards so that nothing else in the process mistakes it for the real package.
+    """
+    try:
+        import torchvision  # noqa: F401
+    except ImportError:
+        pass
+    else:
+        yield
+        return
+
+    class RoIAlign(torch.nn.Module):
+        def __init__(self, *args, **kwargs):
+            raise RuntimeError("RoIAlign needs torchvision, which is not installed (only detection heads use it)")
+
+    ops = types.ModuleType("torchvision.ops")
+    ops.RoIAlign = RoIAlign
+    package = types.ModuleType("torchvision")
+    package.__path__ = []
+    package.ops = ops
+    sys.modules.update({"torchvision": package, "torchvision.ops": ops})
+    try:
+        yield
+    finally:
+        for name in ("torchvision", "torchvision.ops"):
+            sys.modules.pop(name, None)
