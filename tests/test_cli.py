@@ -80,8 +80,18 @@ def test_usage_errors_exit_2(capsys):
     assert main(["fly"]) == EXIT_CONFIG
 
 
-def test_run_validates_builds_the_model_and_lists_the_missing_steps(capsys):
-    assert main(["run", "--config", DEMO]) == EXIT_OK
+def tiny_data(tmp_path) -> list[str]:
+    """--set overrides that point the demo at a tiny synthetic set under tmp_path."""
+    videos = tmp_path / "videos"
+    return ["--set", f"storage_root={tmp_path / 'storage'}", "--set", f"data.video_root={videos}",
+            "--set", f"data.annotations.train={videos / 'annotations/train.csv'}",
+            "--set", f"data.annotations.val={videos / 'annotations/val.csv'}",
+            "--set", "data.synth.classes=3", "--set", "data.synth.videos_per_class=2",
+            "--set", "data.synth.seconds=1.2"]
+
+
+def test_run_does_the_built_steps_builds_the_model_and_lists_the_missing_ones(ray_local, tmp_path, capsys):
+    assert main(["run", "--config", DEMO, *tiny_data(tmp_path)]) == EXIT_OK
     out, err = capsys.readouterr()
     params = count_params(build("slowfast_tiny"))
     assert f"params         {params:,}" in out
@@ -91,12 +101,15 @@ def test_run_validates_builds_the_model_and_lists_the_missing_steps(capsys):
         if command in NOT_BUILT:
             assert f"  {step:<11}    NOT BUILT YET (issue {NOT_BUILT[command]}" in out
             assert step in err
-    assert out.splitlines()[-1].startswith("summary: ")
-    assert "./storage/demo" in out.splitlines()[-1]
+    summary = out.splitlines()[-1]
+    assert summary.startswith("summary: train: 3 videos -> 6 clips in ")
+    assert str(tmp_path / "storage" / "shards") in summary
+    assert len(list((tmp_path / "storage" / "shards").rglob("*.parquet"))) == 2
 
 
-def test_run_reports_model_overrides_from_set(capsys):
-    assert main(["run", "--config", DEMO, "--set", "model.alpha=8", "--set", "train.crop_size=56"]) == EXIT_OK
+def test_run_reports_model_overrides_from_set(ray_local, tmp_path, capsys):
+    assert main(["run", "--config", DEMO, *tiny_data(tmp_path), "--set", "model.alpha=8",
+                 "--set", "train.crop_size=56"]) == EXIT_OK
     out = capsys.readouterr().out
     assert "slowfast_tiny (overrides: alpha=8)" in out
     assert f"params         {count_params(build('slowfast_tiny', alpha=8)):,}" in out
