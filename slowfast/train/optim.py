@@ -1,0 +1,92 @@
+"""One optimizer step: SGD with Nesterov momentum, weight decay on weights only, clipping, precision.
+
+The recipe is the paper's (PySlowFast `SOLVER`): momentum 0.9, Nesterov, weight decay 1e-4, no decay
+on batch-norm parameters (`BN.WEIGHT_DECAY: 0.0`) and, here, none on any bias or 1-D parameter.
+"""
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterable
+
+import torch
+from torch import nn
+
+# base_lr is quoted for this many clips per optimizer step (the paper: 8 GPUs x 8 clips, lr 0.1).
+REFERENCE_BATCH = 64
+
+# _NormBase: every BatchNorm (SyncBatchNorm included) and InstanceNorm; their weights are 1-D anyway,
+# but naming them keeps the rule right for any norm whose affine parameters are not.
+_NORMS = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm)
+
+
+def scaled_lr(base_lr: float, global_batch: int, reference_batch: int = REFERENCE_BATCH) -> float:
+    """The linear scaling rule: base_lr is for `reference_batch` clips; lr grows with the global batch."""
+    if global_batch < 1 or reference_batch < 1:
+        raise ValueError(f"batch sizes must be >= 1, got global_batch={global_batch}, "
+                         f"reference_batch={reference_batch}")
+    return base_lr * global_batch / reference_batch
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """Two groups: weights that decay, and everything that must not (norm parameters, biases, 1-D).
+
+    Frozen parameters are left out; a parameter shared by two modules is listed once.
+    Each group carries `param_names` for logs and tests (SGD ignores unknown keys).
+    """
+    decay, no_decay, seen = {}, {}, set()
+    for module_name, module in model.named_modules():
+        for name, p in module.named_parameters(recurse=False):
+            if not p.requires_grad or id(p) in seen:
+                continue
+            seen.add(id(p))
+            full = f"{module_name}.{name}" if module_name else name
+            if isinstance(module, _NORMS) or name == "bias" or p.ndim <= 1:
+                no_decay[full] = p
+            else:
+                decay[full] = p
+    groups = [{"params": list(decay.values()), "param_names": list(decay), "weight_decay": weight_decay},
+              {"params": list(no_decay.values()), "param_names": list(no_decay), "weight_decay": 0.0}]
+    return [g for g in groups if g["params"]]
+
+
+def build_optimizer(model: nn.Module, *, lr: float, momentum: float = 0.9, weight_decay: float = 1e-4,
+                    nesterov: bool = True) -> torch.optim.SGD:
+    """SGD over `param_groups(model, weight_decay)`. `lr` is the starting value; the schedule sets it per step."""
+    # The reference uses no dampening; torch refuses Nesterov with dampening anyway.
+    return torch.optim.SGD(param_groups(model, weight_decay), lr=lr, momentum=momentum, nesterov=nesterov)
+
+
+def clip_gradients(parameters: Iterable[torch.Tensor] | nn.Module, max_norm: float | None) -> float:
+    """Clip the global gradient norm to `max_norm` (None = leave as is); return the norm before clipping.
+
+    The norm is returned either way so that it can be logged; a non-finite norm means a diverged step.
+    """
+    if isinstance(parameters, nn.Module):
+        parameters = parameters.parameters()
+    grads = [p for p in parameters if p.grad is not None]
+    if not grads:
+        return 0.0
+    if max_norm is None:
+        norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.grad) for p in grads]))
+    else:
+        norm = torch.nn.utils.clip_grad_norm_(grads, max_norm)
+    return float(norm)
+
+
+def autocast(device_type: str, enabled: bool = True) -> contextlib.AbstractContextManager:
+    """bf16 autocast on CUDA (no loss scaling needed: bf16 has fp32's exponent range); a no-op elsewhere.
+
+    CPU autocast is left off on purpose: bf16 conv3d on CPU is slower than fp32 on most machines.
+    """
+    if enabled and device_type == "cuda":
+        return torch.autocast(device_type="cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def memory_format(device_type: str) -> torch.memory_format:
+    """channels_last_3d on CUDA (cuDNN's fast NDHWC conv3d kernels, tensor cores in bf16); contiguous elsewhere.
+
+    Apply the same format to the model (`model.to(memory_format=...)`) and to its inputs
+    (`x.contiguous(memory_format=...)`), or PyTorch converts back and forth at every layer.
+    """
+    return torch.channels_last_3d if device_type == "cuda" else torch.contiguous_format
