@@ -1,0 +1,1 @@
+"""Video input: decoding with PyAV, clip sampling, spatial transforms, and a synthetic dataset (`synth`)."""

@@ -1,0 +1,290 @@
+"""The synthetic dataset: Kinetics layout and CSVs, determinism, real H.264 files, and the property it exists for:
+classes differ by motion only, and the fast-only pairs are separable at the fast pathway's rate but not at the
+slow pathway's."""
+from __future__ import annotations
+
+import csv
+import hashlib
+import math
+import re
+from fractions import Fraction
+from pathlib import Path
+
+import av
+import numpy as np
+import pytest
+
+from slowfast.video import synth
+from slowfast.video.synth import CLASSES, SynthError, encode_video, render, sample_video, write_dataset
+
+LABELS = [c.label for c in CLASSES]
+SMALL = dict(width=64, height=48, seconds=1.0)  # 30 frames a video: the layout tests stay fast
+FAST_STRIDE, SLOW_STRIDE = 2, 10  # slowfast_tiny at 30 fps: alpha * T = 16 frames at stride 2; T = 4 at stride 10
+TAU8_STRIDE = 8  # a Slow-only network sampling T frames at stride tau = 8
+
+
+def ks_bound(n: int) -> float:
+    """Accuracy of the best threshold that two samples of n from one distribution stay under, at the 1% level:
+    the best threshold scores 1/2 + D/2 where D is the Kolmogorov-Smirnov statistic."""
+    return 0.5 + 1.63 * math.sqrt(2 / n) / 2
+
+
+def best_threshold_accuracy(a: np.ndarray, b: np.ndarray) -> float:
+    x, y = np.r_[a, b], np.r_[np.ones(len(a)), np.zeros(len(b))]
+    return max(max(((x <= t) == y).mean(), ((x > t) == y).mean()) for t in x)
+
+
+def decode(path: Path, fmt: str = "rgb24") -> tuple[np.ndarray, av.video.stream.VideoStream]:
+    with av.open(str(path)) as container:
+        stream = container.streams.video[0]
+        frames = np.stack([f.to_ndarray(format=fmt) for f in container.decode(stream)])
+        return frames, stream
+
+
+def roundtrip_gray(spec, path: Path) -> np.ndarray:
+    """Render, encode with H.264, decode: luma frames as float32, what a pipeline would read."""
+    encode_video(path, render(spec), spec.fps)
+    return decode(path, "gray")[0].astype(np.float32)
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    out = tmp_path_factory.mktemp("synth") / "kinetics-synth"
+    return out, write_dataset(out, 3, 4, seed=7, **SMALL)
+
+
+def files(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The class table
+
+
+def test_class_order_interleaves_slow_classes_and_complete_fast_only_pairs():
+    assert len(set(LABELS)) == len(LABELS)
+    assert all(c.description and "\n" not in c.description for c in CLASSES)
+    assert CLASSES[0].seen_by == "slow"
+    for i, c in enumerate(CLASSES):
+        if c.seen_by == "fast only":
+            # A pair is adjacent, so any prefix of three or more classes holds at least one complete pair.
+            neighbours = {CLASSES[j].label for j in (i - 1, i + 1) if 0 <= j < len(CLASSES)}
+            assert c.partner in neighbours and CLASSES[LABELS.index(c.partner)].partner == c.label
+        else:
+            assert c.seen_by == "slow" and c.partner is None
+    demo = CLASSES[:8]  # the demo's classes: Slow-only can get at most the slow ones and half of each pair
+    assert sum(c.seen_by == "slow" for c in demo) == 4
+    for n in range(3, len(CLASSES) + 1):
+        assert any(c.partner in LABELS[:n] for c in CLASSES[:n])
+
+
+def test_the_module_docstring_table_is_the_class_list():
+    rows = [line.split(None, 1)[1] for line in synth.__doc__.splitlines() if re.match(r"^\s*\d+  ", line)]
+    assert [re.split(r"\s{2,}", row) for row in rows] == [[c.label, c.seen_by, c.description] for c in CLASSES]
+
+
+def test_asking_for_more_classes_than_defined_says_how_many_there_are(tmp_path):
+    with pytest.raises(SynthError, match=rf"classes=12: the synthetic set defines {len(CLASSES)} classes"):
+        write_dataset(tmp_path, len(CLASSES) + 1, 1, seed=0)
+    assert synth.class_names(3) == LABELS[:3]
+    assert not any(tmp_path.iterdir())
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Layout, annotations, files
+
+
+def test_layout_and_official_kinetics_csv_format(dataset):
+    out, summary = dataset
+    assert summary["videos"] == {"train": 9, "val": 3}  # 4 a class, the last round(4 * 0.25) = 1 in val
+    assert summary["classes"] == LABELS[:3]
+    for split in ("train", "val"):
+        csv_path = out / "annotations" / f"{split}.csv"
+        assert summary["annotations"][split] == str(csv_path)
+        text = csv_path.read_text()
+        assert text.splitlines()[0] == "label,youtube_id,time_start,time_end,split"
+        # Labels with spaces are quoted as in the official Kinetics-400 files: "air drumming",...
+        assert '"stripes drifting up",' in text
+        rows = list(csv.DictReader(text.splitlines()))
+        assert len(rows) == summary["videos"][split]
+        for row in rows:
+            assert row["split"] == split
+            assert re.fullmatch(r"[A-Za-z0-9_-]{10}[AEIMQUYcgkosw048]", row["youtube_id"])
+            start, end = int(row["time_start"]), int(row["time_end"])
+            assert end - start == math.ceil(SMALL["seconds"])
+            video = out / split / row["label"] / f"{row['youtube_id']}_{start:06d}_{end:06d}.mp4"
+            assert video.is_file(), video
+    videos = sorted(out.rglob("*.mp4"))
+    assert len(videos) == 12 and not list(out.rglob("*partial*"))
+    assert {p.parent.name for p in videos} == set(LABELS[:3])
+
+
+def test_decoded_videos_have_the_frames_rate_and_pictures_that_were_rendered(dataset):
+    out, summary = dataset
+    for class_index, label in enumerate(LABELS[:3]):
+        video_index = class_index  # one per class, the last (index 3) in val
+        split = "train" if video_index < 3 else "val"
+        youtube_id, start, end = synth.video_key(7, class_index, video_index, SMALL["seconds"])
+        frames, stream = decode(out / split / label / f"{youtube_id}_{start:06d}_{end:06d}.mp4")
+        assert stream.codec_context.name == "h264" and stream.average_rate == 30
+        assert frames.shape == (summary["frames_per_video"], 48, 64, 3) == (30, 48, 64, 3)
+        # The rendered video, up to compression; luma only, as yuv420p keeps a quarter of the chroma samples.
+        luma = render(sample_video(7, class_index, video_index, **SMALL)) @ np.float32([0.299, 0.587, 0.114])
+        decoded_luma = decode(out / split / label / f"{youtube_id}_{start:06d}_{end:06d}.mp4", "gray")[0]
+        assert np.abs(decoded_luma - luma).mean() < 3.0
+
+
+def test_same_seed_gives_identical_bytes_and_another_seed_different_videos(dataset, tmp_path):
+    out, _ = dataset
+    first = files(out)
+    write_dataset(tmp_path / "again", 3, 4, seed=7, **SMALL)
+    assert files(tmp_path / "again") == first
+    write_dataset(tmp_path / "other", 3, 4, seed=8, **SMALL)
+    other = files(tmp_path / "other")
+    assert not set(other) & {k for k in first if k.endswith(".mp4")}
+    assert not {hashlib.sha256(v).digest() for v in other.values()} & {hashlib.sha256(v).digest()
+                                                                          for v in first.values()}
+
+
+def test_one_video_regenerates_alone_and_does_not_depend_on_how_many_others_there_are():
+    a = render(sample_video(11, 4, 2, **SMALL))
+    b = render(sample_video(11, 4, 2, **SMALL))
+    assert np.array_equal(a, b)
+    assert not np.array_equal(a, render(sample_video(11, 4, 3, **SMALL)))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Motion, not appearance
+
+
+def loo_nearest_centroid_accuracy(features: np.ndarray, labels: np.ndarray) -> float:
+    """Leave-one-out accuracy of a nearest-centroid classifier on standardised features."""
+    x = (features - features.mean(0)) / (features.std(0) + 1e-9)
+    hits = 0
+    for i in range(len(x)):
+        keep = np.arange(len(x)) != i
+        classes = np.unique(labels[keep])
+        centroids = np.stack([x[keep][labels[keep] == c].mean(0) for c in classes])
+        hits += classes[np.argmin(((centroids - x[i]) ** 2).sum(1))] == labels[i]
+    return hits / len(x)
+
+
+def test_colour_statistics_do_not_predict_the_class_but_motion_does():
+    per_class = 12
+    colour, motion, labels = [], [], []
+    for class_index in range(len(CLASSES)):
+        for i in range(per_class):
+            frames = render(sample_video(21, class_index, i, width=64, height=48, seconds=1.0)).astype(np.float32)
+            colour.append(np.r_[frames.mean((0, 1, 2)), frames.std((0, 1, 2))])  # mean and spread of colour
+            step = np.abs(np.diff(frames[:, ..., 1], axis=0))
+            motion.append([step.mean(), np.abs(frames[10:, ..., 1] - frames[:-10, ..., 1]).mean()])
+            labels.append(class_index)
+    labels = np.array(labels)
+    chance = 1 / len(CLASSES)
+    colour_acc = loo_nearest_centroid_accuracy(np.array(colour), labels)
+    motion_acc = loo_nearest_centroid_accuracy(np.log(np.array(motion) + 1e-3), labels)
+    assert colour_acc < chance + 0.1, colour_acc
+    assert motion_acc > colour_acc + 0.15, (motion_acc, colour_acc)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The fast-only pairs: separable at the fast rate, at chance at the slow rate
+
+
+def test_stripe_drift_direction_is_clear_at_the_fast_rate_and_aliased_away_at_the_slow_rate(tmp_path):
+    """Wagon-wheel aliasing, measured on decoded videos with a gradient motion estimate: sum(I_y * I_t) over a
+    clip's frame pairs has the sign of sin(phase step), which is the direction at 15 Hz and a coin flip at
+    3 or 3.75 Hz."""
+    per_class, clip = 30, 31  # a slowfast_tiny clip: 32 source frames (T * tau)
+    votes = {FAST_STRIDE: [], SLOW_STRIDE: [], TAU8_STRIDE: []}
+    truth = []
+    for label, sign in (("stripes drifting up", 1), ("stripes drifting down", -1)):
+        for i in range(per_class):
+            spec = sample_video(3, LABELS.index(label), i, width=64, height=48, seconds=1.4)
+            frames = roundtrip_gray(spec, tmp_path / "v.mp4")
+            start = np.random.default_rng(i).integers(0, len(frames) - clip)  # clips start anywhere
+            for stride in votes:
+                f = frames[start:start + clip:stride]
+                grad_y = np.gradient(f, axis=1)
+                motion = ((grad_y[1:] + grad_y[:-1]) / 2 * (f[1:] - f[:-1])).sum()
+                votes[stride].append(np.sign(motion))
+            truth.append(sign)
+    truth = np.array(truth)
+    accuracy = {stride: (np.array(v) == truth).mean() for stride, v in votes.items()}
+    n = len(truth)
+    assert accuracy[FAST_STRIDE] >= 0.95, accuracy
+    for stride in (SLOW_STRIDE, TAU8_STRIDE):  # a binomial coin at the 1% level
+        assert abs(accuracy[stride] - 0.5) < 2.58 * 0.5 / math.sqrt(n), accuracy
+
+
+@pytest.mark.parametrize("pair", [("flickering smoothly", "flickering erratically"), ("wobbling", "jittering")])
+def test_smooth_and_erratic_noise_differ_at_the_fast_rate_and_not_at_the_slow_rate(pair, tmp_path):
+    """Von Neumann ratio of the frames a pathway samples: mean squared step between sampled frames over twice their
+    variance. Smooth noise at 15 Hz changes little per step (ratio ~ 1 - 0.76); erratic noise ~ 1. At 3 Hz both
+    are independent draws of equal variance, so both ratios are ~ 1 and no threshold separates them."""
+    per_class = 24
+    ratios = {FAST_STRIDE: {}, SLOW_STRIDE: {}}
+    for label in pair:
+        for stride in ratios:
+            ratios[stride][label] = []
+        for i in range(per_class):
+            spec = sample_video(5, LABELS.index(label), i, width=64, height=48, seconds=3.0)
+            frames = roundtrip_gray(spec, tmp_path / "v.mp4")
+            for stride in ratios:
+                f = frames[i % stride::stride]  # one sampling grid, starting anywhere
+                steps = ((f[1:] - f[:-1]) ** 2).mean()
+                ratios[stride][label].append(steps / (2 * f.var(axis=0).mean()))
+    smooth, erratic = pair
+    fast = best_threshold_accuracy(np.array(ratios[FAST_STRIDE][smooth]), np.array(ratios[FAST_STRIDE][erratic]))
+    slow = best_threshold_accuracy(np.array(ratios[SLOW_STRIDE][smooth]), np.array(ratios[SLOW_STRIDE][erratic]))
+    assert np.mean(ratios[FAST_STRIDE][smooth]) < 0.6 < np.mean(ratios[FAST_STRIDE][erratic])
+    assert fast >= 0.95, fast
+    assert slow < ks_bound(per_class), (slow, ks_bound(per_class))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# encode_video: the general encoder other tests reuse
+
+
+def frames_for_codecs(n=12, height=48, width=64):
+    spec = sample_video(1, LABELS.index("scrolling up"), 0, width=width, height=height, seconds=n / 30)
+    return render(spec)
+
+
+@pytest.mark.parametrize("codec, suffix", [("h264", ".mp4"), ("mpeg4", ".avi"), ("vp9", ".webm"),
+                                           ("hevc", ".mkv")])
+def test_encode_video_writes_other_codecs_deterministically(codec, suffix, tmp_path):
+    if not synth.encoder_available(codec):
+        pytest.skip(f"this PyAV build has no {codec} encoder")
+    frames = frames_for_codecs()
+    a = encode_video(tmp_path / f"a{suffix}", frames, 30, codec=codec)
+    b = encode_video(tmp_path / f"b{suffix}", frames, 30, codec=codec)
+    assert a.read_bytes() == b.read_bytes()
+    decoded, stream = decode(a)
+    assert len(decoded) == len(frames) and stream.average_rate == 30
+    assert np.abs(decoded.astype(np.float32) - frames).mean() < 6
+
+
+def test_encode_video_ntsc_rate_audio_and_rotation(tmp_path):
+    frames = frames_for_codecs(n=30)
+    path = encode_video(tmp_path / "ntsc.mp4", frames, Fraction(30000, 1001), audio=synth.tone(1.0),
+                        rotation=90)
+    with av.open(str(path)) as container:
+        assert [s.type for s in container.streams] == ["video", "audio"]
+        video = container.streams.video[0]
+        assert video.average_rate == Fraction(30000, 1001)
+        assert container.streams.audio[0].codec_context.name == "aac"
+        decoded = list(container.decode(video))
+    assert len(decoded) == 30 and decoded[0].rotation == 90
+    assert decoded[-1].time == pytest.approx(29 * 1001 / 30000, abs=1e-3)
+
+
+def test_encode_video_variable_frame_rate_from_timestamps(tmp_path):
+    frames = frames_for_codecs(n=10)
+    times = [0.0, 0.03, 0.1, 0.12, 0.3, 0.31, 0.5, 0.55, 0.7, 0.9]
+    path = encode_video(tmp_path / "vfr.mp4", frames, 30, timestamps=times)
+    with av.open(str(path)) as container:
+        decoded = [f.time for f in container.decode(video=0)]
+    assert decoded == pytest.approx(times, abs=1e-3)
+    with pytest.raises(SynthError, match="strictly increasing"):
+        encode_video(tmp_path / "bad.mp4", frames, 30, timestamps=times[::-1])
