@@ -14,8 +14,6 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
-import pytest
-import yaml
 
 from conftest import REPO, pipeline_config
 from pipelines.data import run_preprocess, storage_of

@@ -9,7 +9,7 @@ from .flops import count_flops, count_params, gflops
 from .slowfast import SlowFast, example_inputs
 
 __all__ = ["PRESETS", "SlowFast", "SlowFastConfig", "CheckpointError", "LoadedCheckpoint", "build", "count_flops",
-           "count_params", "example_inputs", "export_state_dict", "load_checkpoint", "resolve", "save_checkpoint"]
+           "count_params", "example_inputs", "export_state_dict", "gflops", "load_checkpoint", "resolve", "save_checkpoint"]
 
 
 def build(preset: str, num_classes: int = 400, **overrides) -> nn.Module:

@@ -9,11 +9,11 @@ The classes, in the fixed order that `--classes N` takes the first N of:
   0  scrolling up             slow        the whole scene slides up, 0.20-0.33 frame heights per second
   1  stripes drifting up      fast only   the stripes inside the still object drift up at 2.4-5.4 cycles/s
   2  stripes drifting down    fast only   the stripes inside the still object drift down at 2.4-5.4 cycles/s
-  3  bouncing                 slow        the object moves up and down at 0.25-0.35 frame heights/s, turning 0.10-0.15 from the middle
+  3  bouncing                 slow        the object moves up and down at 0.25-0.35 frame heights per second
   4  flickering smoothly      fast only   object brightness follows Gaussian noise correlated over ~0.09 s
   5  flickering erratically   fast only   object brightness, same noise level, independent every frame
   6  scrolling down           slow        the whole scene slides down, 0.20-0.33 frame heights per second
-  7  pulsing                  slow        the object and its stripes swell and shrink by x1.65-2.0 per second, turning at x1.3-1.45
+  7  pulsing                  slow        the object and its stripes swell and shrink at x1.65-2.0 per second
   8  wobbling                 fast only   object position wanders, Gaussian noise correlated over ~0.09 s
   9  jittering                fast only   object position, same noise level, independent every frame
  10  standing still           slow        nothing moves
