@@ -42,7 +42,7 @@ def test_demo_config_loads_with_the_values_the_demo_needs():
     assert isinstance(cfg, PipelineConfig)
     assert cfg.name == "demo"
     assert cfg.storage_root == "./storage/demo"
-    assert cfg.data.format == "path_label"
+    assert cfg.data.format == "kinetics_csv"
     assert cfg.data.synth is not None and cfg.data.synth.classes >= 6
     assert cfg.model.preset == "slowfast_tiny"
     assert cfg.train.crop_size <= 96 and not cfg.train.use_gpu
@@ -218,7 +218,7 @@ def test_flatten_gives_dotted_keys_for_every_value():
     assert flat["model.preset"] == "slowfast_tiny"
     assert flat["model.alpha"] == PRESETS["slowfast_tiny"].alpha
     assert flat["train.base_lr"] == 0.1
-    assert flat["data.annotations.train"] == "./storage/demo/videos/train.txt"
+    assert flat["data.annotations.train"] == "./storage/demo/videos/annotations/train.csv"
     assert flat["data.synth.classes"] == cfg.data.synth.classes
     assert flat["mlflow.experiment"] == "demo"
     assert not any(isinstance(value, dict) for value in flat.values())

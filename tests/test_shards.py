@@ -373,18 +373,15 @@ def test_iter_clips_refuses_shards_of_different_runs(tmp_path):
         next(iter_clips([a["path"], b["path"]], mode="train", batch_size=2, crop=CROP))
 
 
-def test_ray_data_map_batches_gives_what_the_local_reader_gives(tmp_path):
-    ray = pytest.importorskip("ray")
+def test_ray_data_map_batches_gives_what_the_local_reader_gives(ray_local, tmp_path):
+    from ray.data import ActorPoolStrategy
+
     meta, rows, entry = write(tmp_path)
     local = ClipTransform(meta, "train", CROP, seed=0, epoch=3)(pq.read_table(entry["path"]))
-    # Two CPUs: the transform actor holds one, the Parquet read tasks need the other.
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    try:
-        out = ray.data.read_parquet(entry["path"]).map_batches(
-            ClipTransform, fn_constructor_kwargs=dict(meta=meta, mode="train", crop=CROP, seed=0, epoch=3),
-            batch_format="numpy", batch_size=4, concurrency=1).take_all()
-    finally:
-        ray.shutdown()
+    # Two CPUs (ray_local): the transform actor holds one, the Parquet read tasks need the other.
+    out = ray_local.data.read_parquet(entry["path"]).map_batches(
+        ClipTransform, fn_constructor_kwargs=dict(meta=meta, mode="train", crop=CROP, seed=0, epoch=3),
+        batch_format="numpy", batch_size=4, compute=ActorPoolStrategy(size=1)).take_all()
     assert len(out) == len(rows)
     by_clip = {(r["video_id"], int(r["clip_index"])): r for r in out}
     for i, vid in enumerate(local["video_id"]):
