@@ -107,7 +107,7 @@ def _ray_data_run(cfg: PipelineConfig, store: Storage, sp: SplitPlan, meta: Shar
     ds = ray.data.from_items([asdict(t) for t in sp.todo], override_num_blocks=batches)
     ds = ds.map_batches(
         ClipWriter, batch_size=videos_per_shard, batch_format="numpy", num_cpus=1,
-        compute=ActorPoolStrategy(min_size=1, max_size=actors),
+        compute=ActorPoolStrategy(size=actors),
         fn_constructor_kwargs=dict(store=store, source=source, meta_json=meta.model_dump_json(), mode=sp.mode,
                                    num_clips=num_clips, seed=p.seed, max_pixels=p.max_frame_pixels))
     for row in ds.iter_rows():

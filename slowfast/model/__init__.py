@@ -1,17 +1,32 @@
-"""SlowFast models: `build` a preset, `load_checkpoint` from this project, pytorchvideo or PySlowFast."""
+"""SlowFast models: `build` a preset, `load_checkpoint` from this project, pytorchvideo or PySlowFast.
+
+The torch-backed names load on first use, so code that only needs the presets (configs, Ray Data
+actors that decode video) does not pay for importing torch.
+"""
 from __future__ import annotations
 
-from torch import nn
+import importlib
 
-from .checkpoint import CheckpointError, LoadedCheckpoint, export_state_dict, load_checkpoint, save_checkpoint
 from .config import PRESETS, SlowFastConfig, resolve
-from .flops import count_flops, count_params, gflops
-from .slowfast import SlowFast, example_inputs
 
-__all__ = ["PRESETS", "SlowFast", "SlowFastConfig", "CheckpointError", "LoadedCheckpoint", "build", "count_flops",
-           "count_params", "example_inputs", "export_state_dict", "gflops", "load_checkpoint", "resolve", "save_checkpoint"]
+_LAZY = {
+    "CheckpointError": "checkpoint", "LoadedCheckpoint": "checkpoint", "export_state_dict": "checkpoint",
+    "load_checkpoint": "checkpoint", "save_checkpoint": "checkpoint",
+    "count_flops": "flops", "count_params": "flops", "gflops": "flops",
+    "SlowFast": "slowfast", "example_inputs": "slowfast",
+}
+
+__all__ = ["PRESETS", "SlowFastConfig", "build", "resolve", *_LAZY]
 
 
-def build(preset: str, num_classes: int = 400, **overrides) -> nn.Module:
-    """A freshly initialised network from a named preset; any config field can be overridden."""
+def __getattr__(name: str):
+    if name in _LAZY:
+        return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def build(preset: str, num_classes: int = 400, **overrides):
+    """A freshly initialised network (torch.nn.Module) from a named preset; any field can be overridden."""
+    from .slowfast import SlowFast
+
     return SlowFast(resolve(preset, num_classes=num_classes, **overrides))
