@@ -20,6 +20,7 @@ ISSUES = {3: "data", 4: "train", 5: "workflow", 6: "ablation"}
 
 # What does not exist yet, and the issue that builds it. Delete a row when its command works.
 NOT_BUILT: dict[str, int] = {
+    "train": 4,
     "evaluate": 4,
     "promote": 4,
     "predict": 4,
@@ -119,20 +120,6 @@ def cmd_preprocess(args: argparse.Namespace, config: PipelineConfig) -> int:
     return EXIT_OK
 
 
-def cmd_train(args: argparse.Namespace, config: PipelineConfig) -> int:
-    from pipelines.train import train
-
-    out = train(config, run_name=args.run_name)
-    m = out["metrics"]
-    figures = ", ".join(f"{k} {m[k]:.3f}" for k in ("train_loss", "val_top1", "val_top5") if m.get(k) is not None)
-    print(f"summary: run {out['run_name']}: {out['epochs_done']}/{out['epochs']} epochs "
-          f"({out['epochs_run_now']} run now); {figures or 'no epoch finished'}\n"
-          f"  best checkpoint  {out['best_checkpoint']} (val_top1 {out['best_val_top1']})\n"
-          f"  checkpoints      {out['run_dir']}\n"
-          f"  mlflow run       {out['mlflow_run_id']} ({out['tracking_uri']})")
-    return EXIT_OK
-
-
 def cmd_run(args: argparse.Namespace, config: PipelineConfig) -> int:
     """Until the workflow exists: run the built steps in order, build the model, and say what is missing."""
     from slowfast.model import SlowFast, count_flops, count_params, example_inputs
@@ -221,11 +208,7 @@ def build_parser() -> argparse.ArgumentParser:
                          handler=cmd_preprocess)
     preprocess.add_argument("--split", metavar="SPLIT", action="append", default=[],
                             help="split to preprocess (repeatable; default: data.train_split and data.val_split)")
-    train = command("train", "Ray Train: train SlowFast on the shards, with checkpoints that survive worker loss; "
-                             "re-running the same command resumes after the last checkpoint", handler=cmd_train)
-    train.add_argument("--run-name", metavar="NAME",
-                       help="checkpoints go to storage_root/checkpoints/NAME and the same name resumes "
-                            "(default: the pipeline name and a digest of model, train and the shards)")
+    command("train", "Ray Train: train SlowFast on the shards, with checkpoints that survive worker loss")
     evaluate = command("evaluate", "multi-view evaluation: video-level top-1/top-5, per class, confusion matrix")
     evaluate.add_argument("--model-uri", metavar="URI",
                           help="model to evaluate: a checkpoint path or models:/NAME/VERSION "
