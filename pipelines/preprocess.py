@@ -10,6 +10,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import random
 import time
 import uuid
 from collections import Counter
@@ -104,7 +105,12 @@ def _ray_data_run(cfg: PipelineConfig, store: Storage, sp: SplitPlan, meta: Shar
     batches = -(-len(sp.todo) // videos_per_shard)
     actors = max(1, min(int(ray.cluster_resources().get("CPU", 1)), batches))
     source = VideoSource(cfg.data.video_root, S3Options(cfg.s3.endpoint_url, cfg.s3.region))
-    ds = ray.data.from_items([asdict(t) for t in sp.todo], override_num_blocks=batches)
+    tasks = list(sp.todo)
+    if sp.mode == "train":
+        # Annotation files are sorted by class; shuffled (seeded) so every shard mixes classes and
+        # training can stream shards without a huge shuffle buffer.
+        random.Random(p.seed).shuffle(tasks)
+    ds = ray.data.from_items([asdict(t) for t in tasks], override_num_blocks=batches)
     ds = ds.map_batches(
         ClipWriter, batch_size=videos_per_shard, batch_format="numpy", num_cpus=1,
         compute=ActorPoolStrategy(size=actors),

@@ -35,7 +35,6 @@ def test_every_not_built_entry_names_an_issue_with_a_title():
 
 
 @pytest.mark.parametrize("argv", [
-    ["train", "--config", DEMO, "--set", "train.epochs=1"],
     ["evaluate", "--config", DEMO],
     ["promote", "--config", DEMO, "--version", "2"],
     ["predict", "clip.mp4", "--model-uri", "models:/demo@champion"],
@@ -87,7 +86,8 @@ def tiny_data(tmp_path) -> list[str]:
             "--set", f"data.annotations.train={videos / 'annotations/train.csv'}",
             "--set", f"data.annotations.val={videos / 'annotations/val.csv'}",
             "--set", "data.synth.classes=3", "--set", "data.synth.videos_per_class=2",
-            "--set", "data.synth.seconds=1.2"]
+            "--set", "data.synth.seconds=1.2", "--set", "train.epochs=1", "--set", "train.warmup_epochs=0",
+            "--set", "train.batch_size=2"]
 
 
 def test_run_does_the_built_steps_builds_the_model_and_lists_the_missing_ones(ray_local, tmp_path, capsys):

@@ -1,0 +1,161 @@
+"""Train through a real local Ray (Ray Train + Ray Data) and a real MLflow (sqlite): two DDP workers
+on CPU learn from synthetic shards, checkpoint every epoch, log to MLflow, and a re-run resumes."""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from mlflow.tracking import MlflowClient
+
+from conftest import REPO, pipeline_config
+from pipelines.storage import Storage
+from pipelines.train import CHECKPOINT_FILE, data_cpu_split, read_shards, train
+from slowfast.model import SlowFast, load_checkpoint, resolve
+
+
+CLIPS = 12 * 16  # 12 train videos x 16 pre-sampled clips
+STEPS = CLIPS // 16  # per epoch: 2 workers x 8 clips a step
+LR = 0.04 * 16 / 64  # base_lr scaled to the global batch
+
+
+def small_run(tmp_path: Path, videos: Path, **train):
+    """slowfast_tiny at 32 px on the 4-class synthetic set, 2 workers x 8 clips, lr 0.01.
+
+    8 clips a worker, not fewer: batch norm over 4 clips (2 of them often from one video) makes the
+    loss climb at this learning rate. 4 videos per shard, so the trainer's read groups mix classes.
+    """
+    return pipeline_config(
+        tmp_path, videos, preprocess={"clips_per_video": 16, "rows_per_shard": 64},
+        train={"epochs": 2, "batch_size": 8, "num_workers": 2, "cpus_per_worker": 0.5, "base_lr": 0.04,
+               "warmup_epochs": 0.25, **train},
+        mlflow={"tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}", "experiment": "train-test"},
+        ray={"data_cpus": 1.0})
+
+
+def history(client: MlflowClient, run_id: str, key: str) -> list[tuple[int, float]]:
+    return sorted((m.step, m.value) for m in client.get_metric_history(run_id, key))
+
+
+def test_two_workers_learn_checkpoint_every_epoch_and_log_to_mlflow(ray_local, synth_set, tmp_path):
+    cfg = small_run(tmp_path, synth_set)
+    lines: list[str] = []
+    out = train(cfg, log=lines.append)
+
+    assert out["epochs_done"] == 2 and out["epochs_run_now"] == 2 and out["resumed_from_epoch"] == 0
+    client = MlflowClient(out["tracking_uri"])
+    run = client.get_run(out["mlflow_run_id"])
+    assert run.info.status == "FINISHED" and run.info.run_name == out["run_name"]
+    params = run.data.params
+    assert params["train.num_workers"] == "2" and params["model.preset"] == "slowfast_tiny"
+    assert params["global_batch"] == "16" and params["steps_per_epoch"] == str(STEPS)
+    assert params["num_classes"] == "4"
+
+    # Per step: every step of both epochs, once, with the warm-up + cosine LR of the scaled base LR.
+    loss = history(client, run.info.run_id, "loss")
+    assert [step for step, _ in loss] == list(range(1, 2 * STEPS + 1))
+    lr = [v for _, v in history(client, run.info.run_id, "lr")]
+    assert lr[0] == pytest.approx(LR / 10) and max(lr) == pytest.approx(LR, rel=0.05) and lr[-1] < LR / 10
+    for key in ("clips_per_s", "data_wait"):
+        assert len(history(client, run.info.run_id, key)) == 2 * STEPS
+    assert all(0 <= v <= 1 for _, v in history(client, run.info.run_id, "data_wait"))
+
+    # Per epoch: the loss falls from the first epoch to the second; val figures are fractions.
+    train_loss = [v for _, v in history(client, run.info.run_id, "train_loss")]
+    assert len(train_loss) == 2 and train_loss[1] < train_loss[0], train_loss
+    for key in ("val_top1", "val_top5", "val_loss", "epoch_data_wait", "epoch_clips_per_s", "epoch_s"):
+        assert [step for step, _ in history(client, run.info.run_id, key)] == [1, 2], key
+    assert all(0 <= v <= 1 for _, v in history(client, run.info.run_id, "val_top1"))
+    assert out["metrics"]["val_videos"] == 4 and out["metrics"]["train_clips"] == CLIPS
+
+    # Checkpoints: one per epoch under storage_root/checkpoints/<run>/, each a full training state.
+    run_dir = tmp_path / "storage" / "checkpoints" / out["run_name"]
+    assert out["run_dir"] == str(run_dir)
+    assert sorted(p.parent.name for p in run_dir.glob(f"*/{CHECKPOINT_FILE}")) == ["epoch-0001", "epoch-0002"]
+    assert out["best_checkpoint"] in out["checkpoints"]
+    assert out["best_val_top1"] == max(v for _, v in history(client, run.info.run_id, "val_top1"))
+    net = SlowFast(resolve("slowfast_tiny", num_classes=4))
+    extra = load_checkpoint(net, run_dir / "epoch-0002" / CHECKPOINT_FILE).extra
+    assert extra["epoch"] == 2 and extra["global_step"] == 2 * STEPS and len(extra["rng"]) == 2
+    assert extra["optimizer"]["state"] and extra["schedule"]["total_epochs"] == 2
+    assert len(extra["class_names"]) == 4
+
+    # The same command again: the run is complete, so nothing is trained and MLflow gains nothing.
+    again = train(cfg, log=lines.append)
+    assert again["run_name"] == out["run_name"] and again["mlflow_run_id"] == out["mlflow_run_id"]
+    assert again["epochs_done"] == 2 and again["epochs_run_now"] == 0
+    assert again["best_checkpoint"] == out["best_checkpoint"]
+    assert len(history(client, run.info.run_id, "loss")) == 2 * STEPS
+    assert any("nothing to do" in line for line in lines)
+
+
+def _cli(config_path: Path, log: Path, **kw) -> subprocess.Popen:
+    """`python -m pipelines train` in its own process (and its own local Ray); output to `log`."""
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    with open(log, "wb") as out:
+        return subprocess.Popen([sys.executable, "-m", "pipelines", "train", "--config", str(config_path)],
+                                cwd=config_path.parent, env=env, stdout=out, stderr=subprocess.STDOUT, **kw)
+
+
+def test_rerun_after_the_driver_is_killed_resumes_after_the_last_checkpoint(synth_set, tmp_path):
+    cfg = small_run(tmp_path, synth_set)
+    config_path = tmp_path / "pipeline.yaml"
+    config_path.write_text(cfg.to_yaml())
+    checkpoints = tmp_path / "storage" / "checkpoints"
+
+    def committed(epoch: int) -> bool:
+        """Ray Train lists a checkpoint in the run's snapshot once it is fully written."""
+        return any(f"epoch-{epoch:04d}" in p.read_text()
+                   for p in checkpoints.glob("*/checkpoint_manager_snapshot.json"))
+
+    first = _cli(config_path, tmp_path / "first.log", start_new_session=True)
+    deadline = time.time() + 300
+    while time.time() < deadline and not committed(1):
+        assert first.poll() is None, (tmp_path / "first.log").read_text()[-3000:]
+        time.sleep(0.2)
+    os.killpg(first.pid, signal.SIGKILL)  # the driver and the local Ray it started, workers included
+    first.wait()
+    assert committed(1) and not committed(2), "the kill should land between the two epochs' checkpoints"
+
+    again = _cli(config_path, tmp_path / "again.log")
+    assert again.wait(timeout=300) == 0, (tmp_path / "again.log").read_text()[-3000:]
+    output = (tmp_path / "again.log").read_text()
+    assert "resuming after epoch 1 " in output
+    summary = output[output.index("summary: "):]
+    assert "2/2 epochs (1 run now)" in summary, summary
+
+    # One MLflow run across both attempts, with each epoch's figures logged once.
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("train-test").experiment_id])
+    assert len(runs) == 1 and runs[0].info.status == "FINISHED"
+    assert [step for step, _ in history(client, runs[0].info.run_id, "train_loss")] == [1, 2]
+    assert [step for step, _ in history(client, runs[0].info.run_id, "loss")][-1] == 2 * STEPS
+
+
+def test_read_shards_mixes_files_and_drops_superseded_clips(tmp_path):
+    def shard(name: str, videos: list[str]) -> str:
+        rows = [{"video_id": v, "label": i, "clip_index": c, "height": 2, "width": 2, "frames": [b"x"],
+                 "slow_index": [0]} for i, v in enumerate(videos) for c in range(3)]
+        path = tmp_path / name
+        pq.write_table(pa.Table.from_pylist(rows), path, row_group_size=2)
+        return str(path)
+
+    a, b = shard("a.parquet", ["a0", "a1"]), shard("b.parquet", ["b0"])
+    batch = pa.table({"path": [a, b], "skip": ['["a1"]', "[]"]})
+    blocks = list(read_shards(batch, Storage(str(tmp_path)), block_rows=4))
+    rows = [(r["video_id"], r["clip_index"]) for block in blocks for r in block.to_pylist()]
+    assert sorted(rows) == [(v, c) for v in ("a0", "b0") for c in range(3)]
+    assert [block.num_rows for block in blocks] == [4, 2]
+
+
+def test_data_cpus_leave_room_for_a_read_and_an_actor():
+    assert data_cpu_split(1.0) == (0.25, 1, 0.75)  # the 2-core machine: 1 CPU for train workers, 1 for data
+    assert data_cpu_split(0.5) == (0.125, 1, 0.375)
+    read, actors, per_actor = data_cpu_split(32.0)  # a GPU node: 4 CPUs of reads (16 tasks), 28 actors
+    assert (read, actors) == (0.25, 28) and 28 * per_actor == pytest.approx(28.0)
