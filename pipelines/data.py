@@ -66,7 +66,7 @@ def run_preprocess(cfg: PipelineConfig, splits: list[str] | None = None, run_id:
     run_id = run_id or f"{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
     if any(sp.todo for sp in plan.splits.values()):
         init_ray(cfg)
-    out = {"run_id": run_id, "classes": plan.classes, "splits": {}}
+    out = {"run_id": run_id, "classes": plan.classes, "plan": plan, "splits": {}}
     for split in splits or list(plan.splits):
         if split not in plan.splits:
             raise ValueError(f"--split {split}: not a configured split; data.annotations has "

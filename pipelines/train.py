@@ -33,7 +33,6 @@ from slowfast.video.transforms import normalize_tensor
 
 from .config import PipelineConfig
 from .data import run_preprocess, storage_of
-from .ingest import plan as ingest_plan
 from .storage import Storage
 
 # Workers log through Ray Train's logging (to the driver's console); a print there comes out twice.
@@ -225,7 +224,7 @@ def prepare_data(cfg: PipelineConfig, store: Storage, log=print) -> TrainData:
     out = run_preprocess(cfg, splits=[cfg.data.train_split, cfg.data.val_split], log=log)
     # The annotated ids select what is trained on: a video dropped from the annotations keeps its
     # committed clips, but is no longer read.
-    plan = ingest_plan(cfg, store, [cfg.data.train_split, cfg.data.val_split])
+    plan = out["plan"]
     shards = {}
     for split in (cfg.data.train_split, cfg.data.val_split):
         s = out["splits"][split]
