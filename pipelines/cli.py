@@ -5,12 +5,14 @@ Exit codes: 0 done, 1 failed, 2 bad config or arguments (before any work), 3 com
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib.util
 import sys
 from pathlib import Path
 
 import pipelines
 from pipelines.config import ConfigError, PipelineConfig, SynthSection, load_config
+from pipelines.errors import PipelineError
 
 EXIT_OK, EXIT_FAILED, EXIT_CONFIG, EXIT_NOT_BUILT = 0, 1, 2, 3
 
@@ -20,9 +22,6 @@ ISSUES = {3: "data", 4: "train", 5: "workflow", 6: "ablation"}
 
 # What does not exist yet, and the issue that builds it. Delete a row when its command works.
 NOT_BUILT: dict[str, int] = {
-    "evaluate": 4,
-    "promote": 4,
-    "predict": 4,
     "status": 5,
     "run": 5,  # the workflow itself: steps in order, run records, --from/--only/--force
     "bench train": 4,
@@ -51,6 +50,9 @@ def main(argv: list[str] | None = None) -> int:
             return EXIT_CONFIG
     try:
         return args.handler(args, config)
+    except PipelineError as exc:
+        print(f"pipelines {args.command}: {exc}", file=sys.stderr)
+        return EXIT_FAILED
     except SystemExit as exc:
         return exc.code if isinstance(exc.code, int) else EXIT_FAILED
 
@@ -131,6 +133,62 @@ def cmd_train(args: argparse.Namespace, config: PipelineConfig) -> int:
           f"  checkpoints      {out['run_dir']}\n"
           f"  mlflow run       {out['mlflow_run_id']} ({out['tracking_uri']})")
     return EXIT_OK
+
+
+def cmd_evaluate(args: argparse.Namespace, config: PipelineConfig) -> int:
+    from pipelines.evaluate import evaluate
+
+    r = evaluate(config, args.model_uri)
+    print(f"summary: {r['model_uri']}: top-1 {r['top1']:.3f}, top-5 {r['top5']:.3f}, mean class accuracy "
+          f"{r['mean_class_accuracy']:.3f} on {r['num_videos']} videos x {r['views_per_video']} views\n"
+          f"  artifacts  {r['artifacts']} (result.json, confusion.png, per_class.csv)")
+    return EXIT_OK
+
+
+def cmd_promote(args: argparse.Namespace, config: PipelineConfig) -> int:
+    """Register the latest evaluated checkpoint (or take --version) and run the promotion gate."""
+    from pipelines.evaluate import evaluate
+    from pipelines.registry import promote, register
+
+    version = args.version
+    if version is None:
+        version = register(config, evaluate(config, None))["model_version"]
+    r = promote(config, version)
+    print(f"summary: {r['model_uri']} {r['decision']} ({r['reason']}); aliases {', '.join(r['aliases']) or 'none'}")
+    return EXIT_OK
+
+
+def cmd_predict(args: argparse.Namespace, config: PipelineConfig | None) -> int:
+    from mlflow.exceptions import MlflowException
+
+    from pipelines.registry import describe_missing, use_tracking
+    from slowfast.serving import load_classifier
+
+    if args.model_uri is None and config is None:
+        args.parser.error("give --model-uri, or --config to use models:/<mlflow.model_name>@champion")
+    uri = args.model_uri or f"models:/{config.mlflow.model_name}@champion"
+    tracking = use_tracking(config) if config else contextlib.nullcontext()
+    with tracking:
+        try:
+            classifier = load_classifier(uri)
+        except MlflowException as exc:
+            message = describe_missing(config, uri, exc) if config else f"{uri}: {exc.message}"
+            print(f"pipelines predict: {message}", file=sys.stderr)
+            return EXIT_FAILED
+    from slowfast.video.decode import VideoDecodeError
+
+    failed = 0
+    for video in args.videos:
+        try:
+            (result,) = classifier.predict([video], top_k=args.top_k)
+        except VideoDecodeError as exc:
+            print(f"{video}: cannot classify: {exc}", file=sys.stderr)
+            failed += 1
+            continue
+        print(video)
+        for rank, (label, score) in enumerate(zip(result["labels"], result["scores"]), 1):
+            print(f"  {rank}. {label:<32} {score:.3f}")
+    return EXIT_FAILED if failed else EXIT_OK
 
 
 def cmd_run(args: argparse.Namespace, config: PipelineConfig) -> int:
@@ -235,18 +293,21 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--run-name", metavar="NAME",
                        help="checkpoints go to storage_root/checkpoints/NAME and the same name resumes "
                             "(default: the pipeline name and a digest of model, train and the shards)")
-    evaluate = command("evaluate", "multi-view evaluation: video-level top-1/top-5, per class, confusion matrix")
+    evaluate = command("evaluate", "multi-view evaluation: video-level top-1/top-5, per class, confusion matrix",
+                       handler=cmd_evaluate)
     evaluate.add_argument("--model-uri", metavar="URI",
-                          help="model to evaluate: a checkpoint path or models:/NAME/VERSION "
-                               "(default: this pipeline's latest checkpoint)")
+                          help="model to evaluate: a checkpoint (folder or file, local or s3://), models:/NAME/VERSION "
+                               "or models:/NAME@ALIAS (default: the best checkpoint of the newest training run)")
     promote = command("promote", "register the evaluated model as challenger; make it champion if it beats "
-                                 "the current one by mlflow.promote_margin on the same eval shards")
+                                 "the current one by mlflow.promote_margin on the same eval shards",
+                      handler=cmd_promote)
     promote.add_argument("--version", metavar="N", type=int,
                          help="registered model version to consider (default: the latest)")
-    predict = command("predict", "classify video files with a registered model", config="optional")
-    predict.add_argument("videos", metavar="VIDEO", nargs="+", help="video files (local or s3://)")
+    predict = command("predict", "classify video files with a registered model", config="optional",
+                      handler=cmd_predict)
+    predict.add_argument("videos", metavar="VIDEO", nargs="+", help="video files")
     predict.add_argument("--model-uri", metavar="URI",
-                         help="models:/NAME@champion, models:/NAME/VERSION or a checkpoint path "
+                         help="models:/NAME@ALIAS, models:/NAME/VERSION or runs:/ID/model "
                               "(default: models:/<mlflow.model_name>@champion of --config)")
     predict.add_argument("--top-k", metavar="K", type=int, default=5, help="classes to print per video")
     status = command("status", "what each step of the last (or a given) run did, and where its outputs are")

@@ -18,6 +18,7 @@ from slowfast.shards import manifest
 from slowfast.shards.schema import FORMAT_VERSION
 
 from .config import PipelineConfig
+from .errors import PipelineError
 from .storage import S3Options, SourceFile, Storage, VideoSource, is_s3, split_s3
 
 # Plan-time quarantine reasons (decode-time ones live in slowfast.video.decode.REASONS).
@@ -30,7 +31,7 @@ ZERO_BYTES = "zero_bytes"
 VIDEO_EXTENSIONS = (".mp4", ".mkv", ".webm", ".avi", ".mov", ".m4v")
 
 
-class AnnotationError(ValueError):
+class AnnotationError(PipelineError, ValueError):
     """An annotation file that cannot be read at all (as opposed to single bad rows, which are quarantined)."""
 
 

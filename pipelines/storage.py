@@ -16,8 +16,10 @@ from urllib.parse import urlparse
 
 import pyarrow.fs as pafs
 
+from .errors import PipelineError
 
-class StorageError(RuntimeError):
+
+class StorageError(PipelineError, RuntimeError):
     """A storage location that cannot be used: names it and says what to check."""
 
 
@@ -83,6 +85,14 @@ class Storage:
     def uri(self, *parts: str) -> str:
         """The location as a user writes it: s3://... or a local path."""
         return posixpath.join(self.root, *[p.strip("/") for p in parts if p])
+
+    def resolve(self, uri: str) -> tuple[pafs.FileSystem, str]:
+        """Any location, not only under the root: a local path, or s3:// with this storage's S3 options."""
+        if is_s3(uri):
+            bucket, key = split_s3(uri)
+            fs = self.fs if self.is_s3 else Storage(f"s3://{bucket}", self.s3).fs
+            return fs, posixpath.join(bucket, key)
+        return pafs.LocalFileSystem(), str(Path(uri).resolve())
 
     def write_bytes(self, rel: str, data: bytes) -> str:
         """Write atomically: readers see the old object or the whole new one, never a part."""

@@ -11,6 +11,7 @@ import hashlib
 import json
 import logging
 import math
+import posixpath
 import random
 import tempfile
 import time
@@ -20,6 +21,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import torch
 import torch.nn.functional as F
@@ -33,12 +35,14 @@ from slowfast.video.transforms import normalize_tensor
 
 from .config import PipelineConfig
 from .data import run_preprocess, storage_of
+from .errors import PipelineError
 from .storage import Storage
 
 # Workers log through Ray Train's logging (to the driver's console); a print there comes out twice.
 _worker_log = logging.getLogger("pipelines.train")
 
 CHECKPOINT_FILE = "model.pt"
+SYSTEM_METRICS_S = 10  # sampling interval of MLflow's system metrics on rank 0
 SCORE = "val_top1"  # the metric that ranks checkpoints (CheckpointConfig keeps the best N)
 # Shard files read (and their clips mixed) together by one read task; see read_shards.
 SHARDS_PER_READ = 4
@@ -49,7 +53,7 @@ SHUFFLE_BATCHES = 4
 TRAIN_COLUMNS = ["slow", "fast", "label"]
 
 
-class TrainError(RuntimeError):
+class TrainError(PipelineError, RuntimeError):
     """A training run that cannot start or finish: says what is wrong and which key or step to change."""
 
 
@@ -108,7 +112,11 @@ def train(cfg: PipelineConfig, *, run_name: str | None = None, log=print) -> dic
                                                                reopen=False), tracking_uri, started, log)
     init_ray(cfg)
     check_resources(cfg)
-    mlflow_run_id = mlflow_run(tracking_uri, cfg.mlflow.experiment, run_name)
+    from .registry import git_commit
+
+    mlflow_run_id = mlflow_run(tracking_uri, cfg.mlflow.experiment, run_name, tags={
+        "slowfast.manifest_hash": data.identity(), "slowfast.git_commit": git_commit(),
+        "slowfast.preset": cfg.model.preset, "slowfast.config_hash": cfg.config_hash()})
     log(f"train {run_name}: {data.train_clips} clips ({steps_per_epoch} steps of {global_batch}) x {t.epochs} "
         f"epochs on {t.num_workers} worker(s), val {data.val_videos} videos; checkpoints -> {run_dir}; "
         f"MLflow run {mlflow_run_id} ({tracking_uri})")
@@ -137,6 +145,7 @@ def train(cfg: PipelineConfig, *, run_name: str | None = None, log=print) -> dic
     except BaseException:
         _mlflow_client(tracking_uri).set_terminated(mlflow_run_id, "FAILED")
         raise
+    log_run_artifacts(cfg, tracking_uri, mlflow_run_id)
     _mlflow_client(tracking_uri).set_terminated(mlflow_run_id, "FINISHED")
     return _summary(cfg, store, run_name, result, mlflow_run_id, tracking_uri, started, log)
 
@@ -155,6 +164,21 @@ def finished_result(store: Storage, run_name: str, epochs: int):
     except RuntimeError:  # no such run folder, or no checkpoint snapshot in it yet
         return None
     return result if (result.metrics or {}).get("epoch", 0) >= epochs else None
+
+
+def best_checkpoint_of_latest_run(store: Storage) -> str | None:
+    """The best checkpoint (by val top-1) of the training run that checkpointed last, or None."""
+    from ray.train import Result
+
+    files = store.fs.get_file_info(pafs.FileSelector(store.path("checkpoints"), recursive=True, allow_not_found=True))
+    newest = max((f for f in files if f.path.endswith("/" + CHECKPOINT_FILE)), key=lambda f: f.mtime_ns or 0,
+                 default=None)
+    if newest is None:
+        return None
+    run_dir = posixpath.dirname(posixpath.dirname(newest.path))
+    result = Result.from_path(run_dir, storage_filesystem=_storage_fs(store))
+    ranked = sorted(result.best_checkpoints or [], key=lambda cm: cm[1].get(SCORE, -math.inf), reverse=True)
+    return _uri(store, ranked[0][0].path) if ranked else _uri(store, posixpath.dirname(newest.path))
 
 
 def _summary(cfg: PipelineConfig, store: Storage, run_name: str, result, mlflow_run_id: str, tracking_uri: str,
@@ -338,26 +362,65 @@ def _mlflow_client(tracking_uri: str):
     return MlflowClient(tracking_uri)
 
 
-def mlflow_run(tracking_uri: str, experiment: str, run_name: str, reopen: bool = True) -> str:
+def mlflow_run(tracking_uri: str, experiment: str, run_name: str, reopen: bool = True,
+               tags: dict[str, str] | None = None) -> str:
     """The MLflow run of this training run: the one a previous attempt started (marked running again
-    when `reopen`), or a new one."""
+    when `reopen`), or a new one; `tags` are set on it either way."""
     client = _mlflow_client(tracking_uri)
     exp = client.get_experiment_by_name(experiment)
     exp_id = exp.experiment_id if exp else client.create_experiment(experiment)
     found = client.search_runs([exp_id], filter_string=f"tags.`slowfast.run_name` = '{run_name}'",
                                max_results=1, order_by=["attributes.start_time DESC"])
     if found:
+        run_id = found[0].info.run_id
         if reopen:
-            client.update_run(found[0].info.run_id, status="RUNNING")
-        return found[0].info.run_id
-    return client.create_run(exp_id, run_name=run_name, tags={"slowfast.run_name": run_name}).info.run_id
+            client.update_run(run_id, status="RUNNING")
+    else:
+        run_id = client.create_run(exp_id, run_name=run_name, tags={"slowfast.run_name": run_name}).info.run_id
+    for k, v in (tags or {}).items():
+        client.set_tag(run_id, k, v)
+    return run_id
+
+
+# Per-epoch metrics drawn in the learning curve (read back from MLflow: complete across resumed attempts).
+CURVE_METRICS = ("train_loss", "val_loss", "train_top1", "val_top1", "val_top5")
+
+
+def log_run_artifacts(cfg: PipelineConfig, tracking_uri: str, run_id: str) -> None:
+    """The resolved config and the learning curve, into the run's artifacts."""
+    from slowfast.train import learning_curve_png
+
+    client = _mlflow_client(tracking_uri)
+    history: dict[int, dict] = {}
+    for key in CURVE_METRICS:
+        for m in client.get_metric_history(run_id, key):
+            history.setdefault(m.step, {"epoch": m.step})[key] = m.value
+    with tempfile.TemporaryDirectory() as tmp:
+        (Path(tmp) / "config.yaml").write_text(cfg.to_yaml())
+        client.log_artifact(run_id, str(Path(tmp) / "config.yaml"))
+        if history:
+            learning_curve_png([history[e] for e in sorted(history)], Path(tmp) / "learning_curve.png")
+            client.log_artifact(run_id, str(Path(tmp) / "learning_curve.png"))
 
 
 class _Tracker:
-    """Rank 0's MLflow writer (a no-op elsewhere): params once, metrics by step."""
+    """Rank 0's MLflow writer (a no-op elsewhere): params once, metrics by step, and system metrics
+    (CPU, memory, disk, network, GPU) of rank 0's node every SYSTEM_METRICS_S seconds until close()."""
 
     def __init__(self, tracking_uri: str, run_id: str, enabled: bool):
         self.run_id, self.client = run_id, _mlflow_client(tracking_uri) if enabled else None
+        self.system = None
+        if enabled:
+            from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+            self.system = SystemMetricsMonitor(run_id, sampling_interval=SYSTEM_METRICS_S, resume_logging=True,
+                                               tracking_uri=tracking_uri)
+            self.system.start()
+
+    def close(self) -> None:
+        if self.system is not None:
+            self.system.finish()
+            self.system = None
 
     def params(self, params: dict) -> None:
         """Log the params a previous attempt has not; MLflow refuses to change a logged value, so a
@@ -434,6 +497,20 @@ def train_func(config: dict) -> dict:
             _worker_log.info(f"resuming after epoch {start_epoch} (step {global_step})")
 
     shard = ray.train.get_dataset_shard("train")
+    try:
+        history = _epochs(config, cfg, model, net, optimizer, schedule, shard, tracker, start_epoch, global_step,
+                          device, fmt, rank, world)
+    finally:
+        tracker.close()
+    return {"resumed_from_epoch": start_epoch, "epochs_run": t.epochs - start_epoch, "history": history}
+
+
+def _epochs(config, cfg, model, net, optimizer, schedule, shard, tracker, start_epoch, global_step, device, fmt,
+            rank, world) -> list[dict]:
+    """Train from start_epoch to the end: per epoch, the steps, validation, a checkpoint and a report."""
+    import ray.train
+
+    t, classes, steps_per_epoch = cfg.train, config["classes"], config["steps_per_epoch"]
     history = []
     for epoch in range(start_epoch, t.epochs):
         model.train()
@@ -488,7 +565,7 @@ def train_func(config: dict) -> dict:
                                 rng=rng, metrics=metrics, class_names=classes)
                 saved = ray.train.Checkpoint.from_directory(folder)
             ray.train.report(metrics, checkpoint=saved, checkpoint_dir_name=f"epoch-{epoch + 1:04d}")
-    return {"resumed_from_epoch": start_epoch, "epochs_run": t.epochs - start_epoch, "history": history}
+    return history
 
 
 def evaluate(net: torch.nn.Module, config: dict, cfg: PipelineConfig, device, fmt, rank: int, world: int) -> dict:

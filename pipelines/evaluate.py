@@ -1,0 +1,232 @@
+"""Evaluate: the reference test protocol on the committed eval shards, for a checkpoint or a registered model.
+
+Per video, `evaluate.temporal_views` clips (of the `preprocess.eval_views` stored) x `evaluate.spatial_crops`
+crops; softmax averaged per video; top-1, top-5, mean per-class accuracy and the confusion matrix. The
+figures and their artifacts (result.json, confusion.png, per_class.csv) go to
+storage_root/evaluations/<id>/, and to the training run's MLflow run when the model came from one.
+
+The eval set's identity (`eval_set`: a digest of its committed shard listing and the view protocol) is
+what promotion compares on: two models are ranked only on the same set.
+"""
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import json
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow.fs as pafs
+import torch
+
+from slowfast.shards import manifest
+from slowfast.shards.schema import ShardMeta, read_meta
+from slowfast.train import VideoAggregator, confusion_matrix_png
+
+from .config import PipelineConfig
+from .data import run_preprocess, storage_of
+from .errors import PipelineError
+from .storage import Storage
+
+
+class EvaluateError(PipelineError, RuntimeError):
+    """A model or eval set that cannot be evaluated; says which input is wrong and what to do."""
+
+
+@dataclass
+class EvalSet:
+    classes: list[str]
+    meta: ShardMeta
+    shards: list[tuple[str, set[str]]]  # as the storage's filesystem takes them
+    clip_indices: list[int]  # the stored views read: evaluate.temporal_views of preprocess.eval_views
+    spatial_crops: int
+    crop: int
+    identity: str
+
+
+@dataclass
+class LoadedModel:
+    net: torch.nn.Module
+    class_names: list[str]
+    uri: str  # as the user gave it, or the checkpoint picked
+    train_run: str | None = None  # the training run's name when the model is one of its checkpoints
+
+
+def clip_indices(stored: int, wanted: int) -> list[int]:
+    """`wanted` of the `stored` uniformly spaced views, themselves spread uniformly (all when equal)."""
+    if wanted >= stored:
+        return list(range(stored))
+    return sorted({round(float(i)) for i in np.linspace(0, stored - 1, wanted)})
+
+
+def eval_set(cfg: PipelineConfig, store: Storage, log=print) -> EvalSet:
+    """Preprocess the val split if anything is new, then list its committed shards."""
+    split = cfg.data.val_split
+    out = run_preprocess(cfg, splits=[split], log=log)
+    s = out["splits"][split]
+    state = manifest.DatasetState.load(store, manifest.manifest_dir(cfg.data.dataset, split, s["prep_hash"]))
+    shards = state.readable(out["plan"].splits[split].annotated_ids)
+    if not shards:
+        raise EvaluateError(f"{split} split: no processed videos (quarantined: {s['quarantine_reasons'] or 'none'}); "
+                            f"see {s['quarantine_report']}")
+    meta = read_meta(store.path(shards[0][0]), store.fs)
+    e = cfg.evaluate
+    views = clip_indices(cfg.preprocess.eval_views, e.temporal_views)
+    listing = {"dataset": cfg.data.dataset, "split": split, "prep_hash": s["prep_hash"], "classes": out["classes"],
+               "shards": [(p, sorted(skip)) for p, skip in shards], "clip_indices": views,
+               "spatial_crops": e.spatial_crops, "crop": cfg.train.crop_size}
+    identity = hashlib.sha256(json.dumps(listing, sort_keys=True).encode()).hexdigest()
+    return EvalSet(list(out["classes"]), meta, [(store.path(p), skip) for p, skip in shards], views, e.spatial_crops,
+                   cfg.train.crop_size, identity)
+
+
+# --- loading a model ---------------------------------------------------------------------------------
+
+
+def load_model(cfg: PipelineConfig, store: Storage, model_uri: str | None) -> LoadedModel:
+    """A checkpoint (file or Ray Train checkpoint folder, local or s3://), a registry or run URI
+    (models:/NAME@ALIAS, models:/NAME/N, runs:/ID/model), or None: the best checkpoint of the
+    pipeline's newest training run."""
+    if model_uri is None:
+        from .train import best_checkpoint_of_latest_run
+
+        model_uri = best_checkpoint_of_latest_run(store)
+        if model_uri is None:
+            raise EvaluateError(f"no checkpoint under {store.uri('checkpoints')}: run `python -m pipelines train "
+                                "--config ...` first, or pass --model-uri")
+    if model_uri.startswith(("models:/", "runs:/")):
+        return _from_mlflow(cfg, model_uri)
+    return _from_checkpoint(store, model_uri)
+
+
+def _from_checkpoint(store: Storage, uri: str) -> LoadedModel:
+    from slowfast.model import SlowFast, SlowFastConfig, load_checkpoint
+
+    from .train import CHECKPOINT_FILE
+
+    fs, path = store.resolve(uri)
+    info = fs.get_file_info(path)
+    if info.type == pafs.FileType.Directory:
+        path = f"{path.rstrip('/')}/{CHECKPOINT_FILE}"
+        info = fs.get_file_info(path)
+    if info.type != pafs.FileType.File:
+        raise EvaluateError(f"--model-uri {uri}: no checkpoint there (expected a {CHECKPOINT_FILE} file or a folder "
+                            "holding one, or models:/NAME@ALIAS)")
+    with fs.open_input_file(path) as f:
+        obj = torch.load(io.BytesIO(f.read()), map_location="cpu", weights_only=True)
+    if "config" not in obj or "class_names" not in obj:
+        raise EvaluateError(f"--model-uri {uri}: not a checkpoint written by `pipelines train` (no config or class "
+                            "names in it)")
+    net = SlowFast(SlowFastConfig.model_validate(obj["config"]))
+    load_checkpoint(net, obj)
+    run = Path(path).parent.parent.name if Path(path).parent.name.startswith("epoch-") else None
+    return LoadedModel(net, list(obj["class_names"]), uri, run)
+
+
+def _from_mlflow(cfg: PipelineConfig, uri: str) -> LoadedModel:
+    from mlflow.exceptions import MlflowException
+
+    from slowfast.serving import load_classifier
+
+    from .registry import describe_missing, use_tracking
+
+    with use_tracking(cfg):
+        try:
+            classifier = load_classifier(uri)
+        except MlflowException as exc:
+            raise EvaluateError(describe_missing(cfg, uri, exc)) from None
+    return LoadedModel(classifier.model, classifier.class_names, uri)
+
+
+# --- scoring ---------------------------------------------------------------------------------------
+
+
+def score(net: torch.nn.Module, es: EvalSet, store: Storage, batch_size: int = 8, device: str | None = None) -> dict:
+    """Video-level results of `net` over the eval set (see VideoAggregator.results)."""
+    from slowfast.shards.reader import iter_clips
+    from slowfast.video.transforms import normalize_tensor
+
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    net = net.to(device).eval()
+    keep = torch.tensor(es.clip_indices)
+    agg = VideoAggregator()
+    with torch.no_grad():
+        for batch in iter_clips(es.shards, mode="eval", batch_size=batch_size, crop=es.crop, meta=es.meta,
+                                filesystem=store.fs, spatial_crops=es.spatial_crops, normalize=False):
+            mask = torch.isin(batch["clip_index"].long(), keep)
+            if not mask.any():
+                continue
+            rows = mask.nonzero().flatten()
+            slow = normalize_tensor(batch["slow"][rows].to(device))
+            fast = normalize_tensor(batch["fast"][rows].to(device))
+            logits = net([slow, fast]).float()
+            view_ids = (batch["clip_index"][rows].long() * 3 + batch["spatial_index"][rows].long()).tolist()
+            agg.add([batch["video_id"][i] for i in rows.tolist()], batch["label"][rows], logits, view_ids=view_ids)
+    return agg.results(len(es.classes), es.classes)
+
+
+def evaluate(cfg: PipelineConfig, model_uri: str | None = None, log=print) -> dict:
+    """Evaluate a model on the config's eval set; returns the figures and where the artifacts went."""
+    started = time.time()
+    store = storage_of(cfg)
+    es = eval_set(cfg, store, log)
+    model = load_model(cfg, store, model_uri)
+    if model.class_names != es.classes:
+        raise EvaluateError(f"{model.uri}: trained on {len(model.class_names)} classes {model.class_names[:8]}, the "
+                            f"eval set has {len(es.classes)}: {es.classes[:8]}; evaluate it with the config it was "
+                            "trained with")
+    views = len(es.clip_indices) * es.spatial_crops
+    log(f"evaluate {model.uri}: {len(es.shards)} shard(s) of {cfg.data.val_split}, {len(es.clip_indices)} temporal x "
+        f"{es.spatial_crops} spatial views per video")
+    res = score(model.net, es, store, batch_size=cfg.train.batch_size)
+    eval_id = hashlib.sha256(f"{model.uri}\n{es.identity}".encode()).hexdigest()[:16]
+    folder = store.uri("evaluations", eval_id)
+    result = {
+        "model_uri": model.uri, "train_run": model.train_run, "eval_set": es.identity, "split": cfg.data.val_split,
+        "top1": res["top1"], "top5": res["top5"], "mean_class_accuracy": res["mean_class_accuracy"],
+        "num_videos": res["num_videos"], "views_per_video": views, "per_class": res["per_class"],
+        "confusion": res["confusion"], "artifacts": folder, "wall_s": round(time.time() - started, 1),
+    }
+    if res["views_per_video"]["min"] != views:
+        log(f"  warning: some videos have {res['views_per_video']['min']} views, not {views} (short videos or "
+            "missing clips)")
+    _write_artifacts(store, ("evaluations", eval_id), result, es.classes)
+    if model.train_run:
+        _log_to_train_run(cfg, store, model.train_run, result, ("evaluations", eval_id))
+    log(f"evaluate: top-1 {result['top1']:.3f}, top-5 {result['top5']:.3f}, mean class accuracy "
+        f"{result['mean_class_accuracy']:.3f} on {result['num_videos']} videos; {folder}")
+    return result
+
+
+def _write_artifacts(store: Storage, where: tuple[str, ...], result: dict, classes: list[str]) -> None:
+    rows = io.StringIO()
+    writer = csv.writer(rows)
+    writer.writerow(["class", "videos", "correct", "accuracy"])
+    for c in result["per_class"]:
+        writer.writerow([c["name"], c["videos"], c["correct"], "" if c["accuracy"] is None else f"{c['accuracy']:.4f}"])
+    store.write_bytes("/".join((*where, "per_class.csv")), rows.getvalue().encode())
+    store.write_bytes("/".join((*where, "result.json")), json.dumps(result, indent=1).encode())
+    with tempfile.TemporaryDirectory() as tmp:
+        png = confusion_matrix_png(result["confusion"], classes, Path(tmp) / "confusion.png")
+        store.write_bytes("/".join((*where, "confusion.png")), png.read_bytes())
+
+
+def _log_to_train_run(cfg: PipelineConfig, store: Storage, run_name: str, result: dict, where: tuple[str, ...]) -> None:
+    """eval_* metrics and the artifacts into the MLflow run that trained the checkpoint."""
+    from .registry import client, train_run_id
+
+    run_id = train_run_id(cfg, run_name)
+    if run_id is None:
+        return
+    c = client(cfg)
+    for key in ("top1", "top5", "mean_class_accuracy"):
+        c.log_metric(run_id, f"eval_{key}", result[key])
+    c.set_tag(run_id, "slowfast.eval_set", result["eval_set"])
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in ("confusion.png", "per_class.csv", "result.json"):
+            (Path(tmp) / name).write_bytes(store.read_bytes("/".join((*where, name))))
+            c.log_artifact(run_id, str(Path(tmp) / name), artifact_path="evaluation")
