@@ -22,15 +22,9 @@ ISSUES = {3: "data", 4: "train", 5: "workflow", 6: "ablation"}
 
 # What does not exist yet, and the issue that builds it. Delete a row when its command works.
 NOT_BUILT: dict[str, int] = {
-    "status": 5,
-    "run": 5,  # the workflow itself: steps in order, run records, --from/--only/--force
-    "bench train": 4,
     "bench ablate": 6,
 }
 
-# The workflow's steps, in order, and the command that does each one.
-STEPS = {"ingest": "ingest", "preprocess": "preprocess", "train": "train", "evaluate": "evaluate",
-         "register": "promote"}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -192,58 +186,68 @@ def cmd_predict(args: argparse.Namespace, config: PipelineConfig | None) -> int:
 
 
 def cmd_run(args: argparse.Namespace, config: PipelineConfig) -> int:
-    """Until the workflow exists: run the built steps in order, build the model, and say what is missing."""
     from slowfast.model import SlowFast, count_flops, count_params, example_inputs
+
+    from pipelines.workflow import run
 
     cfg = config.model.to_slowfast_config()
     size = config.train.crop_size
-    print(f"pipelines run: {args.config} is valid (config hash {config.config_hash()[:12]})")
-    print(f"  name           {config.name}")
-    print(f"  storage_root   {config.storage_root}")
     changed = ", ".join(f"{k}={v}" for k, v in config.model.overrides().items()) or "none"
-    print(f"  model          {config.model.preset} (overrides: {changed})")
-    print("  building the model ...", flush=True)
     model = SlowFast(cfg).eval()
-    print(f"  params         {count_params(model):,} (num_classes={cfg.num_classes}; "
-          "the dataset's class count once ingest exists)")
-    try:
-        flops = count_flops(model, example_inputs(cfg, 1, size))
-        gflops = f"{flops / 1e9:.3f}"
-    except NotImplementedError:
-        gflops = "n/a (slowfast.model.count_flops is not built yet)"
-    print(f"  GFLOPs         {gflops} per clip at {size}x{size}, "
-          f"{cfg.slow_frames} slow + {cfg.fast_frames} fast frames")
+    print(f"pipelines run: {args.config} (config hash {config.config_hash()[:12]})\n"
+          f"  name           {config.name}\n"
+          f"  storage_root   {config.storage_root}\n"
+          f"  model          {config.model.preset} (overrides: {changed})\n"
+          f"  params         {count_params(model):,} (at {cfg.num_classes} classes; the head follows the dataset)\n"
+          f"  GFLOPs         {count_flops(model, example_inputs(cfg, 1, size)) / 1e9:.3f} per clip at {size}x{size}, "
+          f"{cfg.slow_frames} slow + {cfg.fast_frames} fast frames", flush=True)
+    del model
+    s = run(config, from_step=args.from_step, only=args.only, force=args.force)
+    print_summary(s, config, args.config)
+    return EXIT_OK
 
-    missing = [step for step, command in STEPS.items() if command in NOT_BUILT]
-    produced = []
-    if "ingest" not in missing and "preprocess" not in missing:
-        from pipelines.data import run_preprocess
 
-        print("step ingest + preprocess", flush=True)
-        out = run_preprocess(config)
-        produced = [f"{split}: {s['processed']} videos -> {s['clips']} clips in {s['shards']}"
-                    for split, s in out["splits"].items()]
-    if "train" not in missing:
-        from pipelines.train import train
+def print_summary(s: dict, config: PipelineConfig, config_path: str) -> None:
+    m = s["metrics"]
+    steps = ", ".join(f"{k} {v['status']} ({v['wall_s']:.0f}s)" for k, v in s["steps"].items())
+    print(f"summary: run {s['run_id']}: {steps}")
+    if m.get("top1") is not None:
+        print(f"  eval           top-1 {m['top1']:.3f}, top-5 {m['top5']:.3f}, mean class accuracy "
+              f"{m['mean_class_accuracy']:.3f} on {m['num_videos']} videos")
+    if s.get("model_uri"):
+        verdict = "promoted to champion" if s["promoted"] else "not promoted"
+        print(f"  model          {s['model_uri']} ({verdict}: {s['reason']}); aliases {', '.join(s['aliases'])}")
+        tracking = s.get("tracking_uri") or config.mlflow.tracking_uri
+        ui = f"mlflow ui --backend-store-uri {tracking}" if tracking.startswith("sqlite") else tracking
+        print(f"  MLflow UI      {ui}  (then http://127.0.0.1:5000)")
+        print(f"  predict        python -m pipelines predict VIDEO.mp4 --config {config_path}")
+    print(f"  records        {s['records']}/summary.json")
 
-        print("step train", flush=True)
-        result = train(config)
-        top1 = result["metrics"].get("val_top1")
-        produced.append(f"model trained {result['epochs_done']} epochs"
-                        + (f", val top-1 {top1:.3f}" if top1 is not None else "")
-                        + f"; best checkpoint {result['best_checkpoint']}")
-    print("workflow steps")
-    for step, command in STEPS.items():
-        state = f"NOT BUILT YET (issue {NOT_BUILT[command]} [{ISSUES[NOT_BUILT[command]]}])" \
-            if command in NOT_BUILT else "done"
-        print(f"  {step:<11}    {state}")
-    if "run" in NOT_BUILT:
-        issue = NOT_BUILT["run"]
-        print(f"  the workflow (order, resume, run records, --from/--only/--force) is NOT BUILT YET "
-              f"(issue {issue} [{ISSUES[issue]}])")
-    print("summary: " + ("; ".join(produced) if produced else "checked the config and built the model"))
-    if missing:
-        print(f"pipelines run: not built yet: {', '.join(missing)}", file=sys.stderr)
+
+def cmd_status(args: argparse.Namespace, config: PipelineConfig) -> int:
+    from pipelines.workflow import STEPS, list_runs
+
+    runs = list_runs(config)
+    if args.run_id:
+        runs = [r for r in runs if r["run_id"] == args.run_id]
+        if not runs:
+            print(f"pipelines status: no run {args.run_id} under {config.storage_root}/runs", file=sys.stderr)
+            return EXIT_FAILED
+    if not runs:
+        print(f"no runs under {config.storage_root}/runs yet: `python -m pipelines run --config {args.config}`")
+        return EXIT_OK
+    for r in runs if args.run_id or args.all else runs[:10]:
+        line = f"{r['run_id']}  {r['status']:<11}  started {r.get('started', '?')}"
+        summary = r.get("summary")
+        if summary and summary.get("model_uri"):
+            line += f"  {summary['model_uri']} top-1 {summary['metrics']['top1']:.3f}" + \
+                    (" (promoted)" if summary["promoted"] else "")
+        print(line)
+        for step in STEPS:
+            rec = r["step_records"].get(step)
+            if rec:
+                detail = f"  {rec.get('error', '')}" if rec["status"] == "failed" else ""
+                print(f"    {step:<11} {rec['status']:<8} {rec.get('wall_s', '')!s:>7}s{detail}")
     return EXIT_OK
 
 
@@ -264,6 +268,8 @@ def build_parser() -> argparse.ArgumentParser:
                              help="override a config key, e.g. --set train.epochs=3 (repeatable; YAML values)")
         sub.set_defaults(handler=handler, parser=sub)
         return sub
+
+    from pipelines.workflow import STEPS
 
     steps = list(STEPS)
     run = command("run", "the whole workflow: " + " -> ".join(steps) + "; resumes where the last run stopped",
@@ -310,8 +316,10 @@ def build_parser() -> argparse.ArgumentParser:
                          help="models:/NAME@ALIAS, models:/NAME/VERSION or runs:/ID/model "
                               "(default: models:/<mlflow.model_name>@champion of --config)")
     predict.add_argument("--top-k", metavar="K", type=int, default=5, help="classes to print per video")
-    status = command("status", "what each step of the last (or a given) run did, and where its outputs are")
-    status.add_argument("--run-id", metavar="ID", help="pipeline run id (default: the latest)")
+    status = command("status", "the runs of this pipeline (newest first) and what each of their steps did",
+                     handler=cmd_status)
+    status.add_argument("--run-id", metavar="ID", help="show only this run")
+    status.add_argument("--all", action="store_true", help="every run, not only the last 10")
 
     bench = command("bench", "benchmarks: model (params, FLOPs, speed), data (shard throughput), "
                              "train (steps/s), ablate (the paper's ablations)", config=None, handler=cmd_bench)

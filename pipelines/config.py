@@ -146,6 +146,9 @@ class TrainSection(Section):
     keep_checkpoints: int = Field(2, ge=1, description="checkpoints kept per run, newest first")
     mixed_precision: bool = Field(False, description="autocast on GPU (ignored on CPU)")
     seed: int = 0
+    init_from: Literal["scratch", "champion"] = Field(
+        "scratch", description="champion: start from the registered champion's weights (same classes and "
+                               "architecture), e.g. for scheduled retraining; scratch: random initialisation")
 
     @model_validator(mode="after")
     def _crop_fits(self) -> "TrainSection":
@@ -180,7 +183,8 @@ class RaySection(Section):
     """Where Ray runs and how the CPUs are shared."""
 
     address: str | None = Field(
-        None, description="None = start a local Ray; 'auto' or ray://host:port = join a cluster")
+        None, description="None = start a private local Ray (under `ray job submit`: the job's cluster); "
+                   "'auto' or ray://host:port = join a cluster")
     data_cpus: float = Field(
         1.0, ge=0, description="CPUs left to Ray Data while training, so decoding never waits on train workers")
 

@@ -56,13 +56,14 @@ def run_ingest(cfg: PipelineConfig, log=print) -> ingest.Plan:
 
 
 def run_preprocess(cfg: PipelineConfig, splits: list[str] | None = None, run_id: str | None = None,
-                   log=print) -> dict:
+                   log=print, plan: ingest.Plan | None = None) -> dict:
+    """Decode what `plan` (default: a fresh ingest) has to do; returns per-split summaries and the plan."""
     from .preprocess import preprocess_split
     from .ray_runtime import init_ray
 
     store = storage_of(cfg)
     store.check_writable()
-    plan = run_ingest(cfg, log)
+    plan = plan or run_ingest(cfg, log)
     run_id = run_id or f"{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
     if any(sp.todo for sp in plan.splits.values()):
         init_ray(cfg)

@@ -63,10 +63,11 @@ def clip_indices(stored: int, wanted: int) -> list[int]:
     return sorted({round(float(i)) for i in np.linspace(0, stored - 1, wanted)})
 
 
-def eval_set(cfg: PipelineConfig, store: Storage, log=print) -> EvalSet:
-    """Preprocess the val split if anything is new, then list its committed shards."""
+def eval_set(cfg: PipelineConfig, store: Storage, log=print, preprocessed: dict | None = None) -> EvalSet:
+    """Preprocess the val split if anything is new (unless `preprocessed`, run_preprocess's result, is
+    given), then list its committed shards."""
     split = cfg.data.val_split
-    out = run_preprocess(cfg, splits=[split], log=log)
+    out = preprocessed or run_preprocess(cfg, splits=[split], log=log)
     s = out["splits"][split]
     state = manifest.DatasetState.load(store, manifest.manifest_dir(cfg.data.dataset, split, s["prep_hash"]))
     shards = state.readable(out["plan"].splits[split].annotated_ids)
@@ -169,11 +170,15 @@ def score(net: torch.nn.Module, es: EvalSet, store: Storage, batch_size: int = 8
     return agg.results(len(es.classes), es.classes)
 
 
-def evaluate(cfg: PipelineConfig, model_uri: str | None = None, log=print) -> dict:
-    """Evaluate a model on the config's eval set; returns the figures and where the artifacts went."""
+def evaluation_id(model_uri: str, es: EvalSet) -> str:
+    return hashlib.sha256(f"{model_uri}\n{es.identity}".encode()).hexdigest()[:16]
+
+
+def evaluate(cfg: PipelineConfig, model_uri: str | None = None, log=print, es: EvalSet | None = None) -> dict:
+    """Evaluate a model on the config's eval set (or `es`); returns the figures and where the artifacts went."""
     started = time.time()
     store = storage_of(cfg)
-    es = eval_set(cfg, store, log)
+    es = es or eval_set(cfg, store, log)
     model = load_model(cfg, store, model_uri)
     if model.class_names != es.classes:
         raise EvaluateError(f"{model.uri}: trained on {len(model.class_names)} classes {model.class_names[:8]}, the "
@@ -183,7 +188,7 @@ def evaluate(cfg: PipelineConfig, model_uri: str | None = None, log=print) -> di
     log(f"evaluate {model.uri}: {len(es.shards)} shard(s) of {cfg.data.val_split}, {len(es.clip_indices)} temporal x "
         f"{es.spatial_crops} spatial views per video")
     res = score(model.net, es, store, batch_size=cfg.train.batch_size)
-    eval_id = hashlib.sha256(f"{model.uri}\n{es.identity}".encode()).hexdigest()[:16]
+    eval_id = evaluation_id(model.uri, es)
     folder = store.uri("evaluations", eval_id)
     result = {
         "model_uri": model.uri, "train_run": model.train_run, "eval_set": es.identity, "split": cfg.data.val_split,
@@ -197,9 +202,18 @@ def evaluate(cfg: PipelineConfig, model_uri: str | None = None, log=print) -> di
     _write_artifacts(store, ("evaluations", eval_id), result, es.classes)
     if model.train_run:
         _log_to_train_run(cfg, store, model.train_run, result, ("evaluations", eval_id))
+    # Last: its presence marks the evaluation done (see `recorded`).
+    store.write_bytes(f"evaluations/{eval_id}/result.json", json.dumps(result, indent=1).encode())
     log(f"evaluate: top-1 {result['top1']:.3f}, top-5 {result['top5']:.3f}, mean class accuracy "
         f"{result['mean_class_accuracy']:.3f} on {result['num_videos']} videos; {folder}")
     return result
+
+
+def recorded(cfg: PipelineConfig, model_uri: str, es: EvalSet) -> dict | None:
+    """The result of an earlier evaluation of this model on this eval set, if one was written."""
+    store = storage_of(cfg)
+    where = f"evaluations/{evaluation_id(model_uri, es)}/result.json"
+    return json.loads(store.read_bytes(where)) if store.exists(where) else None
 
 
 def _write_artifacts(store: Storage, where: tuple[str, ...], result: dict, classes: list[str]) -> None:
@@ -209,7 +223,6 @@ def _write_artifacts(store: Storage, where: tuple[str, ...], result: dict, class
     for c in result["per_class"]:
         writer.writerow([c["name"], c["videos"], c["correct"], "" if c["accuracy"] is None else f"{c['accuracy']:.4f}"])
     store.write_bytes("/".join((*where, "per_class.csv")), rows.getvalue().encode())
-    store.write_bytes("/".join((*where, "result.json")), json.dumps(result, indent=1).encode())
     with tempfile.TemporaryDirectory() as tmp:
         png = confusion_matrix_png(result["confusion"], classes, Path(tmp) / "confusion.png")
         store.write_bytes("/".join((*where, "confusion.png")), png.read_bytes())
@@ -227,6 +240,8 @@ def _log_to_train_run(cfg: PipelineConfig, store: Storage, run_name: str, result
         c.log_metric(run_id, f"eval_{key}", result[key])
     c.set_tag(run_id, "slowfast.eval_set", result["eval_set"])
     with tempfile.TemporaryDirectory() as tmp:
-        for name in ("confusion.png", "per_class.csv", "result.json"):
+        for name in ("confusion.png", "per_class.csv"):
             (Path(tmp) / name).write_bytes(store.read_bytes("/".join((*where, name))))
             c.log_artifact(run_id, str(Path(tmp) / name), artifact_path="evaluation")
+        (Path(tmp) / "result.json").write_text(json.dumps(result, indent=1))
+        c.log_artifact(run_id, str(Path(tmp) / "result.json"), artifact_path="evaluation")

@@ -79,11 +79,13 @@ class TrainData:
 # --- the driver ---------------------------------------------------------------------------------------
 
 
-def train(cfg: PipelineConfig, *, run_name: str | None = None, log=print) -> dict:
+def train(cfg: PipelineConfig, *, run_name: str | None = None, log=print, preprocessed: dict | None = None) -> dict:
     """Preprocess if needed, then train with Ray Train; returns a summary of the run.
 
-    run_name: None = `<name>-<digest of model, train and the shard listing>`, so that re-running the
-    same command (after the driver died, say) resumes the same run instead of starting over.
+    run_name: None = `<name>-<digest of model, train, the shard listing and the initial weights>`, so
+    that re-running the same command (after the driver died, say) resumes the same run instead of
+    starting over. preprocessed: run_preprocess's result when the caller has just run it.
+    train.init_from "champion" starts a new run from the registered champion's weights.
     """
     import ray.train
     from ray.train.torch import TorchTrainer
@@ -93,7 +95,7 @@ def train(cfg: PipelineConfig, *, run_name: str | None = None, log=print) -> dic
     started = time.time()
     check_config(cfg)
     store = storage_of(cfg)
-    data = prepare_data(cfg, store, log)
+    data = prepare_data(cfg, store, log, preprocessed)
     t = cfg.train
     global_batch = t.batch_size * t.num_workers
     steps_per_epoch = data.train_clips // global_batch
@@ -112,6 +114,7 @@ def train(cfg: PipelineConfig, *, run_name: str | None = None, log=print) -> dic
                                                                reopen=False), tracking_uri, started, log)
     init_ray(cfg)
     check_resources(cfg)
+    init = initial_weights(cfg, data, log)  # used only if the run has no checkpoint yet
     from .registry import git_commit
 
     mlflow_run_id = mlflow_run(tracking_uri, cfg.mlflow.experiment, run_name, tags={
@@ -125,7 +128,7 @@ def train(cfg: PipelineConfig, *, run_name: str | None = None, log=print) -> dic
         "cfg": cfg.model_dump(mode="json"), "store": store, "classes": data.classes,
         "val_shards": [(store.path(p), sorted(s)) for p, s in data.val_shards],
         "steps_per_epoch": steps_per_epoch, "tracking_uri": tracking_uri, "mlflow_run_id": mlflow_run_id,
-        "run_name": run_name,
+        "run_name": run_name, "init_weights": ray.put(init["state"]) if init else None,
     }
     with _data_context(enable_progress_bars=False):  # bars from a remote actor are log noise; epochs are logged
         trainer = TorchTrainer(
@@ -243,9 +246,10 @@ def check_resources(cfg: PipelineConfig) -> None:
                          f"{ray.cluster_resources().get('GPU', 0):g} GPUs; set train.use_gpu=false")
 
 
-def prepare_data(cfg: PipelineConfig, store: Storage, log=print) -> TrainData:
-    """Run preprocess (a no-op when every video is committed) and list the readable shards."""
-    out = run_preprocess(cfg, splits=[cfg.data.train_split, cfg.data.val_split], log=log)
+def prepare_data(cfg: PipelineConfig, store: Storage, log=print, preprocessed: dict | None = None) -> TrainData:
+    """Run preprocess (a no-op when every video is committed; skipped when `preprocessed`, its result, is
+    given) and list the readable shards."""
+    out = preprocessed or run_preprocess(cfg, splits=[cfg.data.train_split, cfg.data.val_split], log=log)
     # The annotated ids select what is trained on: a video dropped from the annotations keeps its
     # committed clips, but is no longer read.
     plan = out["plan"]
@@ -265,8 +269,41 @@ def prepare_data(cfg: PipelineConfig, store: Storage, log=print) -> TrainData:
 
 
 def default_run_name(cfg: PipelineConfig, data: TrainData) -> str:
+    """Same config and data, same run: a finished run is not trained again, an interrupted one resumes
+    (with init_from champion, from the champion as it was when the run started)."""
     digest = hashlib.sha256((cfg.config_hash("model", "train") + data.identity()).encode()).hexdigest()
     return f"{cfg.name}-{digest[:10]}"
+
+
+def initial_weights(cfg: PipelineConfig, data: TrainData, log=print) -> dict | None:
+    """train.init_from "champion": the champion's weights and version, when there is a champion trained
+    on the same classes (else None: from scratch, and the log says why)."""
+    if cfg.train.init_from != "champion":
+        return None
+    from mlflow.exceptions import MlflowException
+
+    from .registry import CHAMPION, client, use_tracking
+
+    name = cfg.mlflow.model_name
+    try:
+        mv = client(cfg).get_model_version_by_alias(name, CHAMPION)
+    except MlflowException:
+        log(f"train: train.init_from champion, but {name} has no champion yet; training from scratch")
+        return None
+    from slowfast.serving import load_classifier
+
+    with use_tracking(cfg):
+        champion = load_classifier(f"models:/{name}/{mv.version}")
+    if champion.class_names != data.classes:
+        log(f"train: the champion ({name} v{mv.version}) knows {len(champion.class_names)} classes, the data has "
+            f"{len(data.classes)}; training from scratch")
+        return None
+    if champion.model.cfg.model_dump(exclude={"num_classes"}) != cfg.model.to_slowfast_config().model_dump(
+            exclude={"num_classes"}):
+        log(f"train: the champion ({name} v{mv.version}) has another architecture than model:; training from scratch")
+        return None
+    log(f"train: starting from the champion's weights ({name} v{mv.version})")
+    return {"version": int(mv.version), "state": {k: v.cpu() for k, v in champion.model.state_dict().items()}}
 
 
 def data_cpu_split(data_cpus: float) -> tuple[float, int, float]:
@@ -290,9 +327,7 @@ def train_dataset(cfg: PipelineConfig, store: Storage, data: TrainData):
     asks for a whole CPU, which a 2-core machine cannot give while the transform actor holds its share.
     """
     import ray
-    from ray.data import ActorPoolStrategy, RandomSeedConfig
-
-    from slowfast.shards.reader import ClipTransform
+    from ray.data import RandomSeedConfig
 
     t = cfg.train
     read_cpus, actors, actor_cpus = data_cpu_split(cfg.ray.data_cpus)
@@ -303,12 +338,19 @@ def train_dataset(cfg: PipelineConfig, store: Storage, data: TrainData):
     ds = ds.randomize_block_order(seed=RandomSeedConfig(seed=t.seed, reseed_after_execution=True))
     ds = ds.map_batches(read_shards, batch_size=SHARDS_PER_READ, batch_format="pyarrow", num_cpus=read_cpus,
                         fn_kwargs={"store": store, "block_rows": t.batch_size})
-    ds = ds.map_batches(
-        ClipTransform, batch_size=t.batch_size, batch_format="pyarrow", zero_copy_batch=True,
-        fn_constructor_kwargs=dict(meta=data.train_meta, mode="train", crop=t.crop_size, jitter=t.scale_jitter,
-                                   seed=t.seed, normalize=False),
-        compute=ActorPoolStrategy(min_size=1, max_size=actors), num_cpus=actor_cpus)
+    # Tasks, not an actor pool: Ray re-runs the pipeline every epoch, and a new actor (a new process that
+    # imports torch) took seconds per epoch to start; tasks land on worker processes that are already warm.
+    ds = ds.map_batches(train_clips, batch_size=t.batch_size, batch_format="pyarrow", zero_copy_batch=True,
+                        fn_kwargs={"meta": data.train_meta, "crop": t.crop_size, "jitter": t.scale_jitter,
+                                   "seed": t.seed}, num_cpus=actor_cpus)
     return ds.select_columns(TRAIN_COLUMNS)
+
+
+def train_clips(batch: pa.Table, meta: ShardMeta, crop: int, jitter: tuple[int, int], seed: int) -> dict:
+    """Shard rows -> augmented uint8 clips (ClipTransform in train mode; normalised on the device)."""
+    from slowfast.shards.reader import ClipTransform
+
+    return ClipTransform(meta, "train", crop, jitter=jitter, seed=seed, normalize=False, reuse_buffers=False)(batch)
 
 
 def read_shards(batch: pa.Table, store: Storage, block_rows: int):
@@ -421,6 +463,10 @@ class _Tracker:
         if self.system is not None:
             self.system.finish()
             self.system = None
+        if self.client is not None:
+            import mlflow
+
+            mlflow.flush_async_logging()
 
     def params(self, params: dict) -> None:
         """Log the params a previous attempt has not; MLflow refuses to change a logged value, so a
@@ -439,14 +485,20 @@ class _Tracker:
         for i in range(0, len(items), 100):  # MLflow takes at most 100 params per batch
             self.client.log_batch(self.run_id, params=items[i:i + 100])
 
-    def metrics(self, values: dict, step: int) -> None:
+    def metrics(self, values: dict, step: int, wait: bool = True) -> None:
+        """wait=False queues them (MLflow's async logging) instead of holding up the training step;
+        wait=True first drains the queue, so an epoch's figures land after its steps'."""
         if self.client is None:
             return
+        import mlflow
         from mlflow.entities import Metric
 
+        if wait:
+            mlflow.flush_async_logging()
         now = int(time.time() * 1000)
         self.client.log_batch(self.run_id, metrics=[Metric(k, float(v), now, step) for k, v in values.items()
-                                                    if v is not None and math.isfinite(float(v))])
+                                                    if v is not None and math.isfinite(float(v))],
+                              synchronous=wait)
 
 
 # --- the worker loop ----------------------------------------------------------------------------------
@@ -454,6 +506,7 @@ class _Tracker:
 
 def train_func(config: dict) -> dict:
     """One Ray Train worker: resume, then per epoch train on its shard of the stream, validate, checkpoint."""
+    import ray
     import ray.train
     import ray.train.torch
 
@@ -485,6 +538,8 @@ def train_func(config: dict) -> dict:
             _worker_log.warning(f"resuming with the checkpoint's LR schedule; the config now differs: "
                                 f"{', '.join(changed)} (use a new run name to start over)")
         schedule.load_state_dict(started_with)
+    elif config.get("init_weights") is not None:
+        net.load_state_dict(ray.get(config["init_weights"]))
     model = ray.train.torch.prepare_model(net.to(memory_format=fmt))
     optimizer = build_optimizer(net, lr=lr, momentum=t.momentum, weight_decay=t.weight_decay, nesterov=t.nesterov)
     if extra is not None:
@@ -539,7 +594,7 @@ def _epochs(config, cfg, model, net, optimizer, schedule, shard, tracker, start_
                                   step_s], dtype=torch.float64)
             global_step += 1
             tracker.metrics({"loss": loss_value, "lr": step_lr, "clips_per_s": n * world / step_s,
-                             "data_wait": waited / step_s, "grad_norm": grad_norm}, step=global_step)
+                             "data_wait": waited / step_s, "grad_norm": grad_norm}, step=global_step, wait=False)
             wait_start = time.perf_counter()
         sums = _all_sum(sums, world, device)
         epoch_s = time.perf_counter() - epoch_start

@@ -1,0 +1,511 @@
+"""Train benchmark: train throughput in clips/s reading shards (Ray Data -> Ray Train, the real `train` step)
+against the same model, batch and optimizer fed one in-memory batch (no I/O); goal: ratio >= 0.95.
+
+    python -m pipelines bench train                       # the demo's model and data, CPU; ~3 minutes on 2 cores
+    python -m pipelines bench train --steps 40 --json out/bench_train.json
+    python -m pipelines bench train --device cuda --preset slowfast_8x8_r50 --bf16 --batch-size 16
+
+Data: the project's synthetic motion set (configs/demo.yaml's data.synth), generated once into --workdir and
+preprocessed there by the project's own preprocess step (shards and manifests under --workdir/storage, reused
+by later runs with the same settings). Crop, short side and jitter are the demo's for the tiny presets (64 from
+[72, 90]); other presets get the paper's (224 from [256, 320]), from videos rendered at that short side.
+
+shards: `pipelines.train.train` itself, one epoch: TorchTrainer with 1 worker (train.cpus_per_worker 1: Ray
+  gives it one torch thread) on train_dataset + data_config (read_shards -> ClipTransform actor pool, capped at
+  ray.data_cpus), and train_func's loop (iter_torch_batches with its batch size, prefetch and local shuffle
+  buffer, normalize_tensor, forward + backward + SGD). The figures are the ones train_func logs per step to
+  MLflow (clips_per_s, data_wait), read back after the run, over --steps steps after --warmup. Running the real
+  trainer rather than driving the Dataset from this process is practical here (a few seconds of start-up) and
+  is the only way to measure what training sees: the streaming_split coordinator, the worker process and the
+  CPU contention between the train worker and the Ray Data actor are all in it. The MLflow timestamps of the
+  same steps also give the wall-clock rate, which includes the per-step MLflow write that train_func's own
+  step timer leaves out.
+memory: the same model (same seed), optimizer, LR schedule and step body as train_func, in this process with as
+  many torch threads as the train worker has (train.cpus_per_worker), fed one pre-built batch of uint8 clips
+  (taken from the same shards, already on the device) and normalised on every step as train_func does. Half of
+  its steps run before the shards case and half after, so that a drift in the machine's load hits both cases.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import logging
+import math
+import os
+import shutil
+import statistics
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+_ROOT = Path(__file__).resolve().parents[1]
+if str(_ROOT) not in sys.path:  # run as a script or loaded by path: make `benchmarks` and `pipelines` importable
+    sys.path.insert(0, str(_ROOT))
+
+from benchmarks._common import environment, format_table, ratio, write_json  # noqa: E402
+from pipelines.config import PipelineConfig, load_config  # noqa: E402
+from pipelines.data import ensure_videos, storage_of  # noqa: E402
+from pipelines.train import TrainData, prepare_data, train  # noqa: E402
+from slowfast.model import PRESETS, SlowFast  # noqa: E402
+from slowfast.train import (LRSchedule, autocast, build_optimizer, clip_gradients, memory_format,  # noqa: E402
+                            scaled_lr, topk_correct)
+from slowfast.video.transforms import normalize_tensor  # noqa: E402
+
+DEMO_CONFIG = _ROOT / "configs" / "demo.yaml"
+GOAL = 0.95
+# Crop, short side (stored frames and generated videos) and scale jitter: the demo's for the tiny presets,
+# the paper's for the others.
+DEMO_CROP, DEMO_SHORT_SIDE, DEMO_JITTER, DEMO_VIDEO_SIZE = 64, 72, (72, 90), 96
+PAPER_CROP = 224
+
+
+def log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+# -- the config and the shards ---------------------------------------------------------------------------
+
+
+def frame_sizes(crop: int) -> tuple[int, tuple[int, int], int]:
+    """(short side, scale jitter, generated video height) for `crop`: the demo's at its crop, else the
+    paper's proportions (224 from a short side in [256, 320])."""
+    if crop == DEMO_CROP:
+        return DEMO_SHORT_SIDE, DEMO_JITTER, DEMO_VIDEO_SIZE
+    short = 2 * math.ceil(crop * 8 / 7 / 2)
+    return short, (short, 2 * math.ceil(short * 1.25 / 2)), max(short, 32)
+
+
+def bench_config(args, clips_per_video: int | None = None) -> PipelineConfig:
+    """configs/demo.yaml pointed at --workdir; `clips_per_video` None = the demo's."""
+    demo = load_config(DEMO_CONFIG)
+    synth = demo.data.synth
+    model = PRESETS[args.preset]
+    short, jitter, video_size = frame_sizes(args.crop)
+    fps = demo.preprocess.target_fps
+    seconds = max(synth.seconds, math.ceil((model.T * model.tau / fps + 0.5) * 2) / 2)  # a whole clip fits
+    classes, per_class = args.classes, args.videos_per_class
+    clips = clips_per_video or demo.preprocess.clips_per_video
+    videos = args.workdir / f"videos-{video_size}px-{seconds:g}s-{classes}x{per_class}"
+    cuda = args.device == "cuda"
+    data_cpus = args.data_cpus if args.data_cpus is not None else (
+        max(1, (os.cpu_count() or 2) - 2) if cuda else 1)
+    overrides = {
+        "name": "bench-train", "storage_root": args.workdir / "storage",
+        "data.dataset": f"synth_{video_size}px_{seconds:g}s_{classes}x{per_class}",
+        "data.video_root": videos, "data.annotations.train": videos / "annotations/train.csv",
+        "data.annotations.val": videos / "annotations/val.csv",
+        "data.synth.classes": classes, "data.synth.videos_per_class": per_class,
+        "data.synth.size": video_size, "data.synth.seconds": seconds,
+        "preprocess.short_side": short, "preprocess.clips_per_video": clips,
+        "model.preset": args.preset,
+        "train.epochs": 1, "train.warmup_epochs": 0, "train.batch_size": args.batch_size,
+        "train.crop_size": args.crop, "train.scale_jitter": f"[{jitter[0]}, {jitter[1]}]",
+        "train.num_workers": 1, "train.cpus_per_worker": 1, "train.use_gpu": str(cuda).lower(),
+        "train.mixed_precision": str(args.bf16).lower(),
+        "mlflow.tracking_uri": f"sqlite:///{args.workdir / 'mlflow.db'}", "mlflow.experiment": "bench-train",
+        "ray.data_cpus": data_cpus,
+    }
+    return load_config(DEMO_CONFIG, [f"{k}={v}" for k, v in overrides.items()])
+
+
+def sized_config(args) -> PipelineConfig:
+    """The synthetic videos generated (once), then the config whose one epoch holds --warmup + --steps steps."""
+    cfg = bench_config(args)
+    ensure_videos(cfg, log)
+    with open(cfg.data.annotations[cfg.data.train_split], newline="") as f:
+        train_videos = sum(1 for _ in csv.DictReader(f))
+    clips = math.ceil((args.warmup + args.steps) * args.batch_size / train_videos)
+    clips += clips % 2  # fewer distinct preprocessing hashes (= re-decodes) as --steps changes
+    return bench_config(args, clips)
+
+
+# -- who got the cores -----------------------------------------------------------------------------------
+
+
+class CoreUse:
+    """Samples, every `interval_s`, the CPU time of this run's Ray train worker and Ray Data map workers, and the
+    machine's busy time, so that a step rate can be read beside the cores it actually had. Linux only; elsewhere
+    (and for a Ray this process did not start) it reports nothing."""
+
+    ROLES = {"train_worker": b"ray::RayTrainWorker", "data_workers": b"ray::MapWorker"}
+
+    def __init__(self, interval_s: float = 0.5):
+        self.interval_s = interval_s
+        self.samples: list[tuple[float, dict[str, float], float, float]] = []  # (time, role CPU s, busy, total)
+        self._cpu: dict[str, tuple[str, float]] = {}  # pid -> (role, CPU s)
+        self._skip: set[str] = set()  # processes of other Ray instances or users
+        self._tick = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self.available = os.path.isfile("/proc/stat")
+
+    def __enter__(self) -> "CoreUse":
+        if self.available:
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join()
+
+    def between(self, t0: float, t1: float) -> dict:
+        """Cores each role used, and the machine's busy cores (everything, this run included), from t0 to t1
+        (time.time() seconds)."""
+        before = [x for x in self.samples if x[0] <= t0]
+        after = [x for x in self.samples if x[0] >= t1]
+        if not before or not after:
+            return {}
+        (a_t, a_cpu, a_busy, a_total), (b_t, b_cpu, b_busy, b_total) = before[-1], after[0]
+        out = {f"{role}_cores": round((b_cpu[role] - a_cpu[role]) / (b_t - a_t), 2) for role in self.ROLES}
+        out["machine_busy_cores"] = round((b_busy - a_busy) / max(b_total - a_total, 1) * (os.cpu_count() or 1), 2)
+        return out
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            self._sweep()
+        self._sweep()
+
+    def _sweep(self) -> None:
+        now = time.time()
+        for pid in os.listdir("/proc"):
+            if not pid.isdigit() or pid in self._skip:
+                continue
+            try:
+                if pid not in self._cpu:
+                    # Ray names a worker process after its actor only once the actor starts on it (before:
+                    # ray::IDLE), so the name is read again on every sweep until it matches.
+                    with open(f"/proc/{pid}/cmdline", "rb") as f:
+                        head = f.read(64)
+                    role = next((r for r, prefix in self.ROLES.items() if head.startswith(prefix)), None)
+                    if role is None:
+                        continue
+                    if not _descends_from(pid, os.getpid()):
+                        self._skip.add(pid)
+                        continue
+                else:
+                    role = self._cpu[pid][0]
+                fields = _proc_stat(pid)
+            except OSError:  # the process ended between listing and reading
+                continue
+            self._cpu[pid] = (role, (int(fields[11]) + int(fields[12])) / self._tick)
+        roles = {role: sum(cpu for r, cpu in self._cpu.values() if r == role) for role in self.ROLES}
+        with open("/proc/stat") as f:
+            ticks = [int(x) for x in f.readline().split()[1:]]
+        self.samples.append((now, roles, sum(ticks[:8]) - ticks[3] - ticks[4], sum(ticks[:8])))
+
+
+def _proc_stat(pid: str) -> list[str]:
+    """Fields 3 on of /proc/<pid>/stat (after the command name, which may hold spaces)."""
+    with open(f"/proc/{pid}/stat") as f:
+        return f.read().rsplit(")", 1)[1].split()
+
+
+def _descends_from(pid: str, ancestor: int) -> bool:
+    while pid not in ("0", "1"):
+        pid = _proc_stat(pid)[1]  # the parent
+        if pid == str(ancestor):
+            return True
+    return False
+
+
+# -- memory: one batch, no I/O ---------------------------------------------------------------------------
+
+
+def one_batch(cfg: PipelineConfig, data: TrainData, device: torch.device) -> dict[str, torch.Tensor]:
+    """A train batch of uint8 clips from the shards (the crops, dtypes and shapes training reads), on the device."""
+    from slowfast.shards.reader import iter_clips
+
+    t = cfg.train
+    store = storage_of(cfg)
+    shards = [(store.path(p), skip) for p, skip in data.train_shards]
+    batches = iter_clips(shards, mode="train", batch_size=t.batch_size, crop=t.crop_size,
+                         meta=data.train_meta, filesystem=store.fs, jitter=t.scale_jitter, seed=t.seed,
+                         normalize=False, drop_last=True)
+    batch = next(iter(batches))
+    return {k: batch[k].to(device) for k in ("slow", "fast", "label")}
+
+
+def memory_case(cfg: PipelineConfig, data: TrainData, device: torch.device, steps: int,
+                warmup: int) -> tuple[list[float], list[float]]:
+    """Seconds per step of train_func's step body on one in-memory batch, after `warmup` untimed steps: wall
+    clock, and CPU time of this process."""
+    t = cfg.train
+    fmt = memory_format(device.type)
+    torch.manual_seed(t.seed)  # train_func's seed for rank 0: the same initial weights
+    net = SlowFast(cfg.model.to_slowfast_config(num_classes=len(data.classes)))
+    model = net.to(device, memory_format=fmt)
+    lr = scaled_lr(t.base_lr, t.batch_size)
+    schedule = LRSchedule(base_lr=lr, warmup_epochs=t.warmup_epochs, total_epochs=t.epochs)
+    optimizer = build_optimizer(net, lr=lr, momentum=t.momentum, weight_decay=t.weight_decay, nesterov=t.nesterov)
+    batch = one_batch(cfg, data, device)
+    total = warmup + steps
+    model.train()
+    wall, cpu = [], []
+    for step in range(total):
+        start, start_cpu = time.perf_counter(), time.process_time()
+        schedule.step(optimizer, 0, step, total)
+        slow = normalize_tensor(batch["slow"]).contiguous(memory_format=fmt)
+        fast = normalize_tensor(batch["fast"]).contiguous(memory_format=fmt)
+        labels = batch["label"]
+        with autocast(device.type, t.mixed_precision):
+            logits = model([slow, fast])
+        loss = F.cross_entropy(logits.float(), labels)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if t.grad_clip:
+            clip_gradients(net, t.grad_clip)
+        optimizer.step()
+        loss.item()  # waits for the device: the step is done
+        topk_correct(logits.detach(), labels, (1,))
+        if step >= warmup:
+            wall.append(time.perf_counter() - start)
+            cpu.append(time.process_time() - start_cpu)
+    del model, net, optimizer, batch
+    if device.type == "cuda":
+        torch.cuda.empty_cache()  # leave the GPU's memory to the train worker
+    return wall, cpu
+
+
+# -- shards: the real train step -------------------------------------------------------------------------
+
+
+def shards_case(cfg: PipelineConfig, steps: int, warmup: int) -> dict:
+    """One epoch of `pipelines.train.train`; the per-step figures train_func logged, read back from MLflow."""
+    from mlflow.tracking import MlflowClient
+
+    run_name = f"bench-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
+    store = storage_of(cfg)
+    started = time.perf_counter()
+    try:
+        with CoreUse() as cores:
+            out = train(cfg, run_name=run_name, log=log)
+    finally:
+        shutil.rmtree(store.path("checkpoints", run_name), ignore_errors=True)  # a benchmark's model is not kept
+    wall = time.perf_counter() - started
+    client = MlflowClient(out["tracking_uri"])
+    history = {key: sorted(client.get_metric_history(out["mlflow_run_id"], key), key=lambda m: m.step)
+               for key in ("clips_per_s", "data_wait")}
+    logged = len(history["clips_per_s"])
+    if logged < 2:
+        raise RuntimeError(f"bench train: the trainer logged {logged} step(s); it needs at least 2")
+    if logged < warmup + steps:
+        log(f"bench train: the epoch had {logged} steps, fewer than --warmup {warmup} + --steps {steps}; "
+            f"timing the last {logged - min(warmup, logged - 1)}")
+    warmup = min(warmup, logged - 1)
+    chosen = slice(warmup, min(logged, warmup + steps))
+    batch = cfg.train.batch_size * cfg.train.num_workers
+    step_s = [batch / m.value for m in history["clips_per_s"]]
+    waited = [w.value * s for w, s in zip(history["data_wait"], step_s)]
+    timed, timed_wait = step_s[chosen], waited[chosen]
+    # MLflow timestamps (ms) of the timed steps' logs: the whole period per step, the log write included.
+    stamps = [m.timestamp for m in history["clips_per_s"]]
+    first = chosen.start - 1  # the log just before the first timed step
+    span_s = (stamps[chosen.stop - 1] - stamps[first]) / 1e3
+    used = cores.between(stamps[first] / 1e3, stamps[chosen.stop - 1] / 1e3)
+    wall_rate = len(timed) * batch / span_s if span_s > 0 else None
+    metrics = out["metrics"]
+    return {
+        "run_name": run_name, "steps": len(timed), "warmup": warmup, "steps_in_epoch": logged,
+        "clips_per_s": len(timed) * batch / sum(timed),
+        "data_wait": sum(timed_wait) / sum(timed),
+        "median_step_ms": 1e3 * statistics.median(timed),
+        "wall_clips_per_s": wall_rate,
+        # Per CPU second of the train worker process (its torch thread and Ray's iterator threads in it).
+        "clips_per_cpu_s": wall_rate / used["train_worker_cores"] if wall_rate and used.get("train_worker_cores")
+        else None,
+        "first_step_wait_s": waited[0],
+        "epoch_s": metrics.get("epoch_s"), "epoch_clips_per_s": metrics.get("epoch_clips_per_s"),
+        "epoch_data_wait": metrics.get("epoch_data_wait"),
+        "untimed_s_per_step": (metrics["epoch_s"] - sum(step_s)) / logged if "epoch_s" in metrics else None,
+        "cores": used, "train_wall_s": wall, "step_ms": [round(1e3 * s, 1) for s in step_s],
+        "data_wait_ms": [round(1e3 * w, 1) for w in waited],
+    }
+
+
+# -- the table -------------------------------------------------------------------------------------------
+
+
+def _f(value: float | None, digits: int = 1) -> str | None:
+    return None if value is None else f"{value:,.{digits}f}"
+
+
+def _pct(value: float | None) -> str | None:
+    return None if value is None else f"{100 * value:.1f}%"
+
+
+def report(cfg: PipelineConfig, args, results: dict) -> str:
+    shards, memory = results["shards"], results["memory"]
+    base, base_cpu = memory["clips_per_s"], memory["clips_per_cpu_s"]
+    rows = [
+        ["shards: Ray Data -> TorchTrainer, as train_func logs it", _f(shards["clips_per_s"]),
+         _f(shards["median_step_ms"]), _pct(shards["data_wait"]), _f(ratio(shards["clips_per_s"], base), 3),
+         f">= {GOAL}"],
+        ["shards: wall clock (MLflow timestamps, per-step log included)", _f(shards["wall_clips_per_s"]), None, None,
+         _f(ratio(shards["wall_clips_per_s"], base), 3), None],
+        ["memory: one pre-built batch, no I/O", _f(base), _f(memory["median_step_ms"]), _pct(0.0), "1.000", None],
+        ["shards, per CPU second of the train worker (clips/CPU-s)", _f(shards["clips_per_cpu_s"]), None, None,
+         _f(ratio(shards["clips_per_cpu_s"], base_cpu), 3), None],
+        ["memory, per CPU second (clips/CPU-s)", _f(base_cpu), None, None, "1.000", None],
+    ]
+    t = cfg.train
+    precision = "bf16 autocast, channels_last_3d" if args.device == "cuda" and args.bf16 else (
+        "fp32, channels_last_3d" if args.device == "cuda" else "fp32")
+    title = (f"Train throughput: {args.preset}, batch {t.batch_size}, crop {t.crop_size} (short side "
+             f"{cfg.preprocess.short_side}, jitter {list(t.scale_jitter)}), {args.device} {precision}; "
+             f"{shards['steps']} timed steps per case after {shards['warmup']} warm-up")
+    table = format_table(["case", "clips/s", "median ms/step", "data wait", "ratio to memory", "goal"], rows)
+    cores = os.cpu_count()
+    used = shards["cores"]
+    notes = [
+        f"Cores: {cores}. The train worker holds train.cpus_per_worker {t.cpus_per_worker:g} CPU (one torch thread), "
+        f"Ray Data ray.data_cpus {cfg.ray.data_cpus:g} (read tasks + {results['data_actors']} ClipTransform "
+        f"actor(s)); the memory case ran with the same {results['memory_threads']} torch thread(s).",
+        "Data wait: time train_func waited for the next batch / its step time, over the timed steps; the first step "
+        f"of the epoch waited {shards['first_step_wait_s']:.2f} s (pipeline start-up and the shuffle buffer filling).",
+        f"Epoch (all {shards['steps_in_epoch']} steps, the first included): {_f(shards['epoch_clips_per_s'])} clips/s, "
+        f"data wait {_pct(shards['epoch_data_wait'])}; outside train_func's step timer (mostly its per-step MLflow "
+        f"write): {_f(_ms(shards['untimed_s_per_step']))} ms/step.",
+        f"Memory case halves (before / after the shards case): {_f(memory['before_clips_per_s'])} / "
+        f"{_f(memory['after_clips_per_s'])} clips/s; it got {memory['cores']:.2f} cores (CPU time / wall time).",
+    ]
+    if used:
+        notes.append(f"During the timed shards steps the train worker got {used['train_worker_cores']:.2f} cores, "
+                     f"the Ray Data map workers {used['data_workers_cores']:.2f}, and the machine was busy on "
+                     f"{used['machine_busy_cores']:.2f} of {cores}.")
+    if args.device == "cpu" and cores and cores <= 2:
+        notes.append("On 2 cores the train step and Ray Data compete for the cores (and for memory bandwidth); the "
+                     "fair split gives Ray Data\nray.data_cpus 1 and the trainer one thread "
+                     "(torch.set_num_threads(1)), which is what both cases use here.")
+    load = results["load_average_max"]
+    if load > (cores or 1) - 0.5:
+        notes.append(f"Load average up to {load:.1f} on {cores} cores: other work shared the machine during the run. "
+                     "The wall-clock rates suffer, and the two cases\nran one after the other, not interleaved; the "
+                     "per-CPU-second rates suffer less.")
+    return title + "\n" + table + "\n" + "\n".join(notes)
+
+
+def _ms(seconds: float | None) -> float | None:
+    return None if seconds is None else 1e3 * seconds
+
+
+# -- main ------------------------------------------------------------------------------------------------
+
+
+def parse_args(argv):
+    parser = argparse.ArgumentParser(prog="bench train", description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--preset", default="slowfast_tiny", choices=sorted(PRESETS), help="model preset")
+    parser.add_argument("--crop", type=int, default=None,
+                        help=f"train crop (default {DEMO_CROP} for the tiny presets, as the demo; {PAPER_CROP} "
+                             "otherwise)")
+    parser.add_argument("--batch-size", type=int, default=None, help="clips per step (default: the demo's, 16)")
+    parser.add_argument("--steps", type=int, default=40, help="timed steps per case (default 40)")
+    parser.add_argument("--warmup", type=int, default=5, help="untimed steps first, per case (default 5)")
+    parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    parser.add_argument("--bf16", action="store_true", help="bf16 autocast (train.mixed_precision; CUDA only)")
+    parser.add_argument("--data-cpus", type=float, default=None,
+                        help="ray.data_cpus (default 1; with cuda, all cores but 2)")
+    parser.add_argument("--classes", type=int, default=None, help="synthetic classes (default: the demo's, 6)")
+    parser.add_argument("--videos-per-class", type=int, default=None, help="synthetic videos per class (default 24)")
+    parser.add_argument("--workdir", type=Path, default=Path(tempfile.gettempdir()) / "slowfast-bench-train",
+                        help="videos, shards and the MLflow db go here, and are reused by later runs")
+    parser.add_argument("--json", metavar="PATH", help="also write the results as JSON to PATH")
+    args = parser.parse_args(argv)
+    demo = load_config(DEMO_CONFIG)
+    args.crop = args.crop or (DEMO_CROP if "tiny" in args.preset else PAPER_CROP)
+    args.batch_size = args.batch_size or demo.train.batch_size
+    args.classes = args.classes or demo.data.synth.classes
+    args.videos_per_class = args.videos_per_class or demo.data.synth.videos_per_class
+    args.workdir = args.workdir.resolve()
+    if min(args.steps, args.batch_size) < 1 or args.warmup < 1:
+        parser.error("--steps, --batch-size and --warmup must be at least 1 (the first step waits for the pipeline)")
+    if args.crop < 16 or args.classes < 2 or args.videos_per_class < 2:
+        parser.error("--crop must be at least 16, --classes and --videos-per-class at least 2")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        print("bench train: --device cuda but CUDA is not available on this machine; run without it for CPU",
+              file=sys.stderr)
+        return 2
+    import ray
+
+    from pipelines.train import data_cpu_split
+
+    cfg = sized_config(args)
+    started_ray = not ray.is_initialized()
+    if started_ray and not os.environ.get("RAY_ADDRESS"):
+        # A fresh local Ray of our own: with no address, ray.init would join a `ray start` instance that someone
+        # else left running on this machine, and measure on it.
+        ray.init(address="local", include_dashboard=False, logging_level=logging.WARNING)
+    threads = torch.get_num_threads()
+    device = torch.device(args.device)
+    load = os.getloadavg()[0]
+    try:
+        log(f"bench train: data in {args.workdir}")
+        data = prepare_data(cfg, storage_of(cfg), log)
+        torch.set_num_threads(int(cfg.train.cpus_per_worker))  # as many as Ray gives the train worker
+        half = (args.steps + 1) // 2
+        log(f"bench train: memory, {half} steps")
+        before, before_cpu = memory_case(cfg, data, device, half, args.warmup)
+        load = max(load, os.getloadavg()[0])
+        log("bench train: shards (pipelines.train.train, one epoch)")
+        shards = shards_case(cfg, args.steps, args.warmup)
+        load = max(load, os.getloadavg()[0])
+        log(f"bench train: memory, {args.steps - half} steps")
+        after, after_cpu = (memory_case(cfg, data, device, args.steps - half, args.warmup) if args.steps > half
+                            else ([], []))
+        load = max(load, os.getloadavg()[0])
+        memory_threads = torch.get_num_threads()
+        env = environment(args.device)
+    finally:
+        torch.set_num_threads(threads)  # main() may run inside the CLI's process
+        if started_ray and ray.is_initialized():
+            ray.shutdown()
+    batch = cfg.train.batch_size
+    times, cpu = before + after, before_cpu + after_cpu
+    memory = {"steps": len(times), "warmup": args.warmup, "clips_per_s": len(times) * batch / sum(times),
+              "median_step_ms": 1e3 * statistics.median(times), "clips_per_cpu_s": len(times) * batch / sum(cpu),
+              "cores": round(sum(cpu) / sum(times), 2),
+              "before_clips_per_s": len(before) * batch / sum(before),
+              "after_clips_per_s": len(after) * batch / sum(after) if after else None,
+              "data_wait": 0.0, "step_ms": [round(1e3 * s, 1) for s in times],
+              "step_cpu_ms": [round(1e3 * s, 1) for s in cpu]}
+    results = {"shards": shards, "memory": memory, "load_average_max": load, "memory_threads": memory_threads,
+               "data_actors": data_cpu_split(cfg.ray.data_cpus)[1]}
+    print(report(cfg, args, results))
+    if args.json:
+        payload = {
+            "benchmark": "train", "environment": env,
+            "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+            "config": {"preset": args.preset, "batch_size": batch, "crop": cfg.train.crop_size,
+                       "short_side": cfg.preprocess.short_side, "scale_jitter": list(cfg.train.scale_jitter),
+                       "clips_per_video": cfg.preprocess.clips_per_video, "train_clips": data.train_clips,
+                       "cpus_per_worker": cfg.train.cpus_per_worker, "data_cpus": cfg.ray.data_cpus,
+                       "mixed_precision": cfg.train.mixed_precision, "device": args.device},
+            "cases": {"shards": _rounded(shards), "memory": _rounded(memory)},
+            "ratio_shards_over_memory": ratio(shards["clips_per_s"], memory["clips_per_s"]),
+            "ratio_wall_over_memory": ratio(shards["wall_clips_per_s"], memory["clips_per_s"]),
+            "data_wait": round(shards["data_wait"], 4), "goal_ratio": GOAL,
+            "load_average_max": round(load, 2),
+        }
+        write_json(args.json, payload)
+        print(f"results written to {args.json}")
+    return 0
+
+
+def _rounded(values: dict) -> dict:
+    return {k: round(v, 4) if isinstance(v, float) else v for k, v in values.items()}
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,43 @@
+"""The train benchmark end to end on a tiny synthetic set: real preprocess, a real one-epoch TorchTrainer run
+through a real local Ray and MLflow (sqlite), and the in-memory baseline; figures come back in its JSON."""
+from __future__ import annotations
+
+import importlib.util
+import json
+
+import pytest
+
+from conftest import REPO
+
+
+def load_bench():
+    """benchmarks/bench_train.py, loaded by path as `python -m pipelines bench train` loads it."""
+    spec = importlib.util.spec_from_file_location("bench_train", REPO / "benchmarks" / "bench_train.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_bench_train_reports_both_cases_the_ratio_and_the_data_wait(ray_local, tmp_path, capsys):
+    out = tmp_path / "bench_train.json"
+    bench = load_bench()
+    assert bench.main(["--steps", "3", "--warmup", "1", "--batch-size", "4", "--crop", "32", "--classes", "4",
+                       "--videos-per-class", "4", "--workdir", str(tmp_path / "work"), "--json", str(out)]) == 0
+
+    result = json.loads(out.read_text())
+    shards, memory = result["cases"]["shards"], result["cases"]["memory"]
+    assert shards["clips_per_s"] > 0 and memory["clips_per_s"] > 0 and shards["wall_clips_per_s"] > 0
+    assert shards["steps"] == memory["steps"] == 3
+    # One epoch holds warm-up + timed steps: 12 train videos x 2 clips / 4 a step.
+    assert shards["steps_in_epoch"] == 6 and result["config"]["clips_per_video"] == 2
+    assert result["ratio_shards_over_memory"] == pytest.approx(shards["clips_per_s"] / memory["clips_per_s"], abs=1e-3)
+    assert 0 <= result["data_wait"] <= 1 and result["data_wait"] == pytest.approx(shards["data_wait"], abs=1e-4)
+    assert 0 <= shards["epoch_data_wait"] <= 1
+    assert len(shards["step_ms"]) == 6 and all(ms > 0 for ms in shards["step_ms"])
+    assert result["config"]["cpus_per_worker"] == 1 and result["config"]["data_cpus"] == 1
+
+    table = capsys.readouterr().out
+    assert "| shards: Ray Data -> TorchTrainer" in table and "| memory: one pre-built batch" in table
+    # A benchmark keeps no checkpoints; the shards and the MLflow db stay for the next run.
+    assert not any((tmp_path / "work" / "storage" / "checkpoints").glob("bench-*/epoch-*"))
+    assert (tmp_path / "work" / "mlflow.db").is_file()

@@ -1,0 +1,176 @@
+"""The workflow (`python -m pipelines run`) end to end, through real processes: a real local Ray, real
+videos, a real MLflow (sqlite). A second run skips what is done; kill -9 during preprocess and during
+train, then the same command again, finishes with exactly one registered version; new annotation rows
+are the only videos decoded by the next run, which retrains and records its promotion decision."""
+from __future__ import annotations
+
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from mlflow.tracking import MlflowClient
+
+from conftest import REPO, pipeline_config
+from pipelines.workflow import STEPS, list_runs, run, select_steps
+
+QUIET = {"log": lambda *_: None}
+
+
+def workflow_config(tmp: Path, videos: Path, **sections):
+    """slowfast_tiny at 32 px on a synthetic set, 2 epochs, 1 train worker, sqlite MLflow in tmp."""
+    base = {"preprocess": {"clips_per_video": 4, "rows_per_shard": 8, "commit_every": 1},
+            "train": {"epochs": 2, "batch_size": 4, "num_workers": 1, "cpus_per_worker": 1, "base_lr": 0.04,
+                      "warmup_epochs": 0.5},
+            "mlflow": {"tracking_uri": f"sqlite:///{tmp / 'mlflow.db'}", "experiment": "wf", "model_name": "wf"},
+            "ray": {"data_cpus": 1.0}}
+    for key, value in sections.items():
+        base[key] = {**base.get(key, {}), **value}
+    return pipeline_config(tmp, videos, **base)
+
+
+def registered_versions(cfg) -> list[str]:
+    client = MlflowClient(cfg.mlflow.tracking_uri)
+    return sorted(str(v.version) for v in client.search_model_versions(f"name='{cfg.mlflow.model_name}'"))
+
+
+def test_select_steps():
+    assert select_steps() == list(STEPS)
+    assert select_steps(from_step="evaluate") == ["evaluate", "register"]
+    assert select_steps(only="train") == ["train"]
+
+
+def test_run_then_rerun_skips_every_step_with_nothing_new(ray_local, synth_set, tmp_path):
+    cfg = workflow_config(tmp_path, synth_set)
+    first = run(cfg, **QUIET)
+    assert {k: v["status"] for k, v in first["steps"].items()} == {
+        "ingest": "done", "preprocess": "done", "train": "done", "evaluate": "done", "register": "done"}
+    assert first["model_version"] == 1 and first["promoted"] and set(first["aliases"]) == {"champion", "challenger"}
+    assert first["model_uri"] == "models:/wf/1" and 0 <= first["metrics"]["top1"] <= first["metrics"]["top5"] <= 1
+    records = tmp_path / "storage" / "runs" / first["run_id"]
+    assert json.loads((records / "summary.json").read_text())["model_version"] == 1
+    train_record = json.loads((records / "train.json").read_text())
+    assert train_record["status"] == "done" and train_record["outputs"]["epochs_done"] == 2
+    assert train_record["config_hash"] == cfg.config_hash("data", "preprocess", "model", "train")
+
+    second = run(cfg, **QUIET)
+    assert second["run_id"] != first["run_id"]
+    assert {k: v["status"] for k, v in second["steps"].items()} == {
+        "ingest": "done", "preprocess": "skipped", "train": "skipped", "evaluate": "skipped", "register": "skipped"}
+    assert second["model_version"] == 1 and second["promoted"] and second["metrics"] == first["metrics"]
+    assert registered_versions(cfg) == ["1"]
+
+    # --only / --from reuse what is committed; --force evaluate scores the model again.
+    only = run(cfg, only="evaluate", force=["evaluate"], **QUIET)
+    assert only["steps"] == {"evaluate": {"status": "done", "wall_s": only["steps"]["evaluate"]["wall_s"]}}
+    assert only["metrics"]["top1"] == first["metrics"]["top1"]
+    runs = list_runs(cfg)
+    assert [r["run_id"] for r in runs] == [only["run_id"], second["run_id"], first["run_id"]]
+    assert all(r["status"] == "succeeded" for r in runs)
+
+    status = subprocess.run([sys.executable, "-m", "pipelines", "status", "--config", _write(cfg, tmp_path)],
+                            capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert status.returncode == 0, status.stderr
+    assert first["run_id"] in status.stdout and "models:/wf/1" in status.stdout
+    assert "preprocess  skipped" in status.stdout
+
+
+def _write(cfg, tmp: Path) -> str:
+    path = tmp / "pipeline.yaml"
+    path.write_text(cfg.to_yaml())
+    return str(path)
+
+
+def _cli_run(config_path: str, log: Path, **kw) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    with open(log, "ab") as out:
+        return subprocess.Popen([sys.executable, "-m", "pipelines", "run", "--config", config_path], cwd=REPO,
+                                env=env, stdout=out, stderr=subprocess.STDOUT, **kw)
+
+
+def _kill_when(proc: subprocess.Popen, ready, log: Path, timeout: float = 300) -> None:
+    deadline = time.time() + timeout
+    while not ready():
+        assert proc.poll() is None, log.read_text()[-3000:]
+        assert time.time() < deadline, "timed out waiting for the moment to kill"
+        time.sleep(0.1)
+    os.killpg(proc.pid, signal.SIGKILL)  # the driver and the local Ray it started
+    proc.wait()
+
+
+def test_kill_9_during_preprocess_and_during_train_then_the_same_command_finishes(tmp_path):
+    from slowfast.video.synth import write_dataset
+
+    videos = tmp_path / "videos"
+    write_dataset(videos, classes=3, videos_per_class=8, seed=5, width=96, height=72, seconds=1.2)
+    cfg = workflow_config(tmp_path, videos, preprocess={"rows_per_shard": 4})  # 1 video per shard, 1 per commit
+    config_path = _write(cfg, tmp_path)
+    storage, log = tmp_path / "storage", tmp_path / "run.log"
+    manifests = storage / "manifests"
+
+    def commits() -> int:
+        return len(list(manifests.rglob("*.json"))) if manifests.exists() else 0
+
+    # 1. Killed during preprocess, after some videos were committed.
+    _kill_when(_cli_run(config_path, log, start_new_session=True), lambda: commits() >= 2, log)
+    committed_at_kill = commits()
+
+    # 2. Killed during train, after epoch 1's checkpoint.
+    def checkpointed() -> bool:
+        return any("epoch-0001" in p.read_text() for p in storage.glob("checkpoints/*/checkpoint_manager_snapshot.json"))
+
+    _kill_when(_cli_run(config_path, log, start_new_session=True), checkpointed, log)
+    runs = list_runs(cfg)
+    second_preprocess = runs[0]["step_records"]["preprocess"]
+    assert second_preprocess["status"] == "done"
+    total = 3 * 8
+    # Only the videos not committed before the first kill were decoded again.
+    assert second_preprocess["outputs"]["decoded_now"] <= total - committed_at_kill + 3  # a commit may be in flight
+    assert runs[0]["step_records"]["train"]["status"] == "running"
+
+    # 3. The same command again: preprocess skipped, train resumes after epoch 1, one version registered.
+    final = _cli_run(config_path, log)
+    assert final.wait(timeout=600) == 0, log.read_text()[-3000:]
+    runs = list_runs(cfg)
+    steps = runs[0]["step_records"]
+    assert steps["preprocess"]["status"] == "skipped" and steps["preprocess"]["outputs"]["decoded_now"] == 0
+    assert steps["train"]["status"] == "done" and steps["train"]["outputs"]["resumed_from_epoch"] == 1
+    assert steps["register"]["outputs"]["model_version"] == 1
+    assert runs[0]["status"] == "succeeded" and len(runs) == 3
+    assert registered_versions(cfg) == ["1"]
+    assert "resuming after epoch 1 " in log.read_text()
+
+
+def test_new_annotation_rows_decode_only_the_new_videos_and_retrain(ray_local, tmp_path):
+    from slowfast.video.synth import write_dataset
+
+    videos, extra = tmp_path / "videos", tmp_path / "extra"
+    write_dataset(videos, classes=3, videos_per_class=4, seed=7, width=96, height=72, seconds=1.2)
+    cfg = workflow_config(tmp_path, videos)
+    first = run(cfg, **QUIET)
+    assert first["model_version"] == 1 and first["promoted"]
+
+    # Two more training videos per class, from another seed, added to the train annotations.
+    write_dataset(extra, classes=3, videos_per_class=4, seed=8, width=96, height=72, seconds=1.2, val_fraction=0.5)
+    new_rows = list(csv.reader((extra / "annotations/train.csv").open()))[1:]
+    for label, youtube_id, *_ in new_rows:
+        src = next((extra / "train" / label).glob(f"{youtube_id}_*.mp4"))
+        (videos / "train" / label / src.name).write_bytes(src.read_bytes())
+    with (videos / "annotations/train.csv").open("a", newline="") as f:
+        csv.writer(f).writerows(new_rows)
+
+    second = run(cfg, **QUIET)
+    records = {r["run_id"]: r for r in list_runs(cfg)}[second["run_id"]]["step_records"]
+    assert records["preprocess"]["outputs"]["decoded_now"] == len(new_rows) == 6
+    assert records["train"]["status"] == "done" and records["train"]["outputs"]["epochs_run_now"] == 2
+    assert second["model_version"] == 2
+    assert second["decision"] in ("promoted", "rejected") and second["reason"]
+    tags = MlflowClient(cfg.mlflow.tracking_uri).get_model_version("wf", "2").tags
+    assert tags["slowfast.promotion.decision"] == second["decision"]
+    assert tags["slowfast.promotion.champion_version"] == "1"
+    champion = MlflowClient(cfg.mlflow.tracking_uri).get_model_version_by_alias("wf", "champion")
+    assert str(champion.version) == ("2" if second["promoted"] else "1")
