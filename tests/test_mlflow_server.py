@@ -1,0 +1,206 @@
+"""The pipeline against a real `mlflow server` on 127.0.0.1 (sqlite backend, artifacts proxied to the moto S3
+endpoint): what train, evaluate, register and promote write reads back through the server, the artifacts
+live in the bucket, and a model URI that names nothing registered fails with a clear message."""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import boto3
+import mlflow
+import pytest
+import torch
+from mlflow.tracking import MlflowClient
+
+from conftest import REPO, free_port, pipeline_config
+from pipelines.evaluate import EvaluateError, evaluate, load_model
+from pipelines.registry import CHALLENGER, CHAMPION, promote, register, use_tracking
+from pipelines.storage import Storage
+from pipelines.train import CHECKPOINT_FILE, train
+from test_registry import constant_model
+
+BUCKET = "mlflow-server-test"
+EPOCHS = 4  # as tests/test_registry.py: enough for the trained model to beat a constant predictor
+
+
+@pytest.fixture(scope="module")
+def mlflow_server(s3_endpoint, tmp_path_factory):
+    """`mlflow server` with a sqlite backend, serving artifacts from s3://BUCKET/mlflow on the moto endpoint.
+
+    Only the server knows the S3 endpoint: clients (the driver, the Ray workers) send artifacts through
+    the server's proxy (mlflow-artifacts:/), so they need no S3 credentials of their own.
+    """
+    tmp = tmp_path_factory.mktemp("mlflow-server")
+    boto3.client("s3", endpoint_url=s3_endpoint).create_bucket(Bucket=BUCKET)
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    log = tmp / "server.log"
+    # No job runner (MLFLOW_SERVER_ENABLE_JOB_EXECUTION): its seven huey consumers serve GenAI jobs this
+    # test has none of, on a 2-core machine.
+    env = {**os.environ, "MLFLOW_S3_ENDPOINT_URL": s3_endpoint, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(
+            [str(Path(sys.executable).parent / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port),
+             "--workers", "1", "--backend-store-uri", f"sqlite:///{tmp / 'mlflow.db'}",
+             "--artifacts-destination", f"s3://{BUCKET}/mlflow"],
+            cwd=tmp, env=env, stdout=out, stderr=subprocess.STDOUT,
+            start_new_session=True)  # its own process group: the uvicorn child stops with it
+    deadline = time.time() + 120
+    while True:
+        try:
+            with urllib.request.urlopen(f"{url}/health", timeout=2) as response:
+                if response.status == 200:
+                    break
+        except OSError:
+            pass
+        if proc.poll() is not None or time.time() > deadline:
+            _stop(proc)
+            pytest.fail(f"mlflow server did not answer {url}/health:\n{log.read_text()[-3000:]}")
+        time.sleep(0.5)
+    yield {"url": url, "s3": s3_endpoint, "cwd": tmp}
+    _stop(proc)
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    for sig, wait_s in ((signal.SIGTERM, 30), (signal.SIGKILL, 10)):
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            return
+        try:
+            proc.wait(timeout=wait_s)
+            return
+        except subprocess.TimeoutExpired:
+            continue
+
+
+def bucket_keys(s3_endpoint: str) -> list[str]:
+    s3 = boto3.client("s3", endpoint_url=s3_endpoint)
+    pages = s3.get_paginator("list_objects_v2").paginate(Bucket=BUCKET, Prefix="mlflow/")
+    return [o["Key"] for page in pages for o in page.get("Contents", [])]
+
+
+@pytest.fixture(scope="module")
+def trained(ray_local, synth_set, mlflow_server, tmp_path_factory):
+    """One worker trains slowfast_tiny (as tests/test_registry.py), logging to the server; then evaluated."""
+    tmp = tmp_path_factory.mktemp("server-pipeline")
+    cfg = pipeline_config(
+        tmp, synth_set, preprocess={"clips_per_video": 16, "rows_per_shard": 64},
+        train={"epochs": EPOCHS, "batch_size": 8, "num_workers": 1, "cpus_per_worker": 1, "base_lr": 0.04,
+               "warmup_epochs": 0.5},
+        mlflow={"tracking_uri": mlflow_server["url"], "experiment": "server-test", "model_name": "motion"},
+        ray={"data_cpus": 1.0})
+    out = train(cfg, log=lambda *_: None)
+    good = evaluate(cfg, out["best_checkpoint"], log=lambda *_: None)
+    return cfg, out, good, tmp
+
+
+@pytest.fixture(scope="module")
+def registered(trained):
+    """The gate, in order: a constant predictor (the first model: champion), the trained model (better:
+    promoted), another constant predictor (worse: rejected)."""
+    cfg, out, good, tmp = trained
+    best = Path(out["best_checkpoint"]) / CHECKPOINT_FILE
+    quiet = {"log": lambda *_: None}
+    weak = evaluate(cfg, constant_model(best, tmp / "constants", 0), **quiet)
+    first = promote(cfg, register(cfg, weak, **quiet)["model_version"], **quiet)
+    second = promote(cfg, register(cfg, good, **quiet)["model_version"], **quiet)
+    worse = evaluate(cfg, constant_model(best, tmp / "constants", 1), **quiet)
+    third = promote(cfg, register(cfg, worse, **quiet)["model_version"], **quiet)
+    return {"weak": weak, "worse": worse, "first": first, "second": second, "third": third}
+
+
+def test_the_training_run_reads_back_through_the_server_with_its_artifacts_in_the_bucket(trained, mlflow_server):
+    cfg, out, good, tmp = trained
+    assert out["tracking_uri"] == mlflow_server["url"] and out["epochs_done"] == EPOCHS
+    client = MlflowClient(tracking_uri=mlflow_server["url"])
+    run = client.get_run(out["mlflow_run_id"])
+    assert run.info.status == "FINISHED" and run.info.run_name == out["run_name"]
+    assert run.info.artifact_uri.startswith("mlflow-artifacts:/"), run.info.artifact_uri  # proxied, not s3://
+
+    # Params and metrics, as the Ray worker and the driver logged them over HTTP.
+    params = run.data.params
+    assert params["train.epochs"] == str(EPOCHS) and params["model.preset"] == "slowfast_tiny"
+    assert params["num_classes"] == "4" and params["run_name"] == out["run_name"]
+    train_loss = sorted((m.step, m.value) for m in client.get_metric_history(run.info.run_id, "train_loss"))
+    assert [step for step, _ in train_loss] == list(range(1, EPOCHS + 1))
+    assert train_loss[-1][1] == pytest.approx(out["metrics"]["train_loss"]) and train_loss[-1][1] < train_loss[0][1]
+    assert run.data.metrics["eval_top1"] == pytest.approx(good["top1"])
+    assert run.data.tags["slowfast.eval_set"] == good["eval_set"]
+
+    # Artifacts: listed and downloaded through the server, stored in the moto bucket.
+    listed = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert {"config.yaml", "learning_curve.png", "evaluation"} <= listed, listed
+    assert {a.path for a in client.list_artifacts(run.info.run_id, "evaluation")} == \
+        {"evaluation/confusion.png", "evaluation/per_class.csv", "evaluation/result.json"}
+    config_yaml = Path(client.download_artifacts(run.info.run_id, "config.yaml", dst_path=str(tmp / "download")))
+    assert config_yaml.read_text() == cfg.to_yaml()
+    keys = bucket_keys(mlflow_server["s3"])
+    prefix = f"mlflow/{run.info.experiment_id}/{run.info.run_id}/artifacts/"
+    for name in ("config.yaml", "learning_curve.png", "evaluation/confusion.png", "evaluation/result.json"):
+        assert prefix + name in keys, (name, keys)
+    s3 = boto3.client("s3", endpoint_url=mlflow_server["s3"])
+    png = s3.get_object(Bucket=BUCKET, Key=prefix + "learning_curve.png")["Body"].read()
+    assert png[:4] == b"\x89PNG"
+    assert not (mlflow_server["cwd"] / "mlartifacts").exists(), "artifacts fell back to the server's local folder"
+
+
+def test_promotion_gate_through_the_server_promotes_the_better_model_and_rejects_the_worse(trained, registered,
+                                                                                            mlflow_server):
+    cfg, out, good, tmp = trained
+    r = registered
+    assert r["weak"]["top1"] == 0.25 and r["worse"]["top1"] == 0.25  # one val video per class
+    assert good["top1"] > 0.25, f"the trained model should beat a constant predictor: {good['top1']}"
+    assert r["first"]["promoted"] and r["first"]["model_version"] == 1
+    assert r["first"]["reason"].startswith("first model")
+    assert r["second"]["promoted"] and r["second"]["model_version"] == 2 and r["second"]["champion_before"] == 1
+    assert not r["third"]["promoted"] and r["third"]["decision"] == "rejected" and r["third"]["model_version"] == 3
+
+    # Versions, aliases and the gate's tags, read back with a plain client of the server.
+    client = MlflowClient(tracking_uri=mlflow_server["url"], registry_uri=mlflow_server["url"])
+    assert sorted(int(v.version) for v in client.search_model_versions("name='motion'")) == [1, 2, 3]
+    assert client.get_registered_model("motion").aliases == {CHAMPION: "2", CHALLENGER: "3"}
+    assert client.get_model_version_by_alias("motion", CHAMPION).version == "2"
+    v2, v3 = client.get_model_version("motion", "2"), client.get_model_version("motion", "3")
+    assert v2.tags["slowfast.promotion.decision"] == "promoted"
+    assert float(v2.tags["slowfast.promotion.top1"]) == pytest.approx(good["top1"])
+    assert v2.tags["slowfast.promotion.champion_version"] == "1"
+    assert float(v2.tags["slowfast.promotion.champion_top1"]) == 0.25
+    assert v2.tags["slowfast.checkpoint"] == out["best_checkpoint"] and v2.tags["slowfast.eval_set"] == good["eval_set"]
+    assert v3.tags["slowfast.promotion.decision"] == "rejected"
+    assert float(v3.tags["slowfast.promotion.champion_top1"]) == pytest.approx(good["top1"])
+    assert v2.run_id == out["mlflow_run_id"]  # the trained checkpoint's model sits in its training run
+
+    # The models' files (MLmodel, weights) are in the bucket too, one logged model per version.
+    mlmodels = [k for k in bucket_keys(mlflow_server["s3"]) if k.endswith("/MLmodel")]
+    assert len(mlmodels) == 3, mlmodels
+
+    # The champion loads through the server: the trained checkpoint's weights.
+    with use_tracking(cfg):
+        net = mlflow.pytorch.load_model(f"models:/motion@{CHAMPION}")
+    checkpoint = torch.load(Path(out["best_checkpoint"]) / CHECKPOINT_FILE, weights_only=True)
+    assert isinstance(net, torch.nn.Module) and net.head.fc.out_features == 4
+    assert torch.equal(net.head.fc.weight.detach().cpu(), checkpoint["model_state"]["head.fc.weight"])
+
+
+def test_a_model_uri_that_names_nothing_registered_says_what_exists(trained, registered, mlflow_server):
+    cfg, out, good, tmp = trained
+    with pytest.raises(EvaluateError) as raised:
+        load_model(cfg, Storage(cfg.storage_root), "models:/nope@champion")
+    message = str(raised.value)
+    assert "no registered model 'nope'" in message and mlflow_server["url"] in message and "motion" in message
+
+    config_path = tmp / "pipeline.yaml"
+    config_path.write_text(cfg.to_yaml())
+    video = next((Path(cfg.data.video_root) / "val").rglob("*.mp4"))
+    done = subprocess.run([sys.executable, "-m", "pipelines", "predict", str(video), "--model-uri",
+                           "models:/nope@champion", "--config", str(config_path)],
+                          capture_output=True, text=True, cwd=REPO, timeout=300)
+    assert done.returncode == 1, done.stderr[-2000:]
+    assert "no registered model 'nope'" in done.stderr and mlflow_server["url"] in done.stderr
+    assert "registered: motion" in done.stderr and "Traceback" not in done.stderr
