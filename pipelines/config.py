@@ -142,6 +142,9 @@ class TrainSection(Section):
     num_workers: int = Field(1, ge=1, description="Ray Train workers (DDP processes)")
     use_gpu: bool = Field(False, description="one GPU per worker")
     cpus_per_worker: float = Field(1.0, gt=0, description="CPUs reserved by each train worker")
+    threads_per_worker: int | None = Field(
+        None, ge=1, description="torch CPU threads per worker; None = cpus_per_worker rounded up (Ray's default "
+                                "rounds down, which leaves a 1.5-CPU worker one thread)")
     max_failures: int = Field(3, ge=-1, description="restarts from the last checkpoint after worker loss; -1 = always")
     keep_checkpoints: int = Field(2, ge=1, description="checkpoints kept per run, newest first")
     mixed_precision: bool = Field(False, description="autocast on GPU (ignored on CPU)")

@@ -520,6 +520,8 @@ def train_func(config: dict) -> dict:
     steps_per_epoch = config["steps_per_epoch"]
     tracker = _Tracker(config["tracking_uri"], config["mlflow_run_id"], enabled=rank == 0)
 
+    if device.type == "cpu":
+        torch.set_num_threads(t.threads_per_worker or max(1, math.ceil(t.cpus_per_worker)))
     torch.manual_seed(t.seed + rank)  # different dropout per worker; restored below on resume
     net = SlowFast(cfg.model.to_slowfast_config(num_classes=len(classes)))
     lr = scaled_lr(t.base_lr, t.batch_size * world)

@@ -51,7 +51,9 @@ def test_demo_config_loads_with_the_values_the_demo_needs():
     assert cfg.ray.address is None and cfg.ray.data_cpus >= 1
     net = cfg.model.to_slowfast_config()
     assert type(net) is SlowFastConfig
-    assert net == PRESETS["slowfast_tiny"]
+    # The preset, with the Fast pathway fed frame differences (the paper's Time-diff. input).
+    assert net == PRESETS["slowfast_tiny"].model_copy(update={"fast_input": "time_difference"})
+    assert cfg.model.overrides() == {"fast_input": "time_difference"}
 
 
 def test_unknown_top_level_key_is_named_with_the_allowed_keys(tmp_path):
@@ -91,7 +93,7 @@ def test_bad_choice_lists_the_allowed_values_and_the_given_one(tmp_path):
 
 
 def test_set_overrides_apply_with_yaml_types():
-    cfg = load_config(DEMO, ["model.alpha=8", "train.epochs=3", "train.scale_jitter=[80, 100]",
+    cfg = load_config(DEMO, ["model.alpha=8", "model.fast_input=rgb", "train.epochs=3", "train.scale_jitter=[80, 100]",
                              "train.nesterov=false", "train.grad_clip=1.5", "ray.address=auto",
                              "storage_root=s3://bucket/runs/demo"])
     assert cfg.model.alpha == 8
@@ -108,8 +110,8 @@ def test_set_overrides_apply_with_yaml_types():
 def test_set_into_unknown_or_non_section_keys_fails(tmp_path):
     assert problems(DEMO, ["train.lrr=1"]) == [
         "train.lrr: unknown key; allowed: epochs, batch_size, base_lr, warmup_epochs, weight_decay, momentum, "
-        "nesterov, grad_clip, crop_size, scale_jitter, num_workers, use_gpu, cpus_per_worker, max_failures, "
-        "keep_checkpoints, mixed_precision, seed  [from --set train.lrr=1]"]
+        "nesterov, grad_clip, crop_size, scale_jitter, num_workers, use_gpu, cpus_per_worker, threads_per_worker, "
+        "max_failures, keep_checkpoints, mixed_precision, seed, init_from  [from --set train.lrr=1]"]
     assert problems(DEMO, ["name.first=x"]) == [
         "name: is a value ('demo'), not a section; cannot set 'name.first'  [from --set name.first=x]"]
     assert problems(DEMO, ["train.epochs"])[0].startswith("--set 'train.epochs': expected KEY=VALUE")
@@ -129,9 +131,10 @@ def test_unknown_preset_lists_the_known_ones():
 
 
 def test_preset_fills_unset_fields_and_explicit_fields_win():
-    cfg = load_config(DEMO, ["model.preset=slowfast_8x8_r101"])
+    cfg = load_config(DEMO, ["model.preset=slowfast_8x8_r101", "model.fast_input=rgb"])
     assert cfg.model.to_slowfast_config() == PRESETS["slowfast_8x8_r101"]
-    cfg = load_config(DEMO, ["model.preset=slowfast_4x16_r50", "model.alpha=4", "model.beta=1/8"])
+    cfg = load_config(DEMO, ["model.preset=slowfast_4x16_r50", "model.alpha=4", "model.beta=1/8",
+                             "model.fast_input=rgb"])
     assert (cfg.model.T, cfg.model.tau, cfg.model.alpha, cfg.model.fusion_kernel) == (4, 16, 4, 5)
     assert cfg.model.overrides() == {"alpha": 4}
 
@@ -147,7 +150,7 @@ def test_checks_across_fields_and_sections(tmp_path):
         "evaluate.temporal_views: 10 views but only preprocess.eval_views=4 are pre-sampled; "
         "lower one or raise the other"]
     (line,) = problems(DEMO, ["train.crop_size=96"])
-    assert line.startswith("train: crop_size 96 is larger than the smallest jittered short side 72")
+    assert line.startswith("train: crop_size 96 is larger than the smallest jittered short side 64")
     (line,) = problems(DEMO, ["storage_root=gs://bucket/x"])
     assert line.startswith("storage_root: must be a local folder or s3://bucket/prefix")
     (line,) = problems(DEMO, ["data.val_split=test"])
@@ -201,7 +204,7 @@ def test_hash_is_stable_and_changes_with_an_override():
 
 def test_resolved_config_round_trips_with_preset_overrides(tmp_path):
     cfg = load_config(DEMO, ["model.preset=slowfast_4x16_r50", "model.lateral=time_strided_sampling",
-                             "train.epochs=3"])
+                             "model.fast_input=rgb", "train.epochs=3"])
     path = tmp_path / "resolved.yaml"
     path.write_text(cfg.to_yaml())
     again = load_config(path)
