@@ -143,6 +143,12 @@ def register(cfg: PipelineConfig, evaluation: dict, log=print) -> dict:
                             short_side=meta.short_side, crop=cfg.train.crop_size,
                             temporal_views=cfg.evaluate.temporal_views, spatial_crops=cfg.evaluate.spatial_crops)
     run_id = train_run_id(cfg, loaded.train_run) if loaded.train_run else None
+    own_run = run_id is None  # a checkpoint from elsewhere: its own run in the experiment, closed after
+    if own_run:
+        exp = c.get_experiment_by_name(cfg.mlflow.experiment)
+        exp_id = exp.experiment_id if exp else c.create_experiment(cfg.mlflow.experiment)
+        run_id = c.create_run(exp_id, run_name=f"register {Path(evaluation['model_uri']).name}",
+                              tags={f"{TAG}checkpoint": evaluation["model_uri"]}).info.run_id
     tags = {f"{TAG}checkpoint": evaluation["model_uri"], f"{TAG}eval_set": evaluation["eval_set"],
             f"{TAG}eval_top1": f"{evaluation['top1']:.6f}", f"{TAG}eval_top5": f"{evaluation['top5']:.6f}",
             f"{TAG}preset": cfg.model.preset, f"{TAG}git_commit": git_commit(), f"{TAG}pipeline": cfg.name,
@@ -153,6 +159,8 @@ def register(cfg: PipelineConfig, evaluation: dict, log=print) -> dict:
                          input_example=example_video(), pip_requirements=_requirements(),
                          metadata={"pipeline": cfg.name, "checkpoint": evaluation["model_uri"],
                                    "eval_set": evaluation["eval_set"], "eval_top1": evaluation["top1"]})
+    if own_run:
+        c.set_terminated(run_id, "FINISHED")
     version = str(info.registered_model_version)
     for k, v in tags.items():
         c.set_model_version_tag(name, version, k, v)

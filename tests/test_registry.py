@@ -177,8 +177,7 @@ def _has_champion(out) -> bool:
     return True
 
 
-def test_a_checkpoint_from_elsewhere_is_refused_with_the_reason(tmp_path, synth_set):
-    cfg = small_config(tmp_path, synth_set)
+def test_a_checkpoint_from_elsewhere_is_refused_with_the_reason(tmp_path):
     bad = tmp_path / "bare.pt"
     torch.save({"weights": torch.zeros(1)}, bad)
     with pytest.raises(EvaluateError, match="not a checkpoint written by"):
