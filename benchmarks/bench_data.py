@@ -429,7 +429,8 @@ def bench_ray(args, videos: list[Path], workdir: Path) -> dict:
         arrivals: list[float] = []
         load = os.getloadavg()[0]
         with _quiet_ray(), ActorCpu() as actor_cpu:
-            ray.init(address="local", num_cpus=workers, include_dashboard=False, logging_level=logging.ERROR, log_to_driver=False)
+            ray.init(address="local", num_cpus=workers, include_dashboard=False, logging_level=logging.ERROR,
+                     log_to_driver=False)
             try:
                 ray.data.DataContext.get_current().enable_progress_bars = False
                 logging.getLogger("ray.data").setLevel(logging.ERROR)
