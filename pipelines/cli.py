@@ -22,7 +22,6 @@ ISSUES = {3: "data", 4: "train", 5: "workflow", 6: "ablation"}
 
 # What does not exist yet, and the issue that builds it. Delete a row when its command works.
 NOT_BUILT: dict[str, int] = {
-    "bench ablate": 6,
 }
 
 
