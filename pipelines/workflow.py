@@ -75,7 +75,8 @@ class Recorder:
     def __init__(self, store: Storage, cfg: PipelineConfig, run_id: str, steps: list[str]):
         self.store, self.cfg, self.run_id = store, cfg, run_id
         self.run = {"run_id": run_id, "pipeline": cfg.name, "config_hash": cfg.config_hash(), "steps": steps,
-                    "status": "running", "started": _now(), "host": socket.gethostname(), "pid": os.getpid(),
+                    "status": "running", "started": _now(), "started_ts": time.time(),
+                    "host": socket.gethostname(), "pid": os.getpid(),
                     "heartbeat": _now()}
         self._stop = threading.Event()
         self._beat = threading.Thread(target=self._heartbeat, daemon=True)
@@ -294,7 +295,7 @@ def list_runs(cfg: PipelineConfig) -> list[dict]:
         if store.exists(f"{run_dir}/summary.json"):
             info["summary"] = json.loads(store.read_bytes(f"{run_dir}/summary.json"))
         runs.append(info)
-    return sorted(runs, key=lambda r: r.get("started", ""), reverse=True)
+    return sorted(runs, key=lambda r: r.get("started_ts", 0.0), reverse=True)
 
 
 def _now() -> str:

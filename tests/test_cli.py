@@ -94,7 +94,7 @@ def test_run_reports_model_overrides_from_set(ray_local, tmp_path, capsys):
     assert main(["run", "--config", DEMO, *tiny_data(tmp_path), "--set", "model.alpha=8",
                  "--set", "train.crop_size=56", "--only", "ingest"]) == EXIT_OK
     out = capsys.readouterr().out
-    assert "slowfast_tiny (overrides: alpha=8)" in out
+    assert "slowfast_tiny (overrides: alpha=8, fast_input=time_difference)" in out
     assert f"params         {count_params(build('slowfast_tiny', alpha=8)):,}" in out
     assert "at 56x56, 4 slow + 32 fast frames" in out
     assert "summary: run " in out and "ingest done" in out

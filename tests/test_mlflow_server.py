@@ -94,7 +94,7 @@ def trained(ray_local, synth_set, mlflow_server, tmp_path_factory):
         train={"epochs": EPOCHS, "batch_size": 8, "num_workers": 1, "cpus_per_worker": 1, "base_lr": 0.04,
                "warmup_epochs": 0.5},
         mlflow={"tracking_uri": mlflow_server["url"], "experiment": "server-test", "model_name": "motion"},
-        ray={"data_cpus": 1.0})
+        ray={"data_cpus": 1.0}, model={"preset": "slowfast_tiny", "fast_input": "time_difference"})
     out = train(cfg, log=lambda *_: None)
     good = evaluate(cfg, out["best_checkpoint"], log=lambda *_: None)
     return cfg, out, good, tmp

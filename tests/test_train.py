@@ -104,7 +104,8 @@ def _cli(config_path: Path, log: Path, **kw) -> subprocess.Popen:
 
 
 def test_rerun_after_the_driver_is_killed_resumes_after_the_last_checkpoint(synth_set, tmp_path):
-    cfg = small_run(tmp_path, synth_set)
+    # 64 px crops: an epoch of a few seconds, so that the kill lands between the two checkpoints.
+    cfg = small_run(tmp_path, synth_set, crop_size=64, scale_jitter=[64, 72])
     config_path = tmp_path / "pipeline.yaml"
     config_path.write_text(cfg.to_yaml())
     checkpoints = tmp_path / "storage" / "checkpoints"
@@ -118,7 +119,7 @@ def test_rerun_after_the_driver_is_killed_resumes_after_the_last_checkpoint(synt
     deadline = time.time() + 300
     while time.time() < deadline and not committed(1):
         assert first.poll() is None, (tmp_path / "first.log").read_text()[-3000:]
-        time.sleep(0.2)
+        time.sleep(0.02)
     os.killpg(first.pid, signal.SIGKILL)  # the driver and the local Ray it started, workers included
     first.wait()
     assert committed(1) and not committed(2), "the kill should land between the two epochs' checkpoints"
