@@ -30,9 +30,14 @@ def test_ray_job_submit_runs_the_workflow_and_registers_a_model(synth_set, tmp_p
     env.pop("RAY_ADDRESS", None)
     # As after `source .venv/bin/activate`: the job's `python` is the one the head node runs on.
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    # Every port the head opens is a free one: the test session's own local Ray holds Ray's defaults (the
+    # dashboard agent's 52365 among them), and a second agent on the same port never comes up.
+    agent_ports = [f"--{flag}={free_port()}" for flag in ("dashboard-agent-listen-port", "dashboard-agent-grpc-port",
+                                                           "runtime-env-agent-port", "metrics-export-port")]
     head = subprocess.Popen(
         [ray_cli(), "start", "--head", "--block", f"--port={port}", "--node-ip-address=127.0.0.1",
-         "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}", "--num-cpus=2", "--include-dashboard=true"],
+         "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}", "--num-cpus=2", "--include-dashboard=true",
+         *agent_ports],
         env=env, stdout=open(tmp_path / "head.log", "wb"), stderr=subprocess.STDOUT, start_new_session=True)
     address = f"http://127.0.0.1:{dashboard}"
     try:
@@ -41,8 +46,7 @@ def test_ray_job_submit_runs_the_workflow_and_registers_a_model(synth_set, tmp_p
         videos = synth_set
         submission = f"test-{secrets.token_hex(4)}"
         # Exactly the README's command, with absolute paths (the job runs in Ray's copy of the working dir).
-        submit = subprocess.run(
-            [ray_cli(), "job", "submit", "--address", address, "--working-dir", ".", "--runtime-env",
+        command = [ray_cli(), "job", "submit", "--address", address, "--working-dir", ".", "--runtime-env",
              "cluster/runtime_env.local.yaml", "--submission-id", submission, "--no-wait", "--",
              "python", "-m", "pipelines", "run", "--config", "configs/demo.yaml",
              "--set", f"storage_root={out}", "--set", f"data.video_root={videos}",
@@ -52,8 +56,13 @@ def test_ray_job_submit_runs_the_workflow_and_registers_a_model(synth_set, tmp_p
              "--set", "preprocess.short_side=48", "--set", "preprocess.eval_views=2",
              "--set", "evaluate.temporal_views=2", "--set", "train.crop_size=32",
              "--set", "train.scale_jitter=[40,48]", "--set", "train.epochs=1", "--set", "train.warmup_epochs=0",
-             "--set", "train.batch_size=4"],
-            cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+             "--set", "train.batch_size=4"]
+        # The dashboard answers before the head's job agent is up ("No available agent ... try again later").
+        for _ in range(30):
+            submit = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+            if submit.returncode == 0 or "No available agent" not in submit.stderr + submit.stdout:
+                break
+            time.sleep(2)
         assert submit.returncode == 0, submit.stdout + submit.stderr
         status = _wait_for_job(address, submission, env, timeout=900)
         logs = subprocess.run([ray_cli(), "job", "logs", "--address", address, submission], env=env,

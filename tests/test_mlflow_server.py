@@ -91,7 +91,7 @@ def trained(ray_local, synth_set, mlflow_server, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("server-pipeline")
     cfg = pipeline_config(
         tmp, synth_set, preprocess={"clips_per_video": 16, "rows_per_shard": 64},
-        train={"epochs": EPOCHS, "batch_size": 8, "num_workers": 1, "cpus_per_worker": 1, "base_lr": 0.04,
+        train={"epochs": EPOCHS, "batch_size": 8, "num_workers": 1, "cpus_per_worker": 1, "base_lr": 0.2,
                "warmup_epochs": 0.5},
         mlflow={"tracking_uri": mlflow_server["url"], "experiment": "server-test", "model_name": "motion"},
         ray={"data_cpus": 1.0}, model={"preset": "slowfast_tiny", "fast_input": "time_difference"})

@@ -27,7 +27,7 @@ def small_config(tmp: Path, videos: Path, **sections):
     pathway on frame differences (as the demo): with RGB, 4 epochs sometimes left it at chance."""
     return pipeline_config(
         tmp, videos, preprocess={"clips_per_video": 16, "rows_per_shard": 64},
-        train={"epochs": 4, "batch_size": 8, "num_workers": 1, "cpus_per_worker": 1, "base_lr": 0.04,
+        train={"epochs": 4, "batch_size": 8, "num_workers": 1, "cpus_per_worker": 1, "base_lr": 0.2,
                "warmup_epochs": 0.5},
         mlflow={"tracking_uri": f"sqlite:///{tmp / 'mlflow.db'}", "experiment": "registry-test",
                 "model_name": "motion"},
