@@ -1,6 +1,6 @@
 """`python -m pipelines <command>` (console script `slowfast-pipeline`): argument parsing and dispatch.
 
-Exit codes: 0 done, 1 failed, 2 bad config or arguments (before any work), 3 command not built yet.
+Exit codes: 0 done, 1 failed, 2 bad config or arguments (before any work).
 """
 from __future__ import annotations
 
@@ -14,16 +14,9 @@ import pipelines
 from pipelines.config import ConfigError, PipelineConfig, SynthSection, load_config
 from pipelines.errors import PipelineError
 
-EXIT_OK, EXIT_FAILED, EXIT_CONFIG, EXIT_NOT_BUILT = 0, 1, 2, 3
+EXIT_OK, EXIT_FAILED, EXIT_CONFIG = 0, 1, 2
 
 REPO_ROOT = Path(pipelines.__file__).resolve().parents[1]
-
-ISSUES = {3: "data", 4: "train", 5: "workflow", 6: "ablation"}
-
-# What does not exist yet, and the issue that builds it. Delete a row when its command works.
-NOT_BUILT: dict[str, int] = {
-}
-
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -50,20 +43,8 @@ def main(argv: list[str] | None = None) -> int:
         return exc.code if isinstance(exc.code, int) else EXIT_FAILED
 
 
-def not_built(what: str) -> int:
-    issue = NOT_BUILT[what]
-    print(f"pipelines {what}: not built yet — tracked in issue {issue} ({ISSUES[issue]})", file=sys.stderr)
-    return EXIT_NOT_BUILT
-
-
-def cmd_not_built(args: argparse.Namespace, config: PipelineConfig | None) -> int:
-    return not_built(args.command)
-
-
 def cmd_bench(args: argparse.Namespace, config: PipelineConfig | None) -> int:
     what = f"bench {args.target}"
-    if what in NOT_BUILT:
-        return not_built(what)
     script = REPO_ROOT / "benchmarks" / f"bench_{args.target}.py"
     if not script.is_file():
         print(f"pipelines {what}: benchmarks/ not found: run from a source checkout", file=sys.stderr)
@@ -255,10 +236,10 @@ def build_parser() -> argparse.ArgumentParser:
         prog="python -m pipelines",
         description="Train SlowFast video models: synthetic or Kinetics-style data -> Ray Data shards -> "
                     "Ray Train -> MLflow registry.",
-        epilog="Exit codes: 0 done, 1 failed, 2 bad config or arguments, 3 not built yet.")
+        epilog="Exit codes: 0 done, 1 failed, 2 bad config or arguments.")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    def command(name: str, help: str, config: str | None = "required", handler=cmd_not_built):
+    def command(name: str, help: str, handler, config: str | None = "required"):
         sub = commands.add_parser(name, help=help, description=help)
         if config:
             sub.add_argument("--config", metavar="PATH", required=config == "required",

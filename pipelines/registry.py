@@ -71,7 +71,8 @@ def describe_missing(cfg: PipelineConfig, uri: str, exc: Exception) -> str:
     known = [m.name for m in c.search_registered_models(max_results=50)]
     if name and name not in known:
         return (f"{uri}: no registered model {name!r} in {tracking_uri(cfg)} (registered: "
-                f"{', '.join(known) or 'none'}); run `python -m pipelines run --config ...` to train and register one, or check mlflow.tracking_uri")
+                f"{', '.join(known) or 'none'}); run `python -m pipelines run --config ...` to train and register "
+                "one, or check mlflow.tracking_uri")
     if name:
         try:
             aliases = sorted(c.get_registered_model(name).aliases)

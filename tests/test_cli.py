@@ -6,11 +6,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
-
 import slowfast.model
 from pipelines import cli
-from pipelines.cli import EXIT_CONFIG, EXIT_FAILED, EXIT_NOT_BUILT, EXIT_OK, ISSUES, NOT_BUILT, main
+from pipelines.cli import EXIT_CONFIG, EXIT_FAILED, EXIT_OK, main
 from slowfast.model import build, count_params
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -28,30 +26,6 @@ def test_help_in_a_real_process_lists_every_command():
         assert f"\n    {command}" in done.stdout
 
 
-def test_every_not_built_entry_names_an_issue_with_a_title():
-    assert set(ISSUES) >= set(NOT_BUILT.values())
-    for what in NOT_BUILT:
-        assert what.split()[0] in COMMANDS
-
-
-@pytest.mark.parametrize("argv", [
-    ["evaluate", "--config", DEMO],
-    ["promote", "--config", DEMO, "--version", "2"],
-    ["predict", "clip.mp4", "--model-uri", "models:/demo@champion"],
-    ["status", "--config", DEMO],
-    ["bench", "train"],
-    ["bench", "ablate"],
-], ids=lambda argv: " ".join(argv[:2]) if argv[0] == "bench" else argv[0])
-def test_a_command_not_built_yet_says_which_issue_and_exits_3(argv, capsys):
-    what = " ".join(argv[:2]) if argv[0] == "bench" else argv[0]
-    if what not in NOT_BUILT:
-        pytest.skip(f"{what} is built")
-    assert main(argv) == EXIT_NOT_BUILT
-    issue = NOT_BUILT[what]
-    assert capsys.readouterr().err.strip() == \
-        f"pipelines {what}: not built yet — tracked in issue {issue} ({ISSUES[issue]})"
-
-
 def test_bad_config_exits_2_before_any_work(tmp_path, capsys, monkeypatch):
     def no_work(*args, **kwargs):
         raise AssertionError("the model was built although the config is invalid")
@@ -63,7 +37,7 @@ def test_bad_config_exits_2_before_any_work(tmp_path, capsys, monkeypatch):
     assert err.startswith(f"pipelines run: {DEMO}: invalid config, 2 problems:")
     assert "train.lrr: unknown key; allowed: epochs," in err
     assert "model.fusion: Input should be 'concat' or 'sum' (got 'diagonal')" in err
-    # Config errors come before "not built yet" too.
+    # A missing config file is a config error too.
     assert main(["train", "--config", str(tmp_path / "missing.yaml")]) == EXIT_CONFIG
     assert "missing.yaml: no such file" in capsys.readouterr().err
 

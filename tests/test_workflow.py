@@ -121,7 +121,8 @@ def test_kill_9_during_preprocess_and_during_train_then_the_same_command_finishe
 
     # 2. Killed during train, after epoch 1's checkpoint.
     def checkpointed() -> bool:
-        return any("epoch-0001" in p.read_text() for p in storage.glob("checkpoints/*/checkpoint_manager_snapshot.json"))
+        snapshots = storage.glob("checkpoints/*/checkpoint_manager_snapshot.json")
+        return any("epoch-0001" in p.read_text() for p in snapshots)
 
     _kill_when(_cli_run(config_path, log, start_new_session=True), checkpointed, log)
     runs = list_runs(cfg)
