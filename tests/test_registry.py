@@ -22,6 +22,19 @@ from pipelines.storage import Storage
 from pipelines.train import CHECKPOINT_FILE, train
 
 
+def skewed_val(tmp: Path, videos: Path) -> str:
+    """The val annotations plus one more video of the first class (a train video): 5 val videos, 2 of class
+    0, so a constant predictor of class 0 scores 0.4 and of any other class 0.2 (a better and a worse model
+    whose figures do not depend on how training went)."""
+    train = list(csv.reader((videos / "annotations/train.csv").open()))
+    first = sorted({row[0] for row in train[1:]})[0]
+    extra = next(row for row in train[1:] if row[0] == first)
+    path = tmp / "val_skewed.csv"
+    path.write_text((videos / "annotations/val.csv").read_text().rstrip("\n") + "\n" +
+                    ",".join([f'"{extra[0]}"', *extra[1:4], "val"]) + "\n")
+    return str(path)
+
+
 def small_config(tmp: Path, videos: Path, **sections):
     """slowfast_tiny at 32 px on the 4-class synthetic set (3 train + 1 val video per class), its Fast
     pathway on frame differences (as the demo): with RGB, 4 epochs sometimes left it at chance."""
@@ -31,7 +44,10 @@ def small_config(tmp: Path, videos: Path, **sections):
                "warmup_epochs": 0.5},
         mlflow={"tracking_uri": f"sqlite:///{tmp / 'mlflow.db'}", "experiment": "registry-test",
                 "model_name": "motion"},
-        ray={"data_cpus": 1.0}, model={"preset": "slowfast_tiny", "fast_input": "time_difference"}, **sections)
+        ray={"data_cpus": 1.0}, model={"preset": "slowfast_tiny", "fast_input": "time_difference"},
+        data={"dataset": "synth", "format": "kinetics_csv", "video_root": str(videos),
+              "annotations": {"train": str(videos / "annotations/train.csv"), "val": skewed_val(tmp, videos)}},
+        **sections)
 
 
 @pytest.fixture(scope="module")
@@ -63,9 +79,9 @@ def test_clip_indices_spread_the_views_kept():
 def test_evaluate_a_checkpoint_with_every_view_and_log_it_to_the_training_run(trained):
     cfg, out, tmp = trained
     result = evaluate(cfg, out["best_checkpoint"], log=lambda *_: None)
-    assert result["num_videos"] == 4 and result["views_per_video"] == 3 * 3  # 3 temporal x 3 spatial
+    assert result["num_videos"] == 5 and result["views_per_video"] == 3 * 3  # 3 temporal x 3 spatial
     assert 0 <= result["top1"] <= result["top5"] <= 1 and result["top5"] == 1.0  # 4 classes: all in the top 5
-    assert sum(map(sum, result["confusion"])) == 4 and len(result["per_class"]) == 4
+    assert sum(map(sum, result["confusion"])) == 5 and len(result["per_class"]) == 4
     folder = Path(result["artifacts"])
     rows = list(csv.DictReader(io.StringIO((folder / "per_class.csv").read_text())))
     assert [r["class"] for r in rows] == [c["name"] for c in result["per_class"]]
@@ -93,35 +109,38 @@ def test_register_promote_only_a_better_model_and_load_it_back(trained):
     client = MlflowClient(out["tracking_uri"])
     best = Path(out["best_checkpoint"]) / CHECKPOINT_FILE
 
-    # The first model becomes champion whatever its figure: a constant predictor (1 of 4 videos right).
-    weak = evaluate(cfg, constant_model(best, tmp / "constants", 0), log=lambda *_: None)
-    assert weak["top1"] == 0.25
+    # The first model becomes champion whatever its figure: a constant predictor of class 1 (1 of 5 right).
+    weak = evaluate(cfg, constant_model(best, tmp / "constants", 1), log=lambda *_: None)
+    assert weak["top1"] == 0.2
     first = promote(cfg, register(cfg, weak, log=lambda *_: None)["model_version"], log=lambda *_: None)
     assert first["promoted"] and first["model_version"] == 1 and first["reason"].startswith("first model")
 
-    # The trained model beats it on the same eval set: promoted, both figures on the version.
-    good = evaluate(cfg, out["best_checkpoint"], log=lambda *_: None)
-    assert good["top1"] > 0.25, f"the trained model should beat a constant predictor: {good['top1']}"
-    reg = register(cfg, good, log=lambda *_: None)
+    # A better one on the same eval set (class 0, 2 of 5 right): promoted, both figures on the version.
+    better = evaluate(cfg, constant_model(best, tmp / "constants", 0), log=lambda *_: None)
+    assert better["top1"] == 0.4
+    reg = register(cfg, better, log=lambda *_: None)
     assert reg["model_version"] == 2 and CHALLENGER in reg["aliases"]
     second = promote(cfg, log=lambda *_: None)  # the challenger, by default
     assert second["promoted"] and second["champion_before"] == 1
     tags = client.get_model_version("motion", "2").tags
     assert tags["slowfast.promotion.decision"] == "promoted"
-    assert float(tags["slowfast.promotion.champion_top1"]) == 0.25
-    assert float(tags["slowfast.promotion.top1"]) == pytest.approx(good["top1"])
-    assert tags["slowfast.eval_set"] == good["eval_set"] and tags["slowfast.preset"] == "slowfast_tiny"
+    assert float(tags["slowfast.promotion.champion_top1"]) == 0.2
+    assert float(tags["slowfast.promotion.top1"]) == pytest.approx(0.4)
+    assert tags["slowfast.eval_set"] == better["eval_set"] and tags["slowfast.preset"] == "slowfast_tiny"
 
-    # A worse model (another constant predictor) is registered but never becomes champion.
-    worse = evaluate(cfg, constant_model(best, tmp / "constants", 1), log=lambda *_: None)
+    # A worse model (class 2, 1 of 5) is registered but never becomes champion.
+    worse = evaluate(cfg, constant_model(best, tmp / "constants", 2), log=lambda *_: None)
     third = promote(cfg, register(cfg, worse, log=lambda *_: None)["model_version"], log=lambda *_: None)
     assert not third["promoted"] and third["decision"] == "rejected"
     assert str(client.get_model_version_by_alias("motion", CHAMPION).version) == "2"
     assert str(client.get_model_version_by_alias("motion", CHALLENGER).version) == "3"
     assert client.get_model_version("motion", "3").tags["slowfast.promotion.decision"] == "rejected"
 
+    # The trained model registers too (its figure decides nothing here), and again is the same version.
+    good = evaluate(cfg, out["best_checkpoint"], log=lambda *_: None)
+    assert register(cfg, good, log=lambda *_: None)["model_version"] == 4
     # Registering the same checkpoint again is the same version (a resumed workflow adds none).
-    assert register(cfg, good, log=lambda *_: None)["model_version"] == 2
+    assert register(cfg, good, log=lambda *_: None)["model_version"] == 4
 
     # The champion loads as the PyTorch module, and as a pyfunc that takes paths or bytes.
     mlflow.set_tracking_uri(out["tracking_uri"])
