@@ -156,3 +156,17 @@ def torchvision_stub() -> Iterator[None]:
     finally:
         for name in ("torchvision", "torchvision.ops"):
             sys.modules.pop(name, None)
+
+
+def proc_stat(pid: str) -> list[str]:
+    """Fields 3 on of /proc/<pid>/stat (after the command name, which may hold spaces)."""
+    with open(f"/proc/{pid}/stat") as f:
+        return f.read().rsplit(")", 1)[1].split()
+
+
+def descends_from(pid: str, ancestor: int) -> bool:
+    while pid not in ("0", "1"):
+        pid = proc_stat(pid)[1]  # the parent
+        if pid == str(ancestor):
+            return True
+    return False

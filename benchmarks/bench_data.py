@@ -53,7 +53,8 @@ import pyarrow as pa  # noqa: E402
 import pyarrow.parquet as pq  # noqa: E402
 import simplejpeg  # noqa: E402
 
-from benchmarks._common import environment, format_table, ratio, time_interleaved, write_json  # noqa: E402
+from benchmarks._common import (descends_from, environment, format_table, proc_stat, ratio, time_interleaved,
+                               write_json)  # noqa: E402
 from pipelines.ingest import Task  # noqa: E402
 from pipelines.preprocess import decode_video  # noqa: E402
 from slowfast.shards.reader import iter_clips  # noqa: E402
@@ -524,10 +525,10 @@ class ActorCpu:
                 with open(f"/proc/{pid}/cmdline", "rb") as f:
                     if not f.read(64).startswith(b"ray::MapWorker"):
                         continue
-                if pid not in self._cpu and not _descends_from(pid, os.getpid()):
+                if pid not in self._cpu and not descends_from(pid, os.getpid()):
                     self._ignore.add(pid)
                     continue
-                fields = _proc_stat(pid)
+                fields = proc_stat(pid)
             except OSError:  # the process ended between listing and reading
                 continue
             self._cpu[pid] = max(self._cpu.get(pid, 0.0), (int(fields[11]) + int(fields[12])) / self._tick)
@@ -536,20 +537,6 @@ class ActorCpu:
             ticks = [int(x) for x in f.readline().split()[1:]]
         idle = ticks[3] + ticks[4]  # idle + iowait
         self.samples.append((now, sum(self._cpu.values()), sum(ticks[:8]) - idle, sum(ticks[:8])))
-
-
-def _proc_stat(pid: str) -> list[str]:
-    """Fields 3 on of /proc/<pid>/stat (after the command name, which may hold spaces)."""
-    with open(f"/proc/{pid}/stat") as f:
-        return f.read().rsplit(")", 1)[1].split()
-
-
-def _descends_from(pid: str, ancestor: int) -> bool:
-    while pid not in ("0", "1"):
-        pid = _proc_stat(pid)[1]  # the parent
-        if pid == str(ancestor):
-            return True
-    return False
 
 
 @contextlib.contextmanager

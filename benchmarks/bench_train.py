@@ -48,7 +48,7 @@ _ROOT = Path(__file__).resolve().parents[1]
 if str(_ROOT) not in sys.path:  # run as a script or loaded by path: make `benchmarks` and `pipelines` importable
     sys.path.insert(0, str(_ROOT))
 
-from benchmarks._common import environment, format_table, ratio, write_json  # noqa: E402
+from benchmarks._common import descends_from, environment, format_table, proc_stat, ratio, write_json  # noqa: E402
 from pipelines.config import PipelineConfig, load_config  # noqa: E402
 from pipelines.data import ensure_videos, storage_of  # noqa: E402
 from pipelines.train import TrainData, prepare_data, train  # noqa: E402
@@ -186,12 +186,12 @@ class CoreUse:
                     role = next((r for r, prefix in self.ROLES.items() if head.startswith(prefix)), None)
                     if role is None:
                         continue
-                    if not _descends_from(pid, os.getpid()):
+                    if not descends_from(pid, os.getpid()):
                         self._skip.add(pid)
                         continue
                 else:
                     role = self._cpu[pid][0]
-                fields = _proc_stat(pid)
+                fields = proc_stat(pid)
             except OSError:  # the process ended between listing and reading
                 continue
             self._cpu[pid] = (role, (int(fields[11]) + int(fields[12])) / self._tick)
@@ -199,20 +199,6 @@ class CoreUse:
         with open("/proc/stat") as f:
             ticks = [int(x) for x in f.readline().split()[1:]]
         self.samples.append((now, roles, sum(ticks[:8]) - ticks[3] - ticks[4], sum(ticks[:8])))
-
-
-def _proc_stat(pid: str) -> list[str]:
-    """Fields 3 on of /proc/<pid>/stat (after the command name, which may hold spaces)."""
-    with open(f"/proc/{pid}/stat") as f:
-        return f.read().rsplit(")", 1)[1].split()
-
-
-def _descends_from(pid: str, ancestor: int) -> bool:
-    while pid not in ("0", "1"):
-        pid = _proc_stat(pid)[1]  # the parent
-        if pid == str(ancestor):
-            return True
-    return False
 
 
 # -- memory: one batch, no I/O ---------------------------------------------------------------------------
