@@ -26,6 +26,7 @@ from benchmarks._common import (environment, format_table, ratio, time_interleav
                                 write_json)
 from slowfast.model import build, count_flops, count_params, example_inputs  # noqa: E402
 from slowfast.model.flops import gflops  # noqa: E402
+from slowfast.train import memory_format  # noqa: E402
 
 # preset: (params, GFLOPs at 256x256) of the reference implementation, from DESIGN.md; GFLOPs as
 # fvcore counts them (convolutions, linear layers, eval-mode batch norm). Slow-only: pytorchvideo
@@ -100,16 +101,16 @@ def train_step(model: nn.Module, inputs: list[torch.Tensor], labels: torch.Tenso
 def speed_table(args) -> tuple[str, dict]:
     device = torch.device(args.device)
     cuda = device.type == "cuda"
-    memory_format = torch.channels_last_3d if cuda else torch.contiguous_format
+    fmt = memory_format(device.type)
     torch.manual_seed(0)
     ours = build(TIMED_PRESET, num_classes=400)
     reference = reference_slowfast_r50(num_classes=400, size=args.size)
-    inputs = [x.to(device, memory_format=memory_format) for x in example_inputs(ours.cfg, args.batch, args.size)]
+    inputs = [x.to(device, memory_format=fmt) for x in example_inputs(ours.cfg, args.batch, args.size)]
     labels = torch.randint(0, 400, (args.batch,), device=device)
     sizes = {}
     for name, model in (("ours", ours), ("pytorchvideo", reference)):
         sizes[name] = {"params": count_params(model), "gflops": round(count_flops(model, inputs) / args.batch / 1e9, 3)}
-        model.to(device, memory_format=memory_format).train()
+        model.to(device, memory_format=fmt).train()
     if sizes["ours"] != sizes["pytorchvideo"]:
         print(f"warning: the two models differ in size: {sizes}", file=sys.stderr)
     if cuda:
@@ -135,7 +136,7 @@ def speed_table(args) -> tuple[str, dict]:
     ]
     rows = [[name, _fmt(x, 1 if x and x >= 10 else 3), _fmt(y, 1 if y and y >= 10 else 3), _fmt(r, 3)]
             for name, x, y, r in rows]
-    precision = "bf16 autocast, channels_last_3d" if cuda else "fp32"
+    precision = "bf16 autocast, channels_last_3d" if cuda else "fp32, channels_last_3d"
     title = (f"Train step: {TIMED_PRESET}, batch {args.batch}, {args.size}x{args.size}, 400 classes, forward + "
              f"backward + SGD, {device.type} {precision}, {torch.get_num_threads()} threads; {args.steps} steps "
              f"per model, alternating, after {args.warmup} warm-up")

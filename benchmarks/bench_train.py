@@ -42,7 +42,6 @@ import uuid
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 _ROOT = Path(__file__).resolve().parents[1]
 if str(_ROOT) not in sys.path:  # run as a script or loaded by path: make `benchmarks` and `pipelines` importable
@@ -53,9 +52,7 @@ from pipelines.config import PipelineConfig, load_config  # noqa: E402
 from pipelines.data import ensure_videos, storage_of  # noqa: E402
 from pipelines.train import TrainData, prepare_data, train  # noqa: E402
 from slowfast.model import PRESETS, SlowFast  # noqa: E402
-from slowfast.train import (LRSchedule, autocast, build_optimizer, clip_gradients, memory_format,  # noqa: E402
-                            scaled_lr, topk_correct)
-from slowfast.video.transforms import normalize_tensor  # noqa: E402
+from slowfast.train import LRSchedule, build_optimizer, memory_format, scaled_lr, topk_correct, train_step  # noqa: E402
 
 DEMO_CONFIG = _ROOT / "configs" / "demo.yaml"
 GOAL = 0.95
@@ -237,19 +234,10 @@ def memory_case(cfg: PipelineConfig, data: TrainData, device: torch.device, step
     for step in range(total):
         start, start_cpu = time.perf_counter(), time.process_time()
         schedule.step(optimizer, 0, step, total)
-        slow = normalize_tensor(batch["slow"]).contiguous(memory_format=fmt)
-        fast = normalize_tensor(batch["fast"]).contiguous(memory_format=fmt)
-        labels = batch["label"]
-        with autocast(device.type, t.mixed_precision):
-            logits = model([slow, fast])
-        loss = F.cross_entropy(logits.float(), labels)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        if t.grad_clip:
-            clip_gradients(net, t.grad_clip)
-        optimizer.step()
-        loss.item()  # waits for the device: the step is done
-        topk_correct(logits.detach(), labels, (1,))
+        out = train_step(model, optimizer, batch, fmt=fmt, mixed_precision=t.mixed_precision,
+                         grad_clip=t.grad_clip, clipped=net)
+        out.loss.item()  # waits for the device: the step is done
+        topk_correct(out.logits.detach(), batch["label"], (1,))
         if step >= warmup:
             wall.append(time.perf_counter() - start)
             cpu.append(time.process_time() - start_cpu)
@@ -341,8 +329,7 @@ def report(cfg: PipelineConfig, args, results: dict) -> str:
         ["memory, per CPU second (clips/CPU-s)", _f(base_cpu), None, None, "1.000", None],
     ]
     t = cfg.train
-    precision = "bf16 autocast, channels_last_3d" if args.device == "cuda" and args.bf16 else (
-        "fp32, channels_last_3d" if args.device == "cuda" else "fp32")
+    precision = "bf16 autocast, channels_last_3d" if args.device == "cuda" and args.bf16 else "fp32, channels_last_3d"
     title = (f"Train throughput: {args.preset}, batch {t.batch_size}, crop {t.crop_size} (short side "
              f"{cfg.preprocess.short_side}, jitter {list(t.scale_jitter)}), {args.device} {precision}; "
              f"{shards['steps']} timed steps per case after {shards['warmup']} warm-up")

@@ -69,7 +69,8 @@ class SplitPlan:
 
     def summary(self) -> dict:
         return {"split": self.split, "rows_read": self.rows_read, "to_decode": len(self.todo),
-                "already_committed": self.done, "quarantined_at_plan": dict(Counter(q.reason for q in self.quarantined))}
+                "already_committed": self.done,
+                "quarantined_at_plan": dict(Counter(q.reason for q in self.quarantined))}
 
 
 def read_text(location: str, s3: S3Options) -> str:

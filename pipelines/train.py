@@ -29,9 +29,8 @@ import torch.nn.functional as F
 from slowfast.model import SlowFast, load_checkpoint, save_checkpoint
 from slowfast.shards import manifest
 from slowfast.shards.schema import ShardMeta, read_meta
-from slowfast.train import (LRSchedule, VideoAggregator, autocast, build_optimizer, clip_gradients, memory_format,
-                            scaled_lr, topk_correct)
-from slowfast.video.transforms import normalize_tensor
+from slowfast.train import (LRSchedule, VideoAggregator, autocast, build_optimizer, clip_inputs, memory_format,
+                            scaled_lr, topk_correct, train_step)
 
 from .config import PipelineConfig
 from .data import run_preprocess, storage_of
@@ -579,24 +578,16 @@ def _epochs(config, cfg, model, net, optimizer, schedule, shard, tracker, start_
         for step, batch in enumerate(batches):
             waited = time.perf_counter() - wait_start
             step_lr = schedule.step(optimizer, epoch, step, steps_per_epoch)
-            slow = normalize_tensor(batch["slow"]).contiguous(memory_format=fmt)
-            fast = normalize_tensor(batch["fast"]).contiguous(memory_format=fmt)
-            labels = batch["label"]
-            with autocast(device.type, t.mixed_precision):
-                logits = model([slow, fast])
-            loss = F.cross_entropy(logits.float(), labels)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            grad_norm = clip_gradients(net, t.grad_clip) if t.grad_clip else None
-            optimizer.step()
-            n = len(labels)
-            loss_value = loss.item()  # waits for the device: the step is done
+            out = train_step(model, optimizer, batch, fmt=fmt, mixed_precision=t.mixed_precision,
+                             grad_clip=t.grad_clip, clipped=net)
+            n = len(batch["label"])
+            loss_value = out.loss.item()  # waits for the device: the step is done
             step_s = time.perf_counter() - wait_start
-            sums += torch.tensor([loss_value * n, topk_correct(logits.detach(), labels, (1,))[1], n, waited,
-                                  step_s], dtype=torch.float64)
+            sums += torch.tensor([loss_value * n, topk_correct(out.logits.detach(), batch["label"], (1,))[1], n,
+                                  waited, step_s], dtype=torch.float64)
             global_step += 1
             tracker.metrics({"loss": loss_value, "lr": step_lr, "clips_per_s": n * world / step_s,
-                             "data_wait": waited / step_s, "grad_norm": grad_norm}, step=global_step, wait=False)
+                             "data_wait": waited / step_s, "grad_norm": out.grad_norm}, step=global_step, wait=False)
             wait_start = time.perf_counter()
         sums = _all_sum(sums, world, device)
         epoch_s = time.perf_counter() - epoch_start
@@ -638,11 +629,10 @@ def evaluate(net: torch.nn.Module, config: dict, cfg: PipelineConfig, device, fm
     with torch.no_grad():
         for batch in iter_clips(mine, mode="eval", batch_size=cfg.train.batch_size, crop=cfg.train.crop_size,
                                 filesystem=store.fs, spatial_crops=1, normalize=False):
-            slow = normalize_tensor(batch["slow"].to(device)).contiguous(memory_format=fmt)
-            fast = normalize_tensor(batch["fast"].to(device)).contiguous(memory_format=fmt)
+            clips = {k: batch[k].to(device) for k in ("slow", "fast")}
             labels = batch["label"].to(device)
             with autocast(device.type, cfg.train.mixed_precision):
-                logits = net([slow, fast]).float()
+                logits = net(clip_inputs(clips, fmt)).float()
             sums += torch.tensor([F.cross_entropy(logits, labels, reduction="sum").item(),
                                   topk_correct(logits, labels, (1,))[1], len(labels)], dtype=torch.float64)
             agg.add(batch["video_id"], labels, logits, view_ids=batch["clip_index"])

@@ -99,8 +99,9 @@ def test_clip_gradients_returns_norm_and_clips():
 
 
 @pytest.mark.filterwarnings("ignore:CUDA is not available")
-def test_precision_and_layout_are_no_ops_on_cpu():
-    assert memory_format("cpu") == torch.contiguous_format
+def test_precision_is_fp32_and_layout_channels_last_on_cpu():
+    assert memory_format("cpu") == torch.channels_last_3d
+    assert memory_format("mps") == torch.contiguous_format
     assert memory_format("cuda") == torch.channels_last_3d
     with autocast("cpu"):
         assert (torch.ones(2, 2) @ torch.ones(2, 2)).dtype == torch.float32
