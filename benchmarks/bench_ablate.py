@@ -22,7 +22,9 @@ Trainings run two at a time in spawned processes of one thread each (--workers, 
 SlowFast step costs 0.32 CPU-s on one thread and 0.41 CPU-s (0.21 s wall) on two, so two one-thread
 trainings do ~30% more steps per second; and while other jobs load the machine, two-thread OpenMP
 waits for its descheduled partner (Slow-only, Fast-only and SlowFast at 300 steps: ~660 CPU-s on two
-threads, ~230 on one).
+threads, ~230 on one). Networks and clips are channels_last_3d (slowfast.train.memory_format): every
+variant's step took 0.76-0.95x the time of the contiguous layout. Val top-1 is also measured twice during
+training (--eval-every; ~1 s each) for the learning curves, which show whether the budget was enough.
 
 Each (variant, seed) result is a JSON file under <out>/results/, named with a digest of everything that
 decides the result (model fields, training settings, steps, seed, shard listing): a re-run skips what is
@@ -47,7 +49,6 @@ from pathlib import Path
 from typing import NamedTuple
 
 import torch
-import torch.nn.functional as F
 from pydantic import ValidationError
 
 _ROOT = str(Path(__file__).resolve().parents[1])
@@ -62,9 +63,8 @@ from pipelines.train import TrainData, absolute_tracking_uri, mlflow_run, prepar
 from slowfast.model import SlowFast, SlowFastConfig, count_params  # noqa: E402
 from slowfast.model.flops import gflops  # noqa: E402
 from slowfast.shards.reader import iter_clips  # noqa: E402
-from slowfast.train import (LRSchedule, VideoAggregator, build_optimizer, clip_gradients, scaled_lr,  # noqa: E402
-                            topk_correct)
-from slowfast.video.transforms import normalize_tensor  # noqa: E402
+from slowfast.train import (LRSchedule, VideoAggregator, build_optimizer, clip_inputs, memory_format,  # noqa: E402
+                            scaled_lr, topk_correct, train_step)
 
 # name: (group, fields changed from the config's model section, what the paper calls it).
 # The base, "slowfast", is the config's model as is (slowfast_tiny: time-strided conv lateral,
@@ -86,6 +86,7 @@ VARIANTS: dict[str, tuple[str, dict, str]] = {
 GROUP_COLOURS = {"pathways": "tab:blue", "lateral": "tab:orange", "fusion": "tab:green", "beta": "tab:purple",
                  "fast input": "tab:red"}
 DEFAULT_STEPS, DEFAULT_SEEDS, DEFAULT_WARMUP = 300, 3, 0.1
+FORMAT = memory_format("cpu")  # channels_last_3d: every variant's step 0.76-0.95x the time of contiguous
 QUICK_STEPS = 8
 
 
@@ -116,7 +117,7 @@ def evaluate(net: SlowFast, batches: list[dict], num_classes: int, spatial_crops
     net.eval()
     with torch.no_grad():
         for batch in batches:
-            logits = net([normalize_tensor(batch["slow"]), normalize_tensor(batch["fast"])])
+            logits = net(clip_inputs(batch, FORMAT))
             views = batch["clip_index"].long() * spatial_crops + batch["spatial_index"].clamp(min=0).long()
             agg.add(batch["video_id"], batch["label"], logits, view_ids=views)
     net.train()
@@ -126,19 +127,21 @@ def evaluate(net: SlowFast, batches: list[dict], num_classes: int, spatial_crops
 
 
 def train_variant(model_cfg: SlowFastConfig, cfg: PipelineConfig, data: TrainData, seed: int, steps: int,
-                  warmup: float, val: list[dict]) -> dict:
-    """Train one network for `steps` steps from seed `seed`, then evaluate it; returns the figures."""
+                  warmup: float, val: list[dict], eval_every: int = 0) -> dict:
+    """Train one network for `steps` steps from seed `seed`, then evaluate it; returns the figures.
+    With `eval_every`, the val top-1 is also measured every that many steps ("curve"); evaluating
+    draws no random numbers and leaves batch norm's statistics alone, so the result is the same."""
     t, store = cfg.train, storage_of(cfg)
     started, cpu_started = time.perf_counter(), time.process_time()
     torch.manual_seed(seed)  # initial weights and dropout
-    net = SlowFast(model_cfg)
+    net = SlowFast(model_cfg).to(memory_format=FORMAT)
     lr = scaled_lr(t.base_lr, t.batch_size)
     steps_per_epoch = data.train_clips // t.batch_size
     total_epochs = steps / steps_per_epoch
     schedule = LRSchedule(base_lr=lr, warmup_epochs=warmup * total_epochs, total_epochs=total_epochs)
     optimizer = build_optimizer(net, lr=lr, momentum=t.momentum, weight_decay=t.weight_decay, nesterov=t.nesterov)
     paths = [(store.path(p), s) for p, s in data.train_shards]
-    losses, correct, seen, step, epoch = [], 0, 0, 0, 0
+    losses, curve, correct, seen, step, epoch = [], [], 0, 0, 0, 0
     net.train()
     while step < steps:
         # The whole train set is one shuffle window (shards hold a class or two each, and batch norm
@@ -148,18 +151,14 @@ def train_variant(model_cfg: SlowFastConfig, cfg: PipelineConfig, data: TrainDat
                                 shuffle_buffer=data.train_clips, seed=seed, epoch=epoch, normalize=False,
                                 drop_last=True):
             schedule.step(optimizer, 0, step, steps_per_epoch)
-            logits = net([normalize_tensor(batch["slow"]), normalize_tensor(batch["fast"])])
-            loss = F.cross_entropy(logits, batch["label"])
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if t.grad_clip:
-                clip_gradients(net, t.grad_clip)
-            optimizer.step()
-            losses.append(loss.item())
+            out = train_step(net, optimizer, batch, fmt=FORMAT, grad_clip=t.grad_clip)
+            losses.append(out.loss.item())
             if step >= steps - max(1, steps // 10):  # train accuracy over the last tenth of the budget
-                correct += topk_correct(logits.detach(), batch["label"], (1,))[1]
+                correct += topk_correct(out.logits.detach(), batch["label"], (1,))[1]
                 seen += len(batch["label"])
             step += 1
+            if eval_every and step % eval_every == 0 and step < steps:
+                curve.append([step, evaluate(net, val, model_cfg.num_classes, cfg.evaluate.spatial_crops)["top1"]])
             if step == steps:
                 break
         epoch += 1
@@ -167,8 +166,9 @@ def train_variant(model_cfg: SlowFastConfig, cfg: PipelineConfig, data: TrainDat
     res = evaluate(net, val, model_cfg.num_classes, cfg.evaluate.spatial_crops)
     tail = losses[-max(1, steps // 10):]
     return {**res, "train_loss": sum(tail) / len(tail), "train_top1": correct / max(seen, 1), "epochs": epoch,
-            "train_s": round(train_s, 2), "wall_s": round(time.perf_counter() - started, 2),
-            "cpu_s": round(time.process_time() - cpu_started, 2), "losses": losses}
+            "curve": curve + [[steps, res["top1"]]], "train_s": round(train_s, 2),
+            "wall_s": round(time.perf_counter() - started, 2), "cpu_s": round(time.process_time() - cpu_started, 2),
+            "losses": losses}
 
 
 # --- the study ------------------------------------------------------------------------------------------
@@ -223,13 +223,13 @@ _VAL: dict[str, list[dict]] = {}  # per process: the decoded val views, by shard
 
 
 def train_job(cfg_json: dict, data: TrainData, model_cfg: SlowFastConfig, seed: int, steps: int,
-              warmup: float, threads: int) -> dict:
+              warmup: float, threads: int, eval_every: int) -> dict:
     """One training, in this process or a worker's; the val views are decoded once per process."""
     torch.set_num_threads(threads)
     cfg = PipelineConfig.model_validate(cfg_json)
     if data.identity() not in _VAL:
         _VAL[data.identity()] = eval_batches(cfg, data)
-    return train_variant(model_cfg, cfg, data, seed, steps, warmup, _VAL[data.identity()])
+    return train_variant(model_cfg, cfg, data, seed, steps, warmup, _VAL[data.identity()], eval_every)
 
 
 def record(job: Job, figures: dict, cfg: PipelineConfig, args) -> dict:
@@ -256,7 +256,8 @@ def run_jobs(jobs: Sequence[Job], cfg: PipelineConfig, data: TrainData, args) ->
     """Train the jobs, `args.workers` at a time (spawned processes of `args.threads` threads each), and
     record each as it finishes; yields (job, result) in the order they finish."""
     cfg_json = cfg.model_dump(mode="json")
-    call = [(cfg_json, data, j.model_cfg, j.seed, args.steps, args.warmup, args.threads) for j in jobs]
+    call = [(cfg_json, data, j.model_cfg, j.seed, args.steps, args.warmup, args.threads, args.eval_every)
+            for j in jobs]
     if args.workers == 1 or len(jobs) <= 1:
         for job, a in zip(jobs, call):
             yield job, record(job, train_job(*a), cfg, args)
@@ -297,6 +298,7 @@ def log_mlflow(cfg: PipelineConfig, result: dict, model_cfg: SlowFastConfig, los
                ("top1", "top5", "mean_class_accuracy", "params", "gflops", "wall_s", "train_s", "train_loss",
                 "train_top1")]
     metrics += [Metric("loss", v, now, i + 1) for i, v in enumerate(losses) if math.isfinite(v)]
+    metrics += [Metric("val_top1", v, now, step) for step, v in result.get("curve", [])]
     tags = [RunTag("ablate.variant", result["variant"]), RunTag("ablate.group", result["group"]),
             RunTag("ablate.seed", str(result["seed"])), RunTag("ablate.key", result["key"])]
     client.log_batch(run_id, params=[Param(k, str(v)) for k, v in params.items() if k not in logged], tags=tags)
@@ -319,8 +321,16 @@ def summarize(results: Sequence[dict]) -> list[dict]:
                      "top1_mean": statistics.fmean(top1), "top1_std": statistics.stdev(top1) if len(top1) > 1 else 0.0,
                      "params": mine[0]["params"], "gflops": mine[0]["gflops"],
                      "wall_s": statistics.fmean(r["wall_s"] for r in mine),
-                     "train_loss": statistics.fmean(r["train_loss"] for r in mine)})
+                     "train_loss": statistics.fmean(r["train_loss"] for r in mine),
+                     "train_top1": statistics.fmean(r["train_top1"] for r in mine), "curve": mean_curve(mine)})
     return rows
+
+
+def mean_curve(results: Sequence[dict]) -> list[list[float]]:
+    """Val top-1 against steps, averaged over the seeds at the steps every seed measured."""
+    curves = [dict(map(tuple, r.get("curve") or [])) for r in results]
+    steps = sorted(set.intersection(*(set(c) for c in curves))) if curves else []
+    return [[step, statistics.fmean(c[step] for c in curves)] for step in steps]
 
 
 def findings(rows: Sequence[dict]) -> list[dict]:
@@ -387,11 +397,11 @@ def _change(overrides: dict) -> str:
 
 
 def table(rows: Sequence[dict], crop: int) -> str:
-    headers = ["variant", "change", "top-1 (mean ± std)", "per seed", "params", f"GFLOPs ({crop}²)",
+    headers = ["variant", "change", "top-1 (mean ± std)", "per seed", "train top-1", "params", f"GFLOPs ({crop}²)",
                "wall s / run"]
     cells = [[r["variant"], _change(r["overrides"]), f"{r['top1_mean']:.3f} ± {r['top1_std']:.3f}",
-              " ".join(f"{v:.3f}" for v in r["top1"]), f"{r['params']:,}", f"{r['gflops']:.3f}",
-              f"{r['wall_s']:.0f}"] for r in rows]
+              " ".join(f"{v:.3f}" for v in r["top1"]), f"{r['train_top1']:.3f}", f"{r['params']:,}",
+              f"{r['gflops']:.3f}", f"{r['wall_s']:.0f}"] for r in rows]
     return format_table(headers, cells)
 
 
@@ -401,14 +411,15 @@ def findings_text(checks: Sequence[dict]) -> str:
 
 
 def plot(rows: Sequence[dict], path: Path, title: str, ceiling: float | None, crop: int) -> Path:
-    """Left: top-1 per variant (mean +- std, seeds as dots); right: top-1 against GFLOPs."""
+    """Left: top-1 per variant (mean +- std, seeds as dots); middle: val top-1 against steps (mean over
+    seeds); right: top-1 against GFLOPs."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
     from matplotlib.patches import Patch
 
-    fig = Figure(figsize=(13, 0.45 * len(rows) + 2.2), layout="constrained")
+    fig = Figure(figsize=(18, 0.45 * len(rows) + 2.4), layout="constrained")
     FigureCanvasAgg(fig)
-    ax, ax2 = fig.subplots(1, 2, width_ratios=(3, 2))
+    ax, ax3, ax2 = fig.subplots(1, 3, width_ratios=(3, 2, 2))
     ys = list(range(len(rows)))[::-1]
     colours = [GROUP_COLOURS[r["group"]] for r in rows]
     ax.barh(ys, [r["top1_mean"] for r in rows], xerr=[r["top1_std"] for r in rows], color=colours, alpha=0.75,
@@ -428,6 +439,22 @@ def plot(rows: Sequence[dict], path: Path, title: str, ceiling: float | None, cr
                                label=f"Slow-only ceiling {ceiling:.0%}")[0])
     ax.legend(handles=handles, fontsize=8, loc="upper right")
     ax.set_title(title, fontsize=10)
+    styles, seen = ("-", "--", ":", "-."), {}
+    for r, c in zip(rows, colours):
+        if not r["curve"]:
+            continue
+        nth = seen[r["group"]] = seen.get(r["group"], -1) + 1  # line style: which variant of its group
+        style = styles[nth % len(styles)]
+        steps, top1 = zip(*r["curve"])
+        ax3.plot(steps, top1, style, color=c, marker=".", label=r["variant"])
+    if ceiling is not None:
+        ax3.axhline(ceiling, color="grey", linestyle="--", linewidth=1)
+    ax3.set_xlabel("optimizer step")
+    ax3.set_ylabel("video top-1 (mean over seeds)")
+    ax3.set_ylim(0, 1.02)
+    ax3.grid(alpha=0.3)
+    ax3.legend(fontsize=7, ncol=2, loc="upper left")
+    ax3.set_title("learning: val top-1 during training", fontsize=10)
     for r, c in zip(rows, colours):
         ax2.errorbar(r["gflops"], r["top1_mean"], yerr=r["top1_std"], fmt="o", color=c, capsize=3)
         ax2.annotate(r["variant"], (r["gflops"], r["top1_mean"]), fontsize=7, xytext=(4, 3),
@@ -458,6 +485,9 @@ def parse_args(argv):
                              f"quick {QUICK_STEPS})")
     parser.add_argument("--warmup", type=float, default=DEFAULT_WARMUP,
                         help=f"share of the steps spent in linear LR warm-up (default {DEFAULT_WARMUP})")
+    parser.add_argument("--eval-every", type=int, default=None, metavar="STEPS",
+                        help="also measure val top-1 every STEPS steps, for the learning curves (default: a third "
+                             "of --steps; 0: only at the end)")
     parser.add_argument("--workers", type=int, default=None,
                         help="trainings at once, each in its own process (default: 2, or 1 on one core)")
     parser.add_argument("--threads", type=int, default=None,
@@ -469,11 +499,13 @@ def parse_args(argv):
     args = parser.parse_args(argv)
     args.seeds = args.seeds or (1 if args.quick else DEFAULT_SEEDS)
     args.steps = args.steps or (QUICK_STEPS if args.quick else DEFAULT_STEPS)
+    args.eval_every = args.steps // 3 if args.eval_every is None else args.eval_every
     cores = os.cpu_count() or 1
     args.workers = args.workers or min(2, cores)
     args.threads = args.threads or max(1, cores // args.workers)
-    if min(args.seeds, args.steps, args.workers, args.threads) < 1 or not 0 <= args.warmup < 1:
-        parser.error("--seeds, --steps, --workers and --threads must be at least 1, --warmup in [0, 1)")
+    if min(args.seeds, args.steps, args.workers, args.threads) < 1 or not 0 <= args.warmup < 1 or args.eval_every < 0:
+        parser.error("--seeds, --steps, --workers and --threads must be at least 1, --warmup in [0, 1), "
+                     "--eval-every at least 0")
     names = [v.strip() for v in (args.variants or ",".join(VARIANTS)).split(",") if v.strip()]
     unknown = [v for v in names if v not in VARIANTS]
     if unknown or not names:
@@ -554,7 +586,8 @@ def main(argv: list[str] | None = None) -> int:
     (out / "ablation.md").write_text(md + "\n")
     plot(rows, out / "ablation.png", title, ceiling, cfg.train.crop_size)
     summary = {"benchmark": "ablate", "environment": environment("cpu"), "config": str(args.config),
-               "steps": args.steps, "seeds": seeds, "warmup": args.warmup, "workers": args.workers,
+               "steps": args.steps, "seeds": seeds, "warmup": args.warmup, "eval_every": args.eval_every,
+               "workers": args.workers,
                "threads": args.threads, "variants": rows, "findings": checks,
                "slow_only_ceiling": ceiling, "trained_now": trained, "skipped": len(jobs) - trained,
                "wall_s": round(wall, 1), "cpu_s": round(cpu, 1), "prepare_s": round(prepared_s, 1),

@@ -42,19 +42,25 @@ def test_study_writes_results_table_plot_and_mlflow_runs_then_resumes(bench, syn
         ("slow_only", 0), ("slow_only", 1), ("slowfast", 0), ("slowfast", 1)]
     for r in results.values():
         assert r["steps"] == 3 and 0 <= r["top1"] <= 1 and r["val_videos"] == 4 and r["wall_s"] > 0
+        # the learning curve: val top-1 after every step (--eval-every defaults to a third of --steps), the last
+        # point the final figure
+        assert [s for s, _ in r["curve"]] == [1, 2, 3] and r["curve"][-1][1] == r["top1"]
     slow = next(r for r in results.values() if r["variant"] == "slow_only")
     assert slow["overrides"] == {"arch": "slow"}
     assert slow["params"] == count_params(SlowFast(resolve("slowfast_tiny", arch="slow", num_classes=4)))
 
     table = (out / "ablation.md").read_text()
     assert "| slow_only " in table and "| slowfast " in table and "4 trained now, 0 done before" in table
+    assert "train top-1" in table.splitlines()[2]
     assert "every SlowFast variant beats Slow-only" in table and "n/a** grayscale" in table
     assert table.strip() in first  # printed as written
     assert (out / "ablation.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     summary = json.loads((out / "summary.json").read_text())
     assert [v["variant"] for v in summary["variants"]] == ["slow_only", "slowfast"]
-    assert summary["variants"][0]["top1"] == [r["top1"] for r in sorted(
-        (r for r in results.values() if r["variant"] == "slow_only"), key=lambda r: r["seed"])]
+    slow_runs = sorted((r for r in results.values() if r["variant"] == "slow_only"), key=lambda r: r["seed"])
+    assert summary["variants"][0]["top1"] == [r["top1"] for r in slow_runs]
+    assert summary["variants"][0]["curve"] == [
+        [step, pytest.approx(statistics.fmean(r["curve"][step - 1][1] for r in slow_runs))] for step in (1, 2, 3)]
 
     client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
     experiment = client.get_experiment_by_name("ablate-test")
@@ -66,6 +72,8 @@ def test_study_writes_results_table_plot_and_mlflow_runs_then_resumes(bench, syn
         assert run.data.metrics["top1"] == pytest.approx(mine["top1"])
         assert run.data.metrics["params"] == mine["params"] and run.data.metrics["gflops"] > 0
         assert [m.step for m in client.get_metric_history(run.info.run_id, "loss")] == [1, 2, 3]
+        assert [(m.step, m.value) for m in client.get_metric_history(run.info.run_id, "val_top1")] == [
+            tuple(point) for point in mine["curve"]]
         if mine["variant"] == "slow_only":
             assert run.data.params["model.arch"] == "slow"
 
