@@ -24,7 +24,7 @@ trainings do ~30% more steps per second; and while other jobs load the machine, 
 waits for its descheduled partner (Slow-only, Fast-only and SlowFast at 300 steps: ~660 CPU-s on two
 threads, ~230 on one). Networks and clips are channels_last_3d (slowfast.train.memory_format): every
 variant's step took 0.76-0.95x the time of the contiguous layout. Val top-1 is also measured twice during
-training (--eval-every; ~1 s each) for the learning curves, which show whether the budget was enough.
+training (--eval-every; 320 clips forward each) for the learning curves, which show whether the budget was enough.
 
 Each (variant, seed) result is a JSON file under <out>/results/, named with a digest of everything that
 decides the result (model fields, training settings, steps, seed, shard listing): a re-run skips what is
