@@ -149,10 +149,11 @@ def _from_mlflow(cfg: PipelineConfig, uri: str) -> LoadedModel:
 def score(net: torch.nn.Module, es: EvalSet, store: Storage, batch_size: int = 8, device: str | None = None) -> dict:
     """Video-level results of `net` over the eval set (see VideoAggregator.results)."""
     from slowfast.shards.reader import iter_clips
-    from slowfast.video.transforms import normalize_tensor
+    from slowfast.train import clip_inputs, memory_format
 
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    net = net.to(device).eval()
+    fmt = memory_format(device.type)
+    net = net.to(device, memory_format=fmt).eval()
     keep = torch.tensor(es.clip_indices)
     agg = VideoAggregator()
     with torch.no_grad():
@@ -162,9 +163,7 @@ def score(net: torch.nn.Module, es: EvalSet, store: Storage, batch_size: int = 8
             if not mask.any():
                 continue
             rows = mask.nonzero().flatten()
-            slow = normalize_tensor(batch["slow"][rows].to(device))
-            fast = normalize_tensor(batch["fast"][rows].to(device))
-            logits = net([slow, fast]).float()
+            logits = net(clip_inputs({k: batch[k][rows].to(device) for k in ("slow", "fast")}, fmt)).float()
             view_ids = (batch["clip_index"][rows].long() * 3 + batch["spatial_index"][rows].long()).tolist()
             agg.add([batch["video_id"][i] for i in rows.tolist()], batch["label"][rows], logits, view_ids=view_ids)
     return agg.results(len(es.classes), es.classes)
