@@ -497,12 +497,16 @@ def parse_args(argv):
     parser.add_argument("--quick", action="store_true", help=f"smoke test: {QUICK_STEPS} steps, 1 seed")
     parser.add_argument("--json", metavar="PATH", help="also write the summary as JSON to PATH")
     args = parser.parse_args(argv)
-    args.seeds = args.seeds or (1 if args.quick else DEFAULT_SEEDS)
-    args.steps = args.steps or (QUICK_STEPS if args.quick else DEFAULT_STEPS)
+    if args.seeds is None:
+        args.seeds = 1 if args.quick else DEFAULT_SEEDS
+    if args.steps is None:
+        args.steps = QUICK_STEPS if args.quick else DEFAULT_STEPS
     args.eval_every = args.steps // 3 if args.eval_every is None else args.eval_every
     cores = os.cpu_count() or 1
-    args.workers = args.workers or min(2, cores)
-    args.threads = args.threads or max(1, cores // args.workers)
+    if args.workers is None:
+        args.workers = min(2, cores)
+    if args.threads is None:
+        args.threads = max(1, cores // max(args.workers, 1))
     if min(args.seeds, args.steps, args.workers, args.threads) < 1 or not 0 <= args.warmup < 1 or args.eval_every < 0:
         parser.error("--seeds, --steps, --workers and --threads must be at least 1, --warmup in [0, 1), "
                      "--eval-every at least 0")

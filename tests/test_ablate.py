@@ -123,3 +123,13 @@ def test_slow_only_ceiling_counts_fast_only_pairs_as_coin_flips(bench):
     assert bench.slow_only_ceiling(labels[:2]) == 1.0  # "stripes drifting up" without its partner
     assert bench.slow_only_ceiling(labels) == pytest.approx(8 / 11)
     assert bench.slow_only_ceiling(["abseiling", "archery"]) is None
+
+
+@pytest.mark.parametrize("argv, named", [(["--variants", "slow_only,warp_drive"], "--variants: unknown warp_drive"),
+                                         (["--eval-every", "-1"], "--eval-every at least 0"),
+                                         (["--steps", "0"], "--steps"), (["--seeds", "0"], "--seeds"),
+                                         (["--workers", "0"], "--workers")])
+def test_bad_arguments_stop_before_any_work(bench, argv, named, capsys):
+    with pytest.raises(SystemExit) as exc:
+        bench.parse_args(argv)
+    assert exc.value.code == 2 and named in capsys.readouterr().err
