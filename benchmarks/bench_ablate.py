@@ -11,7 +11,7 @@ The config's data is prepared once (synth, then preprocess: a no-op when the sha
 per variant and seed, without Ray Train (its per-run start-up would cost more than a whole training
 here): build SlowFast from the config's model section plus the variant's fields, train `--steps` steps on
 the train shards (iter_clips in train mode, with slowfast.train's optimizer and warm-up + cosine
-schedule), and evaluate video-level top-1 over every stored temporal view of the val shards
+schedule), and evaluate video-level top-1 over the chosen temporal views of the val shards
 (VideoAggregator). Every variant of one seed starts from the same seed and sees the same clips in the
 same order.
 
@@ -59,12 +59,15 @@ from benchmarks._common import environment, format_table, write_json  # noqa: E4
 from pipelines.config import ConfigError, PipelineConfig, load_config  # noqa: E402
 from pipelines.data import storage_of  # noqa: E402
 from pipelines.storage import is_s3  # noqa: E402
-from pipelines.train import TrainData, absolute_tracking_uri, mlflow_run, prepare_data  # noqa: E402
+from pipelines import tracking  # noqa: E402
+from pipelines.train import TrainData, prepare_data  # noqa: E402
 from slowfast.model import SlowFast, SlowFastConfig, count_params  # noqa: E402
 from slowfast.model.flops import gflops  # noqa: E402
 from slowfast.shards.reader import iter_clips  # noqa: E402
-from slowfast.train import (LRSchedule, VideoAggregator, build_optimizer, clip_inputs, memory_format,  # noqa: E402
-                            scaled_lr, topk_correct, train_step)
+from slowfast.train import (LRSchedule, build_optimizer, memory_format, scaled_lr, topk_correct,  # noqa: E402
+                            train_step)
+from slowfast.train.evaluation import score_views  # noqa: E402
+from slowfast.video.sampling import choose_views  # noqa: E402
 
 # name: (group, fields changed from the config's model section, what the paper calls it).
 # The base, "slowfast", is the config's model as is (slowfast_tiny: time-strided conv lateral,
@@ -95,33 +98,19 @@ QUICK_STEPS = 8
 
 def eval_batches(cfg: PipelineConfig, data: TrainData) -> list[dict]:
     """The val views as uint8 batches, decoded once for every variant: evaluate.temporal_views temporal
-    views (of those stored) x evaluate.spatial_crops crops per video."""
+    views (chosen of those stored as everywhere else) x evaluate.spatial_crops crops per video."""
     store, ev = storage_of(cfg), cfg.evaluate
-    batches = []
-    for batch in iter_clips([(store.path(p), s) for p, s in data.val_shards], mode="eval",
-                            batch_size=cfg.train.batch_size, crop=cfg.train.crop_size, filesystem=store.fs,
-                            spatial_crops=ev.spatial_crops, normalize=False):
-        keep = batch["clip_index"] < ev.temporal_views
-        if not keep.all():
-            idx = keep.nonzero().flatten()
-            batch = {k: (v[idx] if isinstance(v, torch.Tensor) else [v[i] for i in idx.tolist()])
-                     for k, v in batch.items()}
-        if len(batch["label"]):
-            batches.append(batch)
-    return batches
+    return list(iter_clips([(store.path(p), s) for p, s in data.val_shards], mode="eval",
+                           batch_size=cfg.train.batch_size, crop=cfg.train.crop_size, filesystem=store.fs,
+                           spatial_crops=ev.spatial_crops, normalize=False,
+                           views=choose_views(cfg.preprocess.eval_views, ev.temporal_views)))
 
 
-def evaluate(net: SlowFast, batches: list[dict], num_classes: int, spatial_crops: int) -> dict:
-    """Video-level top-1 / top-5: softmax scores averaged over each video's views."""
-    agg = VideoAggregator()
-    net.eval()
-    with torch.no_grad():
-        for batch in batches:
-            logits = net(clip_inputs(batch, FORMAT))
-            views = batch["clip_index"].long() * spatial_crops + batch["spatial_index"].clamp(min=0).long()
-            agg.add(batch["video_id"], batch["label"], logits, view_ids=views)
+def score_val(net: SlowFast, batches: list[dict], num_classes: int, mixed_precision: bool = False) -> dict:
+    """Video-level top-1 / top-5 through the one evaluation loop (softmax averaged over each video's views)."""
+    res = score_views(net, batches, device="cpu", fmt=FORMAT, mixed_precision=mixed_precision).videos.results(
+        num_classes)
     net.train()
-    res = agg.results(num_classes)
     return {"top1": res["top1"], "top5": res["top5"], "mean_class_accuracy": res["mean_class_accuracy"],
             "val_videos": res["num_videos"]}
 
@@ -158,12 +147,12 @@ def train_variant(model_cfg: SlowFastConfig, cfg: PipelineConfig, data: TrainDat
                 seen += len(batch["label"])
             step += 1
             if eval_every and step % eval_every == 0 and step < steps:
-                curve.append([step, evaluate(net, val, model_cfg.num_classes, cfg.evaluate.spatial_crops)["top1"]])
+                curve.append([step, score_val(net, val, model_cfg.num_classes, cfg.train.mixed_precision)["top1"]])
             if step == steps:
                 break
         epoch += 1
     train_s = time.perf_counter() - started
-    res = evaluate(net, val, model_cfg.num_classes, cfg.evaluate.spatial_crops)
+    res = score_val(net, val, model_cfg.num_classes, cfg.train.mixed_precision)
     tail = losses[-max(1, steps // 10):]
     return {**res, "train_loss": sum(tail) / len(tail), "train_top1": correct / max(seen, 1), "epochs": epoch,
             "curve": curve + [[steps, res["top1"]]], "train_s": round(train_s, 2),
@@ -283,11 +272,9 @@ def run_jobs(jobs: Sequence[Job], cfg: PipelineConfig, data: TrainData, args) ->
 def log_mlflow(cfg: PipelineConfig, result: dict, model_cfg: SlowFastConfig, losses: list[float], args) -> str:
     """One MLflow run per (variant, seed, settings digest); an interrupted attempt's run is reused."""
     from mlflow.entities import Metric, Param, RunTag
-    from mlflow.tracking import MlflowClient
 
-    uri = absolute_tracking_uri(cfg.mlflow.tracking_uri)
-    client = MlflowClient(uri)
-    run_id = mlflow_run(uri, cfg.mlflow.experiment, f"{result['variant']}-seed{result['seed']}-{result['key']}")
+    client = tracking.client(cfg)
+    run_id = tracking.open_run(cfg, f"{result['variant']}-seed{result['seed']}-{result['key']}", log=log)
     logged = client.get_run(run_id).data.params
     params = {"variant": result["variant"], "seed": result["seed"], "preset": cfg.model.preset,
               **{f"model.{k}": v for k, v in result["overrides"].items()}, "steps": args.steps,
@@ -599,7 +586,7 @@ def main(argv: list[str] | None = None) -> int:
     write_json(out / "summary.json", summary)
     print(md)
     print(f"\ntable {out / 'ablation.md'}, plot {out / 'ablation.png'}, MLflow experiment "
-          f"{cfg.mlflow.experiment!r} at {absolute_tracking_uri(cfg.mlflow.tracking_uri)}")
+          f"{cfg.mlflow.experiment!r} at {tracking.tracking_uri(cfg)}")
     if args.json:
         write_json(args.json, summary)
         print(f"results written to {args.json}")

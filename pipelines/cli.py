@@ -5,7 +5,6 @@ Exit codes: 0 done, 1 failed, 2 bad config or arguments (before any work).
 from __future__ import annotations
 
 import argparse
-import contextlib
 import importlib.util
 import sys
 from pathlib import Path
@@ -121,34 +120,33 @@ def cmd_evaluate(args: argparse.Namespace, config: PipelineConfig) -> int:
 
 def cmd_promote(args: argparse.Namespace, config: PipelineConfig) -> int:
     """Register the latest evaluated checkpoint (or take --version) and run the promotion gate."""
-    from pipelines.evaluate import evaluate
+    from pipelines.checkpoints import load_model
+    from pipelines.data import storage_of
+    from pipelines.evaluate import eval_set, evaluate
     from pipelines.registry import promote, register
 
+    store = storage_of(config)
+    es = eval_set(config, store)
     version = args.version
     if version is None:
-        version = register(config, evaluate(config, None))["model_version"]
-    r = promote(config, version)
+        model = load_model(config, store, None)
+        version = register(config, evaluate(config, model.uri, es=es, model=model), model=model, es=es)["model_version"]
+    r = promote(config, version, es=es)
     print(f"summary: {r['model_uri']} {r['decision']} ({r['reason']}); aliases {', '.join(r['aliases']) or 'none'}")
     return EXIT_OK
 
 
 def cmd_predict(args: argparse.Namespace, config: PipelineConfig | None) -> int:
-    from mlflow.exceptions import MlflowException
-
-    from pipelines.registry import describe_missing, use_tracking
-    from slowfast.serving import load_classifier
+    from pipelines import tracking
 
     if args.model_uri is None and config is None:
         args.parser.error("give --model-uri, or --config to use models:/<mlflow.model_name>@champion")
     uri = args.model_uri or f"models:/{config.mlflow.model_name}@champion"
-    tracking = use_tracking(config) if config else contextlib.nullcontext()
-    with tracking:
-        try:
-            classifier = load_classifier(uri)
-        except MlflowException as exc:
-            message = describe_missing(config, uri, exc) if config else f"{uri}: {exc.message}"
-            print(f"pipelines predict: {message}", file=sys.stderr)
-            return EXIT_FAILED
+    try:
+        classifier = tracking.load_registered(config, uri)
+    except tracking.TrackingError as exc:
+        print(f"pipelines predict: {exc}", file=sys.stderr)
+        return EXIT_FAILED
     from slowfast.video.decode import VideoDecodeError
 
     failed = 0

@@ -19,14 +19,17 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
-import pyarrow.fs as pafs
 import torch
 
 from slowfast.shards import manifest
+from slowfast.shards.reader import iter_clips
 from slowfast.shards.schema import ShardMeta, read_meta
-from slowfast.train import VideoAggregator, confusion_matrix_png
+from slowfast.train import confusion_matrix_png, memory_format
+from slowfast.train.evaluation import score_views
+from slowfast.video.sampling import choose_views
 
+from . import tracking
+from .checkpoints import LoadedModel, load_model
 from .config import PipelineConfig
 from .data import run_preprocess, storage_of
 from .errors import PipelineError
@@ -48,21 +51,6 @@ class EvalSet:
     identity: str
 
 
-@dataclass
-class LoadedModel:
-    net: torch.nn.Module
-    class_names: list[str]
-    uri: str  # as the user gave it, or the checkpoint picked
-    train_run: str | None = None  # the training run's name when the model is one of its checkpoints
-
-
-def clip_indices(stored: int, wanted: int) -> list[int]:
-    """`wanted` of the `stored` uniformly spaced views, themselves spread uniformly (all when equal)."""
-    if wanted >= stored:
-        return list(range(stored))
-    return sorted({round(float(i)) for i in np.linspace(0, stored - 1, wanted)})
-
-
 def eval_set(cfg: PipelineConfig, store: Storage, log=print, preprocessed: dict | None = None) -> EvalSet:
     """Preprocess the val split if anything is new (unless `preprocessed`, run_preprocess's result, is
     given), then list its committed shards."""
@@ -76,7 +64,7 @@ def eval_set(cfg: PipelineConfig, store: Storage, log=print, preprocessed: dict 
                             f"see {s['quarantine_report']}")
     meta = read_meta(store.path(shards[0][0]), store.fs)
     e = cfg.evaluate
-    views = clip_indices(cfg.preprocess.eval_views, e.temporal_views)
+    views = choose_views(cfg.preprocess.eval_views, e.temporal_views)
     listing = {"dataset": cfg.data.dataset, "split": split, "prep_hash": s["prep_hash"], "classes": out["classes"],
                "shards": [(p, sorted(skip)) for p, skip in shards], "clip_indices": views,
                "spatial_crops": e.spatial_crops, "crop": cfg.train.crop_size}
@@ -85,100 +73,33 @@ def eval_set(cfg: PipelineConfig, store: Storage, log=print, preprocessed: dict 
                    cfg.train.crop_size, identity)
 
 
-# --- loading a model ---------------------------------------------------------------------------------
-
-
-def load_model(cfg: PipelineConfig, store: Storage, model_uri: str | None) -> LoadedModel:
-    """A checkpoint (file or Ray Train checkpoint folder, local or s3://), a registry or run URI
-    (models:/NAME@ALIAS, models:/NAME/N, runs:/ID/model), or None: the best checkpoint of the
-    pipeline's newest training run."""
-    if model_uri is None:
-        from .train import best_checkpoint_of_latest_run
-
-        model_uri = best_checkpoint_of_latest_run(store)
-        if model_uri is None:
-            raise EvaluateError(f"no checkpoint under {store.uri('checkpoints')}: run `python -m pipelines train "
-                                "--config ...` first, or pass --model-uri")
-    if model_uri.startswith(("models:/", "runs:/")):
-        return _from_mlflow(cfg, model_uri)
-    return _from_checkpoint(store, model_uri)
-
-
-def _from_checkpoint(store: Storage, uri: str) -> LoadedModel:
-    from slowfast.model import SlowFast, SlowFastConfig, load_checkpoint
-
-    from .train import CHECKPOINT_FILE
-
-    fs, path = store.resolve(uri)
-    info = fs.get_file_info(path)
-    if info.type == pafs.FileType.Directory:
-        path = f"{path.rstrip('/')}/{CHECKPOINT_FILE}"
-        info = fs.get_file_info(path)
-    if info.type != pafs.FileType.File:
-        raise EvaluateError(f"--model-uri {uri}: no checkpoint there (expected a {CHECKPOINT_FILE} file or a folder "
-                            "holding one, or models:/NAME@ALIAS)")
-    with fs.open_input_file(path) as f:
-        obj = torch.load(io.BytesIO(f.read()), map_location="cpu", weights_only=True)
-    if "config" not in obj or "class_names" not in obj:
-        raise EvaluateError(f"--model-uri {uri}: not a checkpoint written by `pipelines train` (no config or class "
-                            "names in it)")
-    net = SlowFast(SlowFastConfig.model_validate(obj["config"]))
-    load_checkpoint(net, obj)
-    run = Path(path).parent.parent.name if Path(path).parent.name.startswith("epoch-") else None
-    return LoadedModel(net, list(obj["class_names"]), uri, run)
-
-
-def _from_mlflow(cfg: PipelineConfig, uri: str) -> LoadedModel:
-    from mlflow.exceptions import MlflowException
-
-    from slowfast.serving import load_classifier
-
-    from .registry import describe_missing, use_tracking
-
-    with use_tracking(cfg):
-        try:
-            classifier = load_classifier(uri)
-        except MlflowException as exc:
-            raise EvaluateError(describe_missing(cfg, uri, exc)) from None
-    return LoadedModel(classifier.model, classifier.class_names, uri)
-
-
 # --- scoring ---------------------------------------------------------------------------------------
 
 
-def score(net: torch.nn.Module, es: EvalSet, store: Storage, batch_size: int = 8, device: str | None = None) -> dict:
-    """Video-level results of `net` over the eval set (see VideoAggregator.results)."""
-    from slowfast.shards.reader import iter_clips
-    from slowfast.train import clip_inputs, memory_format
-
+def score(net: torch.nn.Module, es: EvalSet, store: Storage, batch_size: int = 8, device: str | None = None,
+          mixed_precision: bool = False) -> dict:
+    """Video-level results of `net` over the eval set's chosen views (see VideoAggregator.results)."""
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     fmt = memory_format(device.type)
-    net = net.to(device, memory_format=fmt).eval()
-    keep = torch.tensor(es.clip_indices)
-    agg = VideoAggregator()
-    with torch.no_grad():
-        for batch in iter_clips(es.shards, mode="eval", batch_size=batch_size, crop=es.crop, meta=es.meta,
-                                filesystem=store.fs, spatial_crops=es.spatial_crops, normalize=False):
-            mask = torch.isin(batch["clip_index"].long(), keep)
-            if not mask.any():
-                continue
-            rows = mask.nonzero().flatten()
-            logits = net(clip_inputs({k: batch[k][rows].to(device) for k in ("slow", "fast")}, fmt)).float()
-            view_ids = (batch["clip_index"][rows].long() * 3 + batch["spatial_index"][rows].long()).tolist()
-            agg.add([batch["video_id"][i] for i in rows.tolist()], batch["label"][rows], logits, view_ids=view_ids)
-    return agg.results(len(es.classes), es.classes)
+    net = net.to(device, memory_format=fmt)
+    batches = iter_clips(es.shards, mode="eval", batch_size=batch_size, crop=es.crop, meta=es.meta,
+                         filesystem=store.fs, spatial_crops=es.spatial_crops, normalize=False, views=es.clip_indices)
+    totals = score_views(net, batches, device=device, fmt=fmt, mixed_precision=mixed_precision)
+    return totals.videos.results(len(es.classes), es.classes)
 
 
 def evaluation_id(model_uri: str, es: EvalSet) -> str:
     return hashlib.sha256(f"{model_uri}\n{es.identity}".encode()).hexdigest()[:16]
 
 
-def evaluate(cfg: PipelineConfig, model_uri: str | None = None, log=print, es: EvalSet | None = None) -> dict:
-    """Evaluate a model on the config's eval set (or `es`); returns the figures and where the artifacts went."""
+def evaluate(cfg: PipelineConfig, model_uri: str | None = None, log=print, es: EvalSet | None = None,
+             model: LoadedModel | None = None) -> dict:
+    """Evaluate a model (`model`, already loaded, or the one at `model_uri`) on the config's eval set (or
+    `es`); returns the figures and where the artifacts went."""
     started = time.time()
     store = storage_of(cfg)
     es = es or eval_set(cfg, store, log)
-    model = load_model(cfg, store, model_uri)
+    model = model or load_model(cfg, store, model_uri)
     if model.class_names != es.classes:
         raise EvaluateError(f"{model.uri}: trained on {len(model.class_names)} classes {model.class_names[:8]}, the "
                             f"eval set has {len(es.classes)}: {es.classes[:8]}; evaluate it with the config it was "
@@ -186,7 +107,7 @@ def evaluate(cfg: PipelineConfig, model_uri: str | None = None, log=print, es: E
     views = len(es.clip_indices) * es.spatial_crops
     log(f"evaluate {model.uri}: {len(es.shards)} shard(s) of {cfg.data.val_split}, {len(es.clip_indices)} temporal x "
         f"{es.spatial_crops} spatial views per video")
-    res = score(model.net, es, store, batch_size=cfg.train.batch_size)
+    res = score(model.net, es, store, batch_size=cfg.train.batch_size, mixed_precision=cfg.train.mixed_precision)
     eval_id = evaluation_id(model.uri, es)
     folder = store.uri("evaluations", eval_id)
     result = {
@@ -229,18 +150,13 @@ def _write_artifacts(store: Storage, where: tuple[str, ...], result: dict, class
 
 def _log_to_train_run(cfg: PipelineConfig, store: Storage, run_name: str, result: dict, where: tuple[str, ...]) -> None:
     """eval_* metrics and the artifacts into the MLflow run that trained the checkpoint."""
-    from .registry import client, train_run_id
-
-    run_id = train_run_id(cfg, run_name)
+    run_id = tracking.run_by_name(cfg, run_name)
     if run_id is None:
         return
-    c = client(cfg)
+    c = tracking.client(cfg)
     for key in ("top1", "top5", "mean_class_accuracy"):
         c.log_metric(run_id, f"eval_{key}", result[key])
     c.set_tag(run_id, "slowfast.eval_set", result["eval_set"])
-    with tempfile.TemporaryDirectory() as tmp:
-        for name in ("confusion.png", "per_class.csv"):
-            (Path(tmp) / name).write_bytes(store.read_bytes("/".join((*where, name))))
-            c.log_artifact(run_id, str(Path(tmp) / name), artifact_path="evaluation")
-        (Path(tmp) / "result.json").write_text(json.dumps(result, indent=1))
-        c.log_artifact(run_id, str(Path(tmp) / "result.json"), artifact_path="evaluation")
+    files = {name: store.read_bytes("/".join((*where, name))) for name in ("confusion.png", "per_class.csv")}
+    files["result.json"] = json.dumps(result, indent=1).encode()
+    tracking.log_files(cfg, run_id, files, folder="evaluation")

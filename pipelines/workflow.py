@@ -53,6 +53,8 @@ class Context:
     plan: object = None
     preprocessed: dict | None = None
     trained: dict | None = None
+    eval_set: object = None  # evaluate.EvalSet: listed once, used by evaluate and the promotion gate
+    model: object = None  # checkpoints.LoadedModel: the network evaluate scored, registered as it is
     evaluation: dict | None = None
     registered: dict | None = None
 
@@ -225,18 +227,20 @@ def _trained(ctx: Context) -> dict:
 
 
 def step_evaluate(ctx: Context):
+    from .checkpoints import load_from_checkpoint
     from .evaluate import eval_set, evaluate, recorded
 
     checkpoint = _trained(ctx)["best_checkpoint"]
     if checkpoint is None:
         raise WorkflowError("evaluate: the training run has no checkpoint; run the train step first")
-    es = eval_set(ctx.cfg, ctx.store, ctx.log, preprocessed=_preprocessed(ctx))
+    es = ctx.eval_set = eval_set(ctx.cfg, ctx.store, ctx.log, preprocessed=_preprocessed(ctx))
     done = None if "evaluate" in ctx.force else recorded(ctx.cfg, checkpoint, es)
     if done is not None:
         ctx.log(f"evaluate: {checkpoint} on this eval set: top-1 {done['top1']:.3f} (recorded {done['artifacts']})")
         ctx.evaluation = done
     else:
-        ctx.evaluation = evaluate(ctx.cfg, checkpoint, ctx.log, es=es)
+        ctx.model = load_from_checkpoint(ctx.store, checkpoint)
+        ctx.evaluation = evaluate(ctx.cfg, checkpoint, ctx.log, es=es, model=ctx.model)
     ev = ctx.evaluation
     outputs = {k: ev[k] for k in ("top1", "top5", "mean_class_accuracy", "num_videos", "views_per_video",
                                   "artifacts", "eval_set")}
@@ -244,12 +248,13 @@ def step_evaluate(ctx: Context):
 
 
 def step_register(ctx: Context):
-    from .registry import TAG, promote, register
+    from .registry import promote, register
+    from .tracking import TAG
 
     if ctx.evaluation is None:
         ctx.log("(evaluate not in this run: reading its recorded result)")
         step_evaluate(ctx)
-    reg = register(ctx.cfg, ctx.evaluation, ctx.log)
+    reg = register(ctx.cfg, ctx.evaluation, ctx.log, model=ctx.model, es=ctx.eval_set)
     decided = reg["tags"].get(f"{TAG}promotion.decision")
     if decided and decided_on(reg, ctx.evaluation["eval_set"]) and "register" not in ctx.force:
         ctx.log(f"register: version {reg['model_version']} was already {decided} on this eval set")
@@ -257,7 +262,7 @@ def step_register(ctx: Context):
                           "reason": reg["tags"].get(f"{TAG}promotion.reason")}
         status = "skipped"
     else:
-        ctx.registered = {**reg, **promote(ctx.cfg, reg["model_version"], ctx.log)}
+        ctx.registered = {**reg, **promote(ctx.cfg, reg["model_version"], ctx.log, es=ctx.eval_set)}
         status = "done"
     r = ctx.registered
     outputs = {k: r.get(k) for k in ("model_name", "model_version", "model_uri", "aliases", "promoted", "decision",
@@ -266,7 +271,7 @@ def step_register(ctx: Context):
 
 
 def decided_on(reg: dict, eval_set: str) -> bool:
-    from .registry import TAG
+    from .tracking import TAG
 
     return reg["tags"].get(f"{TAG}promotion.eval_set") == eval_set
 

@@ -5,16 +5,13 @@ and numpy only (no Ray, no shards), and cuts exactly the views evaluation reads 
 frames resampled to the training frame rate, short side resized as preprocessing did, N uniformly
 spaced clips, each scaled to the crop and cut into 1 or 3 spatial crops.
 
-This module is also an MLflow flavor (`save_model`, `_load_pyfunc`): a registered model is a PyTorch
-model (`mlflow.pytorch.load_model` gives the SlowFast nn.Module) whose pyfunc takes video paths or
-bytes. `pipelines.registry` logs models through it.
+A registered model wraps it (the MLflow flavor lives in `pipelines.tracking`).
 """
 from __future__ import annotations
 
 import os
 from collections.abc import Iterable, Sequence
-from dataclasses import asdict, dataclass
-from pathlib import Path
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -22,9 +19,6 @@ import torch
 from slowfast.video import transforms
 from slowfast.video.decode import DEFAULT_MAX_PIXELS, Source, VideoReader
 from slowfast.video.sampling import plan_clips, slow_indices
-
-FLAVOR_NAME = "slowfast_video"
-INPUT_COLUMN = "video"
 
 
 @dataclass(frozen=True)
@@ -98,121 +92,3 @@ def describe(source: Source, index: int) -> str:
     if isinstance(source, (str, os.PathLike)):
         return os.fspath(source)
     return f"<video {index}: {len(source)} bytes>" if hasattr(source, "__len__") else f"<video {index}>"
-
-
-# --- the MLflow flavor --------------------------------------------------------------------------------
-
-
-def save_model(path: str, mlflow_model, *, pytorch_model: torch.nn.Module, class_names: Sequence[str],
-               spec: ClipSpec, input_example: bytes, metadata: dict | None = None,
-               pip_requirements: Sequence[str] | None = None, **kwargs) -> None:
-    """Save as the PyTorch flavor (pickled module, so any batch size loads), with the python_function
-    flavor pointing at this module: pyfunc input is a `video` column of paths or bytes.
-
-    Called by `mlflow.models.Model.log(flavor=slowfast.serving, ...)`; see pipelines.registry.
-    """
-    import logging
-
-    import mlflow.pytorch
-
-    code = [str(Path(__file__).resolve().parent)]  # the slowfast package: loads without this project installed
-    meta = {**(metadata or {}), "class_names": list(class_names), "clip_spec": asdict(spec)}
-    # Pickle, not pt2: an exported graph fixes the batch size, and prediction batches views. MLflow warns
-    # about pickle on every save; the warning is for models from strangers, this one is our own.
-    quiet = logging.getLogger("mlflow.pytorch")
-    level, quiet.level = quiet.level, logging.ERROR
-    try:
-        mlflow.pytorch.save_model(pytorch_model.cpu().eval(), path, mlflow_model=mlflow_model,
-                                  serialization_format="pickle", signature=signature(), metadata=meta,
-                                  input_example=[input_example], code_paths=code,
-                                  pip_requirements=list(pip_requirements) if pip_requirements else None, **kwargs)
-    finally:
-        quiet.level = level
-    mlflow_model.flavors["python_function"]["loader_module"] = __name__
-    mlflow_model.flavors[FLAVOR_NAME] = {"class_names": len(class_names), "input": INPUT_COLUMN}
-    mlflow_model.save(os.path.join(path, "MLmodel"))
-
-
-def signature():
-    """pyfunc: `video` (a path or the file's bytes) -> top-k `labels` and `scores` per video."""
-    from mlflow.models import ModelSignature
-    from mlflow.types.schema import AnyType, Array, ColSpec, ParamSchema, ParamSpec, Schema
-
-    # The input column is unnamed so that a plain list of paths passes schema enforcement too.
-    return ModelSignature(
-        inputs=Schema([ColSpec(AnyType())]),
-        outputs=Schema([ColSpec("string", "video"), ColSpec(Array("string"), "labels"),
-                        ColSpec(Array("double"), "scores")]),
-        params=ParamSchema([ParamSpec("top_k", "long", 5)]))
-
-
-class _PyFuncVideoClassifier:
-    """What mlflow.pyfunc.load_model returns the predict of: paths or bytes in, a DataFrame out."""
-
-    def __init__(self, classifier: VideoClassifier):
-        self.classifier = classifier
-
-    def predict(self, model_input, params: dict | None = None):
-        import pandas as pd
-
-        top_k = int((params or {}).get("top_k", 5))
-        if isinstance(model_input, (pd.DataFrame, dict)):
-            columns = list(model_input.keys())
-            column = INPUT_COLUMN if INPUT_COLUMN in columns else columns[0] if len(columns) == 1 else None
-            if column is None:
-                raise ValueError(f"expected one column of video paths or bytes (named {INPUT_COLUMN!r}), got "
-                                 f"columns {columns}")
-            values = model_input[column]
-            sources = values.tolist() if hasattr(values, "tolist") else list(values)
-        elif isinstance(model_input, (str, bytes, os.PathLike)):
-            sources = [model_input]
-        else:
-            sources = list(model_input)
-        return pd.DataFrame(self.classifier.predict([_as_source(s) for s in sources], top_k=top_k))
-
-
-def _as_source(value) -> Source:
-    """A pyfunc cell -> a path or bytes (JSON serving sends bytes base64-encoded, as str)."""
-    if isinstance(value, (bytes, bytearray, memoryview, os.PathLike)):
-        return value
-    if isinstance(value, str):
-        if os.path.exists(value):
-            return value
-        import base64
-        import binascii
-
-        try:
-            return base64.b64decode("".join(value.split()), validate=True)  # MIME base64 has line breaks
-        except (binascii.Error, ValueError):
-            return value  # a path after all: VideoReader says it is missing
-    raise TypeError(f"a video is a path or bytes, got {type(value).__name__}")
-
-
-def load_classifier(model_uri: str, device: str = "cpu") -> VideoClassifier:
-    """A VideoClassifier from a logged or registered model (models:/NAME@ALIAS, models:/NAME/N, runs:/...)."""
-    import mlflow.pytorch
-    from mlflow.models import Model
-    from mlflow.tracking.artifact_utils import _download_artifact_from_uri
-
-    local = _download_artifact_from_uri(model_uri)
-    return _classifier_from_dir(local, device, mlflow.pytorch.load_model(local, map_location=device),
-                                Model.load(local))
-
-
-def _classifier_from_dir(local: str, device: str, net, mlmodel) -> VideoClassifier:
-    meta = mlmodel.metadata or {}
-    if "clip_spec" not in meta:
-        raise ValueError(f"{local}: not a model logged by this project (its MLmodel has no clip_spec metadata)")
-    return VideoClassifier(net, meta["class_names"], ClipSpec(**meta["clip_spec"]), device=device)
-
-
-def _load_pyfunc(data_path: str, model_config: dict | None = None) -> _PyFuncVideoClassifier:
-    """MLflow's python_function loader: `data_path` is the model folder's data/ subfolder;
-    model_config {"device": ...} picks the device (default: cuda when there is one)."""
-    import mlflow.pytorch
-    from mlflow.models import Model
-
-    root = str(Path(data_path).parent)
-    device = (model_config or {}).get("device") or ("cuda" if torch.cuda.is_available() else "cpu")
-    net = mlflow.pytorch.load_model(root, map_location=device)
-    return _PyFuncVideoClassifier(_classifier_from_dir(root, device, net, Model.load(root)))

@@ -12,7 +12,8 @@ from pathlib import Path
 import psutil
 from mlflow.tracking import MlflowClient
 
-from pipelines.train import CHECKPOINT_FILE, train
+from pipelines.checkpoints import CHECKPOINT_FILE
+from pipelines.train import train
 from slowfast.model import SlowFast, load_checkpoint, resolve
 from test_train import STEPS, history, small_run
 

@@ -18,10 +18,12 @@ import torch
 from mlflow.tracking import MlflowClient
 
 from conftest import REPO, free_port, pipeline_config
-from pipelines.evaluate import EvaluateError, evaluate, load_model
-from pipelines.registry import CHALLENGER, CHAMPION, promote, register, use_tracking
+from pipelines.checkpoints import CHECKPOINT_FILE, ModelNotFound, load_model
+from pipelines.evaluate import evaluate
+from pipelines.registry import CHALLENGER, CHAMPION, promote, register
+from pipelines.tracking import use_tracking
 from pipelines.storage import Storage
-from pipelines.train import CHECKPOINT_FILE, train
+from pipelines.train import train
 from test_registry import constant_model, skewed_val
 
 BUCKET = "mlflow-server-test"
@@ -191,7 +193,7 @@ def test_promotion_gate_through_the_server_promotes_the_better_model_and_rejects
 
 def test_a_model_uri_that_names_nothing_registered_says_what_exists(trained, registered, mlflow_server):
     cfg, out, good, tmp = trained
-    with pytest.raises(EvaluateError) as raised:
+    with pytest.raises(ModelNotFound) as raised:
         load_model(cfg, Storage(cfg.storage_root), "models:/nope@champion")
     message = str(raised.value)
     assert "no registered model 'nope'" in message and mlflow_server["url"] in message and "motion" in message

@@ -16,10 +16,12 @@ import torch
 from mlflow.tracking import MlflowClient
 
 from conftest import REPO, pipeline_config
-from pipelines.evaluate import EvaluateError, clip_indices, evaluate
+from pipelines.checkpoints import CHECKPOINT_FILE, ModelNotFound, load_from_checkpoint
+from pipelines.evaluate import evaluate
 from pipelines.registry import CHALLENGER, CHAMPION, RegistryError, promote, register
 from pipelines.storage import Storage
-from pipelines.train import CHECKPOINT_FILE, train
+from pipelines.train import train
+from slowfast.video.sampling import choose_views
 
 
 def skewed_val(tmp: Path, videos: Path) -> str:
@@ -70,10 +72,10 @@ def constant_model(checkpoint: Path, out: Path, predicted: int) -> str:
     return str(folder)
 
 
-def test_clip_indices_spread_the_views_kept():
-    assert clip_indices(10, 10) == list(range(10))
-    assert clip_indices(10, 3) == [0, 4, 9] or clip_indices(10, 3) == [0, 5, 9]
-    assert clip_indices(4, 1) == [0] and clip_indices(3, 5) == [0, 1, 2]
+def test_choose_views_spreads_the_views_kept():
+    assert choose_views(10, 10) == list(range(10))
+    assert choose_views(10, 3) == [0, 4, 9] or choose_views(10, 3) == [0, 5, 9]
+    assert choose_views(4, 1) == [0] and choose_views(3, 5) == [0, 1, 2]
 
 
 def test_evaluate_a_checkpoint_with_every_view_and_log_it_to_the_training_run(trained):
@@ -185,7 +187,7 @@ def test_promote_without_a_challenger_says_what_to_do(tmp_path, synth_set):
     cfg = small_config(tmp_path, synth_set)
     with pytest.raises(RegistryError, match="no registered model 'motion'"):
         promote(cfg, log=lambda *_: None)
-    with pytest.raises(EvaluateError, match="no checkpoint under"):
+    with pytest.raises(ModelNotFound, match="no checkpoint under"):
         evaluate(cfg, None, log=lambda *_: None)
 
 
@@ -200,7 +202,5 @@ def _has_champion(out) -> bool:
 def test_a_checkpoint_from_elsewhere_is_refused_with_the_reason(tmp_path):
     bad = tmp_path / "bare.pt"
     torch.save({"weights": torch.zeros(1)}, bad)
-    with pytest.raises(EvaluateError, match="not a checkpoint written by"):
-        from pipelines.evaluate import _from_checkpoint
-
-        _from_checkpoint(Storage(str(tmp_path)), str(bad))
+    with pytest.raises(ModelNotFound, match="not a checkpoint written by"):
+        load_from_checkpoint(Storage(str(tmp_path)), str(bad))

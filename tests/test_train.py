@@ -16,7 +16,9 @@ from mlflow.tracking import MlflowClient
 
 from conftest import REPO, pipeline_config
 from pipelines.storage import Storage
-from pipelines.train import CHECKPOINT_FILE, data_cpu_split, read_shards, train
+from pipelines.checkpoints import CHECKPOINT_FILE
+from pipelines.train import train
+from pipelines.train_input import data_cpu_split, read_shards
 from slowfast.model import SlowFast, load_checkpoint, resolve
 
 

@@ -139,3 +139,14 @@ def plan_clips(
         indices = temporal_indices(start, end, num_samples, num_frames)
         plans.append(ClipPlan(clip_index, float(start), indices, short))
     return plans
+
+
+def choose_views(stored: int, wanted: int) -> list[int]:
+    """Which `wanted` of a video's `stored` uniformly spaced eval views to score: themselves spread
+    uniformly over the stored ones (all when wanted >= stored). The one rule for every evaluation:
+    the training run's validation, `evaluate`, the ablations and batch inference."""
+    if stored < 1 or wanted < 1:
+        raise ValueError(f"stored and wanted views must be >= 1, got {stored} and {wanted}")
+    if wanted >= stored:
+        return list(range(stored))
+    return sorted({round(float(i)) for i in np.linspace(0, stored - 1, wanted)})

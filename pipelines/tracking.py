@@ -1,0 +1,490 @@
+"""Everything MLflow, in one module: tracking URIs and clients, experiments and runs, rank 0's per-step
+tracker, registry lookups, and the model flavor a registered version is saved in.
+
+The rest of `pipelines` asks this module for MLflow objects and never imports mlflow itself, and
+`slowfast/` never sees MLflow: the flavor wraps `slowfast.serving.VideoClassifier`. Artifacts (the
+models behind every registry version) go under storage_root unless the tracking server decides.
+"""
+from __future__ import annotations
+
+import base64
+import binascii
+import contextlib
+import logging
+import math
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from dataclasses import asdict
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+
+from slowfast.serving import ClipSpec, VideoClassifier
+
+from .errors import PipelineError
+from .storage import is_s3
+
+if TYPE_CHECKING:
+    from .config import PipelineConfig
+
+CHALLENGER, CHAMPION = "challenger", "champion"
+TAG = "slowfast."  # prefix of every tag this project writes
+RUN_NAME_TAG = f"{TAG}run_name"
+SYSTEM_METRICS_S = 10  # sampling interval of MLflow's system metrics on rank 0
+FLAVOR_NAME = "slowfast_video"
+INPUT_COLUMN = "video"
+ARTIFACTS_DIR = "mlartifacts"  # under storage_root
+
+# Workers log through Ray Train's logging (to the driver's console); a print there comes out twice.
+_log = logging.getLogger("pipelines.tracking")
+
+
+class TrackingError(PipelineError, RuntimeError):
+    """An MLflow location or object that cannot be used; says which and what to set."""
+
+
+# --- where MLflow lives -------------------------------------------------------------------------------
+
+
+def absolute_tracking_uri(uri: str) -> str:
+    """sqlite:///relative.db -> sqlite:////abs/relative.db: workers do not share the driver's cwd."""
+    prefix = "sqlite:///"
+    if uri.startswith(prefix) and not uri[len(prefix):].startswith("/"):
+        return prefix + str(Path(uri[len(prefix):]).resolve())
+    return uri
+
+
+def tracking_uri(cfg: PipelineConfig) -> str:
+    return absolute_tracking_uri(cfg.mlflow.tracking_uri)
+
+
+def artifact_root(cfg: PipelineConfig) -> str | None:
+    """Where new experiments keep their artifacts: storage_root/mlartifacts when the tracking store is a
+    local database (which would otherwise use ./mlruns of whatever the working directory is); None for a
+    tracking server, whose own artifact root (or proxy) applies."""
+    if not cfg.mlflow.tracking_uri.startswith(("sqlite:", "file:", "/", ".")) and "://" in cfg.mlflow.tracking_uri:
+        return None
+    root = cfg.storage_root.rstrip("/")
+    if is_s3(root):
+        return f"{root}/{ARTIFACTS_DIR}"
+    return Path(root, ARTIFACTS_DIR).resolve().as_uri()
+
+
+def _s3_environment(cfg: PipelineConfig) -> None:
+    """MLflow's S3 artifact store reads its endpoint from the environment; give it the config's."""
+    if cfg.s3.endpoint_url and not os.environ.get("MLFLOW_S3_ENDPOINT_URL"):
+        os.environ["MLFLOW_S3_ENDPOINT_URL"] = cfg.s3.endpoint_url
+
+
+def client(cfg: PipelineConfig | str):
+    """An MlflowClient on the config's tracking URI (or the URI given); the registry follows it."""
+    from mlflow.tracking import MlflowClient
+
+    if not isinstance(cfg, str):
+        _s3_environment(cfg)
+    uri = absolute_tracking_uri(cfg if isinstance(cfg, str) else cfg.mlflow.tracking_uri)
+    return MlflowClient(tracking_uri=uri, registry_uri=uri)
+
+
+@contextlib.contextmanager
+def use_tracking(cfg: PipelineConfig):
+    """mlflow's module-level calls (load_model, Model.log) go to the config's server inside; the registry
+    follows the tracking URI (unless MLFLOW_REGISTRY_URI says otherwise)."""
+    import mlflow
+
+    _s3_environment(cfg)
+    saved = mlflow.get_tracking_uri()
+    mlflow.set_tracking_uri(tracking_uri(cfg))
+    try:
+        yield
+    finally:
+        mlflow.set_tracking_uri(saved)
+
+
+def experiment_id(cfg: PipelineConfig, name: str | None = None, log=print) -> str:
+    """The experiment's id, created with its artifacts under storage_root when new. An existing
+    experiment keeps the artifact location it was created with (MLflow cannot move it): say so when that
+    is not under storage_root, since the registered models live there."""
+    c = client(cfg)
+    name = name or cfg.mlflow.experiment
+    exp = c.get_experiment_by_name(name)
+    wanted = artifact_root(cfg)
+    if exp is None:
+        location = f"{wanted}/{_safe(name)}" if wanted else None
+        return c.create_experiment(name, artifact_location=location)
+    if wanted and not exp.artifact_location.startswith(wanted):
+        log(f"MLflow experiment {name!r} keeps its artifacts (the models of its registry versions) at "
+            f"{exp.artifact_location}, outside storage_root {cfg.storage_root}; set mlflow.experiment to a new "
+            "name to keep new ones under storage_root")
+    return exp.experiment_id
+
+
+def _safe(name: str) -> str:
+    return "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in name)
+
+
+# --- runs ---------------------------------------------------------------------------------------------
+
+
+def run_by_name(cfg: PipelineConfig, run_name: str) -> str | None:
+    """The MLflow run that `pipelines train` opened for this training run name, or None."""
+    c = client(cfg)
+    exp = c.get_experiment_by_name(cfg.mlflow.experiment)
+    if exp is None:
+        return None
+    found = c.search_runs([exp.experiment_id], filter_string=f"tags.`{RUN_NAME_TAG}` = '{run_name}'",
+                          max_results=1, order_by=["attributes.start_time DESC"])
+    return found[0].info.run_id if found else None
+
+
+def open_run(cfg: PipelineConfig, run_name: str, *, reopen: bool = True, tags: dict[str, str] | None = None,
+             log=print) -> str:
+    """The MLflow run of this training run: the one a previous attempt started (marked running again
+    when `reopen`), or a new one; `tags` are set on it either way."""
+    c = client(cfg)
+    run_id = run_by_name(cfg, run_name)
+    if run_id is None:
+        run_id = c.create_run(experiment_id(cfg, log=log), run_name=run_name,
+                              tags={RUN_NAME_TAG: run_name}).info.run_id
+    elif reopen:
+        c.update_run(run_id, status="RUNNING")
+    for k, v in (tags or {}).items():
+        c.set_tag(run_id, k, v)
+    return run_id
+
+
+def close_run(cfg: PipelineConfig | str, run_id: str, status: str = "FINISHED") -> None:
+    client(cfg).set_terminated(run_id, status)
+
+
+# Per-epoch metrics drawn in the learning curve (read back from MLflow: complete across resumed attempts).
+CURVE_METRICS = ("train_loss", "val_loss", "train_top1", "val_top1", "val_top5")
+
+
+def log_run_artifacts(cfg: PipelineConfig, run_id: str) -> None:
+    """The resolved config and the learning curve, into the run's artifacts."""
+    from slowfast.train import learning_curve_png
+
+    c = client(cfg)
+    history: dict[int, dict] = {}
+    for key in CURVE_METRICS:
+        for m in c.get_metric_history(run_id, key):
+            history.setdefault(m.step, {"epoch": m.step})[key] = m.value
+    with tempfile.TemporaryDirectory() as tmp:
+        (Path(tmp) / "config.yaml").write_text(cfg.to_yaml())
+        c.log_artifact(run_id, str(Path(tmp) / "config.yaml"))
+        if history:
+            learning_curve_png([history[e] for e in sorted(history)], Path(tmp) / "learning_curve.png")
+            c.log_artifact(run_id, str(Path(tmp) / "learning_curve.png"))
+
+
+def log_files(cfg: PipelineConfig, run_id: str, files: dict[str, bytes], folder: str | None = None) -> None:
+    """Small files (name -> bytes) into the run's artifacts, under `folder`."""
+    c = client(cfg)
+    with tempfile.TemporaryDirectory() as tmp:
+        for name, data in files.items():
+            (Path(tmp) / name).write_bytes(data)
+            c.log_artifact(run_id, str(Path(tmp) / name), artifact_path=folder)
+
+
+class RunTracker:
+    """Rank 0's MLflow writer (a no-op elsewhere): params once, metrics by step, and system metrics
+    (CPU, memory, disk, network) of rank 0's node every SYSTEM_METRICS_S seconds until close()."""
+
+    def __init__(self, tracking_uri: str, run_id: str, enabled: bool):
+        self.run_id, self.client = run_id, client(tracking_uri) if enabled else None
+        self.system = None
+        if enabled:
+            from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+            self.system = SystemMetricsMonitor(run_id, sampling_interval=SYSTEM_METRICS_S, resume_logging=True,
+                                               tracking_uri=tracking_uri)
+            self.system.start()
+
+    def close(self) -> None:
+        if self.system is not None:
+            self.system.finish()
+            self.system = None
+        if self.client is not None:
+            import mlflow
+
+            mlflow.flush_async_logging()
+
+    def params(self, params: dict) -> None:
+        """Log the params a previous attempt has not; MLflow refuses to change a logged value, so a
+        resumed run whose config differs keeps the first values (and says so)."""
+        if self.client is None:
+            return
+        from mlflow.entities import Param
+
+        logged = self.client.get_run(self.run_id).data.params
+        values = {k: str(v)[:6000] for k, v in sorted(params.items())}
+        changed = [f"{k}: {logged[k]} -> {v}" for k, v in values.items() if k in logged and logged[k] != v]
+        if changed:
+            _log.warning(f"MLflow run {self.run_id} keeps the params it was started with; "
+                         f"now different: {'; '.join(changed)}")
+        items = [Param(k, v) for k, v in values.items() if k not in logged]
+        for i in range(0, len(items), 100):  # MLflow takes at most 100 params per batch
+            self.client.log_batch(self.run_id, params=items[i:i + 100])
+
+    def tags(self, tags: dict[str, str]) -> None:
+        if self.client is not None:
+            for k, v in tags.items():
+                self.client.set_tag(self.run_id, k, str(v))
+
+    def metrics(self, values: dict, step: int, wait: bool = True) -> None:
+        """wait=False queues them (MLflow's async logging) instead of holding up the training step;
+        wait=True first drains the queue, so an epoch's figures land after its steps'."""
+        if self.client is None:
+            return
+        import mlflow
+        from mlflow.entities import Metric
+
+        if wait:
+            mlflow.flush_async_logging()
+        now = int(time.time() * 1000)
+        self.client.log_batch(self.run_id, metrics=[Metric(k, float(v), now, step) for k, v in values.items()
+                                                    if v is not None and math.isfinite(float(v))],
+                              synchronous=wait)
+
+
+# --- the registry -------------------------------------------------------------------------------------
+
+
+def version_by_alias(cfg: PipelineConfig, name: str, alias: str):
+    """The model version an alias points at, or None (no such model or alias)."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return client(cfg).get_model_version_by_alias(name, alias)
+    except MlflowException:
+        return None
+
+
+def model_versions(cfg: PipelineConfig, name: str) -> list:
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return list(client(cfg).search_model_versions(f"name='{name}'"))
+    except MlflowException:
+        return []
+
+
+def model_version(cfg: PipelineConfig, name: str, version: str | int | None):
+    """`version` of `name`, or the challenger when None; a clear error when missing."""
+    from mlflow.exceptions import MlflowException
+
+    what = f"models:/{name}@{CHALLENGER}" if version is None else f"models:/{name}/{version}"
+    try:
+        c = client(cfg)
+        return c.get_model_version_by_alias(name, CHALLENGER) if version is None else c.get_model_version(
+            name, str(version))
+    except MlflowException as exc:
+        raise TrackingError(describe_missing(cfg, what, exc)) from None
+
+
+def describe_missing(cfg: PipelineConfig, uri: str, exc: Exception) -> str:
+    """A clear message for a models:/ URI that does not resolve: what exists instead."""
+    from mlflow.exceptions import MlflowException
+
+    c = client(cfg)
+    name = uri[len("models:/"):].split("@")[0].split("/")[0] if uri.startswith("models:/") else None
+    known = [m.name for m in c.search_registered_models(max_results=50)]
+    if name and name not in known:
+        return (f"{uri}: no registered model {name!r} in {tracking_uri(cfg)} (registered: "
+                f"{', '.join(known) or 'none'}); run `python -m pipelines run --config ...` to train and register "
+                "one, or check mlflow.tracking_uri")
+    if name:
+        try:
+            aliases = sorted(c.get_registered_model(name).aliases)
+        except MlflowException:
+            aliases = []
+        versions = sorted(int(v.version) for v in c.search_model_versions(f"name='{name}'"))
+        return (f"{uri}: not found in {tracking_uri(cfg)}: model {name!r} has versions {versions or 'none'} and "
+                f"aliases {aliases or 'none'} ({exc.message if hasattr(exc, 'message') else exc})")
+    return f"{uri}: cannot load ({exc})"
+
+
+def load_registered(cfg: PipelineConfig | None, uri: str, device: str = "cpu") -> VideoClassifier:
+    """A VideoClassifier from models:/NAME@ALIAS, models:/NAME/N or runs:/... on the config's tracking URI
+    (without a config: MLflow's own, i.e. MLFLOW_TRACKING_URI); a clear error when it does not resolve."""
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    where = use_tracking(cfg) if cfg is not None else contextlib.nullcontext()
+    with where:
+        try:
+            return load_classifier(uri, device)
+        except MlflowException as exc:
+            if cfg is not None:
+                raise TrackingError(describe_missing(cfg, uri, exc)) from None
+            raise TrackingError(f"{uri}: not found in {mlflow.get_tracking_uri()} ({exc.message}); pass --config "
+                                "(its mlflow.tracking_uri) or set MLFLOW_TRACKING_URI") from None
+
+
+def log_model(cfg: PipelineConfig, run_id: str, *, net: torch.nn.Module, class_names: Sequence[str],
+              spec: ClipSpec, metadata: dict) -> str:
+    """Log the network as this project's flavor in `run_id`, registered under mlflow.model_name; returns
+    the new version."""
+    from mlflow.models import Model
+
+    with use_tracking(cfg):
+        info = Model.log(None, flavor=sys.modules[__name__], name="model", run_id=run_id,
+                         registered_model_name=cfg.mlflow.model_name, pytorch_model=net, class_names=class_names,
+                         spec=spec, input_example=example_video(), pip_requirements=_requirements(),
+                         metadata=metadata)
+    return str(info.registered_model_version)
+
+
+def git_commit() -> str:
+    """The source checkout's commit (with -dirty), or 'unknown' outside a git checkout."""
+    root = Path(__file__).resolve().parents[1]
+    try:
+        commit = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True,
+                                timeout=10, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=10, check=False).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return commit + ("-dirty" if dirty else "")
+
+
+def example_video() -> bytes:
+    """A one-second synthetic clip, encoded: the logged model's input example (works anywhere)."""
+    from slowfast.video.synth import encode_video, render, sample_video
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = encode_video(Path(tmp) / "example.mp4", render(sample_video(0, 0, 0, width=96, height=72, seconds=1.2)))
+        return path.read_bytes()
+
+
+def _requirements() -> list[str]:
+    from importlib.metadata import version
+
+    return [f"{p}=={version(p)}" for p in ("torch", "av", "numpy", "pydantic", "pandas", "mlflow", "PyYAML",
+                                           "pyarrow", "simplejpeg")]
+
+
+# --- the model flavor ---------------------------------------------------------------------------------
+# A registered version is a PyTorch model (`mlflow.pytorch.load_model` gives the SlowFast nn.Module)
+# whose pyfunc scores videos. It ships the `slowfast` and `pipelines` packages (code_paths), so it loads
+# where this project is not installed.
+
+
+def save_model(path: str, mlflow_model, *, pytorch_model: torch.nn.Module, class_names: Sequence[str],
+               spec: ClipSpec, input_example: bytes, metadata: dict | None = None,
+               pip_requirements: Sequence[str] | None = None, **kwargs) -> None:
+    """Save as the PyTorch flavor (pickled module, so any batch size loads), with the python_function
+    flavor pointing at this module: pyfunc input is a `video` column of paths or bytes.
+
+    Called by `mlflow.models.Model.log(flavor=pipelines.tracking, ...)`, see log_model.
+    """
+    import mlflow.pytorch
+
+    import slowfast
+
+    here = Path(__file__).resolve().parent
+    code = [str(Path(slowfast.__file__).resolve().parent), str(here)]
+    meta = {**(metadata or {}), "class_names": list(class_names), "clip_spec": asdict(spec)}
+    # Pickle, not pt2: an exported graph fixes the batch size, and prediction batches views. MLflow warns
+    # about pickle on every save; the warning is for models from strangers, this one is our own.
+    quiet = logging.getLogger("mlflow.pytorch")
+    level, quiet.level = quiet.level, logging.ERROR
+    try:
+        mlflow.pytorch.save_model(pytorch_model.cpu().eval(), path, mlflow_model=mlflow_model,
+                                  serialization_format="pickle", signature=signature(), metadata=meta,
+                                  input_example=[input_example], code_paths=code,
+                                  pip_requirements=list(pip_requirements) if pip_requirements else None, **kwargs)
+    finally:
+        quiet.level = level
+    mlflow_model.flavors["python_function"]["loader_module"] = __name__
+    mlflow_model.flavors[FLAVOR_NAME] = {"class_names": len(class_names), "input": INPUT_COLUMN}
+    mlflow_model.save(os.path.join(path, "MLmodel"))
+
+
+def signature():
+    """pyfunc: `video` (a path or the file's bytes) -> top-k `labels` and `scores` per video."""
+    from mlflow.models import ModelSignature
+    from mlflow.types.schema import AnyType, Array, ColSpec, ParamSchema, ParamSpec, Schema
+
+    # The input column is unnamed so that a plain list of paths passes schema enforcement too.
+    return ModelSignature(
+        inputs=Schema([ColSpec(AnyType())]),
+        outputs=Schema([ColSpec("string", "video"), ColSpec(Array("string"), "labels"),
+                        ColSpec(Array("double"), "scores")]),
+        params=ParamSchema([ParamSpec("top_k", "long", 5)]))
+
+
+class PyFuncVideoClassifier:
+    """What mlflow.pyfunc.load_model returns the predict of: paths or bytes in, a DataFrame out."""
+
+    def __init__(self, classifier: VideoClassifier):
+        self.classifier = classifier
+
+    def predict(self, model_input, params: dict | None = None):
+        import pandas as pd
+
+        top_k = int((params or {}).get("top_k", 5))
+        if isinstance(model_input, (pd.DataFrame, dict)):
+            columns = list(model_input.keys())
+            column = INPUT_COLUMN if INPUT_COLUMN in columns else columns[0] if len(columns) == 1 else None
+            if column is None:
+                raise ValueError(f"expected one column of video paths or bytes (named {INPUT_COLUMN!r}), got "
+                                 f"columns {columns}")
+            values = model_input[column]
+            sources = values.tolist() if hasattr(values, "tolist") else list(values)
+        elif isinstance(model_input, (str, bytes, os.PathLike)):
+            sources = [model_input]
+        else:
+            sources = list(model_input)
+        return pd.DataFrame(self.classifier.predict([_as_source(s) for s in sources], top_k=top_k))
+
+
+def _as_source(value):
+    """A pyfunc cell -> a path or bytes (JSON serving sends bytes base64-encoded, as str)."""
+    if isinstance(value, (bytes, bytearray, memoryview, os.PathLike)):
+        return value
+    if isinstance(value, str):
+        if os.path.exists(value):
+            return value
+        try:
+            return base64.b64decode("".join(value.split()), validate=True)  # MIME base64 has line breaks
+        except (binascii.Error, ValueError):
+            return value  # a path after all: VideoReader says it is missing
+    raise TypeError(f"a video is a path or bytes, got {type(value).__name__}")
+
+
+def load_classifier(model_uri: str, device: str = "cpu") -> VideoClassifier:
+    """A VideoClassifier from a logged or registered model (models:/NAME@ALIAS, models:/NAME/N, runs:/...),
+    on the current tracking URI (see use_tracking / load_registered)."""
+    import mlflow.pytorch
+    from mlflow.models import Model
+    from mlflow.tracking.artifact_utils import _download_artifact_from_uri
+
+    local = _download_artifact_from_uri(model_uri)
+    return _classifier_from_dir(local, device, mlflow.pytorch.load_model(local, map_location=device),
+                                Model.load(local))
+
+
+def _classifier_from_dir(local: str, device: str, net, mlmodel) -> VideoClassifier:
+    meta = mlmodel.metadata or {}
+    if "clip_spec" not in meta:
+        raise ValueError(f"{local}: not a model logged by this project (its MLmodel has no clip_spec metadata)")
+    return VideoClassifier(net, meta["class_names"], ClipSpec(**meta["clip_spec"]), device=device)
+
+
+def _load_pyfunc(data_path: str, model_config: dict | None = None) -> PyFuncVideoClassifier:
+    """MLflow's python_function loader: `data_path` is the model folder's data/ subfolder;
+    model_config {"device": ...} picks the device (default: cuda when there is one)."""
+    import mlflow.pytorch
+    from mlflow.models import Model
+
+    root = str(Path(data_path).parent)
+    device = (model_config or {}).get("device") or ("cuda" if torch.cuda.is_available() else "cpu")
+    net = mlflow.pytorch.load_model(root, map_location=device)
+    return PyFuncVideoClassifier(_classifier_from_dir(root, device, net, Model.load(root)))
