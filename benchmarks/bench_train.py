@@ -412,7 +412,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     import ray
 
-    from pipelines.train import data_cpu_split
+    from pipelines.train_input import data_cpu_split
 
     cfg = sized_config(args)
     started_ray = not ray.is_initialized()

@@ -275,7 +275,8 @@ def _shard_tables(paths: Sequence, filesystem: pafs.FileSystem | None, rng: np.r
 def iter_clips(paths: Iterable, *, mode: Mode, batch_size: int, crop: int = 224, meta: ShardMeta | None = None,
                filesystem: pafs.FileSystem | None = None, shuffle: bool = False, shuffle_buffer: int = 256,
                seed: int = 0, epoch: int | None = None, jitter: tuple[int, int] | None = None,
-               spatial_crops: int = 3, normalize: bool = True, drop_last: bool = False) -> Iterator[dict]:
+               spatial_crops: int = 3, normalize: bool = True, drop_last: bool = False,
+               views: Sequence[int] | None = None) -> Iterator[dict]:
     """Local loader: shard files -> batches of torch tensors {"slow", "fast", "label", "clip_index",
     "spatial_index"} plus "video_id" (list of str); the same dict Ray Data's path yields.
 
@@ -284,7 +285,8 @@ def iter_clips(paths: Iterable, *, mode: Mode, batch_size: int, crop: int = 224,
     shuffle: file order, row-group order, and clips within a window of `shuffle_buffer` clips.
     Shuffle and train crops are drawn from (seed, epoch) when epoch is an int (pass the epoch
     number), and are fresh on every call when it is None (see ClipTransform). Row groups are read
-    one at a time, so memory stays at about one row group plus one window.
+    one at a time, so memory stays at about one row group plus one window. views: only the clips whose
+    clip_index is listed are read (sampling.choose_views picks them), filtered before any JPEG decode.
     """
     paths = list(paths)
     if not paths:
@@ -312,7 +314,12 @@ def iter_clips(paths: Iterable, *, mode: Mode, batch_size: int, crop: int = 224,
 
     pending: list[pa.Table] = []
     held = 0
+    keep = pa.array(sorted(set(views)), pa.int16()) if views is not None else None
     for table in _shard_tables(paths, filesystem, rng, read_rows=batch_size):
+        if keep is not None:
+            table = table.filter(pc.is_in(table.column("clip_index"), keep))
+            if not table.num_rows:
+                continue
         pending.append(table)
         held += table.num_rows
         if held < window:

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 # PySlowFast's Kinetics defaults (DATA.MEAN / DATA.STD), on frames scaled to [0, 1].
 MEAN = (0.45, 0.45, 0.45)
 STD = (0.225, 0.225, 0.225)
+SPATIAL_POSITIONS = 3  # uniform_crop's windows: left/top, centre, right/bottom (index 1 = the centre crop)
 # Frames per normalisation step: 4 frames of 224x224 in float are 2.4 MB, about one L2 cache.
 _NORM_FRAMES = 4
 
