@@ -147,7 +147,7 @@ class TrainSection(Section):
                                 "rounds down, which leaves a 1.5-CPU worker one thread)")
     max_failures: int = Field(3, ge=-1, description="restarts from the last checkpoint after worker loss; -1 = always")
     keep_checkpoints: int = Field(2, ge=1, description="checkpoints kept per run, newest first")
-    mixed_precision: bool = Field(False, description="autocast on GPU (ignored on CPU)")
+    mixed_precision: bool = Field(False, description="bf16 autocast on GPU and on CPUs with avx512_bf16/amx_bf16/bf16")
     seed: int = 0
     init_from: Literal["scratch", "champion"] = Field(
         "scratch", description="champion: start from the registered champion's weights (same classes and "
