@@ -17,6 +17,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from slowfast.model import PRESETS, SlowFastConfig
+from slowfast.video.decode import DEFAULT_MAX_PIXELS
 
 # base_lr is the learning rate for this many clips per optimizer step (the paper: 8 GPUs x 8
 # clips, lr 0.1); the trainer scales it linearly with the real global batch.
@@ -85,7 +86,7 @@ class PreprocessSection(Section):
     frame_format: Literal["jpeg", "raw"] = Field("jpeg", description="how frames are stored in the shards")
     jpeg_quality: int = Field(90, ge=1, le=100, description="JPEG quality when frame_format is jpeg")
     max_frame_pixels: int = Field(
-        3840 * 2160, ge=1, description="videos with larger frames are quarantined instead of decoded")
+        DEFAULT_MAX_PIXELS, ge=1, description="videos with larger frames are quarantined instead of decoded")
     rows_per_shard: int = Field(128, ge=1, description="clips per Parquet file")
     commit_every: int = Field(
         8, ge=1, description="shards per manifest commit: after a crash, at most this many are decoded again")
