@@ -20,8 +20,8 @@ import numpy as np
 
 from slowfast.shards import manifest
 from slowfast.shards.schema import ShardMeta, clips_to_table, encode_frames, write_shard
+from slowfast.video.clips import ClipSampling, cut_clips
 from slowfast.video.decode import DECODE_ERROR, VideoDecodeError, VideoReader
-from slowfast.video.sampling import plan_clips, slow_indices
 
 from .config import PipelineConfig
 from .ingest import Plan, SplitPlan, Task
@@ -39,19 +39,30 @@ def shard_meta(cfg: PipelineConfig, plan: Plan, sp: SplitPlan) -> ShardMeta:
 
 def decode_video(src, task: Task, meta: ShardMeta, *, mode: str, num_clips: int, seed: int,
                  max_pixels: int) -> tuple[list[dict], bool]:
-    """The clips of one video as shard rows, and whether it was shorter than one clip."""
+    """The clips of one video as shard rows, and whether it was shorter than one clip.
+
+    Each distinct frame is encoded as it is decoded and only its bytes are kept: overlapping eval
+    views share frames, which are encoded once, and no clip is ever stacked as a whole.
+    """
+    sampling = ClipSampling(T=meta.T, tau=meta.tau, alpha=meta.alpha, target_fps=meta.target_fps,
+                            short_side=meta.short_side, mode=mode, num_clips=num_clips, seed=seed)
+    jpeg = meta.frame_format == "jpeg"
+
+    def encode(frame: np.ndarray) -> bytes:
+        encoded = encode_frames(frame[None], meta.frame_format, meta.jpeg_quality)
+        return encoded[0] if jpeg else encoded
+
     with VideoReader(src, name=task.rel, max_pixels=max_pixels, threads=1) as reader:
-        plans = plan_clips(reader.info.frames_at(meta.target_fps), T=meta.T, tau=meta.tau, alpha=meta.alpha,
-                           mode=mode, num_clips=num_clips, seed=seed, video_id=task.video_id)
-        clips = reader.decode_windows([p.times(meta.target_fps) for p in plans], short_side=meta.short_side)
-    slow = slow_indices(meta.alpha, meta.T).astype(np.int16).tolist()
+        clips = cut_clips(reader, sampling, video_id=task.video_id, encode=encode)
+    slow = clips.slow_index.astype(np.int16).tolist()
     rows = []
-    for p, frames in zip(plans, clips):
-        rows.append({"video_id": task.video_id, "label": task.label, "clip_index": p.clip_index,
-                     "start_sec": p.start_sec(meta.target_fps), "height": frames.shape[1],
-                     "width": frames.shape[2], "frames": encode_frames(frames, meta.frame_format, meta.jpeg_quality),
-                     "slow_index": slow})
-    return rows, any(p.short for p in plans)
+    for i, plan in enumerate(clips.plans):
+        # A list of one JPEG per frame, or the raw bytes of the whole (N, H, W, 3) clip.
+        frames = clips.items(i) if jpeg else b"".join(clips.items(i))
+        rows.append({"video_id": task.video_id, "label": task.label, "clip_index": plan.clip_index,
+                     "start_sec": clips.start_sec(i), "height": clips.height, "width": clips.width,
+                     "frames": frames, "slow_index": slow})
+    return rows, clips.short
 
 
 class ClipWriter:

@@ -17,8 +17,8 @@ import numpy as np
 import torch
 
 from slowfast.video import transforms
+from slowfast.video.clips import ClipSampling, cut_clips
 from slowfast.video.decode import DEFAULT_MAX_PIXELS, Source, VideoReader
-from slowfast.video.sampling import plan_clips, slow_indices
 
 
 @dataclass(frozen=True)
@@ -57,13 +57,13 @@ class VideoClassifier:
     def views(self, source: Source, name: str | None = None) -> tuple[np.ndarray, np.ndarray]:
         """(slow, fast) uint8 arrays (views, 3, T, crop, crop) of one video."""
         s = self.spec
+        sampling = ClipSampling(T=s.T, tau=s.tau, alpha=s.alpha, target_fps=s.target_fps, short_side=s.short_side,
+                                mode="eval", num_clips=s.temporal_views)
         with VideoReader(source, name=name, max_pixels=DEFAULT_MAX_PIXELS, threads=1) as reader:
-            plans = plan_clips(reader.info.frames_at(s.target_fps), T=s.T, tau=s.tau, alpha=s.alpha, mode="eval",
-                               num_clips=s.temporal_views)
-            clips = reader.decode_windows([p.times(s.target_fps) for p in plans], short_side=s.short_side)
-        fast = np.stack([transforms.to_planar(view) for clip in clips
-                         for view in transforms.eval_views(clip, s.crop, s.spatial_crops)])
-        return np.take(fast, slow_indices(s.alpha, s.T), axis=2), fast
+            clips = cut_clips(reader, sampling)
+        fast = np.stack([transforms.to_planar(view) for i in range(len(clips))
+                         for view in transforms.eval_views(clips.clip(i), s.crop, s.spatial_crops)])
+        return np.take(fast, clips.slow_index, axis=2), fast
 
     @torch.no_grad()
     def probabilities(self, source: Source, name: str | None = None) -> np.ndarray:

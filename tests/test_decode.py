@@ -15,9 +15,9 @@ from slowfast.video.decode import (
     VideoReader,
     decode_frames,
     decode_windows,
-    output_size,
     probe,
 )
+from slowfast.video.geometry import short_side_size
 from slowfast.video.sampling import plan_clips
 from videos import (
     encode_audio_only,
@@ -123,7 +123,7 @@ def test_clips_hold_the_frames_the_reference_names(videos, name):
 
     # Upright display size, short side resized to 256 (long side floored, like the reference).
     assert (info.width, info.height) == (video.width, video.height)
-    w, h = output_size(video.width, video.height, 256)
+    h, w = short_side_size(video.height, video.width, 256)
     assert all(clip.shape == (ALPHA * T, h, w, 3) and clip.dtype == np.uint8 for clip in clips)
     assert stats.frames_converted <= sum(len(w) for w in windows)
 

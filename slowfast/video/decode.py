@@ -1,21 +1,21 @@
-"""Decode clip windows from one video with PyAV: seek to each window, take the frame on screen
-at each target-fps instant, resize the short side, turn rotated video upright. Every failure is
-a `VideoDecodeError` whose `.reason` names the quarantine bucket.
+"""Decode the frames on screen at given times from one video with PyAV, in one forward pass that
+seeks only where that is cheaper than decoding through; resize the short side, turn rotated video
+upright. Every failure is a `VideoDecodeError` whose `.reason` names the quarantine bucket.
 """
 from __future__ import annotations
 
 import bisect
 import io
-import math
 import os
 import struct
 from dataclasses import dataclass
-from typing import BinaryIO, Sequence, Union
+from typing import BinaryIO, Iterator, Sequence, Union
 
 import av
 import numpy as np
 from av.video.reformatter import VideoReformatter
 
+from slowfast.video.geometry import short_side_size
 from slowfast.video.sampling import num_target_frames
 
 # Quarantine reasons, and how each is told apart:
@@ -64,10 +64,13 @@ DEFAULT_MAX_PIXELS = 4096 * 2160  # DCI 4K; anything bigger is a decompression b
 DEFAULT_SHORT_SIDE = 256
 # Without a keyframe index, decode forward instead of seeking across gaps shorter than this.
 DEFAULT_RESEEK_GAP_SEC = 1.0
-# With one, seek only when the target's keyframe is this far past the frames in hand: a seek
-# flushes the decoder (frames in flight in its threads are lost), so a few frames are cheaper
-# to decode through.
-_MIN_SKIP_SEC = 0.25
+# With one, a seek costs this many frames of decoding on top of the frames from the keyframe on
+# (the demuxer's jump, the decoder's flush and its first keyframe, dearer than the average frame),
+# plus one frame per extra decode thread: a flush loses the frame each thread had in flight.
+# Measured on 640x360 H.264 (the bench data videos): seeking to a keyframe 2 frames past the
+# decode position lost to decoding through, 5 frames won (1 thread); with 2 threads 5 lost, 10 won.
+SEEK_COST_FRAMES = 4
+_MAX_AUTO_THREADS = 16  # FFmpeg's cap on the threads it picks itself
 _EPS = 1e-6  # seconds; far below any real time base step (1/90000 s)
 _TRUNCATION_SLACK_SEC = 0.5
 
@@ -111,21 +114,9 @@ class DecodeStats:
     seeks: int = 0
 
 
-def output_size(width: int, height: int, short_side: int | None) -> tuple[int, int]:
-    """(width, height) with the short side at ``short_side`` and the aspect ratio kept.
-
-    The short side is exact; the long side is floored, as the reference's ``scale`` does
-    (PySlowFast ``transform.scale``), so it may be odd. None keeps the size.
-    """
-    if short_side is None:
-        return width, height
-    if width <= height:
-        return short_side, int(math.floor(height / width * short_side))
-    return int(math.floor(width / height * short_side)), short_side
-
-
 class VideoReader:
-    """One open video: ``info`` at once, then any number of ``decode_windows`` calls.
+    """One open video: ``info`` at once, then any number of ``decode_windows`` or
+    ``decode_stream`` calls.
 
     Time is in seconds from the first frame. The frame for time t is the one on screen at t:
     the last frame whose presentation time is <= t (the first frame for t before it, the last
@@ -142,10 +133,15 @@ class VideoReader:
         max_pixels: int = DEFAULT_MAX_PIXELS,
         threads: int | None = None,
         reseek_gap_sec: float = DEFAULT_RESEEK_GAP_SEC,
+        seek_cost_frames: float | None = None,
     ):
         self.name = name or _source_name(source)
         self.max_pixels = max_pixels
         self.reseek_gap_sec = reseek_gap_sec
+        if seek_cost_frames is None:
+            in_flight = threads or min(os.cpu_count() or 1, _MAX_AUTO_THREADS)
+            seek_cost_frames = SEEK_COST_FRAMES + in_flight - 1
+        self.seek_cost_frames = seek_cost_frames
         self.stats = DecodeStats()
         self._file, self._owns_file = _open_source(source, self.name)
         self.container = None
@@ -189,7 +185,6 @@ class VideoReader:
         self._peeked = None  # (time, frame) pulled from the generator but not yet consumed
         self._last = None  # (time, frame): the last consumed frame
         self._at_start = True  # nothing decoded or sought since opening
-        self._rgb_cache: dict[int, tuple] = {}
         self._scaler, self._to_rgb = VideoReformatter(), VideoReformatter()
         self._origin_pts = None  # pts of the first frame: time 0
         first = self._peek()
@@ -288,6 +283,12 @@ class VideoReader:
 
     # -- decoding ---------------------------------------------------------------------------
 
+    def frame_size(self, short_side: int | None = DEFAULT_SHORT_SIDE) -> tuple[int, int]:
+        """(height, width) of the frames decoded with ``short_side``: upright, short side resized
+        (None keeps the size)."""
+        h, w = self.info.height, self.info.width
+        return (h, w) if short_side is None else short_side_size(h, w, short_side)
+
     def decode_windows(
         self,
         windows: Sequence[Sequence[float]],
@@ -299,33 +300,53 @@ class VideoReader:
         """For each window (a list of times in seconds), the frames shown at those times as
         one (len(window), H, W, 3) uint8 array, resized and upright.
 
-        All requested times are decoded in one forward pass in time order, seeking only where
-        a seek skips decoding (the target's keyframe lies past the current position), so
-        overlapping or adjacent windows share their frames.
+        All requested times are decoded in one ``decode_stream`` pass, so overlapping or
+        adjacent windows share their frames.
         """
         before = DecodeStats(**vars(self.stats))
         times = sorted({float(t) for w in windows for t in w})
-        w, h = self.info.width, self.info.height
-        if self._turns % 2:
-            w, h = h, w  # resize in coded orientation, turn afterwards
-        self._out_size = output_size(w, h, short_side)
-        self._interpolation = interpolation
-        self._rgb_cache = {}
-        shown: dict[float, np.ndarray] = {}
-        for t in times:
-            shown[t] = self._rgb(self._frame_at(t))
-        out = [np.stack([shown[float(t)] for t in window]) if len(window) else
-               np.empty((0, *self._frame_shape()), np.uint8) for window in windows]
-        self._rgb_cache = {}
+        shown = dict(zip(times, self.decode_stream(times, short_side=short_side,
+                                                   interpolation=interpolation)))
+        empty = np.empty((0, *self.frame_size(short_side), 3), np.uint8)
+        out = [np.stack([shown[float(t)] for t in window]) if len(window) else empty
+               for window in windows]
         if stats is not None:
             stats.frames_decoded += self.stats.frames_decoded - before.frames_decoded
             stats.frames_converted += self.stats.frames_converted - before.frames_converted
             stats.seeks += self.stats.seeks - before.seeks
         return out
 
-    def _frame_shape(self) -> tuple[int, int, int]:
-        w, h = self._out_size
-        return (w, h, 3) if self._turns % 2 else (h, w, 3)
+    def decode_stream(
+        self,
+        times: Sequence[float],
+        *,
+        short_side: int | None = DEFAULT_SHORT_SIDE,
+        interpolation: str = "BILINEAR",
+    ) -> Iterator[np.ndarray]:
+        """The frame shown at each of ``times`` (seconds, ascending), one (H, W, 3) uint8 array
+        each, resized and upright, yielded as soon as it is decoded.
+
+        One forward pass: between two times it decodes through, or seeks where the keyframe
+        index says that skips more than ``seek_cost_frames`` frames, so dense times (eval views
+        that cover the video) read it once in order and sparse ones jump. Only the last frame is
+        held, so a consumer that encodes each frame as it comes keeps nothing else in memory.
+        Times that show the same source frame yield the same array: treat it as read-only.
+        """
+        times = [float(t) for t in times]
+        if any(b < a for a, b in zip(times, times[1:])):
+            raise ValueError(f"{self.name}: decode_stream takes times in ascending order; sort them")
+        h, w = self.frame_size(short_side)
+        # Resize in coded orientation, turn afterwards.
+        size = (h, w) if self._turns % 2 else (w, h)
+        return self._stream(times, size, interpolation)
+
+    def _stream(self, times: list[float], size: tuple[int, int], interpolation: str):
+        frame = rgb = None
+        for t in times:
+            shown = self._frame_at(t)
+            if shown is not frame:
+                frame, rgb = shown, self._rgb(shown, size, interpolation)
+            yield rgb
 
     def _frame_at(self, t: float):
         """The frame shown at ``t``; moves the decode position forward (or seeks)."""
@@ -355,11 +376,12 @@ class VideoReader:
         if t + self._tol < current[0]:
             # Behind the decode position, unless t merely precedes the very first frame.
             return not (self._last is None and self._at_start)
-        # Ahead: seek only if that lands on a keyframe past every frame in hand.
+        # Ahead: seek only if that lands on a keyframe far enough past every frame in hand that
+        # the frames it skips cost more than the seek.
         held = (self._peeked or self._last)[0]
         if self._keyframes is not None:
             k = bisect.bisect_right(self._keyframes, t + self._tol) - 1
-            return k >= 0 and self._keyframes[k] > held + _MIN_SKIP_SEC
+            return k >= 0 and (self._keyframes[k] - held) * self.info.fps > self.seek_cost_frames
         return t - held > self.reseek_gap_sec
 
     def _seek(self, t: float, margin: float) -> None:
@@ -405,26 +427,19 @@ class VideoReader:
             self._peeked = ((frame.pts - self._origin_pts) * self._time_base, frame)
         return self._peeked
 
-    def _rgb(self, frame) -> np.ndarray:
-        key = id(frame)
-        cached = self._rgb_cache.get(key)
-        if cached is not None:
-            return cached[1]
-        w, h = self._out_size
+    def _rgb(self, frame, size: tuple[int, int], interpolation: str) -> np.ndarray:
+        w, h = size
         # Resize in the decoder's pixel format (YUV), then convert at the output size: swscale
         # does the two steps ~4x faster than scaling straight into rgb24 (0.7 vs 2.9 ms at
         # 640x360 -> 455x256). Reformatters live as long as the reader: each keeps its swscale
         # context, which frame.reformat rebuilds for every frame.
         sized = frame
         if (w, h) != (frame.width, frame.height):
-            sized = self._scaler.reformat(frame, width=w, height=h,
-                                          interpolation=self._interpolation)
+            sized = self._scaler.reformat(frame, width=w, height=h, interpolation=interpolation)
         rgb = self._to_rgb.reformat(sized, format="rgb24").to_ndarray()
         if self._turns:
             rgb = np.ascontiguousarray(np.rot90(rgb, self._turns))
         self.stats.frames_converted += 1
-        # Keep the frame alive with its array so id() stays unique while cached.
-        self._rgb_cache[key] = (frame, rgb)
         return rgb
 
     # -- failures ---------------------------------------------------------------------------
