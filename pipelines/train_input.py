@@ -23,8 +23,9 @@ SHARDS_PER_READ = 4
 # Batches' worth of clips each worker holds to shuffle across read groups (uint8: 32 x 224 x 224 clips
 # are 5 MB each); the first batch of an epoch waits until the buffer is full.
 SHUFFLE_BATCHES = 4
-# Train-mode columns that leave Ray Data: uint8 clips (normalised on the device, 4x fewer bytes) and labels.
-TRAIN_COLUMNS = ["slow", "fast", "label"]
+# Train-mode columns that leave Ray Data: the uint8 fast frames once (the slow pathway is taken from them by
+# index on the device, and both are normalised there: slowfast.train.clip_inputs), the slow indices, labels.
+TRAIN_COLUMNS = ["fast", "slow_index", "label"]
 
 
 @contextlib.contextmanager
@@ -87,7 +88,7 @@ def train_clips(batch: pa.Table, meta: ShardMeta, crop: int, jitter: tuple[int, 
     """Shard rows -> augmented uint8 clips (ClipTransform in train mode; normalised on the device)."""
     from slowfast.shards.reader import ClipTransform
 
-    return ClipTransform(meta, "train", crop, jitter=jitter, seed=seed, normalize=False, reuse_buffers=False)(batch)
+    return ClipTransform(meta, "train", crop, jitter=jitter, seed=seed, reuse_buffers=False)(batch)
 
 
 def read_shards(batch: pa.Table, store: Storage, block_rows: int):

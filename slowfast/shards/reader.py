@@ -1,8 +1,9 @@
-"""Shard rows -> [slow, fast] float tensors and labels, for Ray Data and for a plain local loop.
+"""Shard rows -> uint8 clips, slow-pathway indices and labels, for Ray Data and for a plain local loop.
 
-ClipTransform is the one place where a batch of shard rows is decoded, augmented (train) or cut into
-test views (eval), normalised and packed. Ray Data calls it from map_batches (batch_format "pyarrow"
-or "numpy"); iter_clips streams shard files through it without Ray.
+ClipTransform is the one place where a batch of shard rows is decoded and augmented (train) or cut into
+test views (eval). It stops at uint8 frames in the layout the network runs in; the slow pathway and the
+normalisation are made on the device by slowfast.train.clip_inputs. Ray Data calls it from map_batches
+(batch_format "pyarrow" or "numpy"); iter_clips streams shard files through it without Ray.
 """
 from __future__ import annotations
 
@@ -23,8 +24,8 @@ from slowfast.video import transforms
 
 Mode = Literal["train", "eval"]
 COLUMNS = ("video_id", "label", "clip_index", "height", "width", FRAMES, "slow_index")
-# Frames decoded, cropped and normalised per step: 4 frames at 340x256 decode to 1 MB, and make
-# 0.6 MB of uint8 crops and 2.4 MB of float output at 224.
+# Frames decoded and cropped per step: 4 frames at 340x256 decode to 1 MB, which the crop then reads from
+# cache; whole clips (8 MB) measured no faster.
 CHUNK_FRAMES = 4
 
 
@@ -99,12 +100,16 @@ class _BufferPool:
 
 
 class ClipTransform:
-    """A batch of shard rows -> {"slow", "fast", "label", "video_id", "clip_index", "spatial_index"}.
+    """A batch of shard rows -> {"fast", "slow_index", "label", "video_id", "clip_index", "spatial_index"}.
 
-    slow: (B, 3, T, crop, crop); fast: (B, 3, alpha*T, crop, crop), float32 normalised, or uint8
-    with normalize=False (then apply transforms.normalize_tensor on the device); label int64;
-    video_id object; clip_index int16; spatial_index int8 (-1 for a random train crop, else the
-    uniform-crop index). In eval mode each row yields `spatial_crops` samples (B = rows * crops).
+    fast: uint8 (B, alpha*T, crop, crop, 3), each clip's frames as decoded (T, H, W, C): permuted to
+    (B, 3, alpha*T, crop, crop) it is already a channels_last_3d tensor, the layout the network runs in.
+    slow_index: int64 (B, T), the slow pathway's frames as indices into fast's time axis (the shard's
+    slow_index; every row of a preprocessing run holds the same one). The slow pathway is not copied
+    here: slowfast.train.clip_inputs takes it from the fast frames on the device and normalises both
+    there, so the frames cross Ray and the host-to-device copy once, as uint8. label int64; video_id
+    object; clip_index int16; spatial_index int8 (-1 for a random train crop, else the uniform-crop
+    index). In eval mode each row yields `spatial_crops` samples (B = rows * crops).
 
     Train randomness. With an integer `epoch`, a clip's scale, crop and flip are drawn from
     (seed, epoch, video_id, clip_index): reproducible, and independent of batching, worker count and
@@ -115,16 +120,14 @@ class ClipTransform:
     stream seeded with fresh OS entropy (and `seed`) the first time a process calls the transform,
     so crops never repeat across epochs, but they are not reproducible.
 
-    Output arrays of "slow" and "fast" share one buffer per batch, recycled through _BufferPool
-    (reuse_buffers=False turns that off); the other columns are fresh arrays. An instance runs one
-    call at a time (as a map_batches actor or task does): its scratch buffers are not thread-safe.
+    The "fast" array of a batch is recycled through _BufferPool (reuse_buffers=False turns that off);
+    the other columns are fresh arrays. An instance runs one call at a time (as a map_batches actor or
+    task does): its scratch buffers are not thread-safe.
     """
 
     def __init__(self, meta: ShardMeta, mode: Mode = "train", crop: int = 224,
                  jitter: tuple[int, int] | None = None, seed: int = 0, epoch: int | None = None,
-                 spatial_crops: int = 3, normalize: bool = True, mean: Sequence[float] = transforms.MEAN,
-                 std: Sequence[float] = transforms.STD, fastdct: bool = False, fastupsample: bool = False,
-                 reuse_buffers: bool = True):
+                 spatial_crops: int = 3, reuse_buffers: bool = True):
         if mode not in ("train", "eval"):
             raise ValueError(f"mode must be 'train' or 'eval', got {mode!r}")
         if spatial_crops not in (1, 3):
@@ -138,9 +141,6 @@ class ClipTransform:
         self.seed = seed
         self.epoch = epoch
         self.spatial_crops = spatial_crops
-        self.normalize = normalize
-        self.mean, self.std = tuple(mean), tuple(std)
-        self.fastdct, self.fastupsample = fastdct, fastupsample
         self.reuse_buffers = reuse_buffers
         self._init_process_state()
 
@@ -177,29 +177,13 @@ class ClipTransform:
         if self._scratch.size < need:
             self._scratch = np.empty(need, np.uint8)
         out = self._scratch[:need].reshape(len(cell), height, width, 3)
-        return decode_frames(cell, "jpeg", height, width, out=out,
-                             fastdct=self.fastdct, fastupsample=self.fastupsample)
-
-    def _outputs(self, n: int) -> tuple[np.ndarray, np.ndarray]:
-        dtype = np.dtype(np.float32 if self.normalize else np.uint8)
-        fast_shape = (n, 3, self.meta.frames_per_clip, self.crop, self.crop)
-        slow_shape = (n, 3, self.meta.T, self.crop, self.crop)
-        fast_bytes, slow_bytes = (int(np.prod(s)) * dtype.itemsize for s in (fast_shape, slow_shape))
-        buf = self._pool.take(fast_bytes + slow_bytes)
-        return (buf[fast_bytes:].view(dtype).reshape(slow_shape), buf[:fast_bytes].view(dtype).reshape(fast_shape))
-
-    def _finish(self, view: np.ndarray, out: np.ndarray) -> None:
-        if self.normalize:
-            transforms.normalize(view, self.mean, self.std, out=out)
-        else:
-            transforms.to_planar(view, out=out)
+        return decode_frames(cell, "jpeg", height, width, out=out)
 
     def _clip(self, cell, height: int, width: int, rng: np.random.Generator | None, fast: np.ndarray) -> None:
-        """Decode, crop and normalise one clip into fast[v] for each of its views.
+        """Decode and crop one clip into fast[v] (T, crop, crop, 3) for each of its views.
 
-        The clip goes CHUNK_FRAMES frames at a time, so each step works on data the previous one
-        left in cache (a whole decoded clip is 8 MB, far more than a core's cache) and the decode
-        scratch stays small; measured 1-3% faster than whole clips.
+        The clip goes CHUNK_FRAMES frames at a time, so that the crop reads frames the decoder has just
+        left in cache and the decode scratch stays small.
         """
         if rng is not None:
             box, _ = transforms.random_crop_box(height, width, self.crop, self.jitter, rng)
@@ -209,11 +193,11 @@ class ClipTransform:
             if self.meta.frame_format == "jpeg":
                 frames = self._decode(frames, height, width)
             if rng is not None:
-                views = [transforms.resized_crop(frames, box, self.crop, flip)]
+                views = [_train_crop(frames, box, self.crop, flip)]
             else:
                 views = transforms.eval_views(frames, self.crop, self.spatial_crops)
             for v, view in enumerate(views):
-                self._finish(view, fast[v][:, t0:t0 + CHUNK_FRAMES])
+                fast[v, t0:t0 + CHUNK_FRAMES] = view
 
     def __call__(self, batch: pa.Table | pa.RecordBatch | dict) -> dict[str, np.ndarray]:
         if isinstance(batch, (pa.Table, pa.RecordBatch)):
@@ -221,31 +205,44 @@ class ClipTransform:
         else:
             cols = _numpy_rows(batch)
         rows, views, meta = len(cols["label"]), self.views_per_clip, self.meta
-        slow, fast = self._outputs(rows * views)
+        shape = (rows * views, meta.frames_per_clip, self.crop, self.crop, 3)
+        fast = self._pool.take(int(np.prod(shape))).reshape(shape)
+        slow_index = np.empty((rows * views, meta.T), np.int64)
         spatial = np.full(rows * views, -1, np.int8)
         for r in range(rows):
             cell, height, width = cols[FRAMES][r], int(cols["height"][r]), int(cols["width"][r])
             if meta.frame_format == "raw":
                 cell = decode_frames(cell, "raw", height, width)
-            slow_index = np.asarray(cols["slow_index"][r], dtype=np.intp)
-            if len(cell) != meta.frames_per_clip or len(slow_index) != meta.T:
+            index = np.asarray(cols["slow_index"][r])
+            if len(cell) != meta.frames_per_clip or len(index) != meta.T:
                 raise ShardError(f"{cols['video_id'][r]} clip {cols['clip_index'][r]}: {len(cell)} frames and "
-                                 f"{len(slow_index)} slow indices, the shard metadata says "
+                                 f"{len(index)} slow indices, the shard metadata says "
                                  f"{meta.frames_per_clip} and {meta.T}")
             rng = self._rng(str(cols["video_id"][r]), int(cols["clip_index"][r])) if self.mode == "train" else None
             rows_out = slice(r * views, (r + 1) * views)
             self._clip(cell, height, width, rng, fast[rows_out])
-            np.take(fast[rows_out], slow_index, axis=2, out=slow[rows_out])
+            slow_index[rows_out] = index
             if self.mode == "eval":
                 spatial[rows_out] = (1,) if views == 1 else (0, 1, 2)
         return {
-            "slow": slow,
             "fast": fast,
+            "slow_index": slow_index,
             "label": np.repeat(np.asarray(cols["label"], np.int64), views),
             "video_id": np.repeat(np.asarray(cols["video_id"], dtype=object), views),
             "clip_index": np.repeat(np.asarray(cols["clip_index"], np.int16), views),
             "spatial_index": spatial,
         }
+
+
+def _train_crop(frames: np.ndarray, box: transforms.CropBox, crop: int, flip: bool) -> np.ndarray:
+    """transforms.resized_crop's pixels, as a plain (N, crop, crop, 3) array: the mirror is taken on the
+    region before the resize (bilinear resizing commutes with it), by torch, which copies mirrored
+    3-byte pixels in a third of the time the copy of resized_crop's channel-reversed view into a
+    channels-last output takes."""
+    region = frames[:, box.y:box.y + box.height, box.x:box.x + box.width]
+    if flip:
+        region = torch.from_numpy(region).flip(2).numpy()
+    return transforms.resize(region, crop, crop)
 
 
 def _shard_tables(paths: Sequence, filesystem: pafs.FileSystem | None, rng: np.random.Generator | None,
@@ -275,10 +272,11 @@ def _shard_tables(paths: Sequence, filesystem: pafs.FileSystem | None, rng: np.r
 def iter_clips(paths: Iterable, *, mode: Mode, batch_size: int, crop: int = 224, meta: ShardMeta | None = None,
                filesystem: pafs.FileSystem | None = None, shuffle: bool = False, shuffle_buffer: int = 256,
                seed: int = 0, epoch: int | None = None, jitter: tuple[int, int] | None = None,
-               spatial_crops: int = 3, normalize: bool = True, drop_last: bool = False,
-               views: Sequence[int] | None = None) -> Iterator[dict]:
-    """Local loader: shard files -> batches of torch tensors {"slow", "fast", "label", "clip_index",
-    "spatial_index"} plus "video_id" (list of str); the same dict Ray Data's path yields.
+               spatial_crops: int = 3, drop_last: bool = False, views: Sequence[int] | None = None,
+               normalize: bool = False) -> Iterator[dict]:
+    """Local loader: shard files -> batches of torch tensors {"fast", "slow_index", "label", "clip_index",
+    "spatial_index"} plus "video_id" (list of str); the same dict Ray Data's path yields. Feed it to the
+    network through slowfast.train.clip_inputs (uint8 frames in; normalised [slow, fast] out).
 
     `paths`: shard paths or URIs, or (path, video ids to skip) pairs as DatasetState.readable()
     returns them. `batch_size` counts clips; an eval batch holds batch_size * spatial_crops samples.
@@ -287,7 +285,12 @@ def iter_clips(paths: Iterable, *, mode: Mode, batch_size: int, crop: int = 224,
     number), and are fresh on every call when it is None (see ClipTransform). Row groups are read
     one at a time, so memory stays at about one row group plus one window. views: only the clips whose
     clip_index is listed are read (sampling.choose_views picks them), filtered before any JPEG decode.
+    normalize: only False is accepted, for callers written when True gave float clips; it goes once
+    they stop passing it.
     """
+    if normalize:
+        raise ValueError("iter_clips(normalize=True): the loader yields uint8 frames only; normalise them on the "
+                         "device with slowfast.train.clip_inputs(batch, fmt)")
     paths = list(paths)
     if not paths:
         return
@@ -300,8 +303,7 @@ def iter_clips(paths: Iterable, *, mode: Mode, batch_size: int, crop: int = 224,
             raise ShardError(f"{path}: T={other.T} alpha={other.alpha} {other.frame_format} frames, but "
                              f"{first} has T={meta.T} alpha={meta.alpha} {meta.frame_format}; "
                              "read shards of one preprocessing run together")
-    transform = ClipTransform(meta, mode, crop, jitter=jitter, seed=seed, epoch=epoch,
-                              spatial_crops=spatial_crops, normalize=normalize)
+    transform = ClipTransform(meta, mode, crop, jitter=jitter, seed=seed, epoch=epoch, spatial_crops=spatial_crops)
     rng = np.random.default_rng([seed, epoch if epoch is not None else secrets.randbits(64)]) if shuffle else None
     window = max(shuffle_buffer, batch_size) if shuffle else batch_size
 

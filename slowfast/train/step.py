@@ -19,19 +19,35 @@ class Step(NamedTuple):
 
 
 def clip_inputs(batch: dict, fmt: torch.memory_format) -> list[torch.Tensor]:
-    """A batch's uint8 "slow" and "fast" clips as the network's input: normalised float32 in layout `fmt`."""
-    return [normalize_tensor(batch[k]).contiguous(memory_format=fmt) for k in ("slow", "fast")]
+    """A loader batch, on the device, as the network's input [slow, fast]: normalised float32 (B, 3, T, H, W)
+    tensors in memory format `fmt`. The one place where a batch becomes network input: training,
+    validation, evaluation, the benchmarks and serving all go through it.
+
+    batch["fast"]: uint8 (B, alpha*T, H, W, 3), the frames as ClipTransform emits them (permuted to
+    (B, 3, alpha*T, H, W) they are channels_last_3d without a copy); batch["slow_index"]: (B, T), the slow
+    pathway's frames as indices into them. The slow frames are gathered from the uint8 fast frames (4x
+    fewer bytes than in float) with one index_select over the flattened (clip, frame) axis, which copies
+    whole frames: on CPU 20x faster than the equivalent fast[rows, slow_index].
+    """
+    fast = batch["fast"]
+    clips, frames = fast.shape[:2]
+    first_frame = torch.arange(clips, device=fast.device).unsqueeze(1) * frames
+    rows = (first_frame + batch["slow_index"].to(fast.device, torch.long)).flatten()
+    slow = fast.flatten(0, 1).index_select(0, rows).unflatten(0, (clips, -1))
+    return [normalize_tensor(x.permute(0, 4, 1, 2, 3).contiguous(memory_format=fmt)) for x in (slow, fast)]
 
 
 def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, batch: dict, *, fmt: torch.memory_format,
                mixed_precision: bool = False, grad_clip: float | None = None,
                clipped: nn.Module | None = None) -> Step:
-    """Normalise, forward (bf16 autocast on CUDA with mixed_precision), cross-entropy in fp32, backward, clip
-    the global gradient norm to grad_clip, SGD step. batch: {"slow", "fast", "label"} on the model's device.
+    """clip_inputs, forward (in bf16 where `autocast` gives it with mixed_precision), cross-entropy in fp32,
+    backward, clip the global gradient norm to grad_clip, SGD step. batch: {"fast", "slow_index", "label"} on the
+    model's device (see clip_inputs).
     clipped: the module whose gradients are clipped (the unwrapped network under DDP; default `model`)."""
     labels = batch["label"]
+    inputs = clip_inputs(batch, fmt)
     with autocast(labels.device.type, mixed_precision):
-        logits = model(clip_inputs(batch, fmt))
+        logits = model(inputs)
     loss = F.cross_entropy(logits.float(), labels)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
