@@ -5,14 +5,19 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import json
 import math
+import os
 import re
+import subprocess
+import sys
 from fractions import Fraction
 from pathlib import Path
 
 import av
 import numpy as np
 import pytest
+import torch
 
 from slowfast.video import synth
 from slowfast.video.synth import CLASSES, SynthError, encode_video, render, sample_video, write_dataset
@@ -50,7 +55,7 @@ def roundtrip_gray(spec, path: Path) -> np.ndarray:
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory):
     out = tmp_path_factory.mktemp("synth") / "kinetics-synth"
-    return out, write_dataset(out, 3, 4, seed=7, **SMALL)
+    return out, write_dataset(out, 3, 4, seed=7, workers=1, **SMALL)
 
 
 def files(root: Path) -> dict[str, bytes]:
@@ -143,6 +148,65 @@ def test_same_seed_gives_identical_bytes_and_another_seed_different_videos(datas
     assert not set(other) & {k for k in first if k.endswith(".mp4")}
     assert not {hashlib.sha256(v).digest() for v in other.values()} & {hashlib.sha256(v).digest()
                                                                           for v in first.values()}
+
+
+def test_bytes_do_not_depend_on_threads_workers_or_what_ran_before(dataset, tmp_path):
+    """The fixture wrote one video at a time; here torch runs on another thread count after a 3D convolution,
+    numpy's global generator has been used, another seed was rendered, and three videos are written at once."""
+    out, _ = dataset
+    threads, numpy_state = torch.get_num_threads(), np.random.get_state()
+    try:
+        torch.set_num_threads(2 if threads == 1 else 1)
+        torch.nn.functional.conv3d(torch.randn(2, 3, 8, 32, 32), torch.randn(4, 3, 3, 3, 3)).sum().item()
+        np.random.seed(1234)
+        np.random.standard_normal(1000)
+        render(sample_video(99, 5, 0, **SMALL))
+        write_dataset(tmp_path, 3, 4, seed=7, workers=3, **SMALL)
+    finally:
+        torch.set_num_threads(threads)
+        np.random.set_state(numpy_state)
+    assert files(tmp_path) == files(out)
+
+
+# A fresh interpreter on one CPU (FFmpeg and x264 size their automatic thread counts from it), with the usual
+# thread variables at 1, another hash seed, and FFmpeg's SIMD code switched off as `ffmpeg -cpuflags 0` does.
+_FRESH_PROCESS = """
+import ctypes, json, os, sys
+os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})
+import av
+libavutil = next(line.split()[-1] for line in open("/proc/self/maps") if "libavutil" in line)
+ctypes.CDLL(libavutil).av_force_cpu_flags(0)
+from slowfast.video.synth import write_dataset
+write_dataset(sys.argv[1], 3, 4, seed=7, workers=2, **json.loads(sys.argv[2]))
+"""
+
+
+@pytest.mark.skipif(not hasattr(os, "sched_setaffinity") or not Path("/proc/self/maps").exists(),
+                    reason="pins CPUs and finds FFmpeg's library the Linux way")
+def test_bytes_do_not_depend_on_cpu_count_thread_variables_or_ffmpeg_simd(dataset, tmp_path):
+    out, _ = dataset
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
+           "PYTHONHASHSEED": "12345"}
+    subprocess.run([sys.executable, "-c", _FRESH_PROCESS, str(tmp_path), json.dumps(SMALL)], env=env, check=True,
+                   cwd=Path(__file__).resolve().parents[1], timeout=300)
+    assert files(tmp_path) == files(out)
+
+
+def test_x264_records_that_it_encoded_on_one_thread(dataset):
+    """x264 writes its settings into the stream; more threads, or its automatic count (1.5 per CPU), would
+    encode other bytes."""
+    out, _ = dataset
+    videos = sorted(out.rglob("*.mp4"))
+    assert videos
+    for video in videos:
+        settings = re.search(rb"x264 - core \d+ .*? options: ([^\x00]*)", video.read_bytes())
+        assert settings and b" threads=1 lookahead_threads=1 sliced_threads=0 " in settings.group(1), video
+
+
+def test_workers_must_be_at_least_one(tmp_path):
+    with pytest.raises(SynthError, match="workers=0: the number of videos written at once must be at least 1"):
+        write_dataset(tmp_path, 1, 1, seed=0, workers=0)
+    assert not any(tmp_path.iterdir())
 
 
 def test_a_video_does_not_depend_on_how_many_others_are_generated(dataset, tmp_path):

@@ -61,9 +61,15 @@ carry along move at most 0.27 cycles per fast frame, so at 15 Hz they never alia
 rendered, so a single frame carries no trace of speed.
 
 Determinism. Each video is rendered from its own generator, seeded by (seed, class index, video index), so one
-video can be regenerated alone and adding classes or videos leaves the others unchanged. Encoders run with one
-thread and muxers with `fflags=+bitexact`, so the same seed gives byte-identical files with the same numpy,
-PyAV and codec libraries.
+video can be regenerated alone and adding classes or videos leaves the others unchanged; nothing reads numpy's
+global random state. Given the arguments, a file's bytes depend on the numpy and PyAV (FFmpeg, x264) builds and
+the CPU's instruction sets, never on the process: each encoder runs on one thread whatever the CPU count (x264
+encodes other bytes with another thread count, and its automatic count follows the CPUs), so `write_dataset`
+gets its speed by encoding several videos at once instead; RGB is converted to the encoder's pixel format with
+swscale's exact C arithmetic (PyAV's implicit conversion runs whichever SIMD code FFmpeg picks, and that code
+rounds differently); muxers run with `fflags=+bitexact` (no library version or creation time in the file). The
+instruction sets still count where x264 or numpy pick SIMD code: x264's C and SSE2 code encode other bytes than
+its SSSE3-and-newer code, for instance.
 
 Annotations follow the official Kinetics-400 CSVs: header `label,youtube_id,time_start,time_end,split`, labels in
 plain words with spaces (quoted when they contain one, as there), split values `train` and `val`, files
@@ -78,12 +84,15 @@ import math
 import os
 import time
 from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
+from typing import NamedTuple
 
 import av
 import numpy as np
+from av.video.reformatter import Interpolation
 
 
 class SynthError(ValueError):
@@ -348,6 +357,10 @@ _ENCODER_DEFAULTS: dict[str, dict[str, str]] = {
     "libaom-av1": {"crf": "35", "cpu-used": "8", "row-mt": "0"},
 }
 _CODEC_ALIASES = {"h264": "libx264", "hevc": "libx265", "h265": "libx265", "vp9": "libvpx-vp9", "av1": "libaom-av1"}
+# swscale flags for RGB -> the encoder's pixel format. Without BITEXACT and ACCURATE_RND swscale runs SIMD code
+# chosen for the CPU, which rounds differently from its C code: the same frames gave other YUV bytes with FFmpeg's
+# CPU flags forced to 0. With them the result is the C arithmetic whatever the CPU, for ~0.1 ms a frame.
+_EXACT_CONVERSION = Interpolation.BILINEAR | Interpolation.ACCURATE_RND | Interpolation.BITEXACT
 
 
 def _as_rate(fps: int | float | Fraction | str) -> Fraction:
@@ -388,8 +401,7 @@ def encode_video(path: str | os.PathLike, frames: np.ndarray | Iterable[np.ndarr
                  fps: int | float | Fraction | str = 30, *, codec: str = "h264", pix_fmt: str = "yuv420p",
                  options: dict[str, str] | None = None, bit_rate: int | None = None,
                  timestamps: Sequence[float] | None = None, rotation: int | None = None,
-                 audio: np.ndarray | None = None, audio_rate: int = 48000, audio_codec: str | None = None,
-                 threads: int = 1) -> Path:
+                 audio: np.ndarray | None = None, audio_rate: int = 48000, audio_codec: str | None = None) -> Path:
     """Encode RGB frames into a video file with PyAV; the container follows the suffix (.mp4, .mkv, .webm, .avi).
 
     frames: (T, H, W, 3) uint8, or an iterable of (H, W, 3) frames or (n, H, W, 3) chunks.
@@ -402,8 +414,8 @@ def encode_video(path: str | os.PathLike, frames: np.ndarray | Iterable[np.ndarr
       `VideoFrame.rotation` reads back; the pixels are stored unrotated).
     audio: (channels, samples) float32 in [-1, 1] at `audio_rate` (see `tone`), encoded with `audio_codec`
       (default: aac, or libopus in .webm).
-    threads: encoder threads; 1 (the default) makes the output byte-identical from run to run and machine to
-      machine with the same libraries.
+    The bytes depend on the arguments and the library builds only (see Determinism in the module docstring): the
+    encoder runs on one thread and the RGB frames are converted with swscale's exact arithmetic.
     """
     path = Path(path)
     encoder = _CODEC_ALIASES.get(codec, codec)
@@ -429,7 +441,9 @@ def encode_video(path: str | os.PathLike, frames: np.ndarray | Iterable[np.ndarr
     with av.open(str(path), "w", options={"fflags": "+bitexact"}) as container:
         stream = container.add_stream(encoder, rate=rate)
         stream.width, stream.height, stream.pix_fmt = width, height, pix_fmt
-        stream.codec_context.thread_count = threads
+        # One thread: x264 and x265 encode other bytes with another thread count, and PyAV's default (0) lets the
+        # encoder pick one from the CPU count.
+        stream.codec_context.thread_count = 1
         time_base = Fraction(1, 90000) if timestamps is not None else None
         if time_base is not None:
             stream.codec_context.time_base = time_base
@@ -455,7 +469,8 @@ def encode_video(path: str | os.PathLike, frames: np.ndarray | Iterable[np.ndarr
             if image.shape != first.shape or image.dtype != np.uint8:
                 raise SynthError(f"{path}: frame {count} is {image.shape} {image.dtype}, "
                                  f"expected {first.shape} uint8 like frame 0")
-            frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(image), format="rgb24")
+            frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(image), format="rgb24").reformat(
+                format=pix_fmt, interpolation=_EXACT_CONVERSION, threads=1)
             if timestamps is not None:
                 if count >= len(timestamps):
                     raise SynthError(f"{path}: more frames than timestamps ({len(timestamps)})")
@@ -496,14 +511,33 @@ def _csv_field(text: str) -> str:
     return text
 
 
+class _Written(NamedTuple):
+    split: str
+    row: tuple[str, str, int, int]  # the annotation: label, youtube_id, time_start, time_end
+    size_bytes: int
+    n_frames: int
+
+
+# Videos written at once by default: each worker holds a chunk of 32 float32 frames and its intermediates, so
+# memory grows with the count, while the speed-up stops at the CPUs the process may use.
+DEFAULT_WORKERS_MAX = 4
+
+
+def _usable_cpus() -> int:
+    # sched_getaffinity counts the CPUs this process may run on (taskset, containers), not all the machine's.
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
 def write_dataset(out_dir: str | os.PathLike, classes: int, videos_per_class: int, seed: int, *,
                   width: int = 160, height: int = 120, fps: int | float | Fraction | str = 30,
                   seconds: float = 4.0, val_fraction: float = 0.25, codec: str = "h264",
-                  progress: Callable[[int, int], None] | None = None) -> dict:
+                  progress: Callable[[int, int], None] | None = None, workers: int | None = None) -> dict:
     """Write `classes` x `videos_per_class` videos and the train/val annotation CSVs under `out_dir`.
 
     The last round(videos_per_class * val_fraction) videos of each class (at least one when val_fraction > 0
-    and there are two or more) go to `val`. `progress(done, total)` is called after each video.
+    and there are two or more) go to `val`. `progress(done, total)` is called after each video, in order.
+    `workers` videos are rendered and encoded at once (default: the CPUs this process may use, at most
+    DEFAULT_WORKERS_MAX); every encoder runs on one thread, so the files are the same whatever the number.
     Returns a summary: out_dir, classes, videos per split, annotation CSV paths, frames per video, bytes, seconds.
     """
     started = time.perf_counter()
@@ -518,30 +552,42 @@ def write_dataset(out_dir: str | os.PathLike, classes: int, videos_per_class: in
         raise SynthError(f"val_fraction={val_fraction}: must be in [0, 1)")
     if seconds <= 0:
         raise SynthError(f"seconds={seconds}: must be positive")
+    if workers is None:
+        workers = min(DEFAULT_WORKERS_MAX, _usable_cpus())
+    elif workers < 1:
+        raise SynthError(f"workers={workers}: the number of videos written at once must be at least 1")
     n_val = round(videos_per_class * val_fraction)
     if val_fraction > 0 and videos_per_class >= 2:
         n_val = min(max(n_val, 1), videos_per_class - 1)
     n_train = videos_per_class - n_val
-
     out = Path(out_dir)
+
+    def write_one(class_index: int, video_index: int) -> _Written:
+        label = labels[class_index]
+        split = "train" if video_index < n_train else "val"
+        youtube_id, time_start, time_end = video_key(seed, class_index, video_index, seconds)
+        path = out / split / label / f"{youtube_id}_{time_start:06d}_{time_end:06d}.mp4"
+        spec = sample_video(seed, class_index, video_index, width=width, height=height, fps=fps, seconds=seconds)
+        partial = path.with_name(path.stem + ".partial.mp4")
+        encode_video(partial, iter_frames(spec), spec.fps, codec=codec)
+        os.replace(partial, path)
+        return _Written(split, (label, youtube_id, time_start, time_end), path.stat().st_size, spec.n_frames)
+
     rows: dict[str, list[tuple[str, str, int, int]]] = {"train": [], "val": []}
-    total, done, size_bytes, n_frames = len(labels) * videos_per_class, 0, 0, 0
-    for class_index, label in enumerate(labels):
-        for video_index in range(videos_per_class):
-            split = "train" if video_index < n_train else "val"
-            youtube_id, time_start, time_end = video_key(seed, class_index, video_index, seconds)
-            path = out / split / label / f"{youtube_id}_{time_start:06d}_{time_end:06d}.mp4"
-            spec = sample_video(seed, class_index, video_index, width=width, height=height, fps=fps,
-                                seconds=seconds)
-            partial = path.with_name(path.stem + ".partial.mp4")
-            encode_video(partial, iter_frames(spec), spec.fps, codec=codec)
-            os.replace(partial, path)
-            rows[split].append((label, youtube_id, time_start, time_end))
-            size_bytes += path.stat().st_size
-            n_frames = spec.n_frames
-            done += 1
+    size_bytes, n_frames = 0, 0
+    pool = ThreadPoolExecutor(workers, thread_name_prefix="synth")
+    try:
+        futures = [pool.submit(write_one, class_index, video_index)
+                   for class_index in range(len(labels)) for video_index in range(videos_per_class)]
+        for done, future in enumerate(futures, 1):
+            written = future.result()
+            rows[written.split].append(written.row)
+            size_bytes += written.size_bytes
+            n_frames = written.n_frames
             if progress is not None:
-                progress(done, total)
+                progress(done, len(futures))
+    finally:
+        pool.shutdown(cancel_futures=True)  # after an error, start none of the videos still queued
 
     annotations = {}
     (out / "annotations").mkdir(parents=True, exist_ok=True)
