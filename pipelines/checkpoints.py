@@ -97,18 +97,28 @@ def load_model(cfg: PipelineConfig, store: Storage, model_uri: str | None) -> Lo
     return load_from_checkpoint(store, model_uri)
 
 
-def load_from_checkpoint(store: Storage, uri: str) -> LoadedModel:
-    """A checkpoint written by `pipelines train`: the file, or the Ray Train checkpoint folder holding it."""
+def read_checkpoint(store: Storage, uri: str, key: str = "--model-uri") -> tuple[io.BytesIO, str]:
+    """The bytes of a checkpoint file (local or s3://; a Ray Train checkpoint folder means its model.pt),
+    as an in-memory file named `uri`, and the file's path. `key` names the setting the location came
+    from, for the error."""
     fs, path = store.resolve(uri)
     info = fs.get_file_info(path)
     if info.type == pafs.FileType.Directory:
         path = f"{path.rstrip('/')}/{CHECKPOINT_FILE}"
         info = fs.get_file_info(path)
     if info.type != pafs.FileType.File:
-        raise ModelNotFound(f"--model-uri {uri}: no checkpoint there (expected a {CHECKPOINT_FILE} file or a folder "
-                            "holding one, or models:/NAME@ALIAS)")
+        raise ModelNotFound(f"{key} {uri}: no checkpoint there (expected a checkpoint file, a folder holding "
+                            f"{CHECKPOINT_FILE}, or models:/NAME@ALIAS)")
     with fs.open_input_file(path) as f:
-        obj = torch.load(io.BytesIO(f.read()), map_location="cpu", weights_only=True)
+        data = io.BytesIO(f.read())
+    data.name = uri
+    return data, path
+
+
+def load_from_checkpoint(store: Storage, uri: str) -> LoadedModel:
+    """A checkpoint written by `pipelines train`: the file, or the Ray Train checkpoint folder holding it."""
+    data, path = read_checkpoint(store, uri)
+    obj = torch.load(data, map_location="cpu", weights_only=True)
     if "config" not in obj or "class_names" not in obj:
         raise ModelNotFound(f"--model-uri {uri}: not a checkpoint written by `pipelines train` (no config or class "
                             "names in it)")

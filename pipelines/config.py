@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from slowfast.model import PRESETS, SlowFastConfig
 from slowfast.video.decode import DEFAULT_MAX_PIXELS
@@ -56,16 +56,42 @@ class DataSection(Section):
     """Which videos and labels to use."""
 
     dataset: str = Field(pattern=_NAME, description="dataset name; shards and manifests are filed under it")
-    format: Literal["kinetics_csv", "path_label"] = Field(
-        "kinetics_csv", description="annotation format: Kinetics CSV (label,youtube_id,time_start,time_end,split) "
-                                    "or lines of '<path relative to video_root> <label>'")
+    format: Literal["kinetics_csv", "path_label", "folder"] = Field(
+        "kinetics_csv", description="annotation format: Kinetics CSV (label,youtube_id,time_start,time_end,split), "
+                                    "lines of '<path relative to video_root> <label>', or folder: no annotation "
+                                    "files, video_root/<label>/... or video_root/<split>/<label>/...")
     video_root: str = Field(description="folder or s3:// prefix holding the videos")
     annotations: dict[str, str] = Field(
-        default_factory=dict, description="split name -> annotation file (local path or s3://)")
-    train_split: str = Field("train", description="the split to train on")
-    val_split: str = Field("val", description="the split to evaluate and promote on")
+        default_factory=dict, validate_default=True,
+        description="split name -> annotation file (local path or s3://); not with format folder")
+    train_split: str = Field("train", description="the split to train on (format folder: its folder name)")
+    val_split: str = Field("val", description="the split to evaluate and promote on (format folder: its folder name)")
+    val_fraction: float = Field(
+        0.2, gt=0, lt=1, description="format folder without split folders: the share of videos that a hash of "
+                                     "their path puts in val_split; adding videos never moves existing ones, "
+                                     "raising it only moves videos from train to val")
     synth: SynthSection | None = Field(
         None, description="generate a synthetic dataset into video_root when it is empty; None = never")
+
+    @field_validator("video_root")
+    @classmethod
+    def _video_root_given(cls, value: str) -> str:
+        if not value.strip():
+            raise ValueError("is empty; set it to the folder or s3://bucket/prefix that holds the videos")
+        return value
+
+    @field_validator("annotations")
+    @classmethod
+    def _annotations_fit_format(cls, value: dict[str, str], info: ValidationInfo) -> dict[str, str]:
+        fmt = info.data.get("format")  # absent when format itself failed; that error is reported at data.format
+        if fmt == "folder" and value:
+            raise ValueError("format folder takes labels from the folder names and splits from split folders "
+                             "or data.val_fraction, not from annotation files; remove data.annotations "
+                             "(--set data.annotations={}) or set data.format to kinetics_csv or path_label")
+        if fmt in ("kinetics_csv", "path_label") and not value:
+            raise ValueError(f"format {fmt} needs an annotation file per split (data.annotations.train, "
+                             "data.annotations.val); for a folder per class set data.format: folder")
+        return value
 
     @model_validator(mode="after")
     def _splits_annotated(self) -> "DataSection":
@@ -150,9 +176,29 @@ class TrainSection(Section):
     keep_checkpoints: int = Field(2, ge=1, description="checkpoints kept per run, newest first")
     mixed_precision: bool = Field(False, description="bf16 autocast on GPU and on CPUs with avx512_bf16/amx_bf16/bf16")
     seed: int = 0
-    init_from: Literal["scratch", "champion"] = Field(
-        "scratch", description="champion: start from the registered champion's weights (same classes and "
-                               "architecture), e.g. for scheduled retraining; scratch: random initialisation")
+    init_from: str = Field(
+        "scratch", description="scratch: random initialisation; champion: the registered champion's weights (same "
+                               "classes and architecture), e.g. for scheduled retraining; or a checkpoint to "
+                               "fine-tune: a path, s3://..., models:/NAME/N, models:/NAME@ALIAS or runs:/ID/model, "
+                               "in this project's, PySlowFast's (.pyth, Caffe2 .pkl), pytorchvideo's or "
+                               "mmaction2's format (the head is re-initialised when the classes differ)")
+    freeze_up_to: Literal["none", "stem", "res2", "res3", "res4", "res5"] = Field(
+        "none", description="fine-tuning: freeze the stem and every stage up to this one (both pathways and their "
+                            "lateral connections): no gradient, no weight decay, batch norm statistics fixed")
+    freeze_bn: bool = Field(False, description="fine-tuning: every batch norm keeps its statistics and affine "
+                                               "parameters (PySlowFast's BN freeze)")
+    head_lr_mult: float = Field(1.0, gt=0, description="the classifier head's learning rate relative to the "
+                                                       "backbone's (e.g. 10 for a new head on a pretrained backbone)")
+
+    @field_validator("init_from")
+    @classmethod
+    def _init_location(cls, value: str) -> str:
+        if value in ("scratch", "champion") or value.startswith(("s3://", "models:/", "runs:/")):
+            return value
+        if "://" in value:
+            raise ValueError(f"{value!r}: expected scratch, champion, a local path, s3://..., models:/NAME/N, "
+                             "models:/NAME@ALIAS or runs:/ID/model")
+        return value
 
     @model_validator(mode="after")
     def _crop_fits(self) -> "TrainSection":

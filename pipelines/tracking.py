@@ -331,9 +331,13 @@ def log_model(cfg: PipelineConfig, run_id: str, *, net: torch.nn.Module, class_n
               spec: ClipSpec, metadata: dict) -> str:
     """Log the network as this project's flavor in `run_id`, registered under mlflow.model_name; returns
     the new version."""
+    import mlflow
     from mlflow.models import Model
 
     with use_tracking(cfg):
+        # MLflow 3 files a logged model under the active experiment, not its run's: without this, experiment
+        # 0 ("Default"), whose artifacts are ./mlruns of whatever the working directory is.
+        mlflow.set_experiment(experiment_id=client(cfg).get_run(run_id).info.experiment_id)
         info = Model.log(None, flavor=sys.modules[__name__], name="model", run_id=run_id,
                          registered_model_name=cfg.mlflow.model_name, pytorch_model=net, class_names=class_names,
                          spec=spec, input_example=example_video(), pip_requirements=_requirements(),

@@ -12,12 +12,15 @@ import json
 import time
 from dataclasses import dataclass
 
+import torch
+
+from slowfast.model import CheckpointError, SlowFast, load_checkpoint
 from slowfast.shards import manifest
 from slowfast.shards.schema import ShardMeta, read_meta
 from slowfast.video.sampling import choose_views
 
 from . import tracking
-from .checkpoints import SCORE, as_uri, finished_result, ranked, storage_fs
+from .checkpoints import SCORE, ModelNotFound, as_uri, finished_result, ranked, read_checkpoint, storage_fs
 from .config import PipelineConfig
 from .data import run_preprocess, storage_of
 from .errors import PipelineError
@@ -87,10 +90,10 @@ def train(cfg: PipelineConfig, *, run_name: str | None = None, log=print, prepro
                         started, log)
     init_ray(cfg)
     check_resources(cfg)
-    init = initial_weights(cfg, data, log)  # used only if the run has no checkpoint yet
+    init = initial_weights(cfg, data, store, log)  # used only if the run has no checkpoint yet
     mlflow_run_id = tracking.open_run(cfg, run_name, log=log, tags={
         "slowfast.manifest_hash": data.identity(), "slowfast.git_commit": tracking.git_commit(),
-        "slowfast.preset": cfg.model.preset, "slowfast.config_hash": cfg.config_hash()})
+        "slowfast.preset": cfg.model.preset, "slowfast.config_hash": cfg.config_hash(), **(init or {}).get("tags", {})})
     log(f"train {run_name}: {data.train_clips} clips ({steps_per_epoch} steps of {global_batch}) x {t.epochs} "
         f"epochs on {t.num_workers} worker(s), val {data.val_videos} videos; checkpoints -> {run_dir}; "
         f"MLflow run {mlflow_run_id} ({tracking_uri})")
@@ -198,11 +201,45 @@ def default_run_name(cfg: PipelineConfig, data: TrainData) -> str:
     return f"{cfg.name}-{digest[:10]}"
 
 
-def initial_weights(cfg: PipelineConfig, data: TrainData, log=print) -> dict | None:
-    """train.init_from "champion": the champion's weights and version, when there is a champion trained
-    on the same classes (else None: from scratch, and the log says why)."""
-    if cfg.train.init_from != "champion":
+def initial_weights(cfg: PipelineConfig, data: TrainData, store: Storage, log=print) -> dict | None:
+    """The weights a new run starts from (train.init_from), checked and loaded here in the driver, so that a
+    checkpoint that does not fit stops the run before any worker starts. None: from scratch.
+
+    champion: the registered champion, when it was trained on the same classes and architecture (else
+    from scratch, and the log says why). A checkpoint location: its backbone must fit exactly; the head is
+    re-initialised when the classes differ, keeping the rows of the class names both share. Returns
+    {"state": the state dict, "tags": what was loaded from where, for the MLflow run}.
+    """
+    init = cfg.train.init_from
+    if init == "scratch":
         return None
+    if init == "champion":
+        return _champion_weights(cfg, data, log)
+    checkpoint_classes = None
+    try:
+        if init.startswith(("models:/", "runs:/")):
+            registered = tracking.load_registered(cfg, init)
+            source, checkpoint_classes = registered.model.state_dict(), registered.class_names
+        else:
+            source = read_checkpoint(store, init, key="train.init_from")[0]
+    except (tracking.TrackingError, ModelNotFound) as exc:
+        raise TrainError(f"train.init_from: {exc}") from None
+    torch.manual_seed(cfg.train.seed)  # a re-initialised head starts the same on every attempt
+    net = SlowFast(cfg.model.to_slowfast_config(num_classes=len(data.classes)))
+    try:
+        report = load_checkpoint(net, source, head="auto", class_names=data.classes,
+                                 checkpoint_classes=checkpoint_classes)
+    except CheckpointError as exc:
+        raise TrainError(f"train.init_from {init}: does not fit model: (preset {cfg.model.preset}): {exc}") from None
+    log(f"train: starting from {init}: {report.summary()}")
+    tags = {"init_from": init, "init_format": report.format, "init_tensors": str(report.loaded),
+            "init_reinitialised": ", ".join(report.reinitialised) or "none",
+            "init_kept_classes": ", ".join(report.kept_classes) or "none"}
+    return {"state": {k: v.cpu() for k, v in net.state_dict().items()},
+            "tags": {f"{tracking.TAG}{k}": v[:5000] for k, v in tags.items()}}
+
+
+def _champion_weights(cfg: PipelineConfig, data: TrainData, log) -> dict | None:
     name = cfg.mlflow.model_name
     mv = tracking.version_by_alias(cfg, name, tracking.CHAMPION)
     if mv is None:
@@ -218,7 +255,8 @@ def initial_weights(cfg: PipelineConfig, data: TrainData, log=print) -> dict | N
         log(f"train: the champion ({name} v{mv.version}) has another architecture than model:; training from scratch")
         return None
     log(f"train: starting from the champion's weights ({name} v{mv.version})")
-    return {"version": int(mv.version), "state": {k: v.cpu() for k, v in champion.model.state_dict().items()}}
+    return {"state": {k: v.cpu() for k, v in champion.model.state_dict().items()},
+            "tags": {f"{tracking.TAG}init_from": f"models:/{name}/{mv.version}"}}
 
 
 def _fmt(value) -> str:

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from slowfast.model import SlowFast, load_checkpoint, save_checkpoint
+from slowfast.model import SlowFast, freeze_batch_norm, freeze_stages, load_checkpoint, save_checkpoint
 from slowfast.shards.reader import iter_clips
 from slowfast.train import LRSchedule, build_optimizer, memory_format, scaled_lr, topk_correct, train_step
 from slowfast.train.evaluation import EvalTotals, score_views
@@ -135,9 +135,11 @@ def start_worker(loop: LoopConfig) -> Worker:
         schedule.load_state_dict(started_with)
     elif loop.init_weights is not None:
         net.load_state_dict(ray.get(loop.init_weights))
+    frozen = fine_tuning(net, loop.cfg)
     fmt = memory_format(device.type)
     model = ray.train.torch.prepare_model(net.to(memory_format=fmt))
-    optimizer = build_optimizer(net, lr=lr, momentum=t.momentum, weight_decay=t.weight_decay, nesterov=t.nesterov)
+    optimizer = build_optimizer(net, lr=lr, momentum=t.momentum, weight_decay=t.weight_decay, nesterov=t.nesterov,
+                                head_lr_mult=t.head_lr_mult)
     if extra is not None:
         optimizer.load_state_dict(extra["optimizer"])
         set_rng_state(extra["rng"][rank] if rank < len(extra["rng"]) else None)
@@ -147,7 +149,22 @@ def start_worker(loop: LoopConfig) -> Worker:
                         "lr": lr, "steps_per_epoch": loop.steps_per_epoch, "run_name": loop.run_name})
         if start_epoch:
             _log.info(f"resuming after epoch {start_epoch} (step {global_step})")
+        if frozen:
+            _log.info(f"fine-tuning: {frozen}")
     return Worker(rank, world, device, fmt, net, model, optimizer, schedule, tracker, start_epoch, global_step)
+
+
+def fine_tuning(net: SlowFast, cfg: PipelineConfig) -> str:
+    """Apply train.freeze_up_to and train.freeze_bn to the network (before DDP and the optimizer see it);
+    returns what was frozen, for the log ("" when nothing)."""
+    t, done = cfg.train, []
+    if t.freeze_up_to != "none":
+        done.append(f"{len(freeze_stages(net, t.freeze_up_to))} parameter tensors frozen up to {t.freeze_up_to}")
+    if t.freeze_bn:
+        done.append(f"{freeze_batch_norm(net)} more batch norms frozen")
+    if t.head_lr_mult != 1.0:
+        done.append(f"head learning rate x{t.head_lr_mult:g}")
+    return "; ".join(done)
 
 
 def run_epoch(w: Worker, loop: LoopConfig, shard, epoch: int) -> dict:

@@ -63,13 +63,14 @@ class LRSchedule:
                      total_epochs=self.total_epochs, warmup_start_lr=self.warmup_start_lr, end_lr=self.end_lr)
 
     def step(self, optimizer: torch.optim.Optimizer, epoch: int, step: int, steps_per_epoch: int) -> float:
-        """Set the LR for step `step` (0-based) of epoch `epoch` (0-based); return it."""
+        """Set the LR for step `step` (0-based) of epoch `epoch` (0-based), times each group's `lr_mult`;
+        return it (the backbone's)."""
         if steps_per_epoch < 1:
             raise ValueError(f"steps_per_epoch must be >= 1, got {steps_per_epoch}")
         self.last_epoch = epoch + step / steps_per_epoch
         self.last_lr = self.lr(self.last_epoch)
         for group in optimizer.param_groups:
-            group["lr"] = self.last_lr
+            group["lr"] = self.last_lr * group.get("lr_mult", 1.0)  # a fine-tuned head's multiplier
         return self.last_lr
 
     def state_dict(self) -> dict:

@@ -1,0 +1,134 @@
+"""Fine-tuning through the pipeline: train.init_from from a path, s3:// (the moto endpoint) and models:/ (a
+real sqlite registry), checked in the driver before any worker starts; a 400-class checkpoint into the
+4-class synthetic set keeps its backbone and the rows of shared classes; a real Ray Train run with frozen
+stages leaves them as the checkpoint had them."""
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import boto3
+import pytest
+import torch
+from mlflow.tracking import MlflowClient
+
+from conftest import pipeline_config
+from pipelines import tracking
+from pipelines.checkpoints import CHECKPOINT_FILE
+from pipelines.data import storage_of
+from pipelines.train import TrainError, initial_weights, prepare_data, train
+from slowfast.model import SlowFast, load_checkpoint, save_checkpoint
+from slowfast.serving import ClipSpec
+
+HEAD = ("head.fc.weight", "head.fc.bias")
+
+
+def synth_classes(videos: Path) -> list[str]:
+    return sorted({row["label"] for row in csv.DictReader((videos / "annotations/train.csv").open())})
+
+
+def kinetics_like(cfg, classes: list[str], path: Path) -> tuple[Path, list[str]]:
+    """A '400-class' checkpoint of the config's architecture; two of the dataset's classes among its names."""
+    torch.manual_seed(1)
+    names = [f"k400_class_{i}" for i in range(400)]
+    names[17], names[230] = classes[0], classes[2]
+    net = SlowFast(cfg.model.to_slowfast_config(num_classes=400))
+    return save_checkpoint(net, path, class_names=names), names
+
+
+def finetune_config(tmp: Path, videos: Path, **train_section):
+    return pipeline_config(
+        tmp, videos, preprocess={"clips_per_video": 8, "rows_per_shard": 32},
+        train={"epochs": 1, "batch_size": 8, "num_workers": 1, "cpus_per_worker": 1, "base_lr": 0.04,
+               "warmup_epochs": 0.0, **train_section},
+        mlflow={"tracking_uri": f"sqlite:///{tmp / 'mlflow.db'}", "experiment": "ft", "model_name": "ft"},
+        ray={"data_cpus": 1.0})
+
+
+@pytest.fixture(scope="module")
+def prepared(ray_local, synth_set, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("finetune")
+    cfg = finetune_config(tmp, synth_set)
+    return tmp, prepare_data(cfg, storage_of(cfg), log=lambda *_: None)
+
+
+def check_backbone_and_head(init: dict, checkpoint: Path, names: list[str], classes: list[str]) -> None:
+    theirs = torch.load(checkpoint, weights_only=True)["model_state"]
+    state = init["state"]
+    backbone = [k for k in state if k not in HEAD]
+    assert backbone and all(torch.equal(state[k], theirs[k]) for k in backbone)
+    for row, name in enumerate(classes):
+        kept = torch.equal(state["head.fc.weight"][row], theirs["head.fc.weight"][names.index(name)]) \
+            if name in names else False
+        assert kept == (name in names), name
+    assert state["head.fc.weight"].shape[0] == len(classes)
+
+
+def test_init_from_a_path_an_s3_uri_and_the_registry(prepared, synth_set, s3_endpoint):
+    tmp, data = prepared
+    classes = synth_classes(synth_set)
+    assert data.classes == classes
+    cfg = finetune_config(tmp, synth_set)
+    checkpoint, names = kinetics_like(cfg, classes, tmp / "k400.pt")
+    store = storage_of(cfg)
+    lines: list[str] = []
+
+    from_path = initial_weights(finetune_config(tmp, synth_set, init_from=str(checkpoint)), data, store, lines.append)
+    check_backbone_and_head(from_path, checkpoint, names, classes)
+    assert "re-initialised head.fc.weight, head.fc.bias" in lines[-1] and "2 shared classes" in lines[-1]
+    assert from_path["tags"]["slowfast.init_kept_classes"] == f"{classes[0]}, {classes[2]}"
+    assert from_path["tags"]["slowfast.init_format"] == "own"
+
+    boto3.client("s3", endpoint_url=s3_endpoint).create_bucket(Bucket="weights")
+    boto3.client("s3", endpoint_url=s3_endpoint).upload_file(str(checkpoint), "weights", "zoo/k400.pt")
+    s3_cfg = finetune_config(tmp, synth_set, init_from="s3://weights/zoo/k400.pt")
+    s3_cfg.s3.endpoint_url = s3_endpoint
+    from_s3 = initial_weights(s3_cfg, data, storage_of(s3_cfg), lines.append)
+    assert all(torch.equal(from_s3["state"][k], v) for k, v in from_path["state"].items())
+
+    # A registered version (logged as the registry step logs one) of the 400-class network.
+    net = SlowFast(cfg.model.to_slowfast_config(num_classes=400))
+    load_checkpoint(net, checkpoint)
+    run_id = tracking.client(cfg).create_run(tracking.experiment_id(cfg)).info.run_id
+    spec = ClipSpec(T=4, tau=4, alpha=4, target_fps=30.0, short_side=48, crop=32, temporal_views=1, spatial_crops=1)
+    version = tracking.log_model(cfg, run_id, net=net, class_names=names, spec=spec, metadata={})
+    from_registry = initial_weights(finetune_config(tmp, synth_set, init_from=f"models:/ft/{version}"), data, store,
+                                    lines.append)
+    check_backbone_and_head(from_registry, checkpoint, names, classes)
+
+    with pytest.raises(TrainError, match="train.init_from .*no checkpoint there"):
+        initial_weights(finetune_config(tmp, synth_set, init_from=str(tmp / "missing.pt")), data, store, lines.append)
+    with pytest.raises(TrainError, match="models:/ft/99"):
+        initial_weights(finetune_config(tmp, synth_set, init_from="models:/ft/99"), data, store, lines.append)
+
+
+def test_a_checkpoint_of_another_architecture_stops_before_any_worker_starts(prepared, synth_set):
+    tmp, _ = prepared
+    other = finetune_config(tmp, synth_set)
+    slow_only = SlowFast(other.model.to_slowfast_config(num_classes=400, arch="slow"))
+    path = save_checkpoint(slow_only, tmp / "slow_only.pt")
+    cfg = finetune_config(tmp, synth_set, init_from=str(path))
+    with pytest.raises(TrainError, match="does not fit model:"):
+        train(cfg, log=lambda *_: None)
+    assert not (tmp / "storage" / "checkpoints").exists()  # no run was started
+
+
+def test_fine_tune_with_frozen_stages_through_ray_train(prepared, synth_set):
+    tmp, _ = prepared
+    cfg0 = finetune_config(tmp, synth_set)
+    checkpoint, _ = kinetics_like(cfg0, synth_classes(synth_set), tmp / "k400-run.pt")
+    cfg = finetune_config(tmp, synth_set, init_from=str(checkpoint), freeze_up_to="res3", freeze_bn=True,
+                          head_lr_mult=10.0)
+    out = train(cfg, log=lambda *_: None)
+    assert out["epochs_done"] == 1
+    trained = torch.load(Path(out["best_checkpoint"]) / CHECKPOINT_FILE, weights_only=True)["model_state"]
+    start = torch.load(checkpoint, weights_only=True)["model_state"]
+    frozen = [k for k in trained if k.startswith(("slow.stem", "fast.stem", "slow.res2", "fast.res3", "lateral.res2"))]
+    assert frozen and all(torch.equal(trained[k], start[k]) for k in frozen)
+    # Frozen batch norm everywhere: statistics as the checkpoint had them, also in the stages that train.
+    stats = [k for k in trained if k.endswith(("running_mean", "running_var"))]
+    assert stats and all(torch.equal(trained[k], start[k]) for k in stats)
+    moved = [k for k in trained if k.startswith("slow.res5") and k.endswith("conv.weight")]
+    assert moved and any(not torch.equal(trained[k], start[k]) for k in moved)
+    tags = MlflowClient(out["tracking_uri"]).get_run(out["mlflow_run_id"]).data.tags
+    assert tags["slowfast.init_from"] == str(checkpoint) and tags["slowfast.init_reinitialised"] == ", ".join(HEAD)
