@@ -1,8 +1,9 @@
-"""Ingest: read annotations, match them to the videos on disk or S3, and plan what to decode.
+"""Ingest: read annotations (or a folder per class), match them to the videos on disk or S3, and plan
+what to decode.
 
-Every annotation row ends in exactly one place: already committed, to be decoded now, or
-quarantined here with a reason (unknown label, path outside the video root, duplicate row,
-missing file, zero bytes). Decode-time reasons are added by preprocess.
+Every annotation row (with data.format folder: every video found) ends in exactly one place: already
+committed, to be decoded now, or quarantined here with a reason (unknown label, path outside the video
+root, duplicate row, missing file, zero bytes). Decode-time reasons are added by preprocess.
 """
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ from dataclasses import asdict, dataclass, field
 from slowfast.shards import manifest
 from slowfast.shards.schema import FORMAT_VERSION
 
-from .config import PipelineConfig
+from .config import DataSection, PipelineConfig
 from .errors import PipelineError
 from .storage import S3Options, SourceFile, Storage, VideoSource, is_s3, split_s3
 
@@ -28,7 +29,16 @@ DUPLICATE_ROW = "duplicate_row"
 MISSING_FILE = "missing_file"
 ZERO_BYTES = "zero_bytes"
 
-VIDEO_EXTENSIONS = (".mp4", ".mkv", ".webm", ".avi", ".mov", ".m4v")
+# Containers FFmpeg (and so PyAV) reads; with data.format folder, files with other extensions are
+# listed in Plan.ignored rather than decoded.
+VIDEO_EXTENSIONS = (".mp4", ".m4v", ".mov", ".mkv", ".webm", ".avi", ".mpg", ".mpeg", ".flv", ".wmv", ".3gp",
+                    ".ogv", ".ts", ".mts", ".m2ts")
+
+# Why a file under a folder-format video root is not a video of the dataset.
+HIDDEN = "hidden"                          # a dot-file or inside a dot-folder (.DS_Store, ._clip.mp4, .cache/)
+NOT_A_VIDEO = "not_a_video_extension"
+NO_LABEL_FOLDER = "no_label_folder"        # directly under video_root (or under a split folder)
+OUTSIDE_SPLITS = "outside_split_folders"   # the root has split folders, this file is in none of them
 
 
 class AnnotationError(PipelineError, ValueError):
@@ -37,12 +47,12 @@ class AnnotationError(PipelineError, ValueError):
 
 @dataclass
 class Row:
-    """One annotation row, as read: the video it names, its label and (for path lists) its path."""
+    """One annotation row, as read: the video it names, its label and (path lists, folders) its path."""
 
-    line: int
+    line: int | None  # None for the folder format: the row is the file itself
     video_id: str
     label: str
-    path: str | None = None  # path_label format only; Kinetics rows are found by video id
+    path: str | None = None  # Kinetics rows have none: they are found by video id
 
 
 @dataclass
@@ -138,6 +148,105 @@ def class_names(rows: list[Row]) -> list[str]:
     return sorted(labels)
 
 
+@dataclass
+class Ignored:
+    """A file under a folder-format video root that is not one of the dataset's videos, and why."""
+
+    rel: str
+    reason: str
+
+
+@dataclass
+class Listing:
+    """What the labels say: the class list, each split's rows, and (folder format) the files passed over."""
+
+    classes: list[str]
+    rows: dict[str, list[Row]]
+    layout: str
+    ignored: list[Ignored] = field(default_factory=list)
+
+
+def hash_position(rel: str) -> float:
+    """Where a path falls in [0, 1): from the path alone, so no other file, run or machine changes it."""
+    digest = hashlib.sha256(rel.encode("utf-8")).digest()
+    return int.from_bytes(digest[:8], "big") / 2.0 ** 64
+
+
+def hash_split(rel: str, data: DataSection) -> str:
+    """The split of a video of a folder without split folders. A video stays in its split when videos are
+    added or removed; raising data.val_fraction only moves videos from train to val."""
+    return data.val_split if hash_position(rel) < data.val_fraction else data.train_split
+
+
+def _video_paths(files: dict[str, SourceFile]) -> tuple[list[list[str]], list[Ignored]]:
+    """The videos' paths (as lists of parts) by extension, and the other files with the reason."""
+    videos, ignored = [], []
+    for rel in sorted(files):
+        if not rel or rel.endswith("/"):
+            continue  # an S3 "folder" marker object, not a file
+        parts = rel.split("/")
+        if any(part.startswith(".") for part in parts):
+            ignored.append(Ignored(rel, HIDDEN))
+        elif posixpath.splitext(rel)[1].lower() not in VIDEO_EXTENSIONS:
+            ignored.append(Ignored(rel, NOT_A_VIDEO))
+        else:
+            videos.append(parts)
+    return videos, ignored
+
+
+def read_folder(files: dict[str, SourceFile], data: DataSection) -> Listing:
+    """data.format folder: `<label>/.../<video>`, or `<split>/<label>/.../<video>` when a folder named
+    data.train_split or data.val_split at the top holds label folders. A video's id is its path under the
+    root, extension included: unique (two files cannot share a path), stable, and the way back to the file."""
+    splits = (data.train_split, data.val_split)
+    videos, ignored = _video_paths(files)
+    by_split = any(len(parts) > 2 and parts[0] in splits for parts in videos)
+    rows: dict[str, list[Row]] = {split: [] for split in splits}
+    for parts in videos:
+        rel = "/".join(parts)
+        if by_split and parts[0] not in splits:
+            ignored.append(Ignored(rel, OUTSIDE_SPLITS))
+            continue
+        label_at = 1 if by_split else 0
+        if len(parts) < label_at + 2:
+            ignored.append(Ignored(rel, NO_LABEL_FOLDER))
+            continue
+        split = parts[0] if by_split else hash_split(rel, data)
+        rows[split].append(Row(None, rel, parts[label_at], path=rel))
+    if by_split:
+        missing = [split for split in splits if not rows[split]]
+        if missing:
+            tops = sorted({parts[0] for parts in videos if len(parts) > 1})
+            raise AnnotationError(
+                f"{data.video_root}: has split folders (data.format folder) but no videos under "
+                f"{', '.join(f'{m}/<label>/' for m in missing)}; folders with videos: {', '.join(tops)}. Add them, "
+                "set data.train_split / data.val_split to your folders' names, or drop the split folders "
+                "(<label>/<video>) to split by path hash with data.val_fraction")
+        layout = f"split folders {data.train_split}/, {data.val_split}/"
+        labelled = rows[data.train_split]  # as with annotations, the training split defines the classes
+    else:
+        layout = f"split by path hash, val_fraction {data.val_fraction:g}"
+        labelled = [row for split_rows in rows.values() for row in split_rows]
+    classes = sorted({row.label for row in labelled})
+    if not classes:
+        raise AnnotationError(
+            f"{data.video_root}: no videos in label folders (data.format folder expects <label>/<video> or "
+            f"<{data.train_split}>/<label>/<video>, videos named *{', *'.join(VIDEO_EXTENSIONS)}); "
+            f"{len(files)} files found, {len(ignored)} passed over "
+            f"({', '.join(f'{k} {n}' for k, n in Counter(i.reason for i in ignored).items())})")
+    return Listing(classes, rows, layout, ignored)
+
+
+def read_annotations(cfg: PipelineConfig, splits: list[str]) -> Listing:
+    """Kinetics CSVs or path lists: the rows of each split, and the class list from the training rows."""
+    rows = {split: read_rows(cfg, split) for split in dict.fromkeys([cfg.data.train_split, *splits])}
+    classes = class_names(rows[cfg.data.train_split])
+    if not classes:
+        raise AnnotationError(f"{cfg.data.annotations[cfg.data.train_split]}: no labelled rows in the training "
+                              "split; the class list comes from it")
+    return Listing(classes, rows, f"annotations ({cfg.data.format})")
+
+
 def prep_hash(cfg: PipelineConfig, classes: list[str], mode: str) -> str:
     """Everything that changes the clips in a shard; new hash, new shard folder."""
     p, m = cfg.preprocess, cfg.model
@@ -158,9 +267,8 @@ def _index_by_stem(files: dict[str, SourceFile]) -> dict[str, list[SourceFile]]:
     return index
 
 
-def plan_split(cfg: PipelineConfig, split: str, classes: list[str], files: dict[str, SourceFile],
+def plan_split(cfg: PipelineConfig, split: str, rows: list[Row], classes: list[str], files: dict[str, SourceFile],
                store: Storage) -> SplitPlan:
-    rows = read_rows(cfg, split)
     mode = "train" if split == cfg.data.train_split else "eval"
     phash = prep_hash(cfg, classes, mode)
     state = manifest.DatasetState.load(store, manifest.manifest_dir(cfg.data.dataset, split, phash))
@@ -170,9 +278,10 @@ def plan_split(cfg: PipelineConfig, split: str, classes: list[str], files: dict[
     seen: set[str] = set()
 
     def quarantine(row: Row, reason: str, detail: str, f: SourceFile | None = None):
+        where = split if row.line is None else f"{split} row {row.line}"
         plan.quarantined.append(manifest.VideoRecord(
             video_id=row.video_id, source=f.rel if f else (row.path or ""), size=f.size if f else 0,
-            etag=f.etag if f else "", reason=reason, detail=f"{split} row {row.line}: {detail}"))
+            etag=f.etag if f else "", reason=reason, detail=f"{where}: {detail}"))
 
     for row in rows:
         if row.video_id in seen:
@@ -210,21 +319,33 @@ def plan_split(cfg: PipelineConfig, split: str, classes: list[str], files: dict[
 class Plan:
     classes: list[str]
     splits: dict[str, SplitPlan]
+    layout: str = ""
+    ignored: list[Ignored] = field(default_factory=list)
 
     def summary(self) -> dict:
-        return {"classes": len(self.classes), "splits": {s: p.summary() for s, p in self.splits.items()}}
+        out = {"classes": len(self.classes), "layout": self.layout,
+               "splits": {s: p.summary() for s, p in self.splits.items()}}
+        if self.ignored:
+            out["ignored"] = dict(Counter(i.reason for i in self.ignored))
+            out["ignored_examples"] = [i.rel for i in self.ignored[:5]]
+        return out
 
 
 def plan(cfg: PipelineConfig, store: Storage, splits: list[str] | None = None) -> Plan:
     """What preprocess has to do for each split, given the committed manifests."""
     source = VideoSource(cfg.data.video_root, S3Options(cfg.s3.endpoint_url, cfg.s3.region))
     files = source.list()
-    classes = class_names(read_rows(cfg, cfg.data.train_split))
-    if not classes:
-        raise AnnotationError(f"{cfg.data.annotations[cfg.data.train_split]}: no labelled rows in the training "
-                              "split; the class list comes from it")
     splits = splits or list(dict.fromkeys([cfg.data.train_split, cfg.data.val_split]))
-    return Plan(classes, {s: plan_split(cfg, s, classes, files, store) for s in splits})
+    if cfg.data.format == "folder":
+        listing = read_folder(files, cfg.data)
+        unknown = [s for s in splits if s not in listing.rows]
+        if unknown:
+            raise AnnotationError(f"split {', '.join(unknown)}: data.format folder has only the splits "
+                                  f"{cfg.data.train_split} and {cfg.data.val_split} (data.train_split, data.val_split)")
+    else:
+        listing = read_annotations(cfg, splits)
+    return Plan(listing.classes, {s: plan_split(cfg, s, listing.rows[s], listing.classes, files, store)
+                                  for s in splits}, listing.layout, listing.ignored)
 
 
 def task_dict(task: Task) -> dict:

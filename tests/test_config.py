@@ -111,7 +111,8 @@ def test_set_into_unknown_or_non_section_keys_fails(tmp_path):
     assert problems(DEMO, ["train.lrr=1"]) == [
         "train.lrr: unknown key; allowed: epochs, batch_size, base_lr, warmup_epochs, weight_decay, momentum, "
         "nesterov, grad_clip, crop_size, scale_jitter, num_workers, use_gpu, cpus_per_worker, threads_per_worker, "
-        "max_failures, keep_checkpoints, mixed_precision, seed, init_from  [from --set train.lrr=1]"]
+        "max_failures, keep_checkpoints, mixed_precision, seed, init_from, freeze_up_to, freeze_bn, head_lr_mult  "
+        "[from --set train.lrr=1]"]
     assert problems(DEMO, ["name.first=x"]) == [
         "name: is a value ('demo'), not a section; cannot set 'name.first'  [from --set name.first=x]"]
     assert problems(DEMO, ["train.epochs"])[0].startswith("--set 'train.epochs': expected KEY=VALUE")
@@ -162,8 +163,33 @@ def test_checks_across_fields_and_sections(tmp_path):
 def test_missing_required_sections_are_named(tmp_path):
     lines = problems(write(tmp_path, {"name": "x"}))
     assert sorted(lines) == ["data: required key is missing", "model: required key is missing"]
-    lines = problems(write(tmp_path, {"name": "x", "data": {"dataset": "d", "video_root": "v"}, "model": {}}))
+    lines = problems(write(tmp_path, {"name": "x", "data": {"dataset": "d", "format": "folder", "video_root": "v"},
+                                      "model": {}}))
     assert lines == ["model.preset: required key is missing"]
+
+
+def test_data_keys_must_fit_the_format(tmp_path):
+    (line,) = problems(DEMO, ["data.format=folder"])
+    assert line.startswith("data.annotations: format folder takes labels from the folder names")
+    assert "remove data.annotations (--set data.annotations={})" in line
+    (line,) = problems(DEMO, ["data.annotations={}"])
+    assert line.startswith("data.annotations: format kinetics_csv needs an annotation file per split")
+    assert line.endswith("for a folder per class set data.format: folder  [from --set data.annotations={}]")
+    data = yaml.safe_load(DEMO.read_text())
+    del data["data"]["video_root"]
+    assert "data.video_root: required key is missing" in problems(write(tmp_path, data))
+    assert problems(DEMO, ["data.video_root=' '"]) == [
+        "data.video_root: is empty; set it to the folder or s3://bucket/prefix that holds the videos"
+        "  [from --set data.video_root=' ']"]
+    (line,) = problems(DEMO, ["data.format=folder", "data.annotations={}", "data.val_fraction=1"])
+    assert line == "data.val_fraction: Input should be less than 1 (got 1)  [from --set data.val_fraction=1]"
+
+
+def test_a_folder_of_videos_needs_only_its_root(tmp_path):
+    data = yaml.safe_load(DEMO.read_text())
+    del data["data"]["annotations"]
+    cfg = load_config(write(tmp_path, data), ["data.format=folder"])
+    assert (cfg.data.format, cfg.data.annotations, cfg.data.val_fraction) == ("folder", {}, 0.2)
 
 
 def test_file_problems_name_the_file_and_the_fix(tmp_path):
