@@ -52,6 +52,11 @@ def run_ingest(cfg: PipelineConfig, log=print) -> ingest.Plan:
         q = sp.summary()["quarantined_at_plan"]
         log(f"ingest {sp.split}: {sp.rows_read} rows, {len(sp.todo)} to decode, {sp.done} already committed, "
             f"{len(sp.quarantined)} quarantined{' ' + str(q) if q else ''} (prep {sp.prep_hash})")
+    summary = plan.summary()
+    if plan.layout:
+        log(f"ingest: {cfg.data.video_root}: {plan.layout}")
+    if summary.get("ignored"):
+        log(f"ingest: passed over {summary['ignored']} (e.g. {', '.join(summary.get('ignored_examples', []))})")
     return plan
 
 
@@ -70,8 +75,7 @@ def run_preprocess(cfg: PipelineConfig, splits: list[str] | None = None, run_id:
     out = {"run_id": run_id, "classes": plan.classes, "plan": plan, "splits": {}}
     for split in splits or list(plan.splits):
         if split not in plan.splits:
-            raise ValueError(f"--split {split}: not a configured split; data.annotations has "
-                             f"{', '.join(cfg.data.annotations)}")
+            raise ValueError(f"--split {split}: not a configured split; the splits are {', '.join(plan.splits)}")
         s = preprocess_split(cfg, store, plan, split, run_id, log=log)
         out["splits"][split] = s
         reasons = ", ".join(f"{k} {v}" for k, v in sorted(s["quarantine_reasons"].items())) or "none"

@@ -174,8 +174,11 @@ def step_ingest(ctx: Context):
     ctx.plan = run_ingest(ctx.cfg, ctx.log)
     splits = {s: sp.summary() for s, sp in ctx.plan.splits.items()}
     todo = sum(len(sp.todo) for sp in ctx.plan.splits.values())
-    inputs = {"annotations": dict(ctx.cfg.data.annotations), "video_root": ctx.cfg.data.video_root}
-    return "done", inputs, {"classes": len(ctx.plan.classes), "to_decode": todo, "splits": splits}
+    inputs = {"format": ctx.cfg.data.format, "annotations": dict(ctx.cfg.data.annotations),
+              "video_root": ctx.cfg.data.video_root}
+    summary = ctx.plan.summary()
+    return "done", inputs, {"classes": len(ctx.plan.classes), "to_decode": todo, "splits": splits,
+                            "layout": ctx.plan.layout, "ignored": summary.get("ignored", {})}
 
 
 def step_preprocess(ctx: Context):
