@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pipelines
+from pipelines import ray_runtime
 from pipelines.config import ConfigError, PipelineConfig, SynthSection, load_config
 from pipelines.errors import PipelineError
 
@@ -26,6 +27,7 @@ def main(argv: list[str] | None = None) -> int:
             args.parser.error("--set needs --config")
     except SystemExit as exc:  # argparse: --help (0) or a usage error (2)
         return exc.code if isinstance(exc.code, int) else EXIT_CONFIG
+    ray_runtime.set_verbose(getattr(args, "verbose", False))
     config = None
     if getattr(args, "config", None):
         try:
@@ -299,8 +301,12 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument("--run-id", metavar="ID", help="show only this run")
     status.add_argument("--all", action="store_true", help="every run, not only the last 10")
 
+    for sub in (run, preprocess, train, evaluate, promote):  # the commands that start Ray
+        sub.add_argument("--verbose", action="store_true",
+                         help="also show Ray's own INFO logs, Ray Train's reports and Ray Data's progress log")
+
     bench = command("bench", "benchmarks: model (params, FLOPs, speed), data (shard throughput), "
                              "train (steps/s), ablate (the paper's ablations)", config=None, handler=cmd_bench)
-    bench.add_argument("target", choices=["model", "data", "train", "ablate"], help="which benchmark")
+    bench.add_argument("target", choices=["model", "data", "train", "ablate", "finetune"], help="which benchmark")
     bench.add_argument("args", nargs=argparse.REMAINDER, help="arguments of the benchmark script (see its --help)")
     return parser
