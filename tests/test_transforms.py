@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from slowfast.video import transforms as tf
+from slowfast.video.geometry import short_side_size
 
 
 def gradient_frames(height, width, t=4):
@@ -23,9 +24,10 @@ def test_jitter_range_is_the_papers_for_224_and_scales_with_the_crop():
 
 
 def test_short_side_size_floors_the_long_side_like_the_reference():
-    assert tf.short_side_size(256, 340, 224) == (224, 297)   # 340 / 256 * 224 = 297.5
-    assert tf.short_side_size(340, 256, 224) == (297, 224)
-    assert tf.short_side_size(256, 256, 224) == (224, 224)
+    assert short_side_size(256, 340, 224) == (224, 297)   # 340 / 256 * 224 = 297.5
+    assert short_side_size(340, 256, 224) == (297, 224)
+    assert short_side_size(256, 256, 224) == (224, 224)
+    assert short_side_size(97, 173, 256) == (256, 456)  # odd sizes: 173 / 97 * 256 = 456.6
 
 
 def test_uniform_crop_offsets_follow_pyslowfast():
@@ -136,7 +138,7 @@ def test_jittered_scale_is_within_the_range_and_spread_over_it():
 
 def scale_then_crop(frames, size, crop, y, x):
     """The reference's order: resize the whole frame (float), then slice the crop."""
-    scaled_h, scaled_w = tf.short_side_size(frames.shape[1], frames.shape[2], size)
+    scaled_h, scaled_w = short_side_size(frames.shape[1], frames.shape[2], size)
     scaled = F.interpolate(torch.from_numpy(frames).permute(0, 3, 1, 2).float(), size=(scaled_h, scaled_w),
                            mode="bilinear", align_corners=False).permute(0, 2, 3, 1).numpy()
     return scaled[:, y:y + crop, x:x + crop]

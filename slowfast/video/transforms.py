@@ -13,6 +13,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from slowfast.video.geometry import short_side_size
+
 # PySlowFast's Kinetics defaults (DATA.MEAN / DATA.STD), on frames scaled to [0, 1].
 MEAN = (0.45, 0.45, 0.45)
 STD = (0.225, 0.225, 0.225)
@@ -33,13 +35,6 @@ class CropBox(NamedTuple):
 def jitter_range(crop: int) -> tuple[int, int]:
     """The paper's short-side jitter [256, 320] for a 224 crop, scaled to `crop`."""
     return round(256 * crop / 224), round(320 * crop / 224)
-
-
-def short_side_size(height: int, width: int, size: int) -> tuple[int, int]:
-    """(height, width) with the short side at `size`; the long side floored, as the reference does."""
-    if width < height:
-        return int(math.floor(height / width * size)), size
-    return size, int(math.floor(width / height * size))
 
 
 def resize(frames: np.ndarray, height: int, width: int) -> np.ndarray:
