@@ -77,7 +77,7 @@ def test_init_from_a_path_an_s3_uri_and_the_registry(prepared, synth_set, s3_end
     check_backbone_and_head(from_path, checkpoint, names, classes)
     assert "re-initialised head.fc.weight, head.fc.bias" in lines[-1] and "2 shared classes" in lines[-1]
     assert from_path["tags"]["slowfast.init_kept_classes"] == f"{classes[0]}, {classes[2]}"
-    assert from_path["tags"]["slowfast.init_format"] == "own"
+    assert from_path["tags"]["slowfast.init_format"] == "slowfast-pipeline"
 
     boto3.client("s3", endpoint_url=s3_endpoint).create_bucket(Bucket="weights")
     boto3.client("s3", endpoint_url=s3_endpoint).upload_file(str(checkpoint), "weights", "zoo/k400.pt")
