@@ -89,7 +89,7 @@ class VideoClips:
 
     @property
     def short(self) -> bool:
-        """The video is shorter than one clip: its clips repeat frames."""
+        """A clip runs past the end of the video (shorter than one clip): its last frame repeats."""
         return any(p.short for p in self.plans)
 
     @property
