@@ -1,9 +1,15 @@
 """Model benchmark: parameters and GFLOPs of the reference presets beside the published figures,
-and the train-step time of SlowFast 8x8 R50 against pytorchvideo's implementation of it.
+the train-step time of SlowFast 8x8 R50 against pytorchvideo's implementation of it, and bf16 autocast
+against fp32 (forward and train step) for slowfast_tiny and slowfast_8x8_r50.
 
-    python benchmarks/bench_model.py                      # CPU, about 3 minutes on 2 cores
+    python benchmarks/bench_model.py                      # CPU, all three tables
     python benchmarks/bench_model.py --quick              # smoke test
+    python benchmarks/bench_model.py --tables precision --threads 2 --steps 3   # bf16 vs fp32 only
     python benchmarks/bench_model.py --device cuda --batch 16 --json out/bench_model.json
+
+On 2 cores the sizes and reference tables take about 3 minutes. On a CPU without bf16 in hardware (AVX2
+only) bf16 steps ran 5-13x slower than fp32 and the precision table took 30 minutes at --steps 2 on a loaded
+machine; there `train.mixed_precision` keeps fp32 (slowfast.train.optim.cpu_bf16) and the table shows why.
 
 `python -m pipelines bench model [options]` runs the same `main`.
 """
@@ -27,6 +33,7 @@ from benchmarks._common import (environment, format_table, ratio, time_interleav
 from slowfast.model import build, count_flops, count_params, example_inputs  # noqa: E402
 from slowfast.model.flops import gflops  # noqa: E402
 from slowfast.train import memory_format  # noqa: E402
+from slowfast.train.optim import describe_precision  # noqa: E402
 
 # preset: (params, GFLOPs at 256x256) of the reference implementation, from DESIGN.md; GFLOPs as
 # fvcore counts them (convolutions, linear layers, eval-mode batch norm). Slow-only: pytorchvideo
@@ -43,6 +50,12 @@ REFERENCE = {
 ZOO_CONV_FC_GFLOPS = {"slowfast_8x8_r50": 65.71, "slow_8x8_r50": 54.52}
 
 TIMED_PRESET = "slowfast_8x8_r50"
+# (preset, crop, batch) timed in bf16 and fp32: the CPU demo's model, crop and batch (configs/demo.yaml), and
+# the reference preset at half the paper's crop.
+PRECISION_CASES = (("slowfast_tiny", 56, 16), ("slowfast_8x8_r50", 112, 2))
+TABLES = ("sizes", "reference", "precision")
+# The reference table's results keep the JSON key they had before --tables existed.
+JSON_KEYS = {"sizes": "sizes", "reference": "train_step", "precision": "precision"}
 
 
 def _fmt(value: float | None, digits: int) -> str | None:
@@ -82,12 +95,14 @@ def reference_slowfast_r50(num_classes: int, size: int = 224) -> nn.Module:
 
 
 def train_step(model: nn.Module, inputs: list[torch.Tensor], labels: torch.Tensor, amp: bool):
-    """One SGD step (the paper's recipe: Nesterov momentum 0.9, weight decay 1e-4) as a closure."""
+    """One SGD step (the paper's recipe: Nesterov momentum 0.9, weight decay 1e-4) as a closure; amp: bf16
+    autocast whether or not `slowfast.train.autocast` would use it on this device, so that it can be timed."""
     optimizer = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9, nesterov=True, weight_decay=1e-4)
     loss_fn = nn.CrossEntropyLoss()
     device_type = labels.device.type
 
     def step() -> None:
+        model.train()
         optimizer.zero_grad(set_to_none=True)
         with torch.autocast(device_type, dtype=torch.bfloat16, enabled=amp):
             # pytorchvideo's forward writes each stage's output into the list it is given: pass a copy.
@@ -96,6 +111,56 @@ def train_step(model: nn.Module, inputs: list[torch.Tensor], labels: torch.Tenso
         optimizer.step()
 
     return step
+
+
+def forward(model: nn.Module, inputs: list[torch.Tensor], amp: bool):
+    """One evaluation forward (eval mode, no gradients), bf16 autocast or not, as a closure."""
+    device_type = inputs[0].device.type
+
+    @torch.no_grad()
+    def run() -> None:
+        model.eval()
+        with torch.autocast(device_type, dtype=torch.bfloat16, enabled=amp):
+            model(list(inputs))
+
+    return run
+
+
+def precision_table(args) -> tuple[str, list[dict]]:
+    """bf16 autocast against fp32 for each of PRECISION_CASES: the four closures of one preset take turns."""
+    device = torch.device(args.device)
+    cuda = device.type == "cuda"
+    fmt = memory_format(device.type)
+    rows, results = [], []
+    for preset, size, batch in PRECISION_CASES:
+        torch.manual_seed(0)
+        model = build(preset, num_classes=400).to(device, memory_format=fmt)
+        inputs = [x.to(device, memory_format=fmt) for x in example_inputs(model.cfg, batch, size)]
+        labels = torch.randint(0, 400, (batch,), device=device)
+        cases = {"forward fp32": forward(model, inputs, amp=False), "forward bf16": forward(model, inputs, amp=True),
+                 "step fp32": train_step(model, inputs, labels, amp=False),
+                 "step bf16": train_step(model, inputs, labels, amp=True)}
+        t = time_interleaved(cases, repeats=args.steps, warmup=args.warmup,
+                             sync=torch.cuda.synchronize if cuda else None)
+        # Each repetition ran fp32 and bf16 back to back: the median of their ratios is the figure least
+        # disturbed by other work on the machine.
+        paired = {kind: statistics.median(b / f for f, b in zip(t[f"{kind} fp32"].wall, t[f"{kind} bf16"].wall))
+                  for kind in ("forward", "step")}
+        results.append({"preset": preset, "size": size, "batch": batch,
+                        "median_ms": {name: round(timing.median_ms, 1) for name, timing in t.items()},
+                        "cpu_median_ms": {name: round(timing.cpu_median_ms, 1) for name, timing in t.items()},
+                        "paired_ratio_bf16_over_fp32": {kind: round(r, 3) for kind, r in paired.items()}})
+        rows.append([preset, size, batch] + [f"{t[name].median_ms:.1f}" for name in ("forward fp32", "forward bf16")]
+                    + [f"{paired['forward']:.3f}"]
+                    + [f"{t[name].median_ms:.1f}" for name in ("step fp32", "step bf16")] + [f"{paired['step']:.3f}"])
+    title = (f"bf16 autocast against fp32: eval forward (no gradients) and train step (forward + backward + SGD), "
+             f"400 classes, {device.type} channels_last_3d, {torch.get_num_threads()} threads; {args.steps} steps "
+             f"each, alternating, after {args.warmup} warm-up")
+    table = format_table(["preset", "crop", "batch", "fp32 forward ms", "bf16 forward ms", "bf16 / fp32",
+                          "fp32 step ms", "bf16 step ms", "bf16 / fp32"], rows)
+    note = (f"ms: medians; bf16 / fp32: median of the paired ratios. train.mixed_precision here: "
+            f"{describe_precision(device.type, True)}.")
+    return title + "\n" + table + "\n" + note, results
 
 
 def speed_table(args) -> tuple[str, dict]:
@@ -175,6 +240,8 @@ def parse_args(argv):
     parser.add_argument("--size", type=int, default=224, help="crop size of the timed clips")
     parser.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice)")
     parser.add_argument("--quick", action="store_true", help="fewest steps: a smoke test, not a measurement")
+    parser.add_argument("--tables", default=",".join(TABLES),
+                        help=f"comma-separated, of {', '.join(TABLES)} (default: all)")
     parser.add_argument("--json", metavar="PATH", help="also write the results as JSON to PATH")
     args = parser.parse_args(argv)
     if args.steps is None:
@@ -183,6 +250,10 @@ def parse_args(argv):
         args.warmup = 1 if args.quick or args.device == "cpu" else 3
     if args.steps < 1 or args.warmup < 0 or args.batch < 1 or (args.threads is not None and args.threads < 1):
         parser.error("--steps, --batch and --threads must be at least 1, --warmup at least 0")
+    args.tables = [name.strip() for name in args.tables.split(",") if name.strip()]
+    unknown = [name for name in args.tables if name not in TABLES]
+    if unknown or not args.tables:
+        parser.error(f"--tables {','.join(unknown) or '(none)'}: choose among {', '.join(TABLES)}")
     return args
 
 
@@ -195,17 +266,19 @@ def main(argv: list[str] | None = None) -> int:
     threads = torch.get_num_threads()
     if args.threads:
         torch.set_num_threads(args.threads)
+    results = {}
     try:
-        sizes, size_results = size_table()
-        print(sizes + "\n", flush=True)
-        speed, speed_result = speed_table(args)
-        print(speed)
+        for name, make in (("sizes", size_table), ("reference", lambda: speed_table(args)),
+                           ("precision", lambda: precision_table(args))):
+            if name in args.tables:
+                text, results[name] = make()
+                print(text + "\n", flush=True)
         env = environment(args.device)
     finally:
         torch.set_num_threads(threads)  # main() may run inside the CLI's process
     if args.json:
-        write_json(args.json, {"benchmark": "model", "environment": env, "sizes": size_results,
-                               "train_step": speed_result})
+        write_json(args.json, {"benchmark": "model", "environment": env,
+                               **{JSON_KEYS[name]: result for name, result in results.items()}})
         print(f"results written to {args.json}")
     return 0
 
