@@ -83,16 +83,15 @@ def test_this_cpu_autocast_and_its_description_agree():
 
 def fixed_batch(size: int = 32) -> dict:
     """One clip of each of the first NUM_CLASSES synthetic motion classes, as the loader gives them:
-    uint8 {"slow", "fast"} (B, 3, T, H, W) and "label"."""
+    {"fast": uint8 (B, alpha*T, H, W, 3), "slow_index": (B, T), "label"} (see slowfast.train.clip_inputs)."""
     cfg = build("slowfast_tiny", num_classes=NUM_CLASSES).cfg
     stride = cfg.tau // cfg.alpha
     clips = []
     for label in range(NUM_CLASSES):
         spec = synth.sample_video(0, label, 0, width=size, height=size, seconds=cfg.fast_frames * stride / 30)
         clips.append(synth.render(spec, 0, cfg.fast_frames * stride)[::stride])
-    fast = torch.from_numpy(np.stack(clips)).permute(0, 4, 1, 2, 3).contiguous()  # (B, T, H, W, 3) -> (B, 3, T, H, W)
-    slow = fast[:, :, torch.from_numpy(slow_indices(cfg.alpha, cfg.slow_frames))]
-    return {"slow": slow, "fast": fast, "label": torch.arange(NUM_CLASSES)}
+    slow_index = torch.from_numpy(slow_indices(cfg.alpha, cfg.slow_frames)).repeat(NUM_CLASSES, 1)
+    return {"fast": torch.from_numpy(np.stack(clips)), "slow_index": slow_index, "label": torch.arange(NUM_CLASSES)}
 
 
 def needs_cpu_bf16():
