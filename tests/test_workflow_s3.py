@@ -3,6 +3,7 @@ tracking database writes shards, checkpoints and the registered model's files to
 in its working directory, and the champion loads from the registry after that directory is gone."""
 from __future__ import annotations
 
+import csv
 import json
 import os
 import shutil
@@ -58,5 +59,5 @@ def test_the_registered_model_lives_under_an_s3_storage_root(s3_endpoint, synth_
                             timeout=300)
     assert loaded.returncode == 0, loaded.stderr[-3000:]
     labels = json.loads(loaded.stdout.strip().splitlines()[-1])["labels"]
-    classes = {row.split(",")[0].strip('"') for row in (synth_set / "annotations/train.csv").read_text().split()[1:]}
+    classes = {row["label"] for row in csv.DictReader((synth_set / "annotations/train.csv").open())}
     assert len(labels) == 2 and set(labels) <= classes, (labels, classes)
