@@ -21,6 +21,7 @@ from slowfast.model import SlowFast, freeze_batch_norm, freeze_stages, load_chec
 from slowfast.shards.reader import iter_clips
 from slowfast.train import LRSchedule, build_optimizer, memory_format, scaled_lr, topk_correct, train_step
 from slowfast.train.evaluation import EvalTotals, score_views
+from slowfast.train.optim import describe_precision
 
 from .checkpoints import CHECKPOINT_FILE, SCORE
 from .config import PipelineConfig
@@ -149,6 +150,7 @@ def start_worker(loop: LoopConfig) -> Worker:
                         "lr": lr, "steps_per_epoch": loop.steps_per_epoch, "run_name": loop.run_name})
         if start_epoch:
             _log.info(f"resuming after epoch {start_epoch} (step {global_step})")
+        _log.info(f"precision: {describe_precision(device.type, t.mixed_precision)}")
         if frozen:
             _log.info(f"fine-tuning: {frozen}")
     return Worker(rank, world, device, fmt, net, model, optimizer, schedule, tracker, start_epoch, global_step)

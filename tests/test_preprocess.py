@@ -261,4 +261,4 @@ def test_clips_from_s3_equal_clips_from_local_disk(ray_local, s3_endpoint, synth
     batches = list(iter_clips([(store.path(p), skip) for p, skip in state.readable()], mode="eval", batch_size=4,
                               crop=32, filesystem=store.fs))
     assert sum(len(b["label"]) for b in batches) == 4 * 3 * 3  # 4 val videos x 3 views x 3 crops
-    assert batches[0]["fast"].shape[1:] == (3, 16, 32, 32) and batches[0]["slow"].shape[2] == 4
+    assert batches[0]["fast"].shape[1:] == (16, 32, 32, 3) and batches[0]["slow_index"].shape[1] == 4

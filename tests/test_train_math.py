@@ -103,7 +103,7 @@ def test_precision_is_fp32_and_layout_channels_last_on_cpu():
     assert memory_format("cpu") == torch.channels_last_3d
     assert memory_format("mps") == torch.contiguous_format
     assert memory_format("cuda") == torch.channels_last_3d
-    with autocast("cpu"):
+    with autocast("cpu", enabled=False):
         assert (torch.ones(2, 2) @ torch.ones(2, 2)).dtype == torch.float32
     assert isinstance(autocast("cuda"), torch.autocast)
     assert not isinstance(autocast("cuda", enabled=False), torch.autocast)
