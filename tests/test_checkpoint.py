@@ -2,18 +2,14 @@
 same logits once the weights go through load_checkpoint; PySlowFast key names; own-format round trip;
 error messages that list what does not fit.
 """
-import importlib
-import importlib.util
 import pickle
 import re
-import sys
 import types
-import warnings
 
 import pytest
 import torch
-from torch import nn
 
+from reference import assert_same_logits, assert_same_state, logits, pytorchvideo, randomize
 from slowfast.model import CheckpointError, build, export_state_dict, load_checkpoint, save_checkpoint
 
 # pytorchvideo's hub heads at 224 px: AvgPool3d with kernel (8, 7, 7) for slow and (32, 7, 7) for fast,
@@ -22,69 +18,11 @@ from slowfast.model import CheckpointError, build, export_state_dict, load_check
 # larger ones average overlapping windows. The hub sets no head_activation, so in eval mode the
 # reference returns logits, like ours. (PySlowFast's own head, by contrast, applies softmax in eval.)
 SIZE, SLOW_FRAMES, FAST_FRAMES = 224, 8, 32
-TOLERANCE = 1e-4
 
 
 @pytest.fixture(scope="module")
 def hub():
-    """pytorchvideo.models.hub, importable without torchvision.
-
-    pytorchvideo 0.1.5 imports torchvision only for RoIAlign (models/head.py, detection heads),
-    which SlowFast classification never builds. torchvision is not part of this project's
-    environment, so a stand-in module answers that one import when the real one is absent.
-    """
-    with pytest.MonkeyPatch.context() as mp:
-        if importlib.util.find_spec("torchvision") is None:
-            torchvision, ops = types.ModuleType("torchvision"), types.ModuleType("torchvision.ops")
-
-            class RoIAlign(nn.Module):
-                def __init__(self, *args, **kwargs):
-                    raise RuntimeError("torchvision stand-in: RoIAlign is not available in these tests")
-
-            ops.RoIAlign, torchvision.ops = RoIAlign, ops
-            mp.setitem(sys.modules, "torchvision", torchvision)
-            mp.setitem(sys.modules, "torchvision.ops", ops)
-        with warnings.catch_warnings():
-            # fvcore, imported by pytorchvideo, calls torch.jit.script at import time.
-            warnings.filterwarnings("ignore", "`torch.jit.script` is deprecated", DeprecationWarning)
-            return importlib.import_module("pytorchvideo.models.hub")
-
-
-def randomize(model: nn.Module, frames: tuple[int, ...], seed: int) -> nn.Module:
-    """Random weights and random batch-norm statistics (zero-initialised gammas included).
-
-    Purely random running statistics would let activations grow geometrically through 100 layers,
-    and float32 round-off with them; so each BN's statistics are drawn around what it actually sees
-    (mean + noise, variance x U(0.5, 2)), in one eval-mode pass of the backbone.
-    """
-    g = torch.Generator().manual_seed(seed)
-
-    def draw_stats(bn, args):
-        x = args[0]
-        mean, var = x.mean((0, 2, 3, 4)), x.var((0, 2, 3, 4))
-        bn.running_mean.copy_(mean + 0.2 * var.sqrt() * torch.randn(mean.numel(), generator=g))
-        bn.running_var.copy_(var * torch.empty(var.numel()).uniform_(0.5, 2.0, generator=g))
-
-    hooks = []
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, nn.Conv3d):
-                m.weight.normal_(0, (2 / m.weight[0].numel()) ** 0.5, generator=g)
-            elif isinstance(m, nn.BatchNorm3d):
-                m.weight.uniform_(0.5, 1.5, generator=g)
-                m.bias.normal_(0, 0.2, generator=g)
-                hooks.append(m.register_forward_pre_hook(draw_stats))
-            elif isinstance(m, nn.Linear):
-                m.weight.normal_(0, m.in_features ** -0.5, generator=g)
-                m.bias.normal_(0, 0.1, generator=g)
-        model.eval()
-        x = [torch.randn(1, 3, t, 112, 112, generator=g) for t in frames]
-        x = x if len(x) > 1 else x[0]
-        for block in model.blocks[:5]:  # stem and res2..res5; the head's pool needs 224 px
-            x = block(x)
-    for hook in hooks:
-        hook.remove()
-    return model
+    return pytorchvideo().hub
 
 
 @pytest.fixture(scope="module")
@@ -118,24 +56,6 @@ def slowfast_r50_logits(slowfast_r50, clip):
 @pytest.fixture(scope="module")
 def slowfast_r101_logits(slowfast_r101, clip):
     return logits(slowfast_r101, clip)
-
-
-def logits(model, inputs):
-    with torch.no_grad():
-        return model.eval()(list(inputs))  # a copy: pytorchvideo's forward overwrites the list's entries
-
-
-def assert_same_state(model, reference):
-    state = model.state_dict()
-    for key, value in reference.state_dict().items():
-        assert torch.equal(state[key], value), key
-
-
-def assert_same_logits(expected, got):
-    assert got.shape == expected.shape
-    # The logits spread over several units, so a wrong mapping could not hide under the tolerance.
-    assert expected.std() > 0.5
-    assert (got - expected).abs().max().item() < TOLERANCE
 
 
 @pytest.mark.parametrize("reference, preset", [("slowfast_r50", "slowfast_8x8_r50"),
@@ -333,11 +253,13 @@ def test_fusion_kernel_mismatch_says_which_kernel_to_build():
 
 
 def test_unknown_format_names_the_supported_ones():
+    # A torchvision 2D ResNet's keys: no SlowFast implementation's.
     with pytest.raises(CheckpointError, match="unrecognised checkpoint format") as err:
-        load_checkpoint(tiny(), {"backbone.conv1.weight": torch.zeros(1), "cls_head.fc_cls.weight": torch.zeros(1)})
+        load_checkpoint(tiny(), {"conv1.weight": torch.zeros(1), "layer1.0.conv1.weight": torch.zeros(1),
+                                 "fc.weight": torch.zeros(1)})
     message = str(err.value)
-    assert "backbone.conv1.weight" in message
-    for supported in ("save_checkpoint", "pytorchvideo", "PySlowFast"):
+    assert "conv1.weight" in message
+    for supported in ("save_checkpoint", "pytorchvideo", "PySlowFast .pyth", "Caffe2 .pkl", "mmaction2"):
         assert supported in message
 
 
@@ -346,8 +268,9 @@ def test_head_mismatch_says_which_num_classes_to_build(slowfast_r50):
         load_checkpoint(build("slowfast_8x8_r50", num_classes=10), slowfast_r50.state_dict())
     message = str(err.value)
     assert "pytorchvideo" in message
-    assert ("head.fc.weight: checkpoint (400, 2304) vs model (10, 2304) — build the model with num_classes=400"
-            in message)
+    assert ("to load it: build the model with num_classes=400; or keep the model's classes and load with "
+            "head='auto' to re-initialise the classifier") in message
+    assert "head.fc.weight: checkpoint (400, 2304) vs model (10, 2304)" in message
     assert "head.fc.bias: checkpoint (400,) vs model (10,)" in message
     assert "shape mismatch (2)" in message  # nothing else
 
@@ -356,8 +279,10 @@ def test_depth_mismatch_is_summarised(slowfast_r101):
     with pytest.raises(CheckpointError) as err:
         load_checkpoint(build("slowfast_8x8_r50"), slowfast_r101.state_dict())
     message = str(err.value)
-    assert ("the checkpoint has (3, 4, 23, 3) blocks in res2..res5, the model (3, 4, 6, 3) (depth 50): "
-            "build the model with depth=101") in message
+    # pytorchvideo's slowfast_r101 also has the 5-frame lateral kernel of the paper's R101 (the R50's is 7).
+    assert "the checkpoint's network has depth=101, fusion_kernel=5 where the model has depth=50, fusion_kernel=7" \
+        in message
+    assert "to load it: build the model with depth=101, fusion_kernel=5 (preset slowfast_8x8_r101)" in message
     # 17 extra res4 blocks in each pathway, 15 tensors each (a, b, c: conv weight and 4 BN tensors;
     # step counters are never listed).
     assert "unexpected in the checkpoint (510)" in message and "... and 490 more" in message

@@ -1,4 +1,5 @@
-"""SlowFast models: `build` a preset, `load_checkpoint` from this project, pytorchvideo or PySlowFast.
+"""SlowFast models: `build` a preset, `load_checkpoint` from this project, pytorchvideo, PySlowFast (.pyth,
+Caffe2 .pkl) or mmaction2, and fine-tune it (`freeze_stages`, `freeze_batch_norm`).
 
 The torch-backed names load on first use, so code that only needs the presets (configs, Ray Data
 actors that decode video) does not pay for importing torch.
@@ -10,8 +11,10 @@ import importlib
 from .config import PRESETS, SlowFastConfig, resolve
 
 _LAZY = {
-    "CheckpointError": "checkpoint", "LoadedCheckpoint": "checkpoint", "export_state_dict": "checkpoint",
-    "load_checkpoint": "checkpoint", "save_checkpoint": "checkpoint",
+    "CheckpointError": "checkpoint", "LoadedCheckpoint": "checkpoint", "check_checkpoint": "checkpoint",
+    "export_checkpoint": "checkpoint", "export_state_dict": "checkpoint", "load_checkpoint": "checkpoint",
+    "save_checkpoint": "checkpoint",
+    "FrozenBatchNorm3d": "finetune", "freeze_batch_norm": "finetune", "freeze_stages": "finetune",
     "count_flops": "flops", "count_params": "flops", "gflops": "flops",
     "SlowFast": "slowfast", "example_inputs": "slowfast",
 }

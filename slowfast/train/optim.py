@@ -31,33 +31,54 @@ def scaled_lr(base_lr: float, global_batch: int, reference_batch: int = REFERENC
     return base_lr * global_batch / reference_batch
 
 
-def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+def param_groups(model: nn.Module, weight_decay: float, head_lr_mult: float = 1.0) -> list[dict]:
     """Two groups: weights that decay, and everything that must not (norm parameters, biases, 1-D).
 
-    Frozen parameters are left out; a parameter shared by two modules is listed once.
-    Each group carries `param_names` for logs and tests (SGD ignores unknown keys).
+    With head_lr_mult != 1 the classifier (the module named "head", SlowFast's) gets two groups of its
+    own, carrying `lr_mult`: its learning rate is the backbone's times head_lr_mult (fine-tuning a new
+    head faster than a pretrained backbone); a schedule sets each group's lr to its LR times lr_mult. Frozen parameters are left out: no update, no weight decay;
+    a parameter shared by two modules is listed once. Each group carries `param_names` for logs and
+    tests (SGD ignores unknown keys).
     """
-    decay, no_decay, seen = {}, {}, set()
+    if head_lr_mult <= 0:
+        raise ValueError(f"head_lr_mult must be > 0, got {head_lr_mult}")
+    head = set()
+    if head_lr_mult != 1.0:
+        heads = [m for name, m in model.named_modules() if name.rpartition(".")[2] == "head"]
+        if not heads:
+            raise ValueError(f"head_lr_mult={head_lr_mult} needs a classifier module named 'head'; "
+                             f"{type(model).__name__} has none")
+        head = {id(p) for m in heads for p in m.parameters()}
+    groups: dict[tuple[bool, bool], dict] = {}  # (in the head, decays) -> {name: parameter}
+    seen = set()
     for module_name, module in model.named_modules():
         for name, p in module.named_parameters(recurse=False):
             if not p.requires_grad or id(p) in seen:
                 continue
             seen.add(id(p))
             full = f"{module_name}.{name}" if module_name else name
-            if isinstance(module, _NORMS) or name == "bias" or p.ndim <= 1:
-                no_decay[full] = p
-            else:
-                decay[full] = p
-    groups = [{"params": list(decay.values()), "param_names": list(decay), "weight_decay": weight_decay},
-              {"params": list(no_decay.values()), "param_names": list(no_decay), "weight_decay": 0.0}]
-    return [g for g in groups if g["params"]]
+            decays = not (isinstance(module, _NORMS) or name == "bias" or p.ndim <= 1)
+            groups.setdefault((id(p) in head, decays), {})[full] = p
+    result = []
+    for in_head in (False, True):
+        for decays in (True, False):
+            params = groups.get((in_head, decays))
+            if params:
+                group = {"params": list(params.values()), "param_names": list(params),
+                         "weight_decay": weight_decay if decays else 0.0}
+                result.append(group | {"lr_mult": head_lr_mult} if in_head else group)
+    return result
 
 
 def build_optimizer(model: nn.Module, *, lr: float, momentum: float = 0.9, weight_decay: float = 1e-4,
-                    nesterov: bool = True) -> torch.optim.SGD:
-    """SGD over `param_groups(model, weight_decay)`. `lr` is the starting value; the schedule sets it per step."""
+                    nesterov: bool = True, head_lr_mult: float = 1.0) -> torch.optim.SGD:
+    """SGD over `param_groups(model, weight_decay, head_lr_mult)`. `lr` is the starting value (times a
+    group's `lr_mult`); the schedule sets it per step."""
+    groups = param_groups(model, weight_decay, head_lr_mult)
+    for group in groups:
+        group["lr"] = lr * group.get("lr_mult", 1.0)
     # The reference uses no dampening; torch refuses Nesterov with dampening anyway.
-    return torch.optim.SGD(param_groups(model, weight_decay), lr=lr, momentum=momentum, nesterov=nesterov)
+    return torch.optim.SGD(groups, lr=lr, momentum=momentum, nesterov=nesterov)
 
 
 def clip_gradients(parameters: Iterable[torch.Tensor] | nn.Module, max_norm: float | None) -> float:
