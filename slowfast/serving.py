@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from slowfast.train import clip_inputs, memory_format
 from slowfast.video import transforms
 from slowfast.video.clips import ClipSampling, cut_clips
 from slowfast.video.decode import DEFAULT_MAX_PIXELS, Source, VideoReader
@@ -42,6 +43,12 @@ class ClipSpec:
     def views(self) -> int:
         return self.temporal_views * self.spatial_crops
 
+    @property
+    def sampling(self) -> ClipSampling:
+        """The temporal views as the one clip path cuts them (slowfast.video.clips)."""
+        return ClipSampling(T=self.T, tau=self.tau, alpha=self.alpha, target_fps=self.target_fps,
+                            short_side=self.short_side, mode="eval", num_clips=self.temporal_views)
+
 
 class VideoClassifier:
     """A SlowFast network, its class names and its ClipSpec: video in, class probabilities out."""
@@ -55,25 +62,27 @@ class VideoClassifier:
         self.batch_views = batch_views
 
     def views(self, source: Source, name: str | None = None) -> tuple[np.ndarray, np.ndarray]:
-        """(slow, fast) uint8 arrays (views, 3, T, crop, crop) of one video."""
+        """One video's test views as the loader hands them over: uint8 fast frames (views, alpha*T, crop, crop, 3)
+        and the slow pathway's frames as indices into them (T,)."""
         s = self.spec
-        sampling = ClipSampling(T=s.T, tau=s.tau, alpha=s.alpha, target_fps=s.target_fps, short_side=s.short_side,
-                                mode="eval", num_clips=s.temporal_views)
         with VideoReader(source, name=name, max_pixels=DEFAULT_MAX_PIXELS, threads=1) as reader:
-            clips = cut_clips(reader, sampling)
-        fast = np.stack([transforms.to_planar(view) for i in range(len(clips))
+            clips = cut_clips(reader, s.sampling)
+        fast = np.stack([np.ascontiguousarray(view) for i in range(len(clips))
                          for view in transforms.eval_views(clips.clip(i), s.crop, s.spatial_crops)])
-        return np.take(fast, clips.slow_index, axis=2), fast
+        return fast, np.asarray(clips.slow_index)
 
     @torch.no_grad()
     def probabilities(self, source: Source, name: str | None = None) -> np.ndarray:
-        """Softmax over classes, averaged over the video's views (the reference test protocol)."""
-        slow, fast = self.views(source, name)
+        """Softmax over classes, averaged over the video's views (the reference test protocol); the network's
+        input is made by clip_inputs, as in training and evaluation."""
+        fast, slow_index = self.views(source, name)
+        fmt = memory_format(self.device.type)
+        index = torch.as_tensor(slow_index, dtype=torch.long)
         total = torch.zeros(len(self.class_names), dtype=torch.float64)
         for i in range(0, len(fast), self.batch_views):
-            batch = [transforms.normalize_tensor(torch.from_numpy(x[i:i + self.batch_views]).to(self.device))
-                     for x in (slow, fast)]
-            total += torch.softmax(self.model(batch).float(), dim=1).sum(0).double().cpu()
+            chunk = torch.from_numpy(fast[i:i + self.batch_views]).to(self.device)
+            batch = {"fast": chunk, "slow_index": index.expand(len(chunk), -1)}
+            total += torch.softmax(self.model(clip_inputs(batch, fmt)).float(), dim=1).sum(0).double().cpu()
         return (total / len(fast)).numpy()
 
     def predict(self, sources: Iterable[Source], top_k: int = 5, names: Sequence[str] | None = None) -> list[dict]:
