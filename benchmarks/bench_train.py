@@ -1,34 +1,42 @@
 """Train benchmark: train throughput in clips/s reading shards (Ray Data -> Ray Train, the real `train` step)
-against the same model, batch and optimizer fed one in-memory batch (no I/O); goal: ratio >= 0.95.
+against the same train step fed one in-memory batch (no I/O), in fp32 and in bf16 (train.mixed_precision) side
+by side; goal: ratio >= 0.95.
 
-    python -m pipelines bench train                       # the demo's model and data, CPU; ~3 minutes on 2 cores
-    python -m pipelines bench train --steps 40 --json out/bench_train.json
-    python -m pipelines bench train --device cuda --preset slowfast_8x8_r50 --bf16 --batch-size 16
+    python -m pipelines bench train                       # the demo's model and data, CPU; ~6 minutes on 2 cores
+    python -m pipelines bench train --steps 40 --precision fp32 --json out/bench_train.json
+    python -m pipelines bench train --device cuda --preset slowfast_8x8_r50 --batch-size 16
 
 Data: the project's synthetic motion set (configs/demo.yaml's data.synth), generated once into --workdir and
 preprocessed there by the project's own preprocess step (shards and manifests under --workdir/storage, reused
 by later runs with the same settings). Crop, short side and jitter are the demo's for the tiny presets (64 from
 [72, 90]); other presets get the paper's (224 from [256, 320]), from videos rendered at that short side.
 
-shards: `pipelines.train.train` itself, one epoch: TorchTrainer with 1 worker (train.cpus_per_worker 1: Ray
-  gives it one torch thread) on train_dataset + data_config (read_shards -> ClipTransform actor pool, capped at
-  ray.data_cpus), and train_func's loop (iter_torch_batches with its batch size, prefetch and local shuffle
-  buffer, normalize_tensor, forward + backward + SGD). The figures are the ones train_func logs per step to
-  MLflow (clips_per_s, data_wait), read back after the run, over --steps steps after --warmup. Running the real
-  trainer rather than driving the Dataset from this process is practical here (a few seconds of start-up) and
-  is the only way to measure what training sees: the streaming_split coordinator, the worker process and the
-  CPU contention between the train worker and the Ray Data actor are all in it. The MLflow timestamps of the
-  same steps also give the wall-clock rate, which includes the per-step MLflow write that train_func's own
-  step timer leaves out.
-memory: the same model (same seed), optimizer, LR schedule and step body as train_func, in this process with as
-  many torch threads as the train worker has (train.cpus_per_worker), fed one pre-built batch of uint8 clips
-  (taken from the same shards, already on the device) and normalised on every step as train_func does. Half of
-  its steps run before the shards case and half after, so that a drift in the machine's load hits both cases.
+shards: `pipelines.train.train` itself, one epoch per precision: TorchTrainer with 1 worker (train.cpus_per_worker
+  1 CPU reserved, train.threads_per_worker = --threads torch threads) on train_dataset + data_config (read_shards ->
+  ClipTransform tasks, capped at ray.data_cpus), and train_func's loop (iter_torch_batches with its batch size,
+  prefetch and local shuffle buffer, then slowfast.train.train_step). The figures are the ones train_func logs per
+  step to MLflow (clips_per_s, data_wait), read back after the run, over --steps steps after --warmup. Running the
+  real trainer rather than driving the Dataset from this process is practical here (a few seconds of start-up) and
+  is the only way to measure what training sees: the streaming_split coordinator, the worker process and the CPU
+  contention between the train worker and the Ray Data tasks are all in it. The MLflow timestamps of the same
+  steps also give the wall-clock rate, which includes the per-step MLflow write that train_func's own step timer
+  leaves out.
+memory: the same slowfast.train.train_step (clip_inputs: slow pathway by index and normalisation on the device;
+  forward, backward, SGD) with the same model (same seed), optimizer and LR schedule, in a Ray worker process
+  holding the train worker's resources, with its torch threads (train.threads_per_worker) and memory format
+  (slowfast.train.memory_format), fed one batch as train_func receives it (uint8 fast frames and slow indices from
+  the same shards, already on the device). All the shards case does beyond it is the data path, so its ratio to
+  memory is at most 1 unless the machine's load moved between the cases: half of the memory steps run before the
+  shards case and half after, so that a drift hits both.
+Per CPU second: clips per CPU second of the process that runs the step (the train worker, the memory task), and for
+  the shards case also of the train worker and the Ray Data workers together: the whole CPU cost of a clip.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
+import importlib
 import logging
 import math
 import os
@@ -51,8 +59,10 @@ from benchmarks._common import descends_from, environment, format_table, proc_st
 from pipelines.config import PipelineConfig, load_config  # noqa: E402
 from pipelines.data import ensure_videos, storage_of  # noqa: E402
 from pipelines.train import TrainData, prepare_data, train  # noqa: E402
+from pipelines.train_input import TRAIN_COLUMNS, data_cpu_split  # noqa: E402
 from slowfast.model import PRESETS, SlowFast  # noqa: E402
 from slowfast.train import LRSchedule, build_optimizer, memory_format, scaled_lr, topk_correct, train_step  # noqa: E402
+from slowfast.train.optim import autocast, describe_precision  # noqa: E402
 
 DEMO_CONFIG = _ROOT / "configs" / "demo.yaml"
 GOAL = 0.95
@@ -60,6 +70,7 @@ GOAL = 0.95
 # the paper's for the others.
 DEMO_CROP, DEMO_SHORT_SIDE, DEMO_JITTER, DEMO_VIDEO_SIZE = 64, 72, (72, 90), 96
 PAPER_CROP = 224
+PRECISIONS = {"fp32": False, "bf16": True}  # --precision name -> train.mixed_precision
 
 
 def log(msg: str) -> None:
@@ -103,8 +114,8 @@ def bench_config(args, clips_per_video: int | None = None) -> PipelineConfig:
         "model.preset": args.preset,
         "train.epochs": 1, "train.warmup_epochs": 0, "train.batch_size": args.batch_size,
         "train.crop_size": args.crop, "train.scale_jitter": f"[{jitter[0]}, {jitter[1]}]",
-        "train.num_workers": 1, "train.cpus_per_worker": 1, "train.use_gpu": str(cuda).lower(),
-        "train.mixed_precision": str(args.bf16).lower(),
+        "train.num_workers": 1, "train.cpus_per_worker": 1, "train.threads_per_worker": args.threads,
+        "train.use_gpu": str(cuda).lower(),
         "mlflow.tracking_uri": f"sqlite:///{args.workdir / 'mlflow.db'}", "mlflow.experiment": "bench-train",
         "ray.data_cpus": data_cpus,
     }
@@ -130,7 +141,9 @@ class CoreUse:
     machine's busy time, so that a step rate can be read beside the cores it actually had. Linux only; elsewhere
     (and for a Ray this process did not start) it reports nothing."""
 
-    ROLES = {"train_worker": b"ray::RayTrainWorker", "data_workers": b"ray::MapWorker"}
+    # Process titles: Ray Data's map operators run as tasks (ray::MapBatches(train_clips), fused ones joined by
+    # "->") or in actor pools (ray::MapWorker(...)).
+    ROLES = {"train_worker": (b"ray::RayTrainWorker",), "data_workers": (b"ray::MapWorker", b"ray::MapBatches")}
 
     def __init__(self, interval_s: float = 0.5):
         self.interval_s = interval_s
@@ -202,7 +215,8 @@ class CoreUse:
 
 
 def one_batch(cfg: PipelineConfig, data: TrainData, device: torch.device) -> dict[str, torch.Tensor]:
-    """A train batch of uint8 clips from the shards (the crops, dtypes and shapes training reads), on the device."""
+    """A train batch from the shards as train_func receives it (TRAIN_COLUMNS: uint8 fast frames, slow indices,
+    labels; the crops, dtypes, shapes and layout training reads), on the device."""
     from slowfast.shards.reader import iter_clips
 
     t = cfg.train
@@ -210,16 +224,18 @@ def one_batch(cfg: PipelineConfig, data: TrainData, device: torch.device) -> dic
     shards = [(store.path(p), skip) for p, skip in data.train_shards]
     batches = iter_clips(shards, mode="train", batch_size=t.batch_size, crop=t.crop_size,
                          meta=data.train_meta, filesystem=store.fs, jitter=t.scale_jitter, seed=t.seed,
-                         normalize=False, drop_last=True)
+                         drop_last=True)
     batch = next(iter(batches))
-    return {k: batch[k].to(device) for k in ("slow", "fast", "label")}
+    return {k: batch[k].to(device) for k in TRAIN_COLUMNS}
 
 
 def memory_case(cfg: PipelineConfig, data: TrainData, device: torch.device, steps: int,
                 warmup: int) -> tuple[list[float], list[float]]:
     """Seconds per step of train_func's step body on one in-memory batch, after `warmup` untimed steps: wall
-    clock, and CPU time of this process."""
+    clock, and CPU time of the process. Run it with run_memory_case, in a Ray worker process like the train
+    worker's."""
     t = cfg.train
+    torch.set_num_threads(t.threads_per_worker)  # as train_loop.start_worker sets them
     fmt = memory_format(device.type)
     torch.manual_seed(t.seed)  # train_func's seed for rank 0: the same initial weights
     net = SlowFast(cfg.model.to_slowfast_config(num_classes=len(data.classes)))
@@ -245,6 +261,21 @@ def memory_case(cfg: PipelineConfig, data: TrainData, device: torch.device, step
     if device.type == "cuda":
         torch.cuda.empty_cache()  # leave the GPU's memory to the train worker
     return wall, cpu
+
+
+def run_memory_case(cfg: PipelineConfig, data: TrainData, device: torch.device, steps: int,
+                    warmup: int) -> tuple[list[float], list[float]]:
+    """memory_case in a fresh Ray worker process holding the train worker's resources: the same kind of process
+    as the train worker (Ray's threads in it included, so per-CPU-second figures compare like with like), and
+    not the driver, whose own Ray threads would be charged to the step."""
+    import ray
+
+    # By its package name, which Ray's workers (started in the checkout) can import: loaded by path, as
+    # `pipelines bench` and the tests load it, this module's own name means nothing to them.
+    case = importlib.import_module("benchmarks.bench_train").memory_case
+    task = ray.remote(num_cpus=cfg.train.cpus_per_worker, num_gpus=1 if device.type == "cuda" else 0,
+                      max_calls=1)(case)
+    return ray.get(task.remote(cfg, data, device, steps, warmup))
 
 
 # -- shards: the real train step -------------------------------------------------------------------------
@@ -291,9 +322,12 @@ def shards_case(cfg: PipelineConfig, steps: int, warmup: int) -> dict:
         "data_wait": sum(timed_wait) / sum(timed),
         "median_step_ms": 1e3 * statistics.median(timed),
         "wall_clips_per_s": wall_rate,
-        # Per CPU second of the train worker process (its torch thread and Ray's iterator threads in it).
+        # Per CPU second of the train worker process (its torch threads and Ray's iterator threads in it), and of
+        # the worker and the Ray Data workers together.
         "clips_per_cpu_s": wall_rate / used["train_worker_cores"] if wall_rate and used.get("train_worker_cores")
         else None,
+        "clips_per_cpu_s_with_data": wall_rate / (used["train_worker_cores"] + used["data_workers_cores"])
+        if wall_rate and used.get("train_worker_cores") else None,
         "first_step_wait_s": waited[0],
         "epoch_s": metrics.get("epoch_s"), "epoch_clips_per_s": metrics.get("epoch_clips_per_s"),
         "epoch_data_wait": metrics.get("epoch_data_wait"),
@@ -314,52 +348,68 @@ def _pct(value: float | None) -> str | None:
     return None if value is None else f"{100 * value:.1f}%"
 
 
+def table_rows(runs: dict) -> list[list]:
+    rows = []
+    for name, run in runs.items():
+        shards, memory = run["shards"], run["memory"]
+        base, base_cpu = memory["clips_per_s"], memory["clips_per_cpu_s"]
+        rows += [
+            [name, "shards: Ray Data -> TorchTrainer, as train_func logs it", _f(shards["clips_per_s"]),
+             _f(shards["clips_per_cpu_s"]), _f(shards["median_step_ms"]), _pct(shards["data_wait"]),
+             _f(ratio(shards["clips_per_s"], base), 3), _f(ratio(shards["clips_per_cpu_s"], base_cpu), 3),
+             f">= {GOAL}"],
+            [name, "shards: wall clock (MLflow timestamps); CPU: worker + Ray Data", _f(shards["wall_clips_per_s"]),
+             _f(shards["clips_per_cpu_s_with_data"]), None, None, _f(ratio(shards["wall_clips_per_s"], base), 3),
+             _f(ratio(shards["clips_per_cpu_s_with_data"], base_cpu), 3), None],
+            [name, "memory: the same train_step on one pre-built batch", _f(base), _f(base_cpu),
+             _f(memory["median_step_ms"]), _pct(0.0), "1.000", "1.000", None],
+        ]
+    return rows
+
+
 def report(cfg: PipelineConfig, args, results: dict) -> str:
-    shards, memory = results["shards"], results["memory"]
-    base, base_cpu = memory["clips_per_s"], memory["clips_per_cpu_s"]
-    rows = [
-        ["shards: Ray Data -> TorchTrainer, as train_func logs it", _f(shards["clips_per_s"]),
-         _f(shards["median_step_ms"]), _pct(shards["data_wait"]), _f(ratio(shards["clips_per_s"], base), 3),
-         f">= {GOAL}"],
-        ["shards: wall clock (MLflow timestamps, per-step log included)", _f(shards["wall_clips_per_s"]), None, None,
-         _f(ratio(shards["wall_clips_per_s"], base), 3), None],
-        ["memory: one pre-built batch, no I/O", _f(base), _f(memory["median_step_ms"]), _pct(0.0), "1.000", None],
-        ["shards, per CPU second of the train worker (clips/CPU-s)", _f(shards["clips_per_cpu_s"]), None, None,
-         _f(ratio(shards["clips_per_cpu_s"], base_cpu), 3), None],
-        ["memory, per CPU second (clips/CPU-s)", _f(base_cpu), None, None, "1.000", None],
-    ]
+    runs = results["runs"]
     t = cfg.train
-    precision = "bf16 autocast, channels_last_3d" if args.device == "cuda" and args.bf16 else "fp32, channels_last_3d"
+    first = next(iter(runs.values()))["shards"]
     title = (f"Train throughput: {args.preset}, batch {t.batch_size}, crop {t.crop_size} (short side "
-             f"{cfg.preprocess.short_side}, jitter {list(t.scale_jitter)}), {args.device} {precision}; "
-             f"{shards['steps']} timed steps per case after {shards['warmup']} warm-up")
-    table = format_table(["case", "clips/s", "median ms/step", "data wait", "ratio to memory", "goal"], rows)
+             f"{cfg.preprocess.short_side}, jitter {list(t.scale_jitter)}), {args.device}, channels_last_3d, "
+             f"{t.threads_per_worker} torch thread(s); {first['steps']} timed steps per case after "
+             f"{first['warmup']} warm-up")
+    table = format_table(["precision", "case", "clips/s", "clips/CPU-s", "median ms/step", "data wait",
+                          "ratio to memory", "ratio per CPU-s", "goal"], table_rows(runs))
     cores = os.cpu_count()
-    used = shards["cores"]
     notes = [
-        f"Cores: {cores}. The train worker holds train.cpus_per_worker {t.cpus_per_worker:g} CPU (one torch thread), "
-        f"Ray Data ray.data_cpus {cfg.ray.data_cpus:g} (read tasks + {results['data_actors']} ClipTransform "
-        f"actor(s)); the memory case ran with the same {results['memory_threads']} torch thread(s).",
-        "Data wait: time train_func waited for the next batch / its step time, over the timed steps; the first step "
-        f"of the epoch waited {shards['first_step_wait_s']:.2f} s (pipeline start-up and the shuffle buffer filling).",
-        f"Epoch (all {shards['steps_in_epoch']} steps, the first included): {_f(shards['epoch_clips_per_s'])} clips/s, "
-        f"data wait {_pct(shards['epoch_data_wait'])}; outside train_func's step timer (mostly its per-step MLflow "
-        f"write): {_f(_ms(shards['untimed_s_per_step']))} ms/step.",
-        f"Memory case halves (before / after the shards case): {_f(memory['before_clips_per_s'])} / "
-        f"{_f(memory['after_clips_per_s'])} clips/s; it got {memory['cores']:.2f} cores (CPU time / wall time).",
+        f"Cores: {cores}. The train worker reserves train.cpus_per_worker {t.cpus_per_worker:g} CPU and runs "
+        f"train.threads_per_worker {t.threads_per_worker} torch thread(s), as the memory case's Ray task does; Ray "
+        f"Data: ray.data_cpus {cfg.ray.data_cpus:g} (read tasks + {results['data_actors']} ClipTransform task "
+        "slot(s)).",
+        "clips/s: train_func's step timer (data wait included, its per-step MLflow write not); clips/CPU-s: per CPU "
+        "second of the process running the step\n(shards: the train worker; its wall-clock row: the worker and the "
+        "Ray Data workers together). Data wait: time waiting for the next batch / step time.",
     ]
-    if used:
-        notes.append(f"During the timed shards steps the train worker got {used['train_worker_cores']:.2f} cores, "
-                     f"the Ray Data map workers {used['data_workers_cores']:.2f}, and the machine was busy on "
-                     f"{used['machine_busy_cores']:.2f} of {cores}.")
+    for name, run in runs.items():
+        shards, memory = run["shards"], run["memory"]
+        notes.append(
+            f"{name}: {run['precision']}. First step waited {shards['first_step_wait_s']:.2f} s (start-up, shuffle "
+            f"buffer); epoch (all {shards['steps_in_epoch']} steps): {_f(shards['epoch_clips_per_s'])} clips/s, data "
+            f"wait {_pct(shards['epoch_data_wait'])}, {_f(_ms(shards['untimed_s_per_step']))} ms/step outside the "
+            f"step timer.\n  Memory halves (before / after the shards case): {_f(memory['before_clips_per_s'])} / "
+            f"{_f(memory['after_clips_per_s'])} clips/s on {memory['cores']:.2f} cores (CPU time / wall time)."
+            + (f" During the timed shards steps the train worker got {shards['cores']['train_worker_cores']:.2f} "
+               f"cores, the Ray Data workers {shards['cores']['data_workers_cores']:.2f}, the machine was busy on "
+               f"{shards['cores']['machine_busy_cores']:.2f} of {cores}." if shards["cores"] else ""))
+    if len(runs) == 2:
+        step = runs["bf16"]["memory"]["median_step_ms"] / runs["fp32"]["memory"]["median_step_ms"]
+        notes.append(f"bf16 / fp32 step time, memory case: {step:.2f}x." if runs["bf16"]["autocast"] else
+                     f"bf16 runs in fp32 on this device, so its rows repeat fp32's: their differences (memory step "
+                     f"time bf16 / fp32 {step:.2f}x) are run-to-run spread.")
     if args.device == "cpu" and cores and cores <= 2:
         notes.append("On 2 cores the train step and Ray Data compete for the cores (and for memory bandwidth); the "
-                     "fair split gives Ray Data\nray.data_cpus 1 and the trainer one thread "
-                     "(torch.set_num_threads(1)), which is what both cases use here.")
+                     "memory case has them to itself.")
     load = results["load_average_max"]
     if load > (cores or 1) - 0.5:
         notes.append(f"Load average up to {load:.1f} on {cores} cores: other work shared the machine during the run. "
-                     "The wall-clock rates suffer, and the two cases\nran one after the other, not interleaved; the "
+                     "The wall-clock rates suffer, and the cases\nran one after the other, not interleaved; the "
                      "per-CPU-second rates suffer less.")
     return title + "\n" + table + "\n" + "\n".join(notes)
 
@@ -382,7 +432,12 @@ def parse_args(argv):
     parser.add_argument("--steps", type=int, default=40, help="timed steps per case (default 40)")
     parser.add_argument("--warmup", type=int, default=5, help="untimed steps first, per case (default 5)")
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
-    parser.add_argument("--bf16", action="store_true", help="bf16 autocast (train.mixed_precision; CUDA only)")
+    parser.add_argument("--precision", default="fp32,bf16",
+                        help="comma separated, among fp32 and bf16 (train.mixed_precision: bf16 autocast where "
+                             "slowfast.train.autocast gives it); default both")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch threads of the train worker and of the memory case (train.threads_per_worker; "
+                             "default: the demo's)")
     parser.add_argument("--data-cpus", type=float, default=None,
                         help="ray.data_cpus (default 1; with cuda, all cores but 2)")
     parser.add_argument("--classes", type=int, default=None, help="synthetic classes (default: the demo's, 6)")
@@ -396,12 +451,49 @@ def parse_args(argv):
     args.batch_size = args.batch_size or demo.train.batch_size
     args.classes = args.classes or demo.data.synth.classes
     args.videos_per_class = args.videos_per_class or demo.data.synth.videos_per_class
+    args.threads = args.threads or demo.train.threads_per_worker or max(1, math.ceil(demo.train.cpus_per_worker))
     args.workdir = args.workdir.resolve()
-    if min(args.steps, args.batch_size) < 1 or args.warmup < 1:
-        parser.error("--steps, --batch-size and --warmup must be at least 1 (the first step waits for the pipeline)")
+    args.precision = [p.strip() for p in args.precision.split(",") if p.strip()]
+    if not args.precision or not set(args.precision) <= set(PRECISIONS) or len(set(args.precision)) < len(
+            args.precision):
+        parser.error(f"--precision takes fp32 and/or bf16, each once; got {','.join(args.precision) or 'nothing'}")
+    if min(args.steps, args.batch_size, args.threads) < 1 or args.warmup < 1:
+        parser.error("--steps, --batch-size, --threads and --warmup must be at least 1 (the first step waits for "
+                     "the pipeline)")
     if args.crop < 16 or args.classes < 2 or args.videos_per_class < 2:
         parser.error("--crop must be at least 16, --classes and --videos-per-class at least 2")
     return args
+
+
+def with_precision(cfg: PipelineConfig, mixed_precision: bool) -> PipelineConfig:
+    return cfg.model_copy(update={"train": cfg.train.model_copy(update={"mixed_precision": mixed_precision})})
+
+
+def measure(cfg: PipelineConfig, data: TrainData, device: torch.device, args, load: list[float]) -> dict:
+    """Memory (half the steps), shards (one epoch), memory (the other half), for cfg's precision."""
+    half = (args.steps + 1) // 2
+    log(f"bench train: memory, {half} steps")
+    before, before_cpu = run_memory_case(cfg, data, device, half, args.warmup)
+    load.append(os.getloadavg()[0])
+    log("bench train: shards (pipelines.train.train, one epoch)")
+    shards = shards_case(cfg, args.steps, args.warmup)
+    load.append(os.getloadavg()[0])
+    log(f"bench train: memory, {args.steps - half} steps")
+    after, after_cpu = (run_memory_case(cfg, data, device, args.steps - half, args.warmup) if args.steps > half
+                        else ([], []))
+    load.append(os.getloadavg()[0])
+    batch = cfg.train.batch_size
+    times, cpu = before + after, before_cpu + after_cpu
+    memory = {"steps": len(times), "warmup": args.warmup, "clips_per_s": len(times) * batch / sum(times),
+              "median_step_ms": 1e3 * statistics.median(times), "clips_per_cpu_s": len(times) * batch / sum(cpu),
+              "cores": round(sum(cpu) / sum(times), 2),
+              "before_clips_per_s": len(before) * batch / sum(before),
+              "after_clips_per_s": len(after) * batch / sum(after) if after else None,
+              "data_wait": 0.0, "step_ms": [round(1e3 * s, 1) for s in times],
+              "step_cpu_ms": [round(1e3 * s, 1) for s in cpu]}
+    mixed = cfg.train.mixed_precision
+    return {"precision": describe_precision(device.type, mixed), "shards": shards, "memory": memory,
+            "autocast": not isinstance(autocast(device.type, mixed), contextlib.nullcontext)}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -412,64 +504,45 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     import ray
 
-    from pipelines.train_input import data_cpu_split
-
     cfg = sized_config(args)
     started_ray = not ray.is_initialized()
     if started_ray and not os.environ.get("RAY_ADDRESS"):
         # A fresh local Ray of our own: with no address, ray.init would join a `ray start` instance that someone
         # else left running on this machine, and measure on it.
         ray.init(address="local", include_dashboard=False, logging_level=logging.WARNING)
-    threads = torch.get_num_threads()
     device = torch.device(args.device)
-    load = os.getloadavg()[0]
+    load = [os.getloadavg()[0]]
+    runs = {}
     try:
         log(f"bench train: data in {args.workdir}")
         data = prepare_data(cfg, storage_of(cfg), log)
-        torch.set_num_threads(int(cfg.train.cpus_per_worker))  # as many as Ray gives the train worker
-        half = (args.steps + 1) // 2
-        log(f"bench train: memory, {half} steps")
-        before, before_cpu = memory_case(cfg, data, device, half, args.warmup)
-        load = max(load, os.getloadavg()[0])
-        log("bench train: shards (pipelines.train.train, one epoch)")
-        shards = shards_case(cfg, args.steps, args.warmup)
-        load = max(load, os.getloadavg()[0])
-        log(f"bench train: memory, {args.steps - half} steps")
-        after, after_cpu = (memory_case(cfg, data, device, args.steps - half, args.warmup) if args.steps > half
-                            else ([], []))
-        load = max(load, os.getloadavg()[0])
-        memory_threads = torch.get_num_threads()
+        for name in args.precision:
+            log(f"bench train: {name}")
+            runs[name] = measure(with_precision(cfg, PRECISIONS[name]), data, device, args, load)
         env = environment(args.device)
     finally:
-        torch.set_num_threads(threads)  # main() may run inside the CLI's process
         if started_ray and ray.is_initialized():
             ray.shutdown()
-    batch = cfg.train.batch_size
-    times, cpu = before + after, before_cpu + after_cpu
-    memory = {"steps": len(times), "warmup": args.warmup, "clips_per_s": len(times) * batch / sum(times),
-              "median_step_ms": 1e3 * statistics.median(times), "clips_per_cpu_s": len(times) * batch / sum(cpu),
-              "cores": round(sum(cpu) / sum(times), 2),
-              "before_clips_per_s": len(before) * batch / sum(before),
-              "after_clips_per_s": len(after) * batch / sum(after) if after else None,
-              "data_wait": 0.0, "step_ms": [round(1e3 * s, 1) for s in times],
-              "step_cpu_ms": [round(1e3 * s, 1) for s in cpu]}
-    results = {"shards": shards, "memory": memory, "load_average_max": load, "memory_threads": memory_threads,
-               "data_actors": data_cpu_split(cfg.ray.data_cpus)[1]}
+    results = {"runs": runs, "load_average_max": max(load), "data_actors": data_cpu_split(cfg.ray.data_cpus)[1]}
     print(report(cfg, args, results))
     if args.json:
         payload = {
             "benchmark": "train", "environment": env,
             "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
-            "config": {"preset": args.preset, "batch_size": batch, "crop": cfg.train.crop_size,
+            "config": {"preset": args.preset, "batch_size": cfg.train.batch_size, "crop": cfg.train.crop_size,
                        "short_side": cfg.preprocess.short_side, "scale_jitter": list(cfg.train.scale_jitter),
                        "clips_per_video": cfg.preprocess.clips_per_video, "train_clips": data.train_clips,
-                       "cpus_per_worker": cfg.train.cpus_per_worker, "data_cpus": cfg.ray.data_cpus,
-                       "mixed_precision": cfg.train.mixed_precision, "device": args.device},
-            "cases": {"shards": _rounded(shards), "memory": _rounded(memory)},
-            "ratio_shards_over_memory": ratio(shards["clips_per_s"], memory["clips_per_s"]),
-            "ratio_wall_over_memory": ratio(shards["wall_clips_per_s"], memory["clips_per_s"]),
-            "data_wait": round(shards["data_wait"], 4), "goal_ratio": GOAL,
-            "load_average_max": round(load, 2),
+                       "cpus_per_worker": cfg.train.cpus_per_worker, "threads": cfg.train.threads_per_worker,
+                       "data_cpus": cfg.ray.data_cpus, "device": args.device},
+            "precisions": {name: {
+                "mixed_precision": PRECISIONS[name], "precision": run["precision"], "autocast": run["autocast"],
+                "cases": {"shards": _rounded(run["shards"]), "memory": _rounded(run["memory"])},
+                "ratio_shards_over_memory": ratio(run["shards"]["clips_per_s"], run["memory"]["clips_per_s"]),
+                "ratio_wall_over_memory": ratio(run["shards"]["wall_clips_per_s"], run["memory"]["clips_per_s"]),
+                "ratio_per_cpu_s": ratio(run["shards"]["clips_per_cpu_s"], run["memory"]["clips_per_cpu_s"]),
+                "data_wait": round(run["shards"]["data_wait"], 4),
+            } for name, run in runs.items()},
+            "goal_ratio": GOAL, "load_average_max": round(max(load), 2),
         }
         write_json(args.json, payload)
         print(f"results written to {args.json}")

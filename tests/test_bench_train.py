@@ -18,26 +18,43 @@ def load_bench():
     return module
 
 
-def test_bench_train_reports_both_cases_the_ratio_and_the_data_wait(ray_local, tmp_path, capsys):
+def test_bench_train_reports_both_cases_in_both_precisions_the_ratios_and_the_data_wait(ray_local, tmp_path, capsys):
     out = tmp_path / "bench_train.json"
     bench = load_bench()
     assert bench.main(["--steps", "3", "--warmup", "1", "--batch-size", "4", "--crop", "32", "--classes", "4",
                        "--videos-per-class", "4", "--workdir", str(tmp_path / "work"), "--json", str(out)]) == 0
 
     result = json.loads(out.read_text())
-    shards, memory = result["cases"]["shards"], result["cases"]["memory"]
-    assert shards["clips_per_s"] > 0 and memory["clips_per_s"] > 0 and shards["wall_clips_per_s"] > 0
-    assert shards["steps"] == memory["steps"] == 3
-    # One epoch holds warm-up + timed steps: 12 train videos x 2 clips / 4 a step.
-    assert shards["steps_in_epoch"] == 6 and result["config"]["clips_per_video"] == 2
-    assert result["ratio_shards_over_memory"] == pytest.approx(shards["clips_per_s"] / memory["clips_per_s"], abs=1e-3)
-    assert 0 <= result["data_wait"] <= 1 and result["data_wait"] == pytest.approx(shards["data_wait"], abs=1e-4)
-    assert 0 <= shards["epoch_data_wait"] <= 1
-    assert len(shards["step_ms"]) == 6 and all(ms > 0 for ms in shards["step_ms"])
+    assert list(result["precisions"]) == ["fp32", "bf16"]
+    for name, run in result["precisions"].items():
+        assert run["mixed_precision"] == (name == "bf16") and run["precision"]
+        assert run["autocast"] is (name == "bf16" and run["autocast"])  # fp32 never autocasts
+        shards, memory = run["cases"]["shards"], run["cases"]["memory"]
+        assert shards["clips_per_s"] > 0 and memory["clips_per_s"] > 0 and shards["wall_clips_per_s"] > 0
+        assert memory["clips_per_cpu_s"] > 0
+        assert shards["steps"] == memory["steps"] == 3
+        # One epoch holds warm-up + timed steps: 12 train videos x 2 clips / 4 a step.
+        assert shards["steps_in_epoch"] == 6
+        assert run["ratio_shards_over_memory"] == pytest.approx(shards["clips_per_s"] / memory["clips_per_s"],
+                                                                abs=1e-3)
+        assert 0 <= run["data_wait"] <= 1 and run["data_wait"] == pytest.approx(shards["data_wait"], abs=1e-4)
+        assert 0 <= shards["epoch_data_wait"] <= 1
+        assert len(shards["step_ms"]) == 6 and all(ms > 0 for ms in shards["step_ms"])
+    assert result["config"]["clips_per_video"] == 2
+    # The memory case runs with the train worker's threads: the demo's train.threads_per_worker.
     assert result["config"]["cpus_per_worker"] == 1 and result["config"]["data_cpus"] == 1
+    assert result["config"]["threads"] == 2
 
     table = capsys.readouterr().out
-    assert "| shards: Ray Data -> TorchTrainer" in table and "| memory: one pre-built batch" in table
+    assert "| fp32      | shards: Ray Data -> TorchTrainer" in table
+    assert "| bf16      | memory: the same train_step" in table
     # A benchmark keeps no checkpoints; the shards and the MLflow db stay for the next run.
     assert not any((tmp_path / "work" / "storage" / "checkpoints").glob("bench-*/epoch-*"))
     assert (tmp_path / "work" / "mlflow.db").is_file()
+
+
+def test_bench_train_refuses_an_unknown_precision(capsys):
+    bench = load_bench()
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--precision", "fp16"])
+    assert "--precision takes fp32 and/or bf16" in capsys.readouterr().err
