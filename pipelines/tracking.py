@@ -24,7 +24,8 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from slowfast.serving import ClipSpec, VideoClassifier
+from slowfast.serving import ClipSpec, VideoClassifier, describe
+from slowfast.video.decode import VideoDecodeError
 
 from .errors import PipelineError
 from .storage import is_s3
@@ -384,10 +385,11 @@ def save_model(path: str, mlflow_model, *, pytorch_model: torch.nn.Module, class
                spec: ClipSpec, input_example: bytes, metadata: dict | None = None,
                pip_requirements: Sequence[str] | None = None, **kwargs) -> None:
     """Save as the PyTorch flavor (pickled module, so any batch size loads), with the python_function
-    flavor pointing at this module: pyfunc input is a `video` column of paths or bytes.
+    flavor pointing at this module: pyfunc input is a `video` column of video bytes (paths by opt-in).
 
     Called by `mlflow.models.Model.log(flavor=pipelines.tracking, ...)`, see log_model.
     """
+    import mlflow.pyfunc
     import mlflow.pytorch
 
     import slowfast
@@ -406,17 +408,20 @@ def save_model(path: str, mlflow_model, *, pytorch_model: torch.nn.Module, class
                                   pip_requirements=list(pip_requirements) if pip_requirements else None, **kwargs)
     finally:
         quiet.level = level
-    mlflow_model.flavors["python_function"]["loader_module"] = __name__
+    pyfunc_flavor = mlflow_model.flavors["python_function"]
+    pyfunc_flavor["loader_module"] = __name__
+    # MLflow accepts a load-time model_config key only when the saved model declares it.
+    pyfunc_flavor.setdefault(mlflow.pyfunc.MODEL_CONFIG, {})["allow_paths"] = False
     mlflow_model.flavors[FLAVOR_NAME] = {"class_names": len(class_names), "input": INPUT_COLUMN}
     mlflow_model.save(os.path.join(path, "MLmodel"))
 
 
 def signature():
-    """pyfunc: `video` (a path or the file's bytes) -> top-k `labels` and `scores` per video."""
+    """pyfunc: `video` (the file's bytes, base64 over JSON) -> top-k `labels` and `scores` per video."""
     from mlflow.models import ModelSignature
     from mlflow.types.schema import AnyType, Array, ColSpec, ParamSchema, ParamSpec, Schema
 
-    # The input column is unnamed so that a plain list of paths passes schema enforcement too.
+    # The input column is unnamed so that a plain list of videos passes schema enforcement too.
     return ModelSignature(
         inputs=Schema([ColSpec(AnyType())]),
         outputs=Schema([ColSpec("string", "video"), ColSpec(Array("string"), "labels"),
@@ -425,10 +430,14 @@ def signature():
 
 
 class PyFuncVideoClassifier:
-    """What mlflow.pyfunc.load_model returns the predict of: paths or bytes in, a DataFrame out."""
+    """What mlflow.pyfunc.load_model returns the predict of: base64 video bytes (or raw bytes) in, a DataFrame
+    out. File paths only with allow_paths, which is a load-time model_config: `mlflow models serve` sets it
+    from the server's own environment (SERVING_MODEL_CONFIG), never from a request, so a REST client cannot
+    make the server open its files."""
 
-    def __init__(self, classifier: VideoClassifier):
+    def __init__(self, classifier: VideoClassifier, allow_paths: bool = False):
         self.classifier = classifier
+        self.allow_paths = allow_paths
 
     def predict(self, model_input, params: dict | None = None):
         import pandas as pd
@@ -438,29 +447,52 @@ class PyFuncVideoClassifier:
             columns = list(model_input.keys())
             column = INPUT_COLUMN if INPUT_COLUMN in columns else columns[0] if len(columns) == 1 else None
             if column is None:
-                raise ValueError(f"expected one column of video paths or bytes (named {INPUT_COLUMN!r}), got "
-                                 f"columns {columns}")
+                raise _invalid(f"expected one column of videos (named {INPUT_COLUMN!r}), got columns {columns}")
             values = model_input[column]
             sources = values.tolist() if hasattr(values, "tolist") else list(values)
         elif isinstance(model_input, (str, bytes, os.PathLike)):
             sources = [model_input]
         else:
             sources = list(model_input)
-        return pd.DataFrame(self.classifier.predict([_as_source(s) for s in sources], top_k=top_k))
+        rows = []
+        for i, value in enumerate(sources):
+            source = _as_source(value, i, self.allow_paths)
+            name = describe(source, i)
+            try:
+                rows += self.classifier.predict([source], top_k=top_k, names=[name])
+            except VideoDecodeError as exc:
+                # A client's bad upload is a 400 naming the video, not a 500 with the server's traceback.
+                raise _invalid(f"video {i} ({name}): {exc}") from None
+        return pd.DataFrame(rows)
 
 
-def _as_source(value):
-    """A pyfunc cell -> a path or bytes (JSON serving sends bytes base64-encoded, as str)."""
-    if isinstance(value, (bytes, bytearray, memoryview, os.PathLike)):
+def _invalid(message: str):
+    from mlflow.exceptions import MlflowException
+    from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
+
+    return MlflowException(message, error_code=INVALID_PARAMETER_VALUE)
+
+
+def _as_source(value, index: int, allow_paths: bool):
+    """A pyfunc cell -> bytes, or a path when allow_paths (JSON serving sends bytes base64-encoded, as str).
+    Without allow_paths a string is never looked up on disk: it is base64 or it is refused."""
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        return bytes(value)
+    if isinstance(value, (str, os.PathLike)) and allow_paths and os.path.exists(value):
         return value
     if isinstance(value, str):
-        if os.path.exists(value):
-            return value
         try:
             return base64.b64decode("".join(value.split()), validate=True)  # MIME base64 has line breaks
         except (binascii.Error, ValueError):
-            return value  # a path after all: VideoReader says it is missing
-    raise TypeError(f"a video is a path or bytes, got {type(value).__name__}")
+            if allow_paths:
+                return value  # a path after all: VideoReader says it is missing
+    shown = repr(os.fspath(value) if isinstance(value, os.PathLike) else value)
+    shown = shown if len(shown) <= 80 else shown[:77] + "..."
+    if isinstance(value, (str, os.PathLike)):
+        raise _invalid(f"video {index} ({shown}): not base64-encoded video bytes. This model takes the video "
+                       "file's bytes, base64-encoded; file paths are refused and never opened (in local Python, "
+                       "opt in with mlflow.pyfunc.load_model(uri, model_config={'allow_paths': True}))")
+    raise _invalid(f"video {index}: expected base64-encoded video bytes, got {type(value).__name__}")
 
 
 def load_classifier(model_uri: str, device: str = "cpu") -> VideoClassifier:
@@ -484,11 +516,15 @@ def _classifier_from_dir(local: str, device: str, net, mlmodel) -> VideoClassifi
 
 def _load_pyfunc(data_path: str, model_config: dict | None = None) -> PyFuncVideoClassifier:
     """MLflow's python_function loader: `data_path` is the model folder's data/ subfolder;
-    model_config {"device": ...} picks the device (default: cuda when there is one)."""
+    model_config {"device": ...} picks the device (default: cuda when there is one), {"allow_paths": True}
+    lets predict open file paths (local use only; see PyFuncVideoClassifier)."""
     import mlflow.pytorch
     from mlflow.models import Model
 
     root = str(Path(data_path).parent)
     device = (model_config or {}).get("device") or ("cuda" if torch.cuda.is_available() else "cpu")
     net = mlflow.pytorch.load_model(root, map_location=device)
-    return PyFuncVideoClassifier(_classifier_from_dir(root, device, net, Model.load(root)))
+    allow_paths = (model_config or {}).get("allow_paths", False)
+    if not isinstance(allow_paths, bool):
+        raise ValueError(f"model_config allow_paths must be true or false, got {allow_paths!r}")
+    return PyFuncVideoClassifier(_classifier_from_dir(root, device, net, Model.load(root)), allow_paths=allow_paths)

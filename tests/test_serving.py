@@ -1,0 +1,138 @@
+"""Serving a registered version safely: a real `mlflow models serve --env-manager local` on 127.0.0.1 scores base64
+video bytes, refuses a file path that exists on the server (never opening it, whatever the request's params say),
+and answers a corrupt upload with a 400 naming the video and no traceback; locally, mlflow.pyfunc opens paths only
+with model_config={"allow_paths": True}."""
+from __future__ import annotations
+
+import base64
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pytest
+from mlflow.exceptions import MlflowException
+
+from conftest import free_port, pipeline_config
+from pipelines import tracking
+from slowfast.model import SlowFast
+from slowfast.serving import ClipSpec
+from slowfast.video.synth import encode_video, render, sample_video
+
+MODEL = "serve-test"
+
+
+@pytest.fixture(scope="module")
+def registered(tmp_path_factory):
+    """A fresh slowfast_tiny logged and registered as the registry step logs one (no training needed)."""
+    tmp = tmp_path_factory.mktemp("serving")
+    video = encode_video(tmp / "clip.mp4", render(sample_video(5, 1, 0, width=96, height=72, seconds=1.5)))
+    cfg = pipeline_config(tmp, tmp, mlflow={"tracking_uri": f"sqlite:///{tmp / 'mlflow.db'}", "experiment": "serve",
+                                            "model_name": MODEL})
+    net = SlowFast(cfg.model.to_slowfast_config(num_classes=3))
+    run_id = tracking.client(cfg).create_run(tracking.experiment_id(cfg)).info.run_id
+    spec = ClipSpec(T=4, tau=4, alpha=4, target_fps=30.0, short_side=48, crop=32, temporal_views=1, spatial_crops=1)
+    version = tracking.log_model(cfg, run_id, net=net, class_names=["a", "b", "c"], spec=spec, metadata={})
+    return {"uri": f"models:/{MODEL}/{version}", "tracking_uri": cfg.mlflow.tracking_uri, "video": video, "tmp": tmp}
+
+
+@pytest.fixture(scope="module")
+def server(registered):
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    log = registered["tmp"] / "serve.log"
+    bin_dir = str(Path(sys.executable).parent)  # the server execs `uvicorn` from PATH
+    env = {**os.environ, "MLFLOW_TRACKING_URI": registered["tracking_uri"],
+           "PATH": bin_dir + os.pathsep + os.environ.get("PATH", "")}
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(
+            [str(Path(bin_dir) / "mlflow"), "models", "serve", "-m", registered["uri"],
+             "--env-manager", "local", "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
+            cwd=registered["tmp"], env=env, stdout=out, stderr=subprocess.STDOUT,
+            start_new_session=True)  # its own process group: the uvicorn worker stops with it
+    deadline = time.time() + 180
+    while True:
+        try:
+            with urllib.request.urlopen(f"{url}/ping", timeout=2) as response:
+                if response.status == 200:
+                    break
+        except OSError:
+            pass
+        if proc.poll() is not None or time.time() > deadline:
+            _stop(proc)
+            pytest.fail(f"mlflow models serve did not answer {url}/ping:\n{log.read_text()[-3000:]}")
+        time.sleep(0.5)
+    yield url
+    _stop(proc)
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    for sig, wait_s in ((signal.SIGTERM, 30), (signal.SIGKILL, 10)):
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            return
+        try:
+            proc.wait(timeout=wait_s)
+            return
+        except subprocess.TimeoutExpired:
+            continue
+
+
+def invoke(url: str, body: dict) -> tuple[int, str]:
+    request = urllib.request.Request(f"{url}/invocations", data=json.dumps(body).encode(),
+                                     headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=120) as response:
+            return response.status, response.read().decode()
+    except urllib.error.HTTPError as err:
+        return err.code, err.read().decode()
+
+
+def test_rest_scores_base64_bytes(server, registered):
+    encoded = base64.b64encode(registered["video"].read_bytes()).decode()
+    status, body = invoke(server, {"inputs": [encoded], "params": {"top_k": 2}})
+    assert status == 200, body
+    row = json.loads(body)["predictions"][0]
+    assert len(row["labels"]) == 2 and set(row["labels"]) <= {"a", "b", "c"}
+    assert row["scores"][0] >= row["scores"][1] > 0 and sum(row["scores"]) <= 1 + 1e-6
+
+
+def test_rest_refuses_a_server_path_even_when_the_request_asks(server, registered):
+    path = str(registered["video"])  # a real video the server could read
+    for params in ({"top_k": 2}, {"top_k": 2, "allow_paths": True}):
+        status, body = invoke(server, {"inputs": [path], "params": params})
+        assert status == 400, body
+        message = json.loads(body)["message"]
+        assert "file paths are refused and never opened" in message and path in message
+        assert "labels" not in body and "Traceback" not in body and "stack_trace" not in body
+
+
+def test_rest_names_a_corrupt_upload_without_a_traceback(server):
+    junk = base64.b64encode(np.random.default_rng(0).integers(0, 256, 4096, dtype=np.uint8).tobytes()).decode()
+    status, body = invoke(server, {"inputs": [junk]})
+    assert status == 400, body
+    error = json.loads(body)
+    assert error["error_code"] == "INVALID_PARAMETER_VALUE"
+    assert "video 0 (<video 0: 4096 bytes>)" in error["message"] and "not a video" in error["message"].lower()
+    assert "Traceback" not in body and "stack_trace" not in error
+
+
+def test_local_pyfunc_opens_paths_only_by_opt_in(registered):
+    mlflow.set_tracking_uri(registered["tracking_uri"])
+    path = str(registered["video"])
+    with pytest.raises(MlflowException, match="file paths are refused"):
+        mlflow.pyfunc.load_model(registered["uri"]).predict([path])
+    opted_in = mlflow.pyfunc.load_model(registered["uri"], model_config={"allow_paths": True})
+    by_path = opted_in.predict([path], params={"top_k": 3})
+    by_bytes = opted_in.predict([registered["video"].read_bytes()], params={"top_k": 3})
+    assert by_path["video"][0] == path
+    assert list(by_path["labels"][0]) == list(by_bytes["labels"][0])
+    np.testing.assert_allclose(by_path["scores"][0], by_bytes["scores"][0], atol=1e-6)
