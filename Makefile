@@ -1,5 +1,10 @@
 # The two commands a new user runs. Both create .venv when it is missing and install the
-# project with the tested versions (constraints.txt pins torch to the CPU wheel).
+# project with the tested versions (constraints.txt; Python >= 3.11).
+# constraints.txt pins torch==2.13.0; which build that is depends on where pip looks. From plain
+# PyPI on Linux it is the CUDA build (several GB of nvidia-* packages). For the CPU-only wheel, let
+# pip see PyTorch's CPU index too:
+#   PIP_EXTRA_INDEX_URL=https://download.pytorch.org/whl/cpu make demo
+# it then takes 2.13.0+cpu, which satisfies the pin. An existing .venv keeps the torch it has.
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
