@@ -16,9 +16,11 @@ _verbose = False
 
 
 def set_verbose(verbose: bool) -> None:
-    """`--verbose`: Ray logs at its defaults (INFO) from the next `init_ray` on."""
+    """`--verbose`: Ray (and MLflow) log at their defaults (INFO) from the next `init_ray` on."""
     global _verbose
     _verbose = verbose
+    if not verbose:  # MLflow's own INFO lines (database set-up, skipped GPU metrics) too; read at its import
+        os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
 
 
 def train_logging():

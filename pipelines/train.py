@@ -66,7 +66,7 @@ def train(cfg: PipelineConfig, *, run_name: str | None = None, log=print, prepro
     import ray.train
     from ray.train.torch import TorchTrainer
 
-    from .ray_runtime import init_ray
+    from .ray_runtime import init_ray, train_logging
 
     started = time.time()
     check_config(cfg)
@@ -103,12 +103,13 @@ def train(cfg: PipelineConfig, *, run_name: str | None = None, log=print, prepro
         val_views=choose_views(cfg.preprocess.eval_views, cfg.evaluate.temporal_views),
         steps_per_epoch=steps_per_epoch, tracking_uri=tracking_uri, mlflow_run_id=mlflow_run_id, run_name=run_name,
         init_weights=ray.put(init["state"]) if init else None)
-    with data_context(enable_progress_bars=False):  # bars from a remote actor are log noise; epochs are logged
+    with data_context(use_ray_tqdm=False):  # Ray Data shows plain bars; the workers log one line per epoch
         trainer = TorchTrainer(
             train_func, train_loop_config={"loop": loop},
             scaling_config=ray.train.ScalingConfig(num_workers=t.num_workers, use_gpu=t.use_gpu,
                                                    resources_per_worker={"CPU": t.cpus_per_worker}),
             run_config=ray.train.RunConfig(
+                logging_config=train_logging(),
                 name=run_name, storage_path=store.path("checkpoints"), storage_filesystem=storage_fs(store),
                 failure_config=ray.train.FailureConfig(max_failures=t.max_failures),
                 checkpoint_config=ray.train.CheckpointConfig(num_to_keep=t.keep_checkpoints,
