@@ -165,6 +165,17 @@ def cmd_predict(args: argparse.Namespace, config: PipelineConfig | None) -> int:
     return EXIT_FAILED if failed else EXIT_OK
 
 
+def cmd_export(args: argparse.Namespace, config: PipelineConfig | None) -> int:
+    from pipelines.export import ExportError, export_model
+
+    try:
+        export_model(config, args.model_uri, args.format, args.out)
+    except ExportError as exc:
+        print(f"pipelines export: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    return EXIT_OK
+
+
 def cmd_run(args: argparse.Namespace, config: PipelineConfig) -> int:
     from slowfast.model import SlowFast, count_flops, count_params, example_inputs
 
@@ -296,6 +307,13 @@ def build_parser() -> argparse.ArgumentParser:
                          help="models:/NAME@ALIAS, models:/NAME/VERSION or runs:/ID/model "
                               "(default: models:/<mlflow.model_name>@champion of --config)")
     predict.add_argument("--top-k", metavar="K", type=int, default=5, help="classes to print per video")
+    export = command("export", "a registered model as one TorchScript or ONNX graph (dynamic batch), checked "
+                               "against PyTorch; logged under export/ of the version's run, or written to --out",
+                     config="optional", handler=cmd_export)
+    export.add_argument("--model-uri", metavar="URI", required=True,
+                        help="models:/NAME@ALIAS, models:/NAME/VERSION (or runs:/ID/model with --out)")
+    export.add_argument("--format", choices=["torchscript", "onnx"], required=True, help="graph format")
+    export.add_argument("--out", metavar="PATH", help="write the file here instead of logging it to MLflow")
     status = command("status", "the runs of this pipeline (newest first) and what each of their steps did",
                      handler=cmd_status)
     status.add_argument("--run-id", metavar="ID", help="show only this run")

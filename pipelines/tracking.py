@@ -328,6 +328,21 @@ def load_registered(cfg: PipelineConfig | None, uri: str, device: str = "cpu") -
                                 "(its mlflow.tracking_uri) or set MLFLOW_TRACKING_URI") from None
 
 
+def log_export(cfg: PipelineConfig | None, uri: str, path: Path) -> str:
+    """Log an exported file under export/ of the run that logged the registered version `uri`
+    (models:/NAME/N or models:/NAME@ALIAS); returns the artifact's URI."""
+    from mlflow.tracking import MlflowClient
+
+    name, _, ref = uri.removeprefix("models:/").partition("@")
+    name, _, number = name.partition("/") if not ref else (name, "", "")
+    where = use_tracking(cfg) if cfg is not None else contextlib.nullcontext()
+    with where:
+        c = MlflowClient()
+        version = c.get_model_version_by_alias(name, ref) if ref else c.get_model_version(name, number)
+        c.log_artifact(version.run_id, str(path), artifact_path="export")
+        return f"{c.get_run(version.run_id).info.artifact_uri.rstrip('/')}/export/{Path(path).name}"
+
+
 def log_model(cfg: PipelineConfig, run_id: str, *, net: torch.nn.Module, class_names: Sequence[str],
               spec: ClipSpec, metadata: dict) -> str:
     """Log the network as this project's flavor in `run_id`, registered under mlflow.model_name; returns
