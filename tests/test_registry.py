@@ -144,12 +144,12 @@ def test_register_promote_only_a_better_model_and_load_it_back(trained):
     # Registering the same checkpoint again is the same version (a resumed workflow adds none).
     assert register(cfg, good, log=lambda *_: None)["model_version"] == 4
 
-    # The champion loads as the PyTorch module, and as a pyfunc that takes paths or bytes.
+    # The champion loads as the PyTorch module, and as a pyfunc that takes bytes, and paths by opt-in.
     mlflow.set_tracking_uri(out["tracking_uri"])
     net = mlflow.pytorch.load_model("models:/motion@champion")
     assert isinstance(net, torch.nn.Module) and net.head.fc.out_features == 4
     video = next((Path(cfg.data.video_root) / "val").rglob("*.mp4"))
-    pyfunc = mlflow.pyfunc.load_model("models:/motion@champion")
+    pyfunc = mlflow.pyfunc.load_model("models:/motion@champion", model_config={"allow_paths": True})
     by_path = pyfunc.predict([str(video)], params={"top_k": 2})
     by_bytes = pyfunc.predict([video.read_bytes()], params={"top_k": 2})
     assert list(by_path["labels"][0]) == list(by_bytes["labels"][0]) and len(by_path["labels"][0]) == 2

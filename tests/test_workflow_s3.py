@@ -51,7 +51,7 @@ def test_the_registered_model_lives_under_an_s3_storage_root(s3_endpoint, synth_
     elsewhere.mkdir()
     video = next((synth_set / "val").rglob("*.mp4"))
     load = ("import json, mlflow\n"
-            "clf = mlflow.pyfunc.load_model('models:/wf-s3@champion')\n"
+            "clf = mlflow.pyfunc.load_model('models:/wf-s3@champion', model_config={'allow_paths': True})\n"
             f"out = clf.predict([{str(video)!r}], params={{'top_k': 2}})\n"
             "print(json.dumps({'labels': list(out['labels'][0]), 'uri': mlflow.get_tracking_uri()}))\n")
     shell = {**env, "MLFLOW_TRACKING_URI": f"sqlite:///{db}", "MLFLOW_S3_ENDPOINT_URL": s3_endpoint}
