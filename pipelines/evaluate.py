@@ -83,7 +83,7 @@ def score(net: torch.nn.Module, es: EvalSet, store: Storage, batch_size: int = 8
     fmt = memory_format(device.type)
     net = net.to(device, memory_format=fmt)
     batches = iter_clips(es.shards, mode="eval", batch_size=batch_size, crop=es.crop, meta=es.meta,
-                         filesystem=store.fs, spatial_crops=es.spatial_crops, normalize=False, views=es.clip_indices)
+                         filesystem=store.fs, spatial_crops=es.spatial_crops, views=es.clip_indices)
     totals = score_views(net, batches, device=device, fmt=fmt, mixed_precision=mixed_precision)
     return totals.videos.results(len(es.classes), es.classes)
 

@@ -225,7 +225,7 @@ def validate(w: Worker, loop: LoopConfig) -> dict:
     t = loop.cfg.train
     mine = [(p, set(s)) for p, s in loop.val_shards[w.rank::w.world]]
     batches = iter_clips(mine, mode="eval", batch_size=t.batch_size, crop=t.crop_size, filesystem=loop.store.fs,
-                         spatial_crops=1, normalize=False, views=loop.val_views)
+                         spatial_crops=1, views=loop.val_views)
     part = score_views(w.net, batches, device=w.device, fmt=w.fmt, mixed_precision=t.mixed_precision)
     w.net.train()
     total = EvalTotals.merged(_all_gather(part.state_dict(), w.world))

@@ -85,7 +85,7 @@ def test_validation_evaluate_and_ablation_give_the_same_figures(prepared, ablati
     # crop: spatial position 1 of 3) were read.
     shards = [(store.path(p), s) for p, s in data.val_shards]
     direct = score_views(net, iter_clips(shards, mode="eval", batch_size=4, crop=cfg.train.crop_size,
-                                         filesystem=store.fs, spatial_crops=1, normalize=False,
+                                         filesystem=store.fs, spatial_crops=1,
                                          views=choose_views(STORED, WANTED)), device="cpu", fmt=fmt)
     assert {tuple(v) for v in direct.videos.state_dict()["view_ids"]} == {(1, 7, 13)}
     again = score_views(net, batches, device="cpu", fmt=fmt)

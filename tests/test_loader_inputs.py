@@ -44,9 +44,9 @@ def shard(tmp_path_factory):
 
 
 def old_inputs(views: list[np.ndarray], slow_index: np.ndarray, fmt: torch.memory_format) -> list[torch.Tensor]:
-    """The path this loader replaces: uint8 (3, T, H, W) clips cut on the CPU (to_planar), the slow pathway
+    """The path this loader replaces: uint8 (3, T, H, W) clips cut on the CPU (planar), the slow pathway
     copied there too, both normalised on the device with per-channel tensors, then put in layout `fmt`."""
-    fast = np.stack([transforms.to_planar(v) for v in views])
+    fast = np.stack([np.ascontiguousarray(v.transpose(3, 0, 1, 2)) for v in views])  # (3, T, H, W)
     slow = np.take(fast, slow_index, axis=2)
     shape = (3, 1, 1, 1)
     scale = torch.tensor([1.0 / (255.0 * s) for s in transforms.STD]).view(shape)

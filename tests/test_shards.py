@@ -355,8 +355,6 @@ def test_iter_clips_streams_every_clip_in_batches(tmp_path):
     evals = list(iter_clips(paths, mode="eval", batch_size=4, crop=CROP))
     assert sum(len(x["label"]) for x in evals) == 3 * 10
     assert evals[0]["spatial_index"].tolist() == [0, 1, 2] * 4
-    with pytest.raises(ValueError, match="clip_inputs"):
-        next(iter_clips(paths, mode="train", batch_size=4, crop=CROP, normalize=True))
 
 
 def test_iter_clips_reads_only_the_chosen_views(tmp_path):

@@ -196,22 +196,8 @@ def test_normalize_reads_views_with_reversed_channels():
     np.testing.assert_array_equal(tf.normalize(frames[..., ::-1]), tf.normalize(frames.copy()[..., ::-1].copy()))
 
 
-def test_normalize_tensor_matches_normalize_and_to_planar():
+def test_normalize_tensor_matches_normalize():
     frames = np.random.default_rng(0).integers(0, 256, (9, 5, 6, 3)).astype(np.uint8)
-    planar = tf.to_planar(frames)
-    assert planar.shape == (3, 9, 5, 6) and planar.dtype == np.uint8
+    planar = np.ascontiguousarray(frames.transpose(3, 0, 1, 2))
     on_device = tf.normalize_tensor(torch.from_numpy(planar)[None])[0].numpy()
     np.testing.assert_allclose(on_device, tf.normalize(frames), rtol=1e-6, atol=1e-6)
-
-
-def test_pack_pathways_takes_the_slow_index_frames_of_fast():
-    alpha, T = 4, 8
-    slow_index = np.linspace(0, alpha * T - 1, T).astype(np.int64)  # the reference PackPathway rule
-    assert slow_index.tolist() == [0, 4, 8, 13, 17, 22, 26, 31]
-    fast = np.random.default_rng(0).standard_normal((3, alpha * T, 4, 4)).astype(np.float32)
-    slow, same = tf.pack_pathways(fast, slow_index)
-    assert same is fast and slow.shape == (3, T, 4, 4)
-    for i, j in enumerate(slow_index):
-        np.testing.assert_array_equal(slow[:, i], fast[:, j])
-    slow_t, fast_t = tf.pack_pathways(torch.from_numpy(fast), slow_index)
-    np.testing.assert_array_equal(slow_t.numpy(), slow)

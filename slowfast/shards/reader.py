@@ -268,8 +268,8 @@ def _shard_tables(paths: Sequence, filesystem: pafs.FileSystem | None, rng: np.r
 def iter_clips(paths: Iterable, *, mode: Mode, batch_size: int, crop: int = 224, meta: ShardMeta | None = None,
                filesystem: pafs.FileSystem | None = None, shuffle: bool = False, shuffle_buffer: int = 256,
                seed: int = 0, epoch: int | None = None, jitter: tuple[int, int] | None = None,
-               spatial_crops: int = 3, drop_last: bool = False, views: Sequence[int] | None = None,
-               normalize: bool = False) -> Iterator[dict]:
+               spatial_crops: int = 3, drop_last: bool = False, views: Sequence[int] | None = None
+               ) -> Iterator[dict]:
     """Local loader: shard files -> batches of torch tensors {"fast", "slow_index", "label", "clip_index",
     "spatial_index"} plus "video_id" (list of str); the same dict Ray Data's path yields. Feed it to the
     network through slowfast.train.clip_inputs (uint8 frames in; normalised [slow, fast] out).
@@ -281,12 +281,7 @@ def iter_clips(paths: Iterable, *, mode: Mode, batch_size: int, crop: int = 224,
     number), and are fresh on every call when it is None (see ClipTransform). Row groups are read
     one at a time, so memory stays at about one row group plus one window. views: only the clips whose
     clip_index is listed are read (sampling.choose_views picks them), filtered before any JPEG decode.
-    normalize: only False is accepted, for callers written when True gave float clips; it goes once
-    they stop passing it.
     """
-    if normalize:
-        raise ValueError("iter_clips(normalize=True): the loader yields uint8 frames only; normalise them on the "
-                         "device with slowfast.train.clip_inputs(batch, fmt)")
     paths = list(paths)
     if not paths:
         return

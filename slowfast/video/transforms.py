@@ -167,16 +167,6 @@ def normalize(frames: np.ndarray, mean: Sequence[float] = MEAN, std: Sequence[fl
     return out
 
 
-def to_planar(frames: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
-    """(T, H, W, 3) -> (3, T, H, W), same dtype (uint8 when normalisation is left to the device)."""
-    t, h, w, c = frames.shape
-    if out is None:
-        out = np.empty((c, t, h, w), frames.dtype)
-    for ch in range(c):
-        np.copyto(out[ch], frames[..., ch])
-    return out
-
-
 def normalize_tensor(x: torch.Tensor, mean: Sequence[float] = MEAN, std: Sequence[float] = STD) -> torch.Tensor:
     """uint8 (..., 3, T, H, W) -> float32, normalised as `normalize` does, in x's memory format; meant for
     the device, where a loader that emits uint8 leaves this step (4x fewer bytes through the data path)."""
@@ -191,10 +181,3 @@ def normalize_tensor(x: torch.Tensor, mean: Sequence[float] = MEAN, std: Sequenc
     shape = (3, 1, 1, 1)
     scale_t, shift_t = (torch.tensor(v, dtype=torch.float32, device=x.device).view(shape) for v in (scale, shift))
     return out.mul_(scale_t).sub_(shift_t)
-
-
-def pack_pathways(fast, slow_index) -> list:
-    """[slow, fast] from the fast clip (C, T_fast, H, W): slow = fast[:, slow_index] (numpy or torch)."""
-    if isinstance(fast, torch.Tensor):
-        return [fast.index_select(1, torch.as_tensor(np.asarray(slow_index), dtype=torch.long)), fast]
-    return [np.take(fast, np.asarray(slow_index, dtype=np.intp), axis=1), fast]
