@@ -102,7 +102,7 @@ def eval_batches(cfg: PipelineConfig, data: TrainData) -> list[dict]:
     store, ev = storage_of(cfg), cfg.evaluate
     return list(iter_clips([(store.path(p), s) for p, s in data.val_shards], mode="eval",
                            batch_size=cfg.train.batch_size, crop=cfg.train.crop_size, filesystem=store.fs,
-                           spatial_crops=ev.spatial_crops, normalize=False,
+                           spatial_crops=ev.spatial_crops,
                            views=choose_views(cfg.preprocess.eval_views, ev.temporal_views)))
 
 
@@ -137,7 +137,7 @@ def train_variant(model_cfg: SlowFastConfig, cfg: PipelineConfig, data: TrainDat
         # over a one-class batch learns little); the order and crops depend on (seed, epoch) only.
         for batch in iter_clips(paths, mode="train", batch_size=t.batch_size, crop=t.crop_size,
                                 jitter=t.scale_jitter, filesystem=store.fs, shuffle=True,
-                                shuffle_buffer=data.train_clips, seed=seed, epoch=epoch, normalize=False,
+                                shuffle_buffer=data.train_clips, seed=seed, epoch=epoch,
                                 drop_last=True):
             schedule.step(optimizer, 0, step, steps_per_epoch)
             out = train_step(net, optimizer, batch, fmt=FORMAT, grad_clip=t.grad_clip)
