@@ -6,6 +6,7 @@ logit; a checkpoint of a network this project does not build is refused with the
 from __future__ import annotations
 
 import functools
+import importlib
 import io
 import os
 import pickle
@@ -39,11 +40,20 @@ class Reference:
 
 
 @functools.cache
-def reference(preset: str) -> Reference:
+def reference(preset: str, lateral_norm: bool = True) -> Reference:
+    """lateral_norm=False: pytorchvideo's fusion built with norm=None, activation=None, the bare strided conv
+    (bias=False, then concatenated after the slow features) that mmaction2's lateral_norm=False computes."""
     (slow, fast), kernel, alpha = SETTINGS[preset]
+    fusion = {}
+    if not lateral_norm:
+        # The module pytorchvideo() imported (with its torchvision stand-in), taken from sys.modules.
+        builder = importlib.import_module(pytorchvideo().create_slowfast.__module__).FastToSlowFusionBuilder
+        fusion["fusion_builder"] = builder(slowfast_channel_reduction_ratio=8, conv_fusion_channel_ratio=2,
+                                           conv_kernel_size=(kernel, 1, 1), conv_stride=(alpha, 1, 1),
+                                           norm=None, activation=None, max_stage_idx=3).create_module
     model = pytorchvideo().create_slowfast(
         model_depth=50, slowfast_fusion_conv_kernel_size=(kernel, 1, 1), slowfast_fusion_conv_stride=(alpha, 1, 1),
-        head_pool_kernel_sizes=((slow, 2, 2), (fast, 2, 2)))
+        head_pool_kernel_sizes=((slow, 2, 2), (fast, 2, 2)), **fusion)
     randomize(model, (slow, fast), seed=kernel, size=SIZE)
     g = torch.Generator().manual_seed(alpha)
     clip = [torch.randn(1, 3, slow, SIZE, SIZE, generator=g), torch.randn(1, 3, fast, SIZE, SIZE, generator=g)]
@@ -211,14 +221,51 @@ def test_mmaction2_slow_only_loads_every_tensor():
     assert_same_state(model, source)
 
 
-def test_mmaction2_bare_laterals_are_refused_with_the_reason():
-    # mmaction2's default lateral_norm=False: the laterals are a conv alone, no BN and no ReLU.
-    state = {k: v for k, v in mmaction2_state(reference("slowfast_8x8_r50").state).items() if "_lateral.bn." not in k}
+def test_mmaction2_bare_laterals_give_the_reference_logits(tmp_path):
+    # mmaction2's default lateral_norm=False: each lateral is the strided conv alone, no BN and no ReLU.
+    ref = reference("slowfast_8x8_r50", lateral_norm=False)
+    state = mmaction2_state(ref.state)
+    assert "backbone.slow_path.layer3_lateral.conv.weight" in state
+    assert not [k for k in state if "_lateral.bn." in k]
+    path = tmp_path / "slowfast_r50_8xb8-8x8x1-256e_kinetics400-rgb.pth"
+    torch.save({"meta": {"epoch": 256}, "state_dict": state}, path)
+
+    model = build("slowfast_8x8_r50", lateral_norm=False)
+    tensors = sum(not k.endswith("num_batches_tracked") for k in state)
+    assert check_checkpoint(model.cfg, path).loaded == tensors
+    info = load_checkpoint(model, path)
+    assert (info.format, info.loaded) == ("mmaction2", tensors)
+    assert_same_logits(ref.logits, logits(model, ref.clip))
+    exported = export_state_dict(model, "mmaction2")
+    assert set(exported) == set(state)
+    assert all(torch.equal(exported[k], v) for k, v in state.items())
+
+
+def test_mmaction2_lateral_norm_mismatch_is_refused_naming_the_setting():
+    bare = mmaction2_state(reference("slowfast_8x8_r50", lateral_norm=False).state)
     with pytest.raises(CheckpointError) as err:
-        check_checkpoint(resolve("slowfast_8x8_r50"), {"state_dict": state})
+        check_checkpoint(resolve("slowfast_8x8_r50"), {"state_dict": bare})
     message = str(err.value)
-    assert "lateral connections are bare convolutions (mmaction2's default, lateral_norm=False" in message
+    assert "the checkpoint's network has lateral_norm=False where the model has lateral_norm=True" in message
+    assert "bare convolutions (mmaction2's default lateral_norm=False" in message
+    assert "set model.lateral_norm: false in the pipeline config" in message
+    assert "to load it: build the model with lateral_norm=False (preset slowfast_8x8_r50 with lateral_norm=False)" \
+        in message
     assert "missing from the checkpoint (16)" in message  # 4 laterals x 4 BN tensors (step counters optional)
+
+    # The other way round: BN laterals offered to a bare-lateral model are 16 (+4 step counters) extra keys.
+    normed = export_state_dict(build("slowfast_8x8_r50"), "mmaction2")
+    with pytest.raises(CheckpointError) as err:
+        check_checkpoint(resolve("slowfast_8x8_r50", lateral_norm=False), {"state_dict": normed})
+    message = str(err.value)
+    assert "set model.lateral_norm: true (the default)" in message
+    assert "unexpected in the checkpoint (16)" in message
+
+
+@pytest.mark.parametrize("fmt", ["pyslowfast", "caffe2"])
+def test_bare_laterals_are_not_exported_where_the_laterals_always_have_bn(fmt):
+    with pytest.raises(ValueError, match="bare convolutions \\(lateral_norm=False\\).*Export it as 'mmaction2'"):
+        export_state_dict(build("slowfast_tiny", lateral_norm=False), fmt)
 
 
 # --- unpickling runs nothing ---------------------------------------------------------------------

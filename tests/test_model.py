@@ -88,6 +88,21 @@ def test_lateral_channel_widths_follow_the_paper():
     assert tiny().lateral["stem"].conv.stride == (cfg.alpha, 1, 1)
 
 
+def test_bare_lateral_is_the_strided_conv_alone():
+    # mmaction2's lateral_norm=False: conv (no bias), no BN, no ReLU, so negative outputs survive.
+    net = tiny(lateral_norm=False).eval()
+    conv = net.lateral["res2"].conv
+    x = torch.randn(1, conv.in_channels, 8, 5, 5)
+    with torch.no_grad():
+        got = net.lateral["res2"](x)
+    expected = torch.nn.functional.conv3d(x, conv.weight, stride=conv.stride, padding=conv.padding)
+    assert conv.bias is None and (got < 0).any()
+    assert torch.equal(got, expected)
+    # Only the lateral BNs go: 2 parameters per lateral channel (2 * beta * C * (1, 4, 8, 16) = 16 ... 256).
+    bare = count_params(build("slowfast_8x8_r50", lateral_norm=False))
+    assert bare == REFERENCE_PARAMS["slowfast_8x8_r50"] - 2 * (16 + 64 + 128 + 256)
+
+
 def test_time_to_channel_packs_each_run_of_alpha_frames_into_channels():
     alpha, t = 4, 3
     fast = torch.arange(alpha * t, dtype=torch.float32).view(1, 1, alpha * t, 1, 1).repeat(1, 2, 1, 1, 1)
@@ -181,3 +196,5 @@ def test_invalid_configs_are_rejected_before_building():
         tiny(fusion_kernel=4)
     with pytest.raises(ValueError, match="lateral"):
         tiny(lateral="optical_flow")
+    with pytest.raises(ValueError, match="lateral_norm=False describes the time-strided conv lateral"):
+        tiny(lateral="time_to_channel", lateral_norm=False)

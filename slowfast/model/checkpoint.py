@@ -43,6 +43,16 @@ _SHAPELESS_FIELDS = ("T", "tau", "alpha", "lateral", "fusion", "fast_input")
 _WRAPPER_PREFIXES = ("module.", "model.", "_orig_mod.")
 # How many keys of each kind an error lists before it summarises the rest.
 _LIST_LIMIT = 20
+# Why a lateral_norm difference matters, by the checkpoint's value: the two laterals compute different
+# functions, and pipeline users set the field in their config's model: section.
+_LATERAL_NORM = {
+    False: "the checkpoint's lateral connections are bare convolutions (mmaction2's default lateral_norm=False: "
+           "no batch norm and no ReLU after the time-strided conv); set model.lateral_norm: false in the pipeline "
+           "config (SlowFastConfig(lateral_norm=False)) to build such laterals",
+    True: "the checkpoint's lateral connections are conv + batch norm + ReLU (the paper's, PySlowFast's, "
+          "pytorchvideo's, mmaction2's lateral_norm=True); set model.lateral_norm: true (the default) in the "
+          "pipeline config",
+}
 
 
 class CheckpointError(ValueError):
@@ -275,15 +285,17 @@ def _fields_from_shapes(shapes: dict[str, tuple], arch: str, depth: int, cfg: Sl
         lateral, side = shapes.get("lateral.stem.conv.weight"), into_slow[1] - slow[0]
         if lateral:
             fields.update(lateral="time_strided_conv", fusion_kernel=lateral[2],
-                          fusion="sum" if side == 0 else "concat")
+                          fusion="sum" if side == 0 else "concat",
+                          lateral_norm="lateral.stem.bn.weight" in shapes)
             if side and lateral[0] % fast[0] == 0:
                 fields["fusion_channel_ratio"] = lateral[0] // fast[0]
         elif side == 0:
-            fields.update(lateral="none", fusion="concat")
+            # The other laterals have no conv, so lateral_norm keeps its default: anything else is invalid.
+            fields.update(lateral="none", fusion="concat", lateral_norm=True)
         elif side == fast[0]:
-            fields.update(lateral="time_strided_sampling", fusion="concat")
+            fields.update(lateral="time_strided_sampling", fusion="concat", lateral_norm=True)
         elif side % fast[0] == 0:
-            fields.update(lateral="time_to_channel", fusion="concat", alpha=side // fast[0])
+            fields.update(lateral="time_to_channel", fusion="concat", alpha=side // fast[0], lateral_norm=True)
     if shapes.get("head.fc.weight"):
         fields["num_classes"] = shapes["head.fc.weight"][0]
     return fields
@@ -323,8 +335,9 @@ def _diagnose(state: dict, fmt: Format, cfg: SlowFastConfig, head: HeadPolicy) -
         arch = "slowfast" if two_pathway else ("fast" if any(k.startswith("fast.") for k in state) else "slow")
     else:
         arch = "slowfast" if two_pathway else ("fast" if cfg.arch == "fast" else "slow")
-    # Names depend on the structure only: every lateral conv named, whatever the model's own lateral.
-    naming = cfg.model_copy(update={"arch": arch, "depth": depth, "lateral": "time_strided_conv", "fusion": "concat"})
+    # Names depend on the structure only: every lateral conv and BN named, whatever the model's own lateral.
+    naming = cfg.model_copy(update={"arch": arch, "depth": depth, "lateral": "time_strided_conv", "fusion": "concat",
+                                    "lateral_norm": True})
     names = key_map(_skeleton(naming), fmt)
     shapes = {ours: tuple(state[theirs].shape) for ours, theirs in names.items() if _is_array(state.get(theirs))}
     fields = _fields_from_shapes(shapes, arch, depth, cfg)
@@ -347,6 +360,8 @@ def _diagnose(state: dict, fmt: Format, cfg: SlowFastConfig, head: HeadPolicy) -
             return []
         lines = ["  the checkpoint's network has " + ", ".join(f"{k}={v!r}" for k, v in changed.items()) +
                  " where the model has " + ", ".join(f"{k}={getattr(cfg, k)!r}" for k in changed)]
+        if "lateral_norm" in changed and fit.lateral == "time_strided_conv":
+            lines.append("  " + _LATERAL_NORM[fit.lateral_norm])
         fix = "build the model with " + ", ".join(f"{k}={v!r}" for k, v in changed.items())
         if set(changed) - {"num_classes"}:
             fix += f" ({_presets_like(fit, fields)})"
@@ -363,12 +378,6 @@ def _diagnose(state: dict, fmt: Format, cfg: SlowFastConfig, head: HeadPolicy) -
                         "every block of a stage the same temporal kernel (slow_temporal_kernels / "
                         "fast_temporal_kernels): no preset or config field fits it; the nearest is "
                         f"{_presets_like(fit, fields)}"]
-    if fmt is MMACTION2 and residual and all(k.startswith("lateral.") and ".bn." in k for k in residual):
-        return ["  the checkpoint's lateral connections are bare convolutions (mmaction2's default, "
-                "lateral_norm=False: no batch norm and no ReLU after the time-strided conv); this project's laterals "
-                "are conv + BN + ReLU as in PySlowFast and pytorchvideo, so these weights would compute another "
-                "function: no preset or config field fits it. mmaction2 checkpoints trained with lateral_norm=True "
-                "(e.g. slowfast_r50_8xb8-8x8x1-steplr-256e_kinetics400-rgb) load"]
     if not changed:
         return []  # the model's own architecture, with tensors missing or extra: the listings say which
     shown = [f"{k} {tuple(state[fit_names[k]].shape) if _is_array(state.get(fit_names[k])) else 'absent'} "
@@ -561,8 +570,8 @@ def export_state_dict(model: nn.Module, format: str) -> dict:
     """The model's state dict under another format's key names and value layout (the reverse of the import).
 
     "pytorchvideo" loads into pytorchvideo's create_slowfast / create_resnet model of the same shape,
-    "pyslowfast" into PySlowFast's SlowFast / ResNet, "mmaction2" into its Recognizer3D (lateral_norm=True
-    for SlowFast), "caffe2" gives PySlowFast's Caffe2 blobs (numpy arrays).
+    "pyslowfast" into PySlowFast's SlowFast / ResNet, "mmaction2" into its Recognizer3D (a SlowFast
+    backbone with lateral_norm as the model's), "caffe2" gives PySlowFast's Caffe2 blobs (numpy arrays).
     """
     if format not in BY_NAME or format == FORMAT:
         raise ValueError(f"unknown format {format!r}; export formats: {', '.join(f for f in FORMATS if f != FORMAT)}")

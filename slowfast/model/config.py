@@ -43,6 +43,9 @@ class SlowFastConfig(BaseModel):
     fusion: Fusion = Field("concat", description="how lateral features join the slow pathway")
     fusion_kernel: int = Field(7, ge=1, description="temporal kernel of the time-strided conv lateral")
     fusion_channel_ratio: int = Field(2, ge=1, description="time-strided conv outputs ratio * beta * C channels")
+    lateral_norm: bool = Field(
+        True, description="time-strided conv lateral only: batch norm and ReLU after the conv (the paper, PySlowFast, "
+                          "pytorchvideo); false = the bare conv of mmaction2's lateral_norm=False checkpoints")
     fast_input: FastInput = Field("rgb", description="fast pathway input: rgb, grayscale or time_difference")
     slow_temporal_kernels: tuple[int, int, int, int, int] = Field(
         (1, 1, 1, 3, 3), description="temporal kernel of the stem and of conv_a in res2..res5, slow pathway")
@@ -73,6 +76,9 @@ class SlowFastConfig(BaseModel):
         if self.arch != "slow" and abs(fast - round(fast)) > 1e-6:
             raise ValueError(
                 f"width * beta must be a whole number of fast channels, got {self.width} * {self.beta:g} = {fast:g}")
+        if not self.lateral_norm and self.lateral != "time_strided_conv":
+            raise ValueError(f"lateral_norm=False describes the time-strided conv lateral; lateral='{self.lateral}' "
+                             "has no conv to leave bare. Drop lateral_norm or use lateral='time_strided_conv'")
         if self.arch == "slowfast" and self.fusion == "sum" and self.lateral == "none":
             raise ValueError("fusion='sum' needs a lateral connection; lateral='none' only makes sense with concat")
         if self.arch == "slowfast" and self.fusion == "sum" and self.lateral != "time_strided_conv":

@@ -50,10 +50,12 @@ def layers(model: SlowFast) -> Iterator[Layer]:
                     for kind in ("conv", "bn"):
                         yield Layer(f"{name}.{stage}.{j}.{part}.{kind}", kind, "block", s, p, j, part)
     for s, stage in enumerate(STAGE_NAMES):
-        # Only the time-strided conv lateral has weights; the other two are reshapes.
+        # Only the time-strided conv lateral has weights; the other two are reshapes. Its BN is
+        # absent (an Identity) in a lateral_norm=False network.
         if stage in model.lateral and list(model.lateral[stage].parameters()):
             last = len(model.fast.stage(stage)) - 1 if s else 0
-            for kind in ("conv", "bn"):
+            norm = isinstance(model.lateral[stage].bn, nn.BatchNorm3d)
+            for kind in ("conv", "bn") if norm else ("conv",):
                 yield Layer(f"lateral.{stage}.{kind}", kind, "lateral", s, block=last)
     yield Layer("head.fc", "fc", "head")
 
@@ -196,6 +198,9 @@ class Format:
     aliases: tuple[tuple[str, str], ...] = ()  # (regex, replacement): older names of the same tensors
     to_ours: Callable | None = None  # (our key, value, model shape, cfg) -> value as our model reads it
     from_ours: Callable | None = None  # (our key, tensor, cfg) -> value as the format stores it
+    # Whether the implementation builds a lateral without BN and ReLU (lateral_norm=False): PySlowFast's
+    # FuseFastToSlow always has both, so such weights would load there into another function.
+    bare_laterals: bool = True
 
 
 FORMAT = "slowfast-pipeline"
@@ -220,14 +225,14 @@ PYSLOWFAST = Format(
     detect=lambda keys: any(re.match(r"^s[1-5](_fuse)?\.", k) for k in keys),
     two_pathway=lambda keys: any(".pathway1_" in k for k in keys),
     # An early stem_helper.py named the stems s<p>_stem instead of pathway<p>_stem.
-    aliases=((r"^s1\.s(\d)_stem\.", r"s1.pathway\1_stem."),),
+    aliases=((r"^s1\.s(\d)_stem\.", r"s1.pathway\1_stem."),), bare_laterals=False,
 )
 CAFFE2 = Format(
     "caffe2", "PySlowFast Caffe2 .pkl (its Kinetics/c2 model zoo, CHECKPOINT_TYPE: caffe2)", "res2_0_branch2a_w",
     _caffe2_key, re.compile(r"^(?P<p>t_)?res(?P<s>\d)_(?P<b>\d+)_branch"), 2, {None: 0, "t_": 1},
     detect=lambda keys: any(k in ("conv1_w", "pred_w") or re.match(r"^(t_)?res\d_\d+_branch", k) for k in keys),
     two_pathway=lambda keys: any(k.startswith("t_") for k in keys),
-    to_ours=_caffe2_to_ours, from_ours=_caffe2_from_ours,
+    to_ours=_caffe2_to_ours, from_ours=_caffe2_from_ours, bare_laterals=False,
 )
 MMACTION2 = Format(
     "mmaction2", "mmaction2 .pth (Recognizer3D: ResNet3dSlowFast or ResNet3dSlowOnly backbone)",
@@ -271,6 +276,11 @@ def stage_blocks(keys, fmt: Format) -> dict[int, tuple[int, ...]]:
 
 def export(model: nn.Module, fmt: Format) -> dict:
     """`model`'s state dict (a SlowFast, unwrapped) under the format's names and value layout."""
+    cfg = model.cfg
+    if not fmt.bare_laterals and cfg.arch == "slowfast" and cfg.lateral == "time_strided_conv" and not cfg.lateral_norm:
+        raise ValueError(f"{fmt.title} cannot hold this model: its laterals are bare convolutions "
+                         "(lateral_norm=False) and that implementation always follows them with batch norm and ReLU. "
+                         "Export it as 'mmaction2' (lateral_norm=False), 'pytorchvideo' or this project's own format")
     mapping = key_map(model, fmt)
     return {mapping[key]: (fmt.from_ours(key, value, model.cfg) if fmt.from_ours else value)
             for key, value in model.state_dict().items() if key in mapping}

@@ -14,15 +14,15 @@ from .config import STAGE_NAMES, STAGE_OUT_MULT, SlowFastConfig
 
 
 class ConvBN(nn.Module):
-    """3D convolution, batch norm, and optionally ReLU."""
+    """3D convolution, batch norm, and optionally ReLU; norm=False leaves the convolution bare (no BN, no ReLU)."""
 
-    def __init__(self, dim_in, dim_out, kernel, stride=1, relu=True):
+    def __init__(self, dim_in, dim_out, kernel, stride=1, relu=True, norm=True):
         super().__init__()
         kernel = (kernel,) * 3 if isinstance(kernel, int) else kernel
         stride = (stride,) * 3 if isinstance(stride, int) else stride
         self.conv = nn.Conv3d(dim_in, dim_out, kernel, stride, padding=[k // 2 for k in kernel], bias=False)
-        self.bn = nn.BatchNorm3d(dim_out)
-        self.relu = nn.ReLU(inplace=True) if relu else nn.Identity()
+        self.bn = nn.BatchNorm3d(dim_out) if norm else nn.Identity()
+        self.relu = nn.ReLU(inplace=True) if relu and norm else nn.Identity()
 
     def forward(self, x):
         return self.relu(self.bn(self.conv(x)))
@@ -105,9 +105,10 @@ class TimeStridedSampling(nn.Module):
         return x[:, :, ::self.alpha]
 
 
-def time_strided_conv(dim_in, dim_out, kernel, alpha) -> ConvBN:
-    """kernel x 1 x 1 convolution with temporal stride alpha (the paper's best lateral)."""
-    return ConvBN(dim_in, dim_out, (kernel, 1, 1), (alpha, 1, 1))
+def time_strided_conv(dim_in, dim_out, kernel, alpha, norm=True) -> ConvBN:
+    """kernel x 1 x 1 convolution with temporal stride alpha (the paper's best lateral), then BN and ReLU;
+    norm=False is mmaction2's lateral_norm=False: the convolution alone, no bias."""
+    return ConvBN(dim_in, dim_out, (kernel, 1, 1), (alpha, 1, 1), norm=norm)
 
 
 class FastInput(nn.Module):
@@ -166,7 +167,8 @@ class SlowFast(nn.Module):
             return TimeToChannel(cfg.alpha)
         if cfg.lateral == "time_strided_sampling":
             return TimeStridedSampling(cfg.alpha)
-        return time_strided_conv(cfg.fast_width * mult, cfg.lateral_channels(mult), cfg.fusion_kernel, cfg.alpha)
+        return time_strided_conv(cfg.fast_width * mult, cfg.lateral_channels(mult), cfg.fusion_kernel, cfg.alpha,
+                                 norm=cfg.lateral_norm)
 
     def _init_weights(self):
         for m in self.modules():
