@@ -4,11 +4,8 @@ live in the bucket, and a model URI that names nothing registered fails with a c
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import sys
-import time
-import urllib.request
 from pathlib import Path
 
 import boto3
@@ -17,7 +14,7 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
-from conftest import REPO, free_port, pipeline_config
+from conftest import REPO, free_port, pipeline_config, stop_server, wait_until_up
 from pipelines.checkpoints import CHECKPOINT_FILE, ModelNotFound, load_model
 from pipelines.evaluate import evaluate
 from pipelines.registry import CHALLENGER, CHAMPION, promote, register
@@ -52,33 +49,9 @@ def mlflow_server(s3_endpoint, tmp_path_factory):
              "--artifacts-destination", f"s3://{BUCKET}/mlflow"],
             cwd=tmp, env=env, stdout=out, stderr=subprocess.STDOUT,
             start_new_session=True)  # its own process group: the uvicorn child stops with it
-    deadline = time.time() + 120
-    while True:
-        try:
-            with urllib.request.urlopen(f"{url}/health", timeout=2) as response:
-                if response.status == 200:
-                    break
-        except OSError:
-            pass
-        if proc.poll() is not None or time.time() > deadline:
-            _stop(proc)
-            pytest.fail(f"mlflow server did not answer {url}/health:\n{log.read_text()[-3000:]}")
-        time.sleep(0.5)
+    wait_until_up(proc, f"{url}/health", log, 120)
     yield {"url": url, "s3": s3_endpoint, "cwd": tmp}
-    _stop(proc)
-
-
-def _stop(proc: subprocess.Popen) -> None:
-    for sig, wait_s in ((signal.SIGTERM, 30), (signal.SIGKILL, 10)):
-        try:
-            os.killpg(proc.pid, sig)
-        except ProcessLookupError:
-            return
-        try:
-            proc.wait(timeout=wait_s)
-            return
-        except subprocess.TimeoutExpired:
-            continue
+    stop_server(proc)
 
 
 def bucket_keys(s3_endpoint: str) -> list[str]:

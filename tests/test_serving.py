@@ -7,10 +7,8 @@ from __future__ import annotations
 import base64
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -20,7 +18,7 @@ import numpy as np
 import pytest
 from mlflow.exceptions import MlflowException
 
-from conftest import free_port, pipeline_config
+from conftest import free_port, pipeline_config, stop_server, wait_until_up
 from pipelines import tracking
 from slowfast.model import SlowFast
 from slowfast.serving import ClipSpec
@@ -57,33 +55,9 @@ def server(registered):
              "--env-manager", "local", "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
             cwd=registered["tmp"], env=env, stdout=out, stderr=subprocess.STDOUT,
             start_new_session=True)  # its own process group: the uvicorn worker stops with it
-    deadline = time.time() + 180
-    while True:
-        try:
-            with urllib.request.urlopen(f"{url}/ping", timeout=2) as response:
-                if response.status == 200:
-                    break
-        except OSError:
-            pass
-        if proc.poll() is not None or time.time() > deadline:
-            _stop(proc)
-            pytest.fail(f"mlflow models serve did not answer {url}/ping:\n{log.read_text()[-3000:]}")
-        time.sleep(0.5)
+    wait_until_up(proc, f"{url}/ping", log, 180)
     yield url
-    _stop(proc)
-
-
-def _stop(proc: subprocess.Popen) -> None:
-    for sig, wait_s in ((signal.SIGTERM, 30), (signal.SIGKILL, 10)):
-        try:
-            os.killpg(proc.pid, sig)
-        except ProcessLookupError:
-            return
-        try:
-            proc.wait(timeout=wait_s)
-            return
-        except subprocess.TimeoutExpired:
-            continue
+    stop_server(proc)
 
 
 def invoke(url: str, body: dict) -> tuple[int, str]:
