@@ -61,7 +61,8 @@ from pipelines.data import storage_of  # noqa: E402
 from pipelines.storage import is_s3  # noqa: E402
 from pipelines import tracking  # noqa: E402
 from pipelines.train import TrainData, prepare_data  # noqa: E402
-from slowfast.model import SlowFast, SlowFastConfig, count_params  # noqa: E402
+from pipelines.train_loop import fine_tuning  # noqa: E402
+from slowfast.model import SlowFast, SlowFastConfig, count_params, save_checkpoint  # noqa: E402
 from slowfast.model.flops import gflops  # noqa: E402
 from slowfast.shards.reader import iter_clips  # noqa: E402
 from slowfast.train import (LRSchedule, build_optimizer, memory_format, scaled_lr, topk_correct,  # noqa: E402
@@ -116,19 +117,28 @@ def score_val(net: SlowFast, batches: list[dict], num_classes: int, mixed_precis
 
 
 def train_variant(model_cfg: SlowFastConfig, cfg: PipelineConfig, data: TrainData, seed: int, steps: int,
-                  warmup: float, val: list[dict], eval_every: int = 0) -> dict:
+                  warmup: float, val: list[dict], eval_every: int = 0, init_state: dict | None = None,
+                  save_to: Path | None = None) -> dict:
     """Train one network for `steps` steps from seed `seed`, then evaluate it; returns the figures.
     With `eval_every`, the val top-1 is also measured every that many steps ("curve"); evaluating
-    draws no random numbers and leaves batch norm's statistics alone, so the result is the same."""
+    draws no random numbers and leaves batch norm's statistics alone, so the result is the same.
+    Fine-tuning (benchmarks/bench_finetune.py): `init_state` replaces the seeded initial weights, and
+    cfg.train's recipe (freeze_up_to, freeze_bn, head_lr_mult) applies as in the pipeline's train loop;
+    `save_to`: the trained network is saved there (save_checkpoint, with the class names)."""
     t, store = cfg.train, storage_of(cfg)
     started, cpu_started = time.perf_counter(), time.process_time()
     torch.manual_seed(seed)  # initial weights and dropout
-    net = SlowFast(model_cfg).to(memory_format=FORMAT)
+    net = SlowFast(model_cfg)
+    if init_state is not None:  # loaded after the seeded build, so dropout draws the same numbers either way
+        net.load_state_dict(init_state)
+        fine_tuning(net, cfg)
+    net = net.to(memory_format=FORMAT)
     lr = scaled_lr(t.base_lr, t.batch_size)
     steps_per_epoch = data.train_clips // t.batch_size
     total_epochs = steps / steps_per_epoch
     schedule = LRSchedule(base_lr=lr, warmup_epochs=warmup * total_epochs, total_epochs=total_epochs)
-    optimizer = build_optimizer(net, lr=lr, momentum=t.momentum, weight_decay=t.weight_decay, nesterov=t.nesterov)
+    optimizer = build_optimizer(net, lr=lr, momentum=t.momentum, weight_decay=t.weight_decay, nesterov=t.nesterov,
+                                head_lr_mult=t.head_lr_mult if init_state is not None else 1.0)
     paths = [(store.path(p), s) for p, s in data.train_shards]
     losses, curve, correct, seen, step, epoch = [], [], 0, 0, 0, 0
     net.train()
@@ -152,6 +162,8 @@ def train_variant(model_cfg: SlowFastConfig, cfg: PipelineConfig, data: TrainDat
                 break
         epoch += 1
     train_s = time.perf_counter() - started
+    if save_to is not None:
+        save_checkpoint(net, save_to, class_names=data.classes)
     res = score_val(net, val, model_cfg.num_classes, cfg.train.mixed_precision)
     tail = losses[-max(1, steps // 10):]
     return {**res, "train_loss": sum(tail) / len(tail), "train_top1": correct / max(seen, 1), "epochs": epoch,

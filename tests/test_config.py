@@ -10,6 +10,7 @@ from pipelines.config import ConfigError, PipelineConfig, load_config
 from slowfast.model import PRESETS, SlowFastConfig
 
 DEMO = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
+FINETUNE = DEMO.parent / "finetune.yaml"
 
 
 def write(tmp_path: Path, data: dict, name: str = "pipe.yaml") -> Path:
@@ -54,6 +55,26 @@ def test_demo_config_loads_with_the_values_the_demo_needs():
     # The preset, with the Fast pathway fed frame differences (the paper's Time-diff. input).
     assert net == PRESETS["slowfast_tiny"].model_copy(update={"fast_input": "time_difference"})
     assert cfg.model.overrides() == {"fast_input": "time_difference"}
+
+
+def test_finetune_config_fits_the_pyslowfast_kinetics_checkpoint_it_names():
+    from pipelines.train import check_config
+    from slowfast.model import build, check_checkpoint, export_state_dict
+
+    cfg = load_config(FINETUNE)
+    check_config(cfg)
+    assert (cfg.data.format, cfg.data.annotations) == ("folder", {})
+    assert cfg.model.preset == "slowfast_8x8_r50" and cfg.model.overrides() == {}
+    assert cfg.train.init_from.endswith("SLOWFAST_8x8_R50.pkl")  # PySlowFast's model-zoo file name
+    assert (cfg.train.freeze_up_to, cfg.train.freeze_bn, cfg.train.head_lr_mult) == ("none", False, 5.0)
+    assert cfg.train.warmup_epochs < cfg.train.epochs < 196  # a fine-tune, not the paper's schedule from scratch
+    assert cfg.evaluate.temporal_views <= cfg.preprocess.eval_views
+    # The model-zoo file is a Caffe2 pickle of Kinetics-400 weights: its blobs fit the config's model at another
+    # class count, the head re-initialised.
+    blobs = export_state_dict(build("slowfast_8x8_r50", num_classes=400), "caffe2")
+    report = check_checkpoint(cfg.model.to_slowfast_config(num_classes=5), {"blobs": blobs}, head="auto",
+                              class_names=[f"class {i}" for i in range(5)])
+    assert report.format == "caffe2" and report.reinitialised == ("head.fc.weight", "head.fc.bias")
 
 
 def test_unknown_top_level_key_is_named_with_the_allowed_keys(tmp_path):
