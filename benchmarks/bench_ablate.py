@@ -150,7 +150,8 @@ def train_variant(model_cfg: SlowFastConfig, cfg: PipelineConfig, data: TrainDat
                                 shuffle_buffer=data.train_clips, seed=seed, epoch=epoch,
                                 drop_last=True):
             schedule.step(optimizer, 0, step, steps_per_epoch)
-            out = train_step(net, optimizer, batch, fmt=FORMAT, grad_clip=t.grad_clip)
+            out = train_step(net, optimizer, batch, fmt=FORMAT, mixed_precision=t.mixed_precision,
+                             grad_clip=t.grad_clip)
             losses.append(out.loss.item())
             if step >= steps - max(1, steps // 10):  # train accuracy over the last tenth of the budget
                 correct += topk_correct(out.logits.detach(), batch["label"], (1,))[1]
