@@ -231,7 +231,7 @@ def initial_weights(cfg: PipelineConfig, data: TrainData, store: Storage, log=pr
         report = load_checkpoint(net, source, head="auto", class_names=data.classes,
                                  checkpoint_classes=checkpoint_classes)
     except CheckpointError as exc:
-        raise TrainError(f"train.init_from {init}: does not fit model: (preset {cfg.model.preset}): {exc}") from None
+        raise TrainError(f"train.init_from {init}: does not fit the model (preset {cfg.model.preset}): {exc}") from None
     log(f"train: starting from {init}: {report.summary()}")
     tags = {"init_from": init, "init_format": report.format, "init_tensors": str(report.loaded),
             "init_reinitialised": ", ".join(report.reinitialised) or "none",

@@ -55,6 +55,20 @@ def wait_until_up(proc: subprocess.Popen, url: str, log: Path, timeout_s: float)
         time.sleep(0.5)
 
 
+def load_benchmark(name: str, monkeypatch=None):
+    """benchmarks/bench_<name>.py, loaded by path as `python -m pipelines bench <name>` loads it. With
+    `monkeypatch`, registered under its module name for the test (spawned workers find its functions by it)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", REPO / "benchmarks" / f"bench_{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    if monkeypatch is not None:
+        monkeypatch.setitem(sys.modules, spec.name, module)
+        monkeypatch.syspath_prepend(str(REPO / "benchmarks"))
+    spec.loader.exec_module(module)
+    return module
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

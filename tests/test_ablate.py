@@ -3,15 +3,13 @@ two spawned workers, a real MLflow (sqlite); a re-run trains nothing, a new seed
 And the findings' arithmetic on made-up figures."""
 from __future__ import annotations
 
-import importlib.util
 import json
 import statistics
-import sys
 
 import pytest
 from mlflow.tracking import MlflowClient
 
-from conftest import REPO, pipeline_config
+from conftest import load_benchmark, pipeline_config
 from slowfast.model import SlowFast, count_params, resolve
 
 
@@ -19,12 +17,7 @@ from slowfast.model import SlowFast, count_params, resolve
 def bench(monkeypatch):
     """benchmarks/bench_ablate.py, loaded by path and registered as `python -m pipelines bench ablate` loads it
     (the spawned training workers find its functions by module name)."""
-    spec = importlib.util.spec_from_file_location("bench_ablate", REPO / "benchmarks" / "bench_ablate.py")
-    module = importlib.util.module_from_spec(spec)
-    monkeypatch.setitem(sys.modules, spec.name, module)
-    monkeypatch.syspath_prepend(str(REPO / "benchmarks"))
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("ablate", monkeypatch)
 
 
 def test_study_writes_results_table_plot_and_mlflow_runs_then_resumes(bench, synth_set, tmp_path, capsys):

@@ -3,14 +3,12 @@ pre-training, real exports in the four foreign formats, real fine-tunes and scra
 every format's fine-tune starts from the same weights, and a re-run trains nothing."""
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 
 import pytest
 import torch
 
-from conftest import REPO
+from conftest import load_benchmark
 from slowfast.model import SlowFast, SlowFastConfig, load_checkpoint
 
 FORMATS = ["caffe2", "pyslowfast", "pytorchvideo", "mmaction2"]
@@ -20,12 +18,7 @@ FORMATS = ["caffe2", "pyslowfast", "pytorchvideo", "mmaction2"]
 def bench(monkeypatch):
     """benchmarks/bench_finetune.py, loaded by path and registered as `python -m pipelines bench finetune` loads
     it (the spawned training workers find its functions by module name)."""
-    spec = importlib.util.spec_from_file_location("bench_finetune", REPO / "benchmarks" / "bench_finetune.py")
-    module = importlib.util.module_from_spec(spec)
-    monkeypatch.setitem(sys.modules, spec.name, module)
-    monkeypatch.syspath_prepend(str(REPO / "benchmarks"))
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("finetune", monkeypatch)
 
 
 def test_quick_study_fine_tunes_every_format_from_the_same_weights(bench, ray_local, tmp_path, capsys):

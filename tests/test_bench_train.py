@@ -2,20 +2,16 @@
 through a real local Ray and MLflow (sqlite), and the in-memory baseline; figures come back in its JSON."""
 from __future__ import annotations
 
-import importlib.util
 import json
 
 import pytest
 
-from conftest import REPO
+from conftest import load_benchmark
 
 
 def load_bench():
     """benchmarks/bench_train.py, loaded by path as `python -m pipelines bench train` loads it."""
-    spec = importlib.util.spec_from_file_location("bench_train", REPO / "benchmarks" / "bench_train.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("train")
 
 
 def test_bench_train_reports_both_cases_in_both_precisions_the_ratios_and_the_data_wait(ray_local, tmp_path, capsys):

@@ -3,13 +3,10 @@ same checkpoint on the same views into the same video-level figures, and all pic
 with the one uniform rule. Real shards from real videos (local Ray preprocess)."""
 from __future__ import annotations
 
-import importlib.util
-import sys
-
 import pytest
 import torch
 
-from conftest import REPO, pipeline_config
+from conftest import load_benchmark, pipeline_config
 from pipelines.data import storage_of
 from pipelines.evaluate import eval_set, score
 from pipelines.train import prepare_data
@@ -41,11 +38,7 @@ def prepared(ray_local, synth_set, tmp_path_factory):
 
 @pytest.fixture
 def ablation(monkeypatch):
-    spec = importlib.util.spec_from_file_location("bench_ablate", REPO / "benchmarks" / "bench_ablate.py")
-    module = importlib.util.module_from_spec(spec)
-    monkeypatch.setitem(sys.modules, spec.name, module)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("ablate", monkeypatch)
 
 
 def test_choose_views_is_uniform_over_the_stored_views():
