@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import shlex
 import sys
 from pathlib import Path
 
@@ -194,11 +195,11 @@ def cmd_run(args: argparse.Namespace, config: PipelineConfig) -> int:
           f"{cfg.slow_frames} slow + {cfg.fast_frames} fast frames", flush=True)
     del model
     s = run(config, from_step=args.from_step, only=args.only, force=args.force)
-    print_summary(s, config, args.config)
+    print_summary(s, config, args.config, args.set)
     return EXIT_OK
 
 
-def print_summary(s: dict, config: PipelineConfig, config_path: str) -> None:
+def print_summary(s: dict, config: PipelineConfig, config_path: str, overrides: list[str] = ()) -> None:
     m = s["metrics"]
     steps = ", ".join(f"{k} {v['status']} ({v['wall_s']:.0f}s)" for k, v in s["steps"].items())
     print(f"summary: run {s['run_id']}: {steps}")
@@ -211,7 +212,9 @@ def print_summary(s: dict, config: PipelineConfig, config_path: str) -> None:
         tracking = s.get("tracking_uri") or config.mlflow.tracking_uri
         ui = f"mlflow ui --backend-store-uri {tracking}" if tracking.startswith("sqlite") else tracking
         print(f"  MLflow UI      {ui}  (then http://127.0.0.1:5000)")
-        print(f"  predict        python -m pipelines predict VIDEO.mp4 --config {config_path}")
+        # The --set overrides that say where the registry is travel with the hint.
+        where = "".join(f" --set {shlex.quote(o)}" for o in overrides if o.startswith(("mlflow.", "s3.", "storage_root")))
+        print(f"  predict        python -m pipelines predict VIDEO.mp4 --config {shlex.quote(config_path)}{where}")
     print(f"  records        {s['records']}/summary.json")
 
 

@@ -182,6 +182,11 @@ class TrainSection(Section):
                                "fine-tune: a path, s3://..., models:/NAME/N, models:/NAME@ALIAS or runs:/ID/model, "
                                "in this project's, PySlowFast's (.pyth, Caffe2 .pkl), pytorchvideo's or "
                                "mmaction2's format (the head is re-initialised when the classes differ)")
+    init_head: Literal["auto", "reinit"] = Field(
+        "auto", description="fine-tuning from a checkpoint: auto = keep its classifier when it has as many classes "
+                            "and the names (where the checkpoint has them) match, else a new head keeping the rows "
+                            "of shared class names; reinit = always a new head (e.g. a foreign checkpoint, which "
+                            "names no classes, with exactly as many classes as your data)")
     freeze_up_to: Literal["none", "stem", "res2", "res3", "res4", "res5"] = Field(
         "none", description="fine-tuning: freeze the stem and every stage up to this one (both pathways and their "
                             "lateral connections): no gradient, no weight decay, batch norm statistics fixed")

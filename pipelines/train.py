@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-from slowfast.model import CheckpointError, SlowFast, load_checkpoint
+from slowfast.model import CheckpointError, SlowFast, check_checkpoint, load_checkpoint
 from slowfast.shards import manifest
 from slowfast.shards.schema import ShardMeta, read_meta
 from slowfast.video.sampling import choose_views
@@ -55,13 +55,15 @@ class TrainData:
 # --- the driver ---------------------------------------------------------------------------------------
 
 
-def train(cfg: PipelineConfig, *, run_name: str | None = None, log=print, preprocessed: dict | None = None) -> dict:
+def train(cfg: PipelineConfig, *, run_name: str | None = None, log=print, preprocessed: dict | None = None,
+          init_weights: tuple[dict, list[str] | None] | None = None) -> dict:
     """Preprocess if needed, then train with Ray Train; returns a summary of the run.
 
     run_name: None = `<name>-<digest of model, train, the shard listing and the initial weights>`, so
     that re-running the same command (after the driver died, say) resumes the same run instead of
     starting over. preprocessed: run_preprocess's result when the caller has just run it.
-    train.init_from "champion" starts a new run from the registered champion's weights.
+    train.init_from "champion" starts a new run from the registered champion's weights; init_weights:
+    check_init_from's result when the caller has already read train.init_from's checkpoint.
     """
     import ray.train
     from ray.train.torch import TorchTrainer
@@ -90,7 +92,7 @@ def train(cfg: PipelineConfig, *, run_name: str | None = None, log=print, prepro
                         started, log)
     init_ray(cfg)
     check_resources(cfg)
-    init = initial_weights(cfg, data, store, log)  # used only if the run has no checkpoint yet
+    init = initial_weights(cfg, data, store, log, init_weights)  # used only if the run has no checkpoint yet
     mlflow_run_id = tracking.open_run(cfg, run_name, log=log, tags={
         "slowfast.manifest_hash": data.identity(), "slowfast.git_commit": tracking.git_commit(),
         "slowfast.preset": cfg.model.preset, "slowfast.config_hash": cfg.config_hash(), **(init or {}).get("tags", {})})
@@ -202,37 +204,64 @@ def default_run_name(cfg: PipelineConfig, data: TrainData) -> str:
     return f"{cfg.name}-{digest[:10]}"
 
 
-def initial_weights(cfg: PipelineConfig, data: TrainData, store: Storage, log=print) -> dict | None:
+def read_init_weights(cfg: PipelineConfig, store: Storage) -> tuple[dict, list[str] | None]:
+    """The weights train.init_from names when it is a checkpoint location (not scratch or champion), and
+    the class names they carry when known (a registered model of this project)."""
+    init = cfg.train.init_from
+    try:
+        if init.startswith(("models:/", "runs:/")):
+            registered = tracking.load_registered(cfg, init)
+            return registered.model.state_dict(), registered.class_names
+        return read_checkpoint(store, init, key="train.init_from")[0], None
+    except (tracking.TrackingError, ModelNotFound) as exc:
+        raise TrainError(f"train.init_from: {exc}") from None
+
+
+def check_init_from(cfg: PipelineConfig, store: Storage, log=print) -> tuple[dict, list[str] | None] | None:
+    """Before any work: the checkpoint train.init_from names exists and its backbone fits model: (the head
+    is decided once the classes are known). Returns what read_init_weights read, for initial_weights."""
+    if cfg.train.init_from in ("scratch", "champion"):
+        return None
+    source = read_init_weights(cfg, store)
+    try:
+        report = check_checkpoint(cfg.model.to_slowfast_config(), source[0], head="reinit")
+    except CheckpointError as exc:
+        raise TrainError(f"train.init_from {cfg.train.init_from}: does not fit the model "
+                         f"(preset {cfg.model.preset}): {exc}") from None
+    log(f"train.init_from {cfg.train.init_from}: a {report.format} checkpoint whose backbone fits "
+        f"{cfg.model.preset}")
+    return source
+
+
+def initial_weights(cfg: PipelineConfig, data: TrainData, store: Storage, log=print,
+                    weights: tuple[dict, list[str] | None] | None = None) -> dict | None:
     """The weights a new run starts from (train.init_from), checked and loaded here in the driver, so that a
     checkpoint that does not fit stops the run before any worker starts. None: from scratch.
 
     champion: the registered champion, when it was trained on the same classes and architecture (else
     from scratch, and the log says why). A checkpoint location: its backbone must fit exactly; the head is
     re-initialised when the classes differ, keeping the rows of the class names both share. Returns
-    {"state": the state dict, "tags": what was loaded from where, for the MLflow run}.
+    {"state": the state dict, "tags": what was loaded from where, for the MLflow run}. weights: what
+    check_init_from already read, else read here.
     """
     init = cfg.train.init_from
     if init == "scratch":
         return None
     if init == "champion":
         return _champion_weights(cfg, data, log)
-    checkpoint_classes = None
-    try:
-        if init.startswith(("models:/", "runs:/")):
-            registered = tracking.load_registered(cfg, init)
-            source, checkpoint_classes = registered.model.state_dict(), registered.class_names
-        else:
-            source = read_checkpoint(store, init, key="train.init_from")[0]
-    except (tracking.TrackingError, ModelNotFound) as exc:
-        raise TrainError(f"train.init_from: {exc}") from None
+    source, checkpoint_classes = weights if weights is not None else read_init_weights(cfg, store)
+    if hasattr(source, "seek"):
+        source.seek(0)  # check_init_from has read the file once already
     torch.manual_seed(cfg.train.seed)  # a re-initialised head starts the same on every attempt
     net = SlowFast(cfg.model.to_slowfast_config(num_classes=len(data.classes)))
     try:
-        report = load_checkpoint(net, source, head="auto", class_names=data.classes,
+        report = load_checkpoint(net, source, head=cfg.train.init_head, class_names=data.classes,
                                  checkpoint_classes=checkpoint_classes)
     except CheckpointError as exc:
         raise TrainError(f"train.init_from {init}: does not fit the model (preset {cfg.model.preset}): {exc}") from None
     log(f"train: starting from {init}: {report.summary()}")
+    if report.unnamed_head:
+        log("train: if the checkpoint's classes are not yours in that order, set train.init_head=reinit")
     tags = {"init_from": init, "init_format": report.format, "init_tensors": str(report.loaded),
             "init_reinitialised": ", ".join(report.reinitialised) or "none",
             "init_kept_classes": ", ".join(report.kept_classes) or "none"}

@@ -57,6 +57,7 @@ class Context:
     model: object = None  # checkpoints.LoadedModel: the network evaluate scored, registered as it is
     evaluation: dict | None = None
     registered: dict | None = None
+    init_weights: tuple | None = None  # train.init_from's checkpoint, read and checked before any step
 
 
 def new_run_id() -> str:
@@ -119,6 +120,14 @@ def run(cfg: PipelineConfig, *, from_step: str | None = None, only: str | None =
     rec = Recorder(store, cfg, ctx.run_id, steps)
     rec.start()
     log(f"run {ctx.run_id}: {' -> '.join(steps)} (records: {store.uri('runs', ctx.run_id)})")
+    if "train" in steps:
+        from .train import check_init_from
+
+        try:  # a checkpoint that does not fit stops the run before ingest decodes anything
+            ctx.init_weights = check_init_from(cfg, store, log)
+        except BaseException:
+            rec.finish("failed")
+            raise
     statuses: dict[str, dict] = {}
     try:
         for name in STEPS:
@@ -214,7 +223,8 @@ def step_train(ctx: Context):
     from .train import train
 
     run_name = f"{ctx.cfg.name}-{ctx.run_id}" if "train" in ctx.force else None
-    ctx.trained = train(ctx.cfg, run_name=run_name, log=ctx.log, preprocessed=_preprocessed(ctx))
+    ctx.trained = train(ctx.cfg, run_name=run_name, log=ctx.log, preprocessed=_preprocessed(ctx),
+                        init_weights=ctx.init_weights)
     t = ctx.trained
     status = "done" if t["epochs_run_now"] else "skipped"
     outputs = {k: t[k] for k in ("run_name", "epochs_done", "epochs_run_now", "resumed_from_epoch", "best_checkpoint",

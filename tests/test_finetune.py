@@ -13,10 +13,10 @@ import torch
 from mlflow.tracking import MlflowClient
 
 from conftest import pipeline_config
-from pipelines import tracking
+from pipelines import tracking, workflow
 from pipelines.checkpoints import CHECKPOINT_FILE
 from pipelines.data import storage_of
-from pipelines.train import TrainError, initial_weights, prepare_data, train
+from pipelines.train import TrainError, check_init_from, initial_weights, prepare_data, train
 from slowfast.model import SlowFast, load_checkpoint, save_checkpoint
 from slowfast.serving import ClipSpec
 
@@ -73,8 +73,12 @@ def test_init_from_a_path_an_s3_uri_and_the_registry(prepared, synth_set, s3_end
     store = storage_of(cfg)
     lines: list[str] = []
 
-    from_path = initial_weights(finetune_config(tmp, synth_set, init_from=str(checkpoint)), data, store, lines.append)
+    path_cfg = finetune_config(tmp, synth_set, init_from=str(checkpoint))
+    from_path = initial_weights(path_cfg, data, store, lines.append)
     check_backbone_and_head(from_path, checkpoint, names, classes)
+    # The workflow checks the file before ingest and hands what it read to the train step.
+    checked = initial_weights(path_cfg, data, store, lines.append, check_init_from(path_cfg, store, lines.append))
+    assert all(torch.equal(checked["state"][k], v) for k, v in from_path["state"].items())
     assert "re-initialised head.fc.weight, head.fc.bias" in lines[-1] and "2 shared classes" in lines[-1]
     assert from_path["tags"]["slowfast.init_kept_classes"] == f"{classes[0]}, {classes[2]}"
     assert from_path["tags"]["slowfast.init_format"] == "slowfast-pipeline"
@@ -111,6 +115,21 @@ def test_a_checkpoint_of_another_architecture_stops_before_any_worker_starts(pre
     with pytest.raises(TrainError, match="does not fit the model"):
         train(cfg, log=lambda *_: None)
     assert not (tmp / "storage" / "checkpoints").exists()  # no run was started
+
+
+def test_the_workflow_refuses_a_checkpoint_that_does_not_fit_before_ingest(synth_set, tmp_path):
+    other = finetune_config(tmp_path, synth_set)
+    path = save_checkpoint(SlowFast(other.model.to_slowfast_config(num_classes=400, arch="slow")), tmp_path / "s.pt")
+    cfg = finetune_config(tmp_path, synth_set, init_from=str(path))
+    with pytest.raises(TrainError, match="does not fit the model"):
+        workflow.run(cfg, log=lambda *_: None)
+    storage = tmp_path / "storage"
+    assert sorted(p.name for p in storage.iterdir()) == ["runs"]  # nothing listed, decoded or trained
+    (record,) = workflow.list_runs(cfg)
+    assert record["status"] == "failed"
+    missing = finetune_config(tmp_path, synth_set, init_from=str(tmp_path / "nothing.pkl"))
+    with pytest.raises(TrainError, match="nothing.pkl"):
+        workflow.run(missing, log=lambda *_: None)
 
 
 def test_fine_tune_with_frozen_stages_through_ray_train(prepared, synth_set):

@@ -111,9 +111,14 @@ def test_foreign_checkpoint_with_class_names_given_keeps_rows(tmp_path, batch):
     path = export_checkpoint(source, tmp_path / "model.pth", "mmaction2")
     model = build(PRESET, num_classes=6)
     before = snapshot(model)
-    # Same class count, no names on either side: "auto" cannot tell, "reinit" is the user saying so.
+    # Same class count, names on neither side: "auto" keeps the head and says it took the rows on trust...
+    info = load_checkpoint(build(PRESET, num_classes=6), path, head="auto", class_names=CLASSES)
+    assert info.reinitialised == () and info.unnamed_head
+    assert "names no classes" in info.summary() and "6-class classifier" in info.summary()
+    # ... "reinit" is the user saying they are other classes.
     info = load_checkpoint(model, path, head="reinit")
-    assert info.reinitialised == HEAD and torch.equal(model.head.fc.bias, before["head.fc.bias"])
+    assert info.reinitialised == HEAD and not info.unnamed_head
+    assert torch.equal(model.head.fc.bias, before["head.fc.bias"])
 
     info = load_checkpoint(model, path, head="auto", class_names=["pulsing", "a", "b", "c", "d", "e"],
                            checkpoint_classes=CLASSES)

@@ -70,6 +70,7 @@ class LoadedCheckpoint:
     reinitialised: tuple[str, ...] = ()  # our keys left at the model's own initialisation
     kept_classes: tuple[str, ...] = ()  # class names whose classifier row came from the checkpoint
     checkpoint_classes: int = 0  # rows of the checkpoint's classifier
+    unnamed_head: bool = False  # its classifier was kept although the checkpoint names no classes
     extra: dict = field(default_factory=dict)  # e.g. epoch, optimizer state, the saved config
 
     def summary(self) -> str:
@@ -79,6 +80,9 @@ class LoadedCheckpoint:
                      f"classes), kept the rows of {len(self.kept_classes)} shared classes")
             if self.kept_classes:
                 line += f": {', '.join(self.kept_classes)}"
+        elif self.unnamed_head:
+            line += (f"; kept its {self.checkpoint_classes}-class classifier: the checkpoint names no classes, so "
+                     "its rows are taken to be the model's classes in their order")
         return line
 
 
@@ -453,10 +457,11 @@ def _plan(net: SlowFast, source, head: HeadPolicy, class_names: Sequence[str] | 
                           checkpoint_rows, f"{origin} (its classifier)", CheckpointError)
     same_head = "head.fc.weight" not in m.wrong and (theirs is None or class_names is None or theirs == class_names)
     values = {k: v for k, v in m.values.items() if k not in HEAD_KEYS}
-    rows, reinitialised, kept = [], (), ()
+    rows, reinitialised, kept, unnamed = [], (), (), False
     if head == "strict" or (head == "auto" and same_head):
         values.update({k: m.values[k] for k in HEAD_KEYS})
         kept = class_names if theirs is not None and theirs == class_names else ()
+        unnamed = theirs is None and head == "auto"
     else:
         index = {name: j for j, name in reversed(list(enumerate(theirs or ())))}
         rows = [(i, index[name]) for i, name in enumerate(class_names or ()) if name in index]
@@ -475,7 +480,7 @@ def _plan(net: SlowFast, source, head: HeadPolicy, class_names: Sequence[str] | 
                               loaded=sum(not k.endswith(NBT) for k in values)
                               + (len(HEAD_KEYS) if rows and not reinitialised else 0),
                               reinitialised=reinitialised, kept_classes=kept, checkpoint_classes=checkpoint_rows,
-                              extra=extra)
+                              unnamed_head=unnamed, extra=extra)
     return _Plan(values, rows, {k: m.values[k] for k in HEAD_KEYS} if rows else {}, report)
 
 
