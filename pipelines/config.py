@@ -244,6 +244,21 @@ class RaySection(Section):
         1.0, ge=0, description="CPUs left to Ray Data while training, so decoding never waits on train workers")
 
 
+class InferSection(Section):
+    """Batch inference (`pipelines infer`): CPU tasks decode and cut the views, an actor pool scores them."""
+
+    workers: int | None = Field(
+        None, ge=1, description="scoring actors at most (the pool grows to it while videos wait); None = one per "
+                                "GPU of the cluster with use_gpu, else one per cpus_per_worker + decode_cpus CPUs")
+    use_gpu: bool = Field(False, description="one GPU per scoring actor")
+    cpus_per_worker: float = Field(1.0, gt=0, description="CPUs of a scoring actor (its torch threads, rounded up)")
+    decode_cpus: float = Field(1.0, gt=0, description="CPUs of a decode task (one video at a time, PyAV 1 thread)")
+    batch_videos: int = Field(4, ge=1, description="videos per scoring call")
+    mixed_precision: bool = Field(False, description="bf16 autocast in the scoring actors (GPU, or CPUs with bf16)")
+    commit_every_s: float = Field(30.0, ge=0, description="results are committed (visible, never redone) at "
+                                                          "least this often; 0 = after every batch")
+
+
 class PipelineConfig(Section):
     """One pipeline: data in, a registered model out."""
 
@@ -258,6 +273,7 @@ class PipelineConfig(Section):
     evaluate: EvaluateSection = Field(default_factory=EvaluateSection)
     mlflow: MlflowSection = Field(default_factory=MlflowSection)
     ray: RaySection = Field(default_factory=RaySection)
+    infer: InferSection = Field(default_factory=InferSection)
 
     @field_validator("storage_root")
     @classmethod

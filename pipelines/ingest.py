@@ -178,7 +178,7 @@ def hash_split(rel: str, data: DataSection) -> str:
     return data.val_split if hash_position(rel) < data.val_fraction else data.train_split
 
 
-def _video_paths(files: dict[str, SourceFile]) -> tuple[list[list[str]], list[Ignored]]:
+def video_paths(files: dict[str, SourceFile]) -> tuple[list[list[str]], list[Ignored]]:
     """The videos' paths (as lists of parts) by extension, and the other files with the reason."""
     videos, ignored = [], []
     for rel in sorted(files):
@@ -199,7 +199,7 @@ def read_folder(files: dict[str, SourceFile], data: DataSection) -> Listing:
     data.train_split or data.val_split at the top holds label folders. A video's id is its path under the
     root, extension included: unique (two files cannot share a path), stable, and the way back to the file."""
     splits = (data.train_split, data.val_split)
-    videos, ignored = _video_paths(files)
+    videos, ignored = video_paths(files)
     by_split = any(len(parts) > 2 and parts[0] in splits for parts in videos)
     rows: dict[str, list[Row]] = {split: [] for split in splits}
     for parts in videos:

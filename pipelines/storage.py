@@ -133,8 +133,8 @@ class Storage:
         if not self.is_s3:
             os.makedirs(self.path(rel), exist_ok=True)
 
-    def check_writable(self) -> None:
-        """Fail before any work starts when the root cannot be written."""
+    def check_writable(self, what: str = "storage_root") -> None:
+        """Fail before any work starts when the root cannot be written; `what` names the setting."""
         probe = f".probe-{uuid.uuid4().hex}"
         try:
             self.write_bytes(probe, b"ok")
@@ -142,7 +142,7 @@ class Storage:
         except Exception as exc:  # noqa: BLE001 - re-raised with the location and the fix
             hint = ("check the bucket exists, s3.endpoint_url, and AWS credentials (standard chain)"
                     if self.is_s3 else "check the folder's permissions and free space")
-            raise StorageError(f"storage_root {self.root}: not writable ({type(exc).__name__}: {exc}); {hint}") \
+            raise StorageError(f"{what} {self.root}: not writable ({type(exc).__name__}: {exc}); {hint}") \
                 from exc
 
 

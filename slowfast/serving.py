@@ -16,9 +16,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from slowfast.train import clip_inputs, memory_format
+from slowfast.train import autocast, clip_inputs, memory_format
 from slowfast.video import transforms
-from slowfast.video.clips import ClipSampling, cut_clips
+from slowfast.video.clips import ClipSampling, Window, cut_clips
 from slowfast.video.decode import DEFAULT_MAX_PIXELS, Source, VideoReader
 
 
@@ -49,52 +49,127 @@ class ClipSpec:
         return ClipSampling(T=self.T, tau=self.tau, alpha=self.alpha, target_fps=self.target_fps,
                             short_side=self.short_side, mode="eval", num_clips=self.temporal_views)
 
+    def cut_views(self, source: Source, name: str | None = None, *, plans=None) -> tuple[np.ndarray, np.ndarray]:
+        """One video's test views as the loader hands them over: uint8 fast frames (views, alpha*T, crop, crop, 3),
+        each clip's spatial crops in a row, and the slow pathway's frames as indices into them (T,).
+        `plans`: other clips than the temporal views, or a function of the video's frame count (at
+        target_fps) returning them (e.g. a timeline's, `ClipSampling.windows`)."""
+        with VideoReader(source, name=name, max_pixels=DEFAULT_MAX_PIXELS, threads=1) as reader:
+            if callable(plans):
+                plans = plans(reader.info.frames_at(self.target_fps))
+            clips = cut_clips(reader, self.sampling, plans=plans)
+        fast = np.stack([np.ascontiguousarray(view) for i in range(len(clips))
+                         for view in transforms.eval_views(clips.clip(i), self.crop, self.spatial_crops)])
+        return fast, np.asarray(clips.slow_index)
+
 
 class VideoClassifier:
     """A SlowFast network, its class names and its ClipSpec: video in, class probabilities out."""
 
     def __init__(self, model: torch.nn.Module, class_names: Sequence[str], spec: ClipSpec,
-                 device: str | torch.device = "cpu", batch_views: int = 12):
+                 device: str | torch.device = "cpu", batch_views: int = 12, mixed_precision: bool = False):
         self.model = model.to(device).eval()
+        self.mixed_precision = mixed_precision  # bf16 autocast, where the device has it
         self.class_names = list(class_names)
         self.spec = spec
         self.device = torch.device(device)
         self.batch_views = batch_views
 
-    def views(self, source: Source, name: str | None = None) -> tuple[np.ndarray, np.ndarray]:
-        """One video's test views as the loader hands them over: uint8 fast frames (views, alpha*T, crop, crop, 3)
-        and the slow pathway's frames as indices into them (T,)."""
-        s = self.spec
-        with VideoReader(source, name=name, max_pixels=DEFAULT_MAX_PIXELS, threads=1) as reader:
-            clips = cut_clips(reader, s.sampling)
-        fast = np.stack([np.ascontiguousarray(view) for i in range(len(clips))
-                         for view in transforms.eval_views(clips.clip(i), s.crop, s.spatial_crops)])
-        return fast, np.asarray(clips.slow_index)
+    def views(self, source: Source, name: str | None = None, *, plans=None) -> tuple[np.ndarray, np.ndarray]:
+        """`ClipSpec.cut_views` of this model's spec."""
+        return self.spec.cut_views(source, name, plans=plans)
+
+    def windows(self, source: Source, name: str | None = None, window_s: float | None = None,
+                stride_s: float | None = None) -> tuple[list[Window], np.ndarray, np.ndarray]:
+        """A timeline's windows (`ClipSampling.windows`) and their views, as `views` returns them."""
+        found: list[Window] = []
+
+        def plans(num_frames: int):
+            found.extend(self.spec.sampling.windows(num_frames, window_s, stride_s))
+            return [p for w in found for p in w.plans]
+
+        fast, slow_index = self.views(source, name, plans=plans)
+        return found, fast, slow_index
 
     @torch.no_grad()
-    def probabilities(self, source: Source, name: str | None = None) -> np.ndarray:
-        """Softmax over classes, averaged over the video's views (the reference test protocol); the network's
-        input is made by clip_inputs, as in training and evaluation."""
-        fast, slow_index = self.views(source, name)
+    def score(self, fast: np.ndarray, slow_index: np.ndarray, *, features: bool = False
+              ) -> tuple[np.ndarray, np.ndarray | None]:
+        """Each view's softmax (views, classes) float32, and with `features` its pooled features before the
+        classifier (views, dim); the network's input is made by clip_inputs, as in training and evaluation."""
         fmt = memory_format(self.device.type)
         index = torch.as_tensor(slow_index, dtype=torch.long)
-        total = torch.zeros(len(self.class_names), dtype=torch.float64)
+        probs, feats = [], []
         for i in range(0, len(fast), self.batch_views):
             chunk = torch.from_numpy(fast[i:i + self.batch_views]).to(self.device)
-            batch = {"fast": chunk, "slow_index": index.expand(len(chunk), -1)}
-            total += torch.softmax(self.model(clip_inputs(batch, fmt)).float(), dim=1).sum(0).double().cpu()
-        return (total / len(fast)).numpy()
+            inputs = clip_inputs({"fast": chunk, "slow_index": index.expand(len(chunk), -1)}, fmt)
+            with autocast(self.device.type, self.mixed_precision):
+                pooled = self.model.features(inputs)
+                logits = self.model.head(pooled)
+            probs.append(torch.softmax(logits.float(), dim=1).cpu())
+            if features:
+                feats.append(pooled.float().cpu())
+        return torch.cat(probs).numpy(), (torch.cat(feats).numpy() if features else None)
+
+    def probabilities(self, source: Source, name: str | None = None) -> np.ndarray:
+        """Softmax over classes, averaged over the video's views (the reference test protocol)."""
+        return self.score(*self.views(source, name))[0].astype(np.float64).mean(0)
+
+    def top(self, probs: np.ndarray, top_k: int) -> dict:
+        """{"labels", "scores"}: the top_k classes of one probability vector, best first."""
+        best = np.argsort(-probs, kind="stable")[:top_k]
+        return {"labels": [self.class_names[j] for j in best], "scores": [round(float(probs[j]), 6) for j in best]}
 
     def predict(self, sources: Iterable[Source], top_k: int = 5, names: Sequence[str] | None = None) -> list[dict]:
         """Per video: {"video", "labels", "scores"} with the top_k classes, best first."""
         out = []
         for i, source in enumerate(sources):
             name = names[i] if names else describe(source, i)
-            probs = self.probabilities(source, name)
-            best = np.argsort(-probs, kind="stable")[:top_k]
-            out.append({"video": name, "labels": [self.class_names[j] for j in best],
-                        "scores": [round(float(probs[j]), 6) for j in best]})
+            out.append({"video": name, **self.top(self.probabilities(source, name), top_k)})
         return out
+
+    def timeline(self, source: Source, name: str | None = None, *, window_s: float | None = None,
+                 stride_s: float | None = None, top_k: int = 5) -> dict:
+        """Per-window top-k along one video and its segments (runs of windows with the same top label):
+        {"video", "windows": [{"start_s", "end_s", "labels", "scores"}], "segments": [{"start_s", "end_s",
+        "label", "score"}]}. A window's scores average its clips' views."""
+        windows, fast, slow_index = self.windows(source, name, window_s, stride_s)
+        probs = window_probabilities(self.score(fast, slow_index)[0], [len(w.plans) for w in windows],
+                                     self.spec.spatial_crops)
+        rows = [{"start_s": round(w.start_s, 3), "end_s": round(w.end_s, 3), **self.top(p, top_k)}
+                for w, p in zip(windows, probs)]
+        return {"video": name or describe(source, 0), "windows": rows, "segments": segments(rows)}
+
+
+def window_probabilities(view_probs: np.ndarray, clips_per_window: Sequence[int], spatial_crops: int) -> np.ndarray:
+    """Per window, the mean softmax of its clips' views (views in `ClipSpec.cut_views` order)."""
+    out, at = [], 0
+    for clips in clips_per_window:
+        n = clips * spatial_crops
+        out.append(view_probs[at:at + n].astype(np.float64).mean(0))
+        at += n
+    return np.stack(out)
+
+
+def segments(windows: Sequence[dict]) -> list[dict]:
+    """Runs of consecutive windows with the same top label, merged. Where the label changes, the cut is halfway
+    between the centres of the two windows on either side (where their clips are centred): windows that tile
+    the video (stride = window) cut where the next one starts, and overlapping ones (stride < window) do not
+    cut (window - stride) / 2 early, as cutting at the next window's start would. The first segment starts
+    where the first window starts, the last ends where the last window ends; a segment's score is the mean
+    top score over its windows."""
+    out: list[dict] = []
+    for before, w in zip([None, *windows], windows):
+        if out and out[-1]["label"] == w["labels"][0]:
+            out[-1]["_scores"].append(w["scores"][0])
+            continue
+        start_s = w["start_s"]
+        if out:
+            start_s = out[-1]["end_s"] = round((before["start_s"] + before["end_s"] + w["start_s"] + w["end_s"]) / 4, 3)
+        out.append({"start_s": start_s, "end_s": None, "label": w["labels"][0], "_scores": [w["scores"][0]]})
+    if out:
+        out[-1]["end_s"] = windows[-1]["end_s"]
+    return [{"start_s": g["start_s"], "end_s": g["end_s"], "label": g["label"],
+             "score": round(float(np.mean(g.pop("_scores"))), 6)} for g in out]
 
 
 def describe(source: Source, index: int) -> str:

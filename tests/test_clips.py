@@ -162,11 +162,15 @@ def test_jpeg_rows_share_the_bytes_of_frames_that_views_share(gop_videos):
     assert all(len(row["frames"]) == ALPHA * T and row["frames"][0][:2] == b"\xff\xd8" for row in rows)
 
 
-def test_window_plans_cut_a_timeline(tmp_path):
+def test_timeline_windows_cut_clips_along_the_video(tmp_path):
     video = encode_frame_number_video(tmp_path / "v.mp4", 300, gop=30)
-    plans = EVAL.window_plans(300, stride_sec=1.0)
-    # Windows of 64 frames every 30 frames, all inside the 300 frames: starts 0, 30, ..., 210.
-    assert [p.start_frame for p in plans] == [30.0 * k for k in range(8)]
+    assert EVAL.clip_seconds == pytest.approx(64 / 30)
+    windows = EVAL.windows(300, window_s=64 / 30, stride_s=1.0)
+    # Windows of one clip (64 frames) every 30 frames, all inside the 300 frames: starts 0, 30, ..., 210.
+    plans = [w.plans[0] for w in windows]
+    assert [len(w.plans) for w in windows] == [1] * 8
+    assert [p.start_frame for p in plans] == pytest.approx([30.0 * k for k in range(8)])
+    assert [w.start_s for w in windows] == pytest.approx([float(k) for k in range(8)])
     assert not any(p.short for p in plans)
     assert [p.clip_index for p in plans] == list(range(8))
     with VideoReader(video.path, threads=1) as reader:
@@ -176,12 +180,17 @@ def test_window_plans_cut_a_timeline(tmp_path):
         assert clips.start_sec(i) == pytest.approx(float(i))
     assert read_frame_numbers(clips.clip(7))[-1] == 273  # 210 + 63
 
-    (one,) = EVAL.window_plans(40, stride_sec=1.0, start_sec=0.5)  # shorter than a clip: one, clamped
-    assert one.short and one.start_frame == 15.0 and one.indices[-1] == 39
-    with pytest.raises(ValueError, match="start_sec in"):
-        EVAL.window_plans(300, stride_sec=1.0, start_sec=10.0)
-    with pytest.raises(ValueError, match="stride_sec > 0"):
-        EVAL.window_plans(300, stride_sec=0)
+    # Default: back-to-back windows of one clip; 300 frames hold 4 of 64/30 s.
+    assert [round(w.start_s * 30) for w in EVAL.windows(300)] == [0, 64, 128, 192]
+    # A 4-second window is scored by 2 clips centred on its halves; a 1-second one by one clip reaching out.
+    (first, *_) = EVAL.windows(300, window_s=4.0, stride_s=2.0)
+    assert [p.start_frame for p in first.plans] == pytest.approx([0.0, 58.0])  # centres 30, 90; clamped at 0
+    short = EVAL.windows(300, window_s=1.0)
+    assert len(short) == 10 and short[5].plans[0].start_frame == pytest.approx(165 - 32)
+    (one,) = EVAL.windows(40)  # shorter than a clip: one window to its end, indices clamped
+    assert one.end_s == pytest.approx(40 / 30) and one.plans[0].short and one.plans[0].indices[-1] == 39
+    with pytest.raises(ValueError, match="stride_s > 0"):
+        EVAL.windows(300, stride_s=0)
 
 
 def test_decode_stream_takes_times_in_order(gop_videos):

@@ -49,23 +49,49 @@ class ClipSampling:
         return plan_clips(num_frames, T=self.T, tau=self.tau, alpha=self.alpha, mode=self.mode,
                           num_clips=self.num_clips, seed=self.seed, video_id=video_id)
 
-    def window_plans(self, num_frames: int, stride_sec: float, start_sec: float = 0.0) -> list[ClipPlan]:
-        """Clips every ``stride_sec`` seconds from ``start_sec``, for a timeline of a video: each
-        spans ``clip_size`` frames with the Fast frames spread by the reference's linspace, as an
-        eval view. Windows that would run past the end are left out; a video shorter than one clip
-        (or than ``start_sec`` plus one clip) gets one window at ``start_sec``, clamped to its end."""
-        first = start_sec * self.target_fps
-        if not stride_sec > 0 or not 0 <= first < num_frames:
-            raise ValueError(f"windows need stride_sec > 0 and start_sec in [0, {num_frames / self.target_fps:.3f}) "
-                             f"(the video's length), got {stride_sec} and {start_sec}")
-        stride = stride_sec * self.target_fps
-        count = max(1, int((num_frames - self.clip_size - first) // stride) + 1)
-        plans = []
-        for k in range(count):
-            start = first + k * stride
-            indices = temporal_indices(start, start + self.clip_size - 1, self.alpha * self.T, num_frames)
-            plans.append(ClipPlan(k, start, indices, short=start + self.clip_size > num_frames))
-        return plans
+    @property
+    def clip_seconds(self) -> float:
+        """How long a clip lasts: the default timeline window."""
+        return self.clip_size / self.target_fps
+
+    def windows(self, num_frames: int, window_s: float | None = None,
+                stride_s: float | None = None) -> list["Window"]:
+        """A timeline of a video of ``num_frames`` target-fps frames: windows of ``window_s`` seconds (default
+        one clip) every ``stride_s`` (default ``window_s``) from 0, as long as they fit in the video (a video
+        shorter than a window gets one, to its end). Each window is scored by ``round(window_s / clip
+        seconds)`` clips (at least 1) centred on equal parts of it, each with the Fast frames an eval view
+        would have; a window shorter than a clip gets one clip centred on it, reaching past its edges."""
+        window_s = self.clip_seconds if window_s is None else float(window_s)
+        stride_s = window_s if stride_s is None else float(stride_s)
+        if not (window_s > 0 and stride_s > 0):
+            raise ValueError(f"timeline windows need window_s > 0 and stride_s > 0, got {window_s} and {stride_s}")
+        duration = num_frames / self.target_fps
+        count = max(1, int((duration - window_s) / stride_s + 1e-9) + 1) if duration >= window_s else 1
+        per_window = max(1, round(window_s / self.clip_seconds))
+        last_start = max(num_frames - self.clip_size, 0)
+        out, clip_index = [], 0
+        for w in range(count):
+            start_s = w * stride_s
+            end_s = min(start_s + window_s, duration)
+            plans = []
+            for i in range(per_window):
+                centre = (start_s + (end_s - start_s) * (i + 0.5) / per_window) * self.target_fps
+                first = min(max(centre - self.clip_size / 2, 0.0), float(last_start))
+                indices = temporal_indices(first, first + self.clip_size - 1, self.alpha * self.T, num_frames)
+                plans.append(ClipPlan(clip_index, first, indices, short=first + self.clip_size > num_frames))
+                clip_index += 1
+            out.append(Window(w, start_s, end_s, tuple(plans)))
+        return out
+
+
+@dataclass(frozen=True)
+class Window:
+    """A stretch of a video's timeline and the clips that score it."""
+
+    index: int
+    start_s: float
+    end_s: float
+    plans: tuple[ClipPlan, ...]
 
 
 @dataclass(frozen=True, eq=False)
@@ -112,8 +138,8 @@ class VideoClips:
 def cut_clips(reader: VideoReader, sampling: ClipSampling, *, video_id: str = "",
               plans: Sequence[ClipPlan] | None = None,
               encode: Callable[[np.ndarray], Any] | None = None) -> VideoClips:
-    """Cut ``sampling``'s clips from the open video (or the given ``plans``, e.g. from
-    `ClipSampling.window_plans`).
+    """Cut ``sampling``'s clips from the open video (or the given ``plans``, e.g. the clips of
+    `ClipSampling.windows`).
 
     Every distinct frame is decoded once, in one forward pass (`VideoReader.decode_stream`), and
     handed to ``encode`` as soon as it is decoded: a consumer that stores JPEGs keeps only those,

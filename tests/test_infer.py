@@ -1,0 +1,167 @@
+"""Batch inference on Ray Data (`pipelines infer`): a folder, a list file and an s3:// prefix scored with a real
+registered model on a real Ray instance; results equal predict's for the same videos; bad videos quarantined with
+preprocess's reasons; a re-run scores only what is new; a run killed with SIGKILL resumes exactly once."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import boto3
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from conftest import pipeline_config
+from pipelines import tracking
+from pipelines.infer import InferError, Job, run_infer
+from slowfast.model import SlowFast
+from slowfast.serving import ClipSpec
+
+REPO = Path(__file__).resolve().parents[1]
+MODEL = "infer-test"
+
+
+@pytest.fixture(scope="module")
+def registered(tmp_path_factory, synth_set):
+    """slowfast_tiny logged and registered as the registry step logs one; 2 temporal x 3 spatial test views."""
+    tmp = tmp_path_factory.mktemp("infer")
+    cfg = pipeline_config(tmp, synth_set, mlflow={"tracking_uri": f"sqlite:///{tmp / 'mlflow.db'}",
+                                                  "experiment": "infer", "model_name": MODEL},
+                          infer={"commit_every_s": 0.0, "batch_videos": 2})
+    torch.manual_seed(0)
+    net = SlowFast(cfg.model.to_slowfast_config(num_classes=4))
+    run_id = tracking.client(cfg).create_run(tracking.experiment_id(cfg)).info.run_id
+    spec = ClipSpec(T=4, tau=4, alpha=4, target_fps=30.0, short_side=48, crop=32, temporal_views=2, spatial_crops=3)
+    version = tracking.log_model(cfg, run_id, net=net, class_names=["a", "b", "c", "d"], spec=spec, metadata={})
+    return cfg, f"models:/{MODEL}/{version}", tmp
+
+
+def videos_of(root: Path) -> list[Path]:
+    return sorted(root.rglob("*.mp4"))
+
+
+def read(out: Path, folder: str = "predictions"):
+    return pq.read_table(out / folder).to_pandas().sort_values("video").reset_index(drop=True)
+
+
+def test_a_folder_is_scored_as_predict_scores_it_and_a_rerun_scores_only_new_videos(ray_local, registered, synth_set):
+    cfg, uri, tmp = registered
+    folder = tmp / "bucket-of-videos"
+    shutil.copytree(synth_set / "val", folder)
+    (folder / "broken.mp4").write_bytes(b"not a video at all")
+    (folder / "empty.mkv").write_bytes(b"")
+    (folder / "notes.txt").write_text("not a video file: passed over")
+    out = tmp / "scores"
+    lines: list[str] = []
+    job = Job(top_k=3, windows=True, stride_s=0.5, embeddings=True)
+    s = run_infer(cfg, uri, str(folder), str(out), job, log=lines.append)
+    assert (s["scored_now"], s["quarantined_now"]) == (4, 2)
+
+    predictions = read(out)
+    classifier = tracking.load_registered(cfg, uri)
+    expected = {str(v): classifier.predict([v], top_k=3)[0] for v in videos_of(synth_set / "val")}
+    assert sorted(predictions["video"]) == sorted(str(folder / Path(v).relative_to(synth_set / "val"))
+                                                  for v in expected)
+    for row in predictions.itertuples():
+        want = expected[str(synth_set / "val" / Path(row.video).relative_to(folder))]
+        assert list(row.labels) == want["labels"]
+        assert np.allclose(row.scores, want["scores"], atol=1e-5)
+        assert row.views == 6
+    # The embedding is the pooled features before the classifier, averaged over the test views.
+    video = predictions["video"][0]
+    fast, slow = classifier.spec.cut_views(video)
+    _, features = classifier.score(fast, slow, features=True)
+    assert np.allclose(predictions["embedding"][0], features.mean(0), atol=1e-5)
+    assert len(predictions["embedding"][0]) == classifier.model.head.fc.in_features
+
+    windows = read(out, "windows")
+    timeline = classifier.timeline(video, window_s=None, stride_s=0.5, top_k=3)
+    mine = windows[windows["video"] == video].sort_values("window")
+    assert [w["start_s"] for w in timeline["windows"]] == list(mine["start_s"])
+    assert [w["labels"] for w in timeline["windows"]] == [list(x) for x in mine["labels"]]
+
+    quarantine = (out / "quarantine.csv").read_text().splitlines()
+    assert quarantine[0] == "video,reason,detail"
+    reasons = {line.split(",")[0]: line.split(",")[1] for line in quarantine[1:]}
+    assert reasons == {str(folder / "broken.mp4"): "not_a_video", str(folder / "empty.mkv"): "zero_bytes"}
+
+    # Again: nothing to do. Then one new video: only it is scored.
+    again = run_infer(cfg, uri, str(folder), str(out), job, log=lines.append)
+    assert (again["scored_now"], again["quarantined_now"]) == (0, 0)
+    new = folder / "late" / "new.mp4"
+    new.parent.mkdir()
+    shutil.copy(videos_of(synth_set / "train")[0], new)
+    more = run_infer(cfg, uri, str(folder), str(out), job, log=lines.append)
+    assert more["scored_now"] == 1 and more["scored_total"] == 5
+    assert sorted(read(out)["video"]).count(str(new)) == 1 and len(read(out)) == 5
+
+    # The folder holds one model's results under one job.
+    with pytest.raises(InferError, match="holds results of .* other job"):
+        run_infer(cfg, uri, str(folder), str(out), Job(top_k=2), log=lines.append)
+
+
+def test_a_list_file_and_s3_in_and_out(ray_local, registered, synth_set, s3_endpoint):
+    cfg, uri, tmp = registered
+    cfg = cfg.model_copy(update={"s3": cfg.s3.model_copy(update={"endpoint_url": s3_endpoint})})
+    s3 = boto3.client("s3", endpoint_url=s3_endpoint)
+    s3.create_bucket(Bucket="clips")
+    local = videos_of(synth_set / "val")
+    for v in local[:2]:
+        s3.upload_file(str(v), "clips", f"incoming/{v.name}")
+    listing = tmp / "list.txt"
+    rel = os.path.relpath(local[3], listing.parent)
+    listing.write_text(f"# two local, one on S3, one missing\n{local[2]}\n{rel}\n\ns3://clips/incoming/{local[0].name}\n"
+                       f"{tmp / 'gone.mp4'}\n")
+    s = run_infer(cfg, uri, str(listing), "s3://clips/scores", Job(top_k=1), log=lambda *_: None)
+    assert (s["scored_now"], s["quarantined_now"]) == (3, 1)
+    objects = [o["Key"] for o in s3.list_objects_v2(Bucket="clips", Prefix="scores/")["Contents"]]
+    assert any(k.startswith("scores/predictions/part-") for k in objects) and "scores/quarantine.csv" in objects
+    body = s3.get_object(Bucket="clips", Key="scores/quarantine.csv")["Body"].read().decode()
+    assert f"{tmp / 'gone.mp4'},missing_file," in body
+
+    prefix = run_infer(cfg, uri, "s3://clips/incoming", "s3://clips/scores-2", Job(top_k=1), log=lambda *_: None)
+    assert prefix["scored_now"] == 2
+    summary = json.loads(s3.get_object(Bucket="clips", Key="scores-2/summary.json")["Body"].read())
+    assert summary["scored_total"] == 2
+
+
+def test_killed_mid_run_resumes_exactly_once(registered, synth_set):
+    """SIGKILL to the whole `pipelines infer` process group after its first commit; the same command then
+    scores exactly the videos that were not committed, and no uncommitted file is left."""
+    cfg, uri, tmp = registered
+    folder = tmp / "kill-videos"
+    for i, v in enumerate(videos_of(synth_set)):
+        target = folder / f"{i:02d}-{v.name}"
+        target.parent.mkdir(exist_ok=True)
+        shutil.copy(v, target)
+    config = tmp / "infer.yaml"
+    config.write_text(cfg.to_yaml())
+    out = tmp / "killed"
+    cmd = [sys.executable, "-m", "pipelines", "infer", "--config", str(config), "--model-uri", uri,
+           "--videos", str(folder), "--out", str(out), "--set", "infer.batch_videos=1", "--set", "infer.workers=1"]
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    deadline = time.time() + 240
+    while time.time() < deadline and not list((out / "manifests").glob("commit-*.json")):
+        assert proc.poll() is None, "infer ended before the first commit"
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    first = {v["video_id"] for c in (out / "manifests").glob("commit-*.json") for v in json.loads(c.read_text())["videos"]}
+    total = len(videos_of(folder))
+    assert 0 < len(first) < total, f"{len(first)} of {total} committed when killed: kill earlier"
+
+    done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=400)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert f"{total - len(first)} to score, {len(first)} already scored" in done.stdout
+    predictions = read(out)
+    assert sorted(predictions["video"]) == sorted(str(v) for v in videos_of(folder))  # each exactly once
+    committed = {json.loads(c.read_text())["shards"][0]["path"] for c in (out / "manifests").glob("commit-*.json")}
+    assert {p.stem for p in (out / "predictions").glob("*.parquet")} == committed  # no uncommitted part left
