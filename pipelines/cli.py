@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import json
 import shlex
 import sys
 from pathlib import Path
@@ -142,6 +143,17 @@ def cmd_promote(args: argparse.Namespace, config: PipelineConfig) -> int:
 def cmd_predict(args: argparse.Namespace, config: PipelineConfig | None) -> int:
     from pipelines import tracking
 
+    # Flag checks come first: a typo must not cost a model download and a video decode.
+    if not args.timeline:
+        needs = [flag for flag, value in (("--window-s", args.window_s), ("--stride-s", args.stride_s),
+                                          ("--plot", args.plot)) if value is not None]
+        if needs:
+            args.parser.error(f"{', '.join(needs)} only with --timeline (add --timeline for a per-window timeline)")
+    for flag, value in (("--window-s", args.window_s), ("--stride-s", args.stride_s)):
+        if value is not None and not 0 < value < float("inf"):
+            args.parser.error(f"{flag} must be a number of seconds > 0, got {value}")
+    if args.top_k < 1:
+        args.parser.error(f"--top-k must be 1 or more, got {args.top_k}")
     if args.model_uri is None and config is None:
         args.parser.error("give --model-uri, or --config to use models:/<mlflow.model_name>@champion")
     uri = args.model_uri or f"models:/{config.mlflow.model_name}@champion"
@@ -152,18 +164,61 @@ def cmd_predict(args: argparse.Namespace, config: PipelineConfig | None) -> int:
         return EXIT_FAILED
     from slowfast.video.decode import VideoDecodeError
 
-    failed = 0
+    failed, results = 0, []
     for video in args.videos:
         try:
-            (result,) = classifier.predict([video], top_k=args.top_k)
+            if args.timeline:
+                result = classifier.timeline(video, window_s=args.window_s, stride_s=args.stride_s,
+                                             top_k=args.top_k)
+            else:
+                (result,) = classifier.predict([video], top_k=args.top_k)
         except VideoDecodeError as exc:
             print(f"{video}: cannot classify: {exc}", file=sys.stderr)
             failed += 1
             continue
-        print(video)
-        for rank, (label, score) in enumerate(zip(result["labels"], result["scores"]), 1):
-            print(f"  {rank}. {label:<32} {score:.3f}")
+        results.append(result)
+        if args.timeline:
+            windows = result["windows"]
+            every = f", every {windows[1]['start_s'] - windows[0]['start_s']:.2f} s" if len(windows) > 1 else ""
+            print(f"{video}  ({len(windows)} window{'s' * (len(windows) > 1)} of "
+                  f"{windows[0]['end_s'] - windows[0]['start_s']:.2f} s{every})")
+            for segment in result["segments"]:
+                print(f"  {segment['start_s']:7.2f} - {segment['end_s']:7.2f} s  {segment['label']:<32} "
+                      f"{segment['score']:.3f}")
+        else:
+            print(video)
+            for rank, (label, score) in enumerate(zip(result["labels"], result["scores"]), 1):
+                print(f"  {rank}. {label:<32} {score:.3f}")
+    written = []
+    if args.json and results:
+        # One video's timeline is the object VideoClassifier.timeline returns (a pyfunc row's shape); top-k
+        # results are the list VideoClassifier.predict returns, whatever the count.
+        shaped = results[0] if args.timeline and len(args.videos) == 1 else results
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(shaped, indent=1) + "\n")
+        written.append(args.json)
+    if args.plot and results:
+        from pipelines.timeline_plot import timeline_png
+
+        Path(args.plot).parent.mkdir(parents=True, exist_ok=True)
+        written.append(str(timeline_png(results, args.plot)))
+    if written:
+        print(f"summary: {len(results)} of {len(args.videos)} videos; wrote {', '.join(written)}")
     return EXIT_FAILED if failed else EXIT_OK
+
+
+def cmd_infer(args: argparse.Namespace, config: PipelineConfig) -> int:
+    from pipelines.infer import Job, run_infer
+
+    uri = args.model_uri or f"models:/{config.mlflow.model_name}@champion"
+    job = Job(top_k=args.top_k, windows=args.windows, window_s=args.window_s, stride_s=args.stride_s,
+              embeddings=args.embeddings)
+    s = run_infer(config, uri, args.videos, args.out, job)
+    print(f"summary: {s['scored_now']} videos scored now ({s['views_now']} views, {s['videos_per_s']} videos/s), "
+          f"{s['quarantined_now']} unreadable; {s['scored_total']} scored in all, {s['wall_s']:.0f}s\n"
+          f"  predictions  {s['predictions']}" + (f"\n  windows      {s['windows']}" if s["windows"] else "")
+          + f"\n  quarantine   {s['quarantine_report']} ({s['quarantined_total']} videos)")
+    return EXIT_OK
 
 
 def cmd_export(args: argparse.Namespace, config: PipelineConfig | None) -> int:
@@ -309,7 +364,37 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--model-uri", metavar="URI",
                          help="models:/NAME@ALIAS, models:/NAME/VERSION or runs:/ID/model "
                               "(default: models:/<mlflow.model_name>@champion of --config)")
-    predict.add_argument("--top-k", metavar="K", type=int, default=5, help="classes to print per video")
+    predict.add_argument("--top-k", metavar="K", type=int, default=5,
+                         help="classes to print per video (with --timeline: kept per window in --json)")
+    predict.add_argument("--timeline", action="store_true",
+                         help="classify windows along each video and print its segments (runs of windows with the "
+                              "same top class: start-end in seconds, class, mean score)")
+    predict.add_argument("--window-s", metavar="S", type=float,
+                         help="with --timeline: window length in seconds (default: one clip of the model)")
+    predict.add_argument("--stride-s", metavar="S", type=float,
+                         help="with --timeline: seconds from one window's start to the next (default: --window-s)")
+    predict.add_argument("--json", metavar="PATH",
+                         help="also write the results as JSON: the top-k list, or with --timeline the timeline "
+                              "(an object for one video, a list for several) with every window and segment")
+    predict.add_argument("--plot", metavar="PATH",
+                         help="with --timeline: draw the timelines as a PNG, one row per video")
+    infer = command("infer", "Ray Data batch inference: score a folder, an s3:// prefix or a list of videos with a "
+                             "registered model into Parquet; re-running scores only what is new", handler=cmd_infer)
+    infer.add_argument("--model-uri", metavar="URI",
+                       help="models:/NAME@ALIAS, models:/NAME/VERSION or runs:/ID/model "
+                            "(default: models:/<mlflow.model_name>@champion)")
+    infer.add_argument("--videos", metavar="DIR|s3://PREFIX|LIST", required=True,
+                       help="a folder or s3:// prefix (every video file under it), or a text file naming one video "
+                            "(path or s3:// URI) per line")
+    infer.add_argument("--out", metavar="DIR|s3://PREFIX", required=True,
+                       help="where the Parquet results, manifests and quarantine.csv go (one model per --out)")
+    infer.add_argument("--top-k", metavar="K", type=int, default=5, help="classes kept per video (and window)")
+    infer.add_argument("--windows", action="store_true", help="also a timeline: top-k per window along each video")
+    infer.add_argument("--window-s", metavar="S", type=float, help="window length in seconds (default: one clip)")
+    infer.add_argument("--stride-s", metavar="S", type=float, help="seconds between windows (default: --window-s)")
+    infer.add_argument("--embeddings", action="store_true",
+                       help="also each video's embedding: the pooled features before the classifier, averaged "
+                            "over its test views")
     export = command("export", "a registered model as one TorchScript or ONNX graph (dynamic batch), checked "
                                "against PyTorch; logged under export/ of the version's run, or written to --out",
                      config="optional", handler=cmd_export)
@@ -322,12 +407,14 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument("--run-id", metavar="ID", help="show only this run")
     status.add_argument("--all", action="store_true", help="every run, not only the last 10")
 
-    for sub in (run, preprocess, train, evaluate, promote):  # the commands that start Ray
+    for sub in (run, preprocess, train, evaluate, promote, infer):  # the commands that start Ray
         sub.add_argument("--verbose", action="store_true",
                          help="also show Ray's own INFO logs, Ray Train's reports and Ray Data's progress log")
 
     bench = command("bench", "benchmarks: model (params, FLOPs, speed), data (shard throughput), "
-                             "train (steps/s), ablate (the paper's ablations)", config=None, handler=cmd_bench)
-    bench.add_argument("target", choices=["model", "data", "train", "ablate", "finetune"], help="which benchmark")
+                             "train (steps/s), ablate (the paper's ablations), infer (views/s of batch "
+                             "inference)", config=None, handler=cmd_bench)
+    bench.add_argument("target", choices=["model", "data", "train", "ablate", "finetune", "infer"],
+                       help="which benchmark")
     bench.add_argument("args", nargs=argparse.REMAINDER, help="arguments of the benchmark script (see its --help)")
     return parser

@@ -14,18 +14,20 @@ import csv
 import hashlib
 import io
 import json
+import math
 import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from slowfast.shards import manifest
 from slowfast.shards.reader import iter_clips
 from slowfast.shards.schema import ShardMeta, read_meta
 from slowfast.train import confusion_matrix_png, memory_format
-from slowfast.train.evaluation import score_views
+from slowfast.train.evaluation import EvalTotals, score_views
 from slowfast.video.sampling import choose_views
 
 from . import tracking
@@ -88,6 +90,74 @@ def score(net: torch.nn.Module, es: EvalSet, store: Storage, batch_size: int = 8
     return totals.videos.results(len(es.classes), es.classes)
 
 
+def score_on_ray(cfg: PipelineConfig, net: torch.nn.Module, es: EvalSet, store: Storage) -> dict:
+    """`score` on the cluster: CPU tasks read and decode the eval shards' chosen views, an actor pool sized
+    like infer's (`infer.*`: GPUs or CPU actors) scores them, the driver merges the per-batch totals. The
+    same loop (score_views) and views as `score`, so the same figures."""
+    import ray
+
+    from .infer import DECODE_RETRIES, pack_model, scoring_actors
+    from .ray_runtime import init_ray
+
+    init_ray(cfg)
+    ds = ray.data.from_items([{"path": p, "skip": sorted(skip)} for p, skip in es.shards],
+                             override_num_blocks=len(es.shards))
+    ds = ds.map_batches(read_views, batch_size=1, batch_format="numpy", num_cpus=cfg.infer.decode_cpus,
+                        max_retries=DECODE_RETRIES,
+                        fn_kwargs=dict(store=store, meta_json=es.meta.model_dump_json(), crop=es.crop,
+                                       spatial_crops=es.spatial_crops, views=es.clip_indices))
+    ds = ds.map_batches(ScoreViews, batch_size=cfg.train.batch_size * es.spatial_crops, batch_format="numpy",
+                        **scoring_actors(cfg.infer),
+                        fn_constructor_kwargs=dict(model=[ray.put(pack_model(net))], use_gpu=cfg.infer.use_gpu,
+                                                   threads=max(1, math.ceil(cfg.infer.cpus_per_worker)),
+                                                   mixed_precision=cfg.train.mixed_precision))
+    states = []
+    for row in ds.iter_rows():
+        state = json.loads(row["state"])
+        state["videos"]["score_sum"] = np.asarray(state["videos"]["score_sum"], np.float64).reshape(
+            len(state["videos"]["video_ids"]), -1)
+        states.append(state)
+    return EvalTotals.merged(states).videos.results(len(es.classes), es.classes)
+
+
+EVAL_COLUMNS = ("fast", "slow_index", "label", "clip_index", "spatial_index")
+
+
+def read_views(batch: dict, store: Storage, meta_json: str, crop: int, spatial_crops: int, views: list[int]) -> dict:
+    """Ray Data task: one eval shard's chosen views, decoded and cropped as `score` reads them."""
+    meta = ShardMeta.model_validate_json(meta_json)
+    parts = [b for i in range(len(batch["path"]))
+             for b in iter_clips([(str(batch["path"][i]), set(batch["skip"][i]))], mode="eval", batch_size=64,
+                                 crop=crop, meta=meta, filesystem=store.fs, spatial_crops=spatial_crops, views=views)]
+    if not parts:
+        return {"video_id": np.zeros(0, object), **{k: np.zeros(0, np.int64) for k in EVAL_COLUMNS}}
+    out = {k: np.concatenate([b[k].numpy() for b in parts]) for k in EVAL_COLUMNS}
+    out["video_id"] = np.array([v for b in parts for v in b["video_id"]], object)
+    return out
+
+
+class ScoreViews:
+    """Ray Data actor: a batch of eval views in, its EvalTotals out (as JSON: exact floats, no pickle)."""
+
+    def __init__(self, model: list, use_gpu: bool, threads: int, mixed_precision: bool):
+        from .infer import unpack_model
+
+        self.device = torch.device("cuda" if use_gpu else "cpu")
+        self.fmt = memory_format(self.device.type)
+        self.net = unpack_model(model, threads)[0].to(self.device, memory_format=self.fmt)
+        self.mixed_precision = mixed_precision
+
+    def __call__(self, batch: dict) -> dict:
+        if not len(batch["label"]):
+            return {"state": []}
+        views = {k: torch.from_numpy(np.ascontiguousarray(batch[k])) for k in EVAL_COLUMNS}
+        views["video_id"] = [str(v) for v in batch["video_id"]]
+        totals = score_views(self.net, [views], device=self.device, fmt=self.fmt, mixed_precision=self.mixed_precision)
+        state = totals.state_dict()
+        state["videos"]["score_sum"] = state["videos"]["score_sum"].ravel().tolist()
+        return {"state": [json.dumps(state)]}
+
+
 def evaluation_id(model_uri: str, es: EvalSet) -> str:
     return hashlib.sha256(f"{model_uri}\n{es.identity}".encode()).hexdigest()[:16]
 
@@ -107,7 +177,7 @@ def evaluate(cfg: PipelineConfig, model_uri: str | None = None, log=print, es: E
     views = len(es.clip_indices) * es.spatial_crops
     log(f"evaluate {model.uri}: {len(es.shards)} shard(s) of {cfg.data.val_split}, {len(es.clip_indices)} temporal x "
         f"{es.spatial_crops} spatial views per video")
-    res = score(model.net, es, store, batch_size=cfg.train.batch_size, mixed_precision=cfg.train.mixed_precision)
+    res = score_on_ray(cfg, model.net, es, store)
     eval_id = evaluation_id(model.uri, es)
     folder = store.uri("evaluations", eval_id)
     result = {

@@ -192,17 +192,10 @@ class Score:
     """Ray Data actor: a batch of videos' views in, per video its top-k (and embedding, windows) out."""
 
     def __init__(self, model: list, job: dict, use_gpu: bool, threads: int, mixed_precision: bool):
-        import ray
-
-        torch.set_num_threads(threads)
-        packed = ray.get(model[0])
-        from slowfast.model import SlowFast, SlowFastConfig
-
-        net = SlowFast(SlowFastConfig.model_validate(packed["config"]))
-        net.load_state_dict(packed["state"])
-        device = "cuda" if use_gpu else "cpu"
-        self.classifier = VideoClassifier(net, packed["class_names"], ClipSpec(**packed["spec"]), device=device,
-                                          batch_views=packed["batch_views"], mixed_precision=mixed_precision)
+        net, packed = unpack_model(model, threads)
+        self.classifier = VideoClassifier(net, packed["class_names"], ClipSpec(**packed["spec"]),
+                                          device="cuda" if use_gpu else "cpu", batch_views=packed["batch_views"],
+                                          mixed_precision=mixed_precision)
         self.job = Job(**job)
 
     def __call__(self, batch: dict) -> dict:
@@ -241,6 +234,33 @@ class Score:
 def cut_views(batch: dict, spec: dict, job: dict, s3: S3Options) -> dict:
     """Ray Data task (decode tasks scale with the CPUs, unlike a fixed actor pool): `CutViews` of a batch."""
     return CutViews(spec, job, s3)(batch)
+
+
+def pack_model(net: torch.nn.Module, **extra) -> dict:
+    """A network as actors rebuild it (`unpack_model`): its config and CPU weights, plus `extra`."""
+    return {"config": net.cfg.model_dump(), "state": {k: v.cpu() for k, v in net.state_dict().items()}, **extra}
+
+
+def unpack_model(ref: list, threads: int):
+    """In an actor: the network of a `pack_model` dict put in the object store (passed as [ref], so that
+    Ray hands the reference over rather than resolving it), with `threads` torch threads."""
+    import ray
+
+    from slowfast.model import SlowFast, SlowFastConfig
+
+    torch.set_num_threads(threads)
+    packed = ray.get(ref[0])
+    net = SlowFast(SlowFastConfig.model_validate(packed["config"]))
+    net.load_state_dict(packed["state"])
+    return net, packed
+
+
+def scoring_actors(cfg: InferSection) -> dict:
+    """map_batches arguments of a scoring actor pool: CPUs or a GPU per actor, as many as `pool_size`."""
+    from ray.data import ActorPoolStrategy
+
+    return dict(num_cpus=cfg.cpus_per_worker, num_gpus=1 if cfg.use_gpu else 0,
+                compute=ActorPoolStrategy(min_size=1, max_size=pool_size(cfg)))
 
 
 def _scalar(value):
@@ -304,7 +324,6 @@ def run_infer(cfg: PipelineConfig, model_uri: str, videos: str, out_uri: str, jo
     """Score every video --videos names that --out has no committed result for; returns the summary
     (also written to --out/summary.json)."""
     import ray
-    from ray.data import ActorPoolStrategy
 
     from .ray_runtime import init_ray
 
@@ -342,10 +361,8 @@ def run_infer(cfg: PipelineConfig, model_uri: str, videos: str, out_uri: str, jo
     if todo:
         init_ray(cfg)
         workers = pool_size(cfg.infer)
-        packed = {"config": loaded.model.cfg.model_dump(), "state": {k: v.cpu() for k, v in
-                                                                     loaded.model.state_dict().items()},
-                  "class_names": loaded.class_names, "spec": asdict(loaded.spec),
-                  "batch_views": loaded.spec.views}
+        packed = pack_model(loaded.model, class_names=loaded.class_names, spec=asdict(loaded.spec),
+                            batch_views=loaded.spec.views)
         threads = max(1, math.ceil(cfg.infer.cpus_per_worker))
         log(f"infer: {workers} scoring actor(s) ({'1 GPU' if cfg.infer.use_gpu else f'{cfg.infer.cpus_per_worker:g} CPU'}"
             f" each), decode tasks of {cfg.infer.decode_cpus:g} CPU")
@@ -356,9 +373,7 @@ def run_infer(cfg: PipelineConfig, model_uri: str, videos: str, out_uri: str, jo
         ds = ds.map_batches(cut_views, batch_size=1, batch_format="numpy", num_cpus=cfg.infer.decode_cpus,
                             max_retries=DECODE_RETRIES,
                             fn_kwargs=dict(spec=asdict(loaded.spec), job=asdict(job), s3=s3))
-        ds = ds.map_batches(Score, batch_size=cfg.infer.batch_videos, batch_format="numpy",
-                            num_cpus=cfg.infer.cpus_per_worker, num_gpus=1 if cfg.infer.use_gpu else 0,
-                            compute=ActorPoolStrategy(min_size=1, max_size=workers),
+        ds = ds.map_batches(Score, batch_size=cfg.infer.batch_videos, batch_format="numpy", **scoring_actors(cfg.infer),
                             fn_constructor_kwargs=dict(model=[ray.put(packed)], job=asdict(job),
                                                        use_gpu=cfg.infer.use_gpu, threads=threads,
                                                        mixed_precision=cfg.infer.mixed_precision))

@@ -432,16 +432,25 @@ def save_model(path: str, mlflow_model, *, pytorch_model: torch.nn.Module, class
 
 
 def signature():
-    """pyfunc: `video` (the file's bytes, base64 over JSON) -> top-k `labels` and `scores` per video."""
+    """pyfunc: `video` (the file's bytes, base64 over JSON) -> top-k `labels` and `scores` per video, or with
+    params timeline=true its `windows` and `segments` (see PyFuncVideoClassifier.predict)."""
     from mlflow.models import ModelSignature
-    from mlflow.types.schema import AnyType, Array, ColSpec, ParamSchema, ParamSpec, Schema
+    from mlflow.types.schema import AnyType, Array, ColSpec, Object, ParamSchema, ParamSpec, Property, Schema
 
-    # The input column is unnamed so that a plain list of videos passes schema enforcement too.
+    windows = Object([Property("start_s", "double"), Property("end_s", "double"),
+                      Property("labels", Array("string")), Property("scores", Array("double"))])
+    segments = Object([Property("start_s", "double"), Property("end_s", "double"), Property("label", "string"),
+                       Property("score", "double")])
+    # The input column is unnamed so that a plain list of videos passes schema enforcement too. The output
+    # columns other than `video` depend on the mode, hence optional.
     return ModelSignature(
         inputs=Schema([ColSpec(AnyType())]),
-        outputs=Schema([ColSpec("string", "video"), ColSpec(Array("string"), "labels"),
-                        ColSpec(Array("double"), "scores")]),
-        params=ParamSchema([ParamSpec("top_k", "long", 5)]))
+        outputs=Schema([ColSpec("string", "video"), ColSpec(Array("string"), "labels", required=False),
+                        ColSpec(Array("double"), "scores", required=False),
+                        ColSpec(Array(windows), "windows", required=False),
+                        ColSpec(Array(segments), "segments", required=False)]),
+        params=ParamSchema([ParamSpec("top_k", "long", 5), ParamSpec("timeline", "boolean", False),
+                            ParamSpec("window_s", "double", 0.0), ParamSpec("stride_s", "double", 0.0)]))
 
 
 class PyFuncVideoClassifier:
@@ -455,9 +464,27 @@ class PyFuncVideoClassifier:
         self.allow_paths = allow_paths
 
     def predict(self, model_input, params: dict | None = None):
+        """One row per video. params: top_k (default 5); timeline (default false); window_s, stride_s (seconds,
+        timeline only; 0 or absent: one clip, and the window).
+
+        Default: columns video, labels, scores (the top_k classes over the video's test views).
+        timeline=true: columns video, windows, segments, holding the lists `VideoClassifier.timeline` returns
+        (windows: start_s, end_s, labels, scores; segments: start_s, end_s, label, score). They stay lists of
+        dicts, not JSON strings: MLflow's scoring server writes a DataFrame as records with json.dumps, so over
+        REST they arrive as JSON arrays of objects, the shape `predict --timeline --json` writes, and a client
+        parses once; JSON strings would arrive as JSON inside JSON, to be parsed twice."""
         import pandas as pd
 
-        top_k = int((params or {}).get("top_k", 5))
+        params = params or {}
+        top_k = int(params.get("top_k", 5))
+        if top_k < 1:
+            raise _invalid(f"params top_k must be 1 or more, got {top_k}")
+        timeline = params.get("timeline", False)
+        if not isinstance(timeline, bool):
+            raise _invalid(f"params timeline must be true or false, got {timeline!r}")
+        window_s, stride_s = (self._seconds(params, key) for key in ("window_s", "stride_s"))
+        if not timeline and (window_s or stride_s):
+            raise _invalid("params window_s and stride_s are for timelines: add timeline=true")
         if isinstance(model_input, (pd.DataFrame, dict)):
             columns = list(model_input.keys())
             column = INPUT_COLUMN if INPUT_COLUMN in columns else columns[0] if len(columns) == 1 else None
@@ -474,11 +501,24 @@ class PyFuncVideoClassifier:
             source = _as_source(value, i, self.allow_paths)
             name = describe(source, i)
             try:
-                rows += self.classifier.predict([source], top_k=top_k, names=[name])
+                if timeline:
+                    rows.append(self.classifier.timeline(source, name, window_s=window_s, stride_s=stride_s,
+                                                         top_k=top_k))
+                else:
+                    rows += self.classifier.predict([source], top_k=top_k, names=[name])
             except VideoDecodeError as exc:
                 # A client's bad upload is a 400 naming the video, not a 500 with the server's traceback.
                 raise _invalid(f"video {i} ({name}): {exc}") from None
         return pd.DataFrame(rows)
+
+    @staticmethod
+    def _seconds(params: dict, key: str) -> float | None:
+        """A timeline length param: None (the default) for 0 or absent, else a positive number of seconds."""
+        value = params.get(key) or None
+        number = isinstance(value, (int, float)) and not isinstance(value, bool)
+        if value is not None and not (number and math.isfinite(value) and value > 0):
+            raise _invalid(f"params {key} must be a number of seconds > 0 (or 0 for the default), got {value!r}")
+        return value
 
 
 def _invalid(message: str):

@@ -165,8 +165,10 @@ def test_jpeg_rows_share_the_bytes_of_frames_that_views_share(gop_videos):
 def test_timeline_windows_cut_clips_along_the_video(tmp_path):
     video = encode_frame_number_video(tmp_path / "v.mp4", 300, gop=30)
     assert EVAL.clip_seconds == pytest.approx(64 / 30)
-    windows = EVAL.windows(300, window_s=64 / 30, stride_s=1.0)
-    # Windows of one clip (64 frames) every 30 frames, all inside the 300 frames: starts 0, 30, ..., 210.
+    *windows, tail = EVAL.windows(300, window_s=64 / 30, stride_s=1.0)
+    # Windows of one clip (64 frames) every 30 frames, all inside the 300 frames: starts 0, 30, ..., 210, and
+    # one more ending with the video (236 + 64 = 300).
+    assert tail.plans[0].start_frame == pytest.approx(236.0) and tail.plans[0].indices[-1] == 299
     plans = [w.plans[0] for w in windows]
     assert [len(w.plans) for w in windows] == [1] * 8
     assert [p.start_frame for p in plans] == pytest.approx([30.0 * k for k in range(8)])
@@ -180,8 +182,9 @@ def test_timeline_windows_cut_clips_along_the_video(tmp_path):
         assert clips.start_sec(i) == pytest.approx(float(i))
     assert read_frame_numbers(clips.clip(7))[-1] == 273  # 210 + 63
 
-    # Default: back-to-back windows of one clip; 300 frames hold 4 of 64/30 s.
-    assert [round(w.start_s * 30) for w in EVAL.windows(300)] == [0, 64, 128, 192]
+    # Default: back-to-back windows of one clip; 300 frames hold 4 of 64/30 s, and a fifth ends with the video.
+    assert [round(w.start_s * 30) for w in EVAL.windows(300)] == [0, 64, 128, 192, 236]
+    assert EVAL.windows(300)[-1].end_s == pytest.approx(10.0)
     # A 4-second window is scored by 2 clips centred on its halves; a 1-second one by one clip reaching out.
     (first, *_) = EVAL.windows(300, window_s=4.0, stride_s=2.0)
     assert [p.start_frame for p in first.plans] == pytest.approx([0.0, 58.0])  # centres 30, 90; clamped at 0

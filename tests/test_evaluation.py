@@ -8,7 +8,7 @@ import torch
 
 from conftest import load_benchmark, pipeline_config
 from pipelines.data import storage_of
-from pipelines.evaluate import eval_set, score
+from pipelines.evaluate import eval_set, score, score_on_ray
 from pipelines.train import prepare_data
 from pipelines.train_loop import LoopConfig, Worker, validate
 from slowfast.model import SlowFast
@@ -85,3 +85,18 @@ def test_validation_evaluate_and_ablation_give_the_same_figures(prepared, ablati
     _, _, p1 = direct.videos.video_scores()
     _, _, p2 = again.videos.video_scores()
     assert torch.allclose(torch.from_numpy(p1), torch.from_numpy(p2), atol=1e-6)
+
+
+@pytest.mark.parametrize("spatial_crops", [1, 3])
+def test_evaluation_on_ray_data_gives_the_driver_side_figures(prepared, spatial_crops):
+    """The workflow's evaluate scores on the cluster (decode tasks, an actor pool); the driver-side loop it
+    replaced gives the same figures on the same network and views."""
+    cfg, store, _, net = prepared
+    cfg = cfg.model_copy(update={"evaluate": cfg.evaluate.model_copy(update={"spatial_crops": spatial_crops})})
+    es = eval_set(cfg, store, log=lambda *_: None)
+    assert len(es.shards) > 1  # several decode tasks, merged
+    local = score(net, es, store, batch_size=4, device="cpu")
+    on_ray = score_on_ray(cfg, net, es, store)
+    for key in ("top1", "top5", "mean_class_accuracy", "num_videos", "views_per_video", "confusion", "per_class"):
+        assert on_ray[key] == local[key], key
+    assert on_ray["views_per_video"] == {"min": WANTED * spatial_crops, "max": WANTED * spatial_crops}

@@ -79,6 +79,22 @@ def test_rest_scores_base64_bytes(server, registered):
     assert row["scores"][0] >= row["scores"][1] > 0 and sum(row["scores"]) <= 1 + 1e-6
 
 
+def test_rest_timeline_returns_windows_and_segments_as_json_objects(server, registered):
+    encoded = base64.b64encode(registered["video"].read_bytes()).decode()
+    status, body = invoke(server, {"inputs": [encoded], "params": {"timeline": True, "stride_s": 0.5, "top_k": 2}})
+    assert status == 200, body
+    row = json.loads(body)["predictions"][0]
+    assert set(row) == {"video", "windows", "segments"}
+    # 1.5 s in windows of one clip (16 frames at 30 fps, 0.533 s) every 0.5 s, and a last one ending with the video.
+    assert [(w["start_s"], w["end_s"]) for w in row["windows"]] == [(0.0, 0.533), (0.5, 1.033), (0.967, 1.5)]
+    assert all(len(w["labels"]) == len(w["scores"]) == 2 and set(w["labels"]) <= {"a", "b", "c"}
+               for w in row["windows"])
+    assert row["segments"][0]["start_s"] == 0.0 and row["segments"][-1]["end_s"] == 1.5
+    tops = [w["labels"][0] for w in row["windows"]]
+    runs = [label for i, label in enumerate(tops) if i == 0 or tops[i - 1] != label]
+    assert [s["label"] for s in row["segments"]] == runs
+
+
 def test_rest_refuses_a_server_path_even_when_the_request_asks(server, registered):
     path = str(registered["video"])  # a real video the server could read
     for params in ({"top_k": 2}, {"top_k": 2, "allow_paths": True}):

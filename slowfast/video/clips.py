@@ -57,8 +57,9 @@ class ClipSampling:
     def windows(self, num_frames: int, window_s: float | None = None,
                 stride_s: float | None = None) -> list["Window"]:
         """A timeline of a video of ``num_frames`` target-fps frames: windows of ``window_s`` seconds (default
-        one clip) every ``stride_s`` (default ``window_s``) from 0, as long as they fit in the video (a video
-        shorter than a window gets one, to its end). Each window is scored by ``round(window_s / clip
+        one clip) every ``stride_s`` (default ``window_s``) from 0, as long as they fit in the video, and a last
+        one ending with the video where those stop short of it (a video shorter than a window gets one, to
+        its end). Each window is scored by ``round(window_s / clip
         seconds)`` clips (at least 1) centred on equal parts of it, each with the Fast frames an eval view
         would have; a window shorter than a clip gets one clip centred on it, reaching past its edges."""
         window_s = self.clip_seconds if window_s is None else float(window_s)
@@ -67,11 +68,13 @@ class ClipSampling:
             raise ValueError(f"timeline windows need window_s > 0 and stride_s > 0, got {window_s} and {stride_s}")
         duration = num_frames / self.target_fps
         count = max(1, int((duration - window_s) / stride_s + 1e-9) + 1) if duration >= window_s else 1
+        starts = [w * stride_s for w in range(count)]
+        if duration >= window_s and starts[-1] + window_s < duration - 1e-6:
+            starts.append(duration - window_s)  # the tail: a last window ending with the video
         per_window = max(1, round(window_s / self.clip_seconds))
         last_start = max(num_frames - self.clip_size, 0)
         out, clip_index = [], 0
-        for w in range(count):
-            start_s = w * stride_s
+        for w, start_s in enumerate(starts):
             end_s = min(start_s + window_s, duration)
             plans = []
             for i in range(per_window):
