@@ -21,6 +21,7 @@ import torch
 from conftest import pipeline_config
 from pipelines import tracking
 from pipelines.infer import InferError, Job, run_infer
+from pipelines.storage import S3Options, Storage
 from slowfast.model import SlowFast
 from slowfast.serving import ClipSpec
 
@@ -126,10 +127,18 @@ def test_a_list_file_and_s3_in_and_out(ray_local, registered, synth_set, s3_endp
     body = s3.get_object(Bucket="clips", Key="scores/quarantine.csv")["Body"].read().decode()
     assert f"{tmp / 'gone.mp4'},missing_file," in body
 
+    s3.put_object(Bucket="clips", Key="incoming/truncated.mp4", Body=local[1].read_bytes()[:2000])
     prefix = run_infer(cfg, uri, "s3://clips/incoming", "s3://clips/scores-2", Job(top_k=1), log=lambda *_: None)
-    assert prefix["scored_now"] == 2
+    assert (prefix["scored_now"], prefix["quarantined_now"]) == (2, 1)
     summary = json.loads(s3.get_object(Bucket="clips", Key="scores-2/summary.json")["Body"].read())
-    assert summary["scored_total"] == 2
+    assert (summary["scored_total"], summary["quarantined_total"]) == (2, 1)
+    body = s3.get_object(Bucket="clips", Key="scores-2/quarantine.csv")["Body"].read().decode()
+    assert body.splitlines()[1].startswith("s3://clips/incoming/truncated.mp4,")
+    # The S3 scores equal the local ones of the same video (predict's, by the first test).
+    scored = pq.read_table("clips/scores-2/predictions", filesystem=Storage("s3://clips", S3Options(s3_endpoint)).fs)
+    row = scored.to_pandas().set_index("video").loc[f"s3://clips/incoming/{local[0].name}"]
+    want = tracking.load_registered(cfg, uri).predict([local[0]], top_k=1)[0]
+    assert list(row["labels"]) == want["labels"] and np.allclose(row["scores"], want["scores"], atol=1e-5)
 
 
 def test_killed_mid_run_resumes_exactly_once(registered, synth_set):
