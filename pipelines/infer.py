@@ -138,54 +138,49 @@ def _list_file(path: Path, s3: S3Options) -> tuple[list[VideoTask], list[tuple[s
 
 # --- the Ray Data stages -------------------------------------------------------------------------
 
-class CutViews:
-    """Videos in, their views out (fast frames as raw uint8 bytes plus shape), or why not."""
+def cut_views(batch: dict, spec: dict, job: dict, s3: S3Options) -> dict:
+    """Ray Data task (decode tasks scale with the CPUs, unlike a fixed actor pool): videos in, their views out
+    (fast frames as raw uint8 bytes plus shape), or why not."""
+    spec, job = ClipSpec(**spec), Job(**job)
+    out = {k: [] for k in ("video", "size", "etag", "views", "shape", "slow_index", "test_views", "windows",
+                           "reason", "detail")}
+    for i in range(len(batch["video"])):
+        task = VideoTask(**{k: _scalar(batch[k][i]) for k in ("video", "root", "rel", "size", "etag")})
+        # "" rather than None: a column of nulls does not come back from Arrow as strings
+        fast, slow, test_views, windows, reason, detail = None, None, 0, [], "", ""
+        try:
+            fast, slow, test_views, windows = _cut(VideoSource(task.root, s3), task, spec, job)
+        except VideoDecodeError as exc:
+            reason, detail = exc.reason, exc.detail
+        except Exception as exc:  # noqa: BLE001 - one bad video is reported, the run goes on
+            reason, detail = DECODE_ERROR, f"{type(exc).__name__}: {exc}"
+        out["video"].append(task.video)
+        out["size"].append(task.size)
+        out["etag"].append(task.etag)
+        out["views"].append(b"" if fast is None else fast.tobytes())
+        out["shape"].append([] if fast is None else list(fast.shape))
+        out["slow_index"].append([] if slow is None else slow.tolist())
+        out["test_views"].append(test_views)
+        out["windows"].append(json.dumps(windows))
+        out["reason"].append(reason)
+        out["detail"].append(detail)
+    return out
 
-    def __init__(self, spec: dict, job: dict, s3: S3Options):
-        self.spec, self.job, self.s3 = ClipSpec(**spec), Job(**job), s3
-        self.sources: dict[str, VideoSource] = {}
 
-    def __call__(self, batch: dict) -> dict:
-        out = {k: [] for k in ("video", "size", "etag", "views", "shape", "slow_index", "test_views", "windows",
-                               "reason", "detail")}
-        for i in range(len(batch["video"])):
-            task = VideoTask(**{k: _scalar(batch[k][i]) for k in ("video", "root", "rel", "size", "etag")})
-            # "" rather than None: a column of nulls does not come back from Arrow as strings
-            fast, slow, test_views, windows, reason, detail = None, None, 0, [], "", ""
-            try:
-                fast, slow, test_views, windows = self.cut(task)
-            except VideoDecodeError as exc:
-                reason, detail = exc.reason, exc.detail
-            except Exception as exc:  # noqa: BLE001 - one bad video is reported, the run goes on
-                reason, detail = DECODE_ERROR, f"{type(exc).__name__}: {exc}"
-            out["video"].append(task.video)
-            out["size"].append(task.size)
-            out["etag"].append(task.etag)
-            out["views"].append(b"" if fast is None else fast.tobytes())
-            out["shape"].append([] if fast is None else list(fast.shape))
-            out["slow_index"].append([] if slow is None else slow.tolist())
-            out["test_views"].append(test_views)
-            out["windows"].append(json.dumps(windows))
-            out["reason"].append(reason)
-            out["detail"].append(detail)
-        return out
+def _cut(source: VideoSource, task: VideoTask, spec: ClipSpec, job: Job):
+    """The test views, then (with a timeline) every window's, cut in one pass over the video."""
+    found, counts = [], []
 
-    def cut(self, task: VideoTask):
-        """The test views, then (with a timeline) every window's, cut in one pass over the video."""
-        source = self.sources.get(task.root) or self.sources.setdefault(task.root, VideoSource(task.root, self.s3))
-        spec, job = self.spec, self.job
-        found, counts = [], []
+    def plans(num_frames: int):
+        test = spec.sampling.plans(num_frames)
+        counts.append(len(test) * spec.spatial_crops)
+        if job.windows:
+            found.extend(spec.sampling.windows(num_frames, job.window_s, job.stride_s))
+        return test + [p for w in found for p in w.plans]
 
-        def plans(num_frames: int):
-            test = spec.sampling.plans(num_frames)
-            counts.append(len(test) * spec.spatial_crops)
-            if job.windows:
-                found.extend(spec.sampling.windows(num_frames, job.window_s, job.stride_s))
-            return test + [p for w in found for p in w.plans]
-
-        fast, slow = spec.cut_views(source.open(task.rel), task.video, plans=plans)
-        windows = [{"start_s": w.start_s, "end_s": w.end_s, "clips": len(w.plans)} for w in found]
-        return fast, slow, counts[0], windows
+    fast, slow = spec.cut_views(source.open(task.rel), task.video, plans=plans)
+    windows = [{"start_s": w.start_s, "end_s": w.end_s, "clips": len(w.plans)} for w in found]
+    return fast, slow, counts[0], windows
 
 
 class Score:
@@ -229,11 +224,6 @@ class Score:
             row["windows"] = json.dumps([{"start_s": round(w["start_s"], 3), "end_s": round(w["end_s"], 3),
                                           **c.top(p, job.top_k)} for w, p in zip(windows, per_window)])
         return row
-
-
-def cut_views(batch: dict, spec: dict, job: dict, s3: S3Options) -> dict:
-    """Ray Data task (decode tasks scale with the CPUs, unlike a fixed actor pool): `CutViews` of a batch."""
-    return CutViews(spec, job, s3)(batch)
 
 
 def pack_model(net: torch.nn.Module, **extra) -> dict:
