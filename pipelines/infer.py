@@ -169,18 +169,10 @@ def cut_views(batch: dict, spec: dict, job: dict, s3: S3Options) -> dict:
 
 def _cut(source: VideoSource, task: VideoTask, spec: ClipSpec, job: Job):
     """The test views, then (with a timeline) every window's, cut in one pass over the video."""
-    found, counts = [], []
-
-    def plans(num_frames: int):
-        test = spec.sampling.plans(num_frames)
-        counts.append(len(test) * spec.spatial_crops)
-        if job.windows:
-            found.extend(spec.sampling.windows(num_frames, job.window_s, job.stride_s))
-        return test + [p for w in found for p in w.plans]
-
-    fast, slow = spec.cut_views(source.open(task.rel), task.video, plans=plans)
+    fast, slow, test_views, found = spec.cut_timeline(source.open(task.rel), task.video, windows=job.windows,
+                                                      window_s=job.window_s, stride_s=job.stride_s)
     windows = [{"start_s": w.start_s, "end_s": w.end_s, "clips": len(w.plans)} for w in found]
-    return fast, slow, counts[0], windows
+    return fast, slow, test_views, windows
 
 
 class Score:

@@ -62,6 +62,25 @@ class ClipSpec:
                          for view in transforms.eval_views(clips.clip(i), self.crop, self.spatial_crops)])
         return fast, np.asarray(clips.slow_index)
 
+    def cut_timeline(self, source: Source, name: str | None = None, *, test_views: bool = True,
+                     windows: bool = True, window_s: float | None = None, stride_s: float | None = None
+                     ) -> tuple[np.ndarray, np.ndarray, int, list[Window]]:
+        """In one pass over the video: the test views (with `test_views`), then every timeline window's
+        (with `windows`, `ClipSampling.windows`). Returns the views and slow indices as `cut_views` does,
+        how many of the views are test views, and the windows."""
+        found: list[Window] = []
+        counts: list[int] = []
+
+        def plans(num_frames: int):
+            test = self.sampling.plans(num_frames) if test_views else []
+            counts.append(len(test) * self.spatial_crops)
+            if windows:
+                found.extend(self.sampling.windows(num_frames, window_s, stride_s))
+            return test + [p for w in found for p in w.plans]
+
+        fast, slow_index = self.cut_views(source, name, plans=plans)
+        return fast, slow_index, counts[0], found
+
 
 class VideoClassifier:
     """A SlowFast network, its class names and its ClipSpec: video in, class probabilities out."""
@@ -82,14 +101,9 @@ class VideoClassifier:
     def windows(self, source: Source, name: str | None = None, window_s: float | None = None,
                 stride_s: float | None = None) -> tuple[list[Window], np.ndarray, np.ndarray]:
         """A timeline's windows (`ClipSampling.windows`) and their views, as `views` returns them."""
-        found: list[Window] = []
-
-        def plans(num_frames: int):
-            found.extend(self.spec.sampling.windows(num_frames, window_s, stride_s))
-            return [p for w in found for p in w.plans]
-
-        fast, slow_index = self.views(source, name, plans=plans)
-        return found, fast, slow_index
+        fast, slow_index, _, windows = self.spec.cut_timeline(source, name, test_views=False, window_s=window_s,
+                                                              stride_s=stride_s)
+        return windows, fast, slow_index
 
     @torch.no_grad()
     def score(self, fast: np.ndarray, slow_index: np.ndarray, *, features: bool = False
