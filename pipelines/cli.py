@@ -15,6 +15,7 @@ import pipelines
 from pipelines import ray_runtime
 from pipelines.config import ConfigError, PipelineConfig, SynthSection, load_config
 from pipelines.errors import PipelineError
+from slowfast.video.clips import positive_seconds
 
 EXIT_OK, EXIT_FAILED, EXIT_CONFIG = 0, 1, 2
 
@@ -150,7 +151,7 @@ def cmd_predict(args: argparse.Namespace, config: PipelineConfig | None) -> int:
         if needs:
             args.parser.error(f"{', '.join(needs)} only with --timeline (add --timeline for a per-window timeline)")
     for flag, value in (("--window-s", args.window_s), ("--stride-s", args.stride_s)):
-        if value is not None and not 0 < value < float("inf"):
+        if value is not None and not positive_seconds(value):
             args.parser.error(f"{flag} must be a number of seconds > 0, got {value}")
     if args.top_k < 1:
         args.parser.error(f"--top-k must be 1 or more, got {args.top_k}")

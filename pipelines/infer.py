@@ -34,6 +34,7 @@ import torch
 
 from slowfast.serving import ClipSpec, VideoClassifier, window_probabilities
 from slowfast.shards import manifest
+from slowfast.video.clips import positive_seconds
 from slowfast.video.decode import DECODE_ERROR, VideoDecodeError
 
 from . import tracking
@@ -64,7 +65,7 @@ class Job:
         if self.top_k < 1:
             raise InferError(f"--top-k {self.top_k}: must be 1 or more")
         for flag, value in (("--window-s", self.window_s), ("--stride-s", self.stride_s)):
-            if value is not None and not (value > 0 and math.isfinite(value)):
+            if value is not None and not positive_seconds(value):
                 raise InferError(f"{flag} {value}: must be a positive number of seconds")
             if value is not None and not self.windows:
                 raise InferError(f"{flag} is for timeline windows: add --windows")

@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from slowfast.serving import ClipSpec, VideoClassifier, describe
+from slowfast.video.clips import positive_seconds
 from slowfast.video.decode import VideoDecodeError
 
 from .errors import PipelineError
@@ -515,8 +516,7 @@ class PyFuncVideoClassifier:
     def _seconds(params: dict, key: str) -> float | None:
         """A timeline length param: None (the default) for 0 or absent, else a positive number of seconds."""
         value = params.get(key) or None
-        number = isinstance(value, (int, float)) and not isinstance(value, bool)
-        if value is not None and not (number and math.isfinite(value) and value > 0):
+        if value is not None and not positive_seconds(value):
             raise _invalid(f"params {key} must be a number of seconds > 0 (or 0 for the default), got {value!r}")
         return value
 

@@ -4,6 +4,7 @@ they see the same frames of the same video; `sampling.py` holds the arithmetic, 
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
@@ -13,6 +14,11 @@ from slowfast.video.decode import VideoReader
 from slowfast.video.sampling import ClipPlan, plan_clips, slow_indices, temporal_indices
 
 MODES = ("train", "eval")
+
+
+def positive_seconds(value) -> bool:
+    """A usable timeline length: a finite number of seconds above 0 (not a bool, not NaN)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value > 0
 
 
 @dataclass(frozen=True)
@@ -64,7 +70,7 @@ class ClipSampling:
         would have; a window shorter than a clip gets one clip centred on it, reaching past its edges."""
         window_s = self.clip_seconds if window_s is None else float(window_s)
         stride_s = window_s if stride_s is None else float(stride_s)
-        if not (window_s > 0 and stride_s > 0):
+        if not (positive_seconds(window_s) and positive_seconds(stride_s)):
             raise ValueError(f"timeline windows need window_s > 0 and stride_s > 0, got {window_s} and {stride_s}")
         duration = num_frames / self.target_fps
         count = max(1, int((duration - window_s) / stride_s + 1e-9) + 1) if duration >= window_s else 1
