@@ -123,6 +123,18 @@ def write_json(path: str | Path, payload: Mapping[str, object]) -> None:
     path.write_text(json.dumps(payload, indent=2) + "\n")
 
 
+def publish_summary(summary: Mapping[str, object], table: str, summary_path: Path, where: str,
+            json_path: str | None = None) -> None:
+    """A study's end: its summary.json, the table and where everything went on stdout, and the summary
+    also at --json when given."""
+    write_json(summary_path, summary)
+    print(table)
+    print(f"\n{where}")
+    if json_path:
+        write_json(json_path, summary)
+        print(f"results written to {json_path}")
+
+
 @contextlib.contextmanager
 def torchvision_stub() -> Iterator[None]:
     """Let `import pytorchvideo.models` succeed where torchvision is not installed.

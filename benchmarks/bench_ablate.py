@@ -55,7 +55,7 @@ _ROOT = str(Path(__file__).resolve().parents[1])
 if _ROOT not in sys.path:  # run as a script or loaded by path: make `benchmarks`, `pipelines`, `slowfast` importable
     sys.path.insert(0, _ROOT)
 
-from benchmarks._common import environment, format_table, write_json  # noqa: E402
+from benchmarks._common import environment, format_table, publish_summary  # noqa: E402
 from pipelines.config import ConfigError, PipelineConfig, load_config  # noqa: E402
 from pipelines.data import storage_of  # noqa: E402
 from pipelines.storage import is_s3  # noqa: E402
@@ -596,13 +596,8 @@ def main(argv: list[str] | None = None) -> int:
                "slow_only_ceiling": ceiling, "trained_now": trained, "skipped": len(jobs) - trained,
                "wall_s": round(wall, 1), "cpu_s": round(cpu, 1), "prepare_s": round(prepared_s, 1),
                "load_average": [round(x, 2) for x in load]}
-    write_json(out / "summary.json", summary)
-    print(md)
-    print(f"\ntable {out / 'ablation.md'}, plot {out / 'ablation.png'}, MLflow experiment "
-          f"{cfg.mlflow.experiment!r} at {tracking.tracking_uri(cfg)}")
-    if args.json:
-        write_json(args.json, summary)
-        print(f"results written to {args.json}")
+    publish_summary(summary, md, out / "summary.json", f"table {out / 'ablation.md'}, plot {out / 'ablation.png'}, "
+                    f"MLflow experiment {cfg.mlflow.experiment!r} at {tracking.tracking_uri(cfg)}", args.json)
     return 0
 
 

@@ -62,7 +62,7 @@ _ROOT = str(Path(__file__).resolve().parents[1])
 if _ROOT not in sys.path:  # run as a script or loaded by path: make `benchmarks`, `pipelines`, `slowfast` importable
     sys.path.insert(0, _ROOT)
 
-from benchmarks._common import environment, format_table, ratio, write_json  # noqa: E402
+from benchmarks._common import environment, format_table, publish_summary, ratio  # noqa: E402
 from benchmarks.bench_ablate import eval_batches, mean_curve, train_variant  # noqa: E402
 from pipelines.config import ConfigError, PipelineConfig, load_config  # noqa: E402
 from pipelines.data import storage_of, synthesize  # noqa: E402
@@ -664,12 +664,9 @@ def main(argv: list[str] | None = None) -> int:
                "formats": checks, "arms": rows, "runs": results, "findings": checked, "trained_now": trained,
                "wall_s": round(wall, 1), "cpu_s": round(cpu, 1), "prepare_s": round(prepared_s, 1),
                "load_average": [round(x, 2) for x in load], "workers": args.workers, "threads": args.threads}
-    write_json(out / "summary.json", summary)
-    print(md)
-    print(f"\ntable {out / 'finetune.md'}, plot {out / 'finetune.png'}, summary {out / 'summary.json'}")
-    if args.json:
-        write_json(args.json, summary)
-        print(f"results written to {args.json}")
+    publish_summary(summary, md, out / "summary.json",
+                    f"table {out / 'finetune.md'}, plot {out / 'finetune.png'}, summary {out / 'summary.json'}",
+                    args.json)
     return 0
 
 
