@@ -28,8 +28,9 @@ infer: `pipelines.infer.run_infer` itself, into a fresh folder each, with infer.
   1 worker: infer.cpus_per_worker 1, decode_cpus 1. 2 workers: cpus_per_worker 0.75 (still one torch thread) and
   decode_cpus 0.25, so both actors and two decode tasks fit in 2 CPUs: a whole CPU per decode task would leave no
   room for the second actor, and decoding a video costs a few percent of scoring it (the table's notes say how
-  much). The CPU time of the scoring actors and of the decode tasks over the window is sampled from /proc (Linux,
-  for a Ray this process started), giving views per CPU-second: per scoring core, and per CPU used in all.
+  much). The CPU time of the scoring actors over the window is sampled from /proc (Linux, for a Ray this process
+  started), giving views per scoring CPU-second; the decode tasks time their own CPU per video (they run ahead of
+  scoring, so the window's share is their CPU per view times its views), giving views per CPU-second in all.
 """
 from __future__ import annotations
 
@@ -223,7 +224,10 @@ def infer_case(cfg: PipelineConfig, uri: str, videos: Path, out: Path, pool: Poo
     span = closes - opens
     used = cores.between(opens, closes)
     scoring_cpu = used["scoring_cores"] * span if used else None
-    all_cpu = (used["scoring_cores"] + used["decode_cores"]) * span if used else None
+    # Decode tasks run ahead of scoring (on short videos all may be cut before the window opens), so the
+    # window's share of decoding is the CPU time the tasks themselves measured per view, times its views.
+    cut_cpu_per_view = summary["cut_cpu_s"] / summary["views_now"]
+    all_cpu = scoring_cpu + cut_cpu_per_view * views if used else None
     rate = views / span
     return {
         **asdict(pool), "videos": summary["scored_now"], "quarantined": summary["quarantined_now"],
@@ -232,6 +236,7 @@ def infer_case(cfg: PipelineConfig, uri: str, videos: Path, out: Path, pool: Poo
         "views_per_s": rate, "views_per_s_per_scoring_core": rate / pool.workers,
         "views_per_cpu_s_scoring": views / scoring_cpu if scoring_cpu else None,
         "views_per_cpu_s_all": views / all_cpu if all_cpu else None,
+        "cut_cpu_s_per_view": cut_cpu_per_view, "score_cpu_s_per_view": summary["score_cpu_s"] / summary["views_now"],
         "cores": used, "commit_times_s": [round(t - started, 2) for t, _ in commits],
     }
 
@@ -290,8 +295,8 @@ def report(results: dict, args, command: str) -> str:
         "start-up, model load and the first video are left out. Per scoring core: views/s / workers (one torch "
         "thread each).",
         "views per CPU-s: per CPU second of the scoring process (baseline: this process; infer: the Score actors), "
-        "and (all) with the decoding too (baseline: the cut_views calls; infer: the decode tasks), sampled from "
-        "/proc.",
+        "sampled from /proc, and (all) with the decoding too (baseline: the cut_views calls; infer: the CPU time "
+        "the decode tasks measured per view, times the window's views).",
         f"Decoding and cutting a video's views took {base['cut_cpu_s_per_video']:.3f} CPU-s, scoring it "
         f"{base['score_cpu_s_per_video']:.3f} CPU-s ({100 * ratios['decode_share']:.1f}%): on 2 cores, 2 workers "
         f"can reach at most {ratios['two_workers_over_one_bound_on_2_cores']:.3f}x one worker.",

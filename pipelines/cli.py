@@ -217,7 +217,8 @@ def cmd_infer(args: argparse.Namespace, config: PipelineConfig) -> int:
     s = run_infer(config, uri, args.videos, args.out, job)
     print(f"summary: {s['scored_now']} videos scored now ({s['views_now']} views, {s['videos_per_s']} videos/s), "
           f"{s['quarantined_now']} unreadable; {s['scored_total']} scored in all, {s['wall_s']:.0f}s\n"
-          f"  predictions  {s['predictions']}" + (f"\n  windows      {s['windows']}" if s["windows"] else "")
+          + (f"  CPU time: decoding {s['cut_cpu_s']:.1f} s, scoring {s['score_cpu_s']:.1f} s\n" if s["scored_now"] else "")
+          + f"  predictions  {s['predictions']}" + (f"\n  windows      {s['windows']}" if s["windows"] else "")
           + f"\n  quarantine   {s['quarantine_report']} ({s['quarantined_total']} videos)")
     return EXIT_OK
 

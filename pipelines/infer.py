@@ -144,11 +144,12 @@ def cut_views(batch: dict, spec: dict, job: dict, s3: S3Options) -> dict:
     (fast frames as raw uint8 bytes plus shape), or why not."""
     spec, job = ClipSpec(**spec), Job(**job)
     out = {k: [] for k in ("video", "size", "etag", "views", "shape", "slow_index", "test_views", "windows",
-                           "reason", "detail")}
+                           "reason", "detail", "cut_cpu_s")}
     for i in range(len(batch["video"])):
         task = VideoTask(**{k: _scalar(batch[k][i]) for k in ("video", "root", "rel", "size", "etag")})
         # "" rather than None: a column of nulls does not come back from Arrow as strings
         fast, slow, test_views, windows, reason, detail = None, None, 0, [], "", ""
+        started = time.process_time()  # the codec's threads included
         try:
             fast, slow, test_views, windows = _cut(VideoSource(task.root, s3), task, spec, job)
         except VideoDecodeError as exc:
@@ -165,6 +166,7 @@ def cut_views(batch: dict, spec: dict, job: dict, s3: S3Options) -> dict:
         out["windows"].append(json.dumps(windows))
         out["reason"].append(reason)
         out["detail"].append(detail)
+        out["cut_cpu_s"].append(time.process_time() - started)
     return out
 
 
@@ -188,14 +190,17 @@ class Score:
 
     def __call__(self, batch: dict) -> dict:
         out = {k: [] for k in ("video", "size", "etag", "reason", "detail", "views", "labels", "scores", "embedding",
-                               "windows")}
+                               "windows", "cut_cpu_s", "score_cpu_s")}
         for i in range(len(batch["video"])):
             reason = _scalar(batch["reason"][i])
             row = {"video": _scalar(batch["video"][i]), "size": int(batch["size"][i]), "etag": _scalar(batch["etag"][i]),
                    "reason": reason, "detail": _scalar(batch["detail"][i]), "views": 0, "labels": "[]",
-                   "scores": "[]", "embedding": b"", "windows": "[]"}
+                   "scores": "[]", "embedding": b"", "windows": "[]", "cut_cpu_s": float(batch["cut_cpu_s"][i]),
+                   "score_cpu_s": 0.0}
             if not reason:
+                started = time.process_time()  # torch's threads included
                 row.update(self.score(batch, i))
+                row["score_cpu_s"] = time.process_time() - started
             for k, v in row.items():
                 out[k].append(v)
         return out
@@ -370,6 +375,7 @@ def run_infer(cfg: PipelineConfig, model_uri: str, videos: str, out_uri: str, jo
     summary = {"model_uri": model_uri, "videos": videos, "out": out.uri(), "listed": len(tasks) + len(bad),
                "scored_now": writer.scored, "quarantined_now": writer.quarantined, "scored_total": scored,
                "quarantined_total": len(state.videos) - scored, "views_now": writer.views,
+               "cut_cpu_s": round(writer.cpu_s["cut"], 3), "score_cpu_s": round(writer.cpu_s["score"], 3),
                "wall_s": round(wall, 2), "videos_per_s": round(writer.scored / wall, 3) if writer.scored else 0.0,
                "quarantine_report": report, "predictions": out.uri(PREDICTIONS),
                "windows": out.uri(WINDOWS) if job.windows else None}
@@ -385,6 +391,7 @@ class Writer:
         self.pending: list[dict] = []
         self.last = time.time()
         self.scored = self.quarantined = self.views = 0
+        self.cpu_s = {"cut": 0.0, "score": 0.0}  # CPU seconds the decode tasks and scoring actors spent
 
     def add(self, rows: list[dict]) -> None:
         self.pending.extend(rows)
@@ -408,6 +415,8 @@ class Writer:
         self.scored += len(good)
         self.quarantined += len(self.pending) - len(good)
         self.views += sum(int(r["views"]) for r in good)
+        for step in self.cpu_s:
+            self.cpu_s[step] += sum(float(r.get(f"{step}_cpu_s", 0.0)) for r in self.pending)
         self.pending.clear()
         self.last = time.time()
         self.log(f"  infer: {self.scored + self.quarantined}/{self.total} videos committed "

@@ -48,6 +48,7 @@ def test_quick_run_reports_the_baseline_both_pools_and_the_ratios_over_the_same_
         # A Ray this process started: the scoring actors' and decode tasks' CPU time was sampled.
         assert run["cores"]["scoring_cores"] > 0
         assert run["views_per_cpu_s_scoring"] > run["views_per_cpu_s_all"] > 0
+        assert run["cut_cpu_s_per_view"] > 0 and run["score_cpu_s_per_view"] > run["cut_cpu_s_per_view"]
     assert result["every_video_scored"] is True
 
     ratios, one, two = result["ratios"], runs["infer_1"], runs["infer_2"]

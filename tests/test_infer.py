@@ -64,6 +64,7 @@ def test_a_folder_is_scored_as_predict_scores_it_and_a_rerun_scores_only_new_vid
     job = Job(top_k=3, windows=True, stride_s=0.5, embeddings=True)
     s = run_infer(cfg, uri, str(folder), str(out), job, log=lines.append)
     assert (s["scored_now"], s["quarantined_now"]) == (4, 2)
+    assert s["score_cpu_s"] > s["cut_cpu_s"] > 0  # each task's own CPU time, summed
 
     predictions = read(out)
     classifier = tracking.load_registered(cfg, uri)
