@@ -305,7 +305,7 @@ def shards_case(cfg: PipelineConfig, steps: int, warmup: int) -> dict:
             f"timing the last {logged - min(warmup, logged - 1)}")
     warmup = min(warmup, logged - 1)
     chosen = slice(warmup, min(logged, warmup + steps))
-    batch = cfg.train.batch_size * cfg.train.num_workers
+    batch = cfg.train.batch_size * cfg.train.workers_range[1]
     step_s = [batch / m.value for m in history["clips_per_s"]]
     waited = [w.value * s for w, s in zip(history["data_wait"], step_s)]
     timed, timed_wait = step_s[chosen], waited[chosen]

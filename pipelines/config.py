@@ -166,7 +166,10 @@ class TrainSection(Section):
     crop_size: int = Field(224, ge=16, description="square training crop, pixels")
     scale_jitter: tuple[int, int] = Field(
         (256, 320), description="short side is resized to a random size in [low, high] before cropping")
-    num_workers: int = Field(1, ge=1, description="Ray Train workers (DDP processes)")
+    num_workers: int | tuple[int, int] = Field(
+        1, description="Ray Train workers (DDP processes); [min, max] = elastic: the run starts with as many as the "
+                       "cluster has room for, goes on with fewer when a node is lost (down to min) and grows back "
+                       "up to max; the global batch and the learning rate follow the workers actually running")
     use_gpu: bool = Field(False, description="one GPU per worker")
     cpus_per_worker: float = Field(1.0, gt=0, description="CPUs reserved by each train worker")
     threads_per_worker: int | None = Field(
@@ -205,6 +208,20 @@ class TrainSection(Section):
                              "models:/NAME@ALIAS or runs:/ID/model")
         return value
 
+    @field_validator("num_workers")
+    @classmethod
+    def _workers(cls, value):
+        low, high = (value, value) if isinstance(value, int) else value
+        if low < 1 or high < low:
+            raise ValueError(f"{value!r}: a number of workers >= 1, or [min, max] with 1 <= min <= max")
+        return value
+
+    @property
+    def workers_range(self) -> tuple[int, int]:
+        """(min, max) train workers; equal unless train.num_workers is elastic."""
+        n = self.num_workers
+        return (n, n) if isinstance(n, int) else (n[0], n[1])
+
     @model_validator(mode="after")
     def _crop_fits(self) -> "TrainSection":
         low, high = self.scale_jitter
@@ -242,6 +259,17 @@ class RaySection(Section):
                    "'auto' or ray://host:port = join a cluster")
     data_cpus: float = Field(
         1.0, ge=0, description="CPUs left to Ray Data while training, so decoding never waits on train workers")
+    train_nodes: dict[str, str] = Field(
+        default_factory=dict, description="node roles: Ray node labels that train workers (and the scoring actors of "
+                                          "evaluate and infer) require, e.g. {node-role: train}; {} = any node")
+    data_nodes: dict[str, str] = Field(
+        default_factory=dict, description="node roles: Ray node labels that Ray Data's decoding and transforms "
+                                          "(preprocess, the training input, infer's decode tasks) require, e.g. "
+                                          "{node-role: data}; {} = any node")
+    data_wait_timeout_s: float = Field(
+        600.0, gt=0, description="a step whose Ray Data work makes no progress this long (no CPU it may use, no "
+                                 "autoscaler to add one) stops with an error saying what it waited for; the same "
+                                 "command resumes once the cluster has room")
 
 
 class InferSection(Section):
@@ -265,6 +293,9 @@ class PipelineConfig(Section):
     name: str = Field(pattern=_NAME, description="pipeline name: run records, checkpoints and MLflow names use it")
     storage_root: str = Field(
         "./storage", description="where everything the pipeline writes goes: a folder or s3://bucket/prefix")
+    shared_filesystem: bool = Field(
+        False, description="storage_root (and a local data.video_root) is a filesystem every node mounts at the same "
+                           "path (NFS, EFS, Lustre); without it a cluster of more than one node refuses a local path")
     s3: S3Section = Field(default_factory=S3Section)
     data: DataSection
     preprocess: PreprocessSection = Field(default_factory=PreprocessSection)
@@ -314,6 +345,8 @@ def flatten(mapping: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     for key, value in mapping.items():
         if isinstance(value, dict) and value:
             flat.update(flatten(value, f"{prefix}{key}."))
+        elif isinstance(value, dict):  # an empty mapping (ray.train_nodes {}: any node) is a value of its own
+            flat[f"{prefix}{key}"] = "{}"
         else:
             flat[f"{prefix}{key}"] = value
     return flat

@@ -97,26 +97,27 @@ def score_on_ray(cfg: PipelineConfig, net: torch.nn.Module, es: EvalSet, store: 
     import ray
 
     from .infer import DECODE_RETRIES, pack_model, scoring_actors
-    from .ray_runtime import init_ray
+    from .ray_runtime import data_nodes, init_ray, stops_when_stalled
 
     init_ray(cfg)
     ds = ray.data.from_items([{"path": p, "skip": sorted(skip)} for p, skip in es.shards],
                              override_num_blocks=len(es.shards))
     ds = ds.map_batches(read_views, batch_size=1, batch_format="numpy", num_cpus=cfg.infer.decode_cpus,
-                        max_retries=DECODE_RETRIES,
+                        max_retries=DECODE_RETRIES, **data_nodes(cfg),
                         fn_kwargs=dict(store=store, meta_json=es.meta.model_dump_json(), crop=es.crop,
                                        spatial_crops=es.spatial_crops, views=es.clip_indices))
     ds = ds.map_batches(ScoreViews, batch_size=cfg.train.batch_size * es.spatial_crops, batch_format="numpy",
-                        **scoring_actors(cfg.infer),
+                        **scoring_actors(cfg),
                         fn_constructor_kwargs=dict(model=[ray.put(pack_model(net))], use_gpu=cfg.infer.use_gpu,
                                                    threads=max(1, math.ceil(cfg.infer.cpus_per_worker)),
                                                    mixed_precision=cfg.train.mixed_precision))
     states = []
-    for row in ds.iter_rows():
-        state = json.loads(row["state"])
-        state["videos"]["score_sum"] = np.asarray(state["videos"]["score_sum"], np.float64).reshape(
-            len(state["videos"]["video_ids"]), -1)
-        states.append(state)
+    with stops_when_stalled(cfg, "evaluate's view readers and scoring actors", EvaluateError):
+        for row in ds.iter_rows():
+            state = json.loads(row["state"])
+            state["videos"]["score_sum"] = np.asarray(state["videos"]["score_sum"], np.float64).reshape(
+                len(state["videos"]["video_ids"]), -1)
+            states.append(state)
     return EvalTotals.merged(states).videos.results(len(es.classes), es.classes)
 
 

@@ -243,12 +243,15 @@ def unpack_model(ref: list, threads: int):
     return net, packed
 
 
-def scoring_actors(cfg: InferSection) -> dict:
-    """map_batches arguments of a scoring actor pool: CPUs or a GPU per actor, as many as `pool_size`."""
+def scoring_actors(cfg: PipelineConfig) -> dict:
+    """map_batches arguments of a scoring actor pool: CPUs or a GPU per actor, as many as `pool_size`
+    (the pool grows while videos wait, and an autoscaler sees the demand), on the train nodes."""
     from ray.data import ActorPoolStrategy
 
-    return dict(num_cpus=cfg.cpus_per_worker, num_gpus=1 if cfg.use_gpu else 0,
-                compute=ActorPoolStrategy(min_size=1, max_size=pool_size(cfg)))
+    from .ray_runtime import train_nodes
+
+    return dict(num_cpus=cfg.infer.cpus_per_worker, num_gpus=1 if cfg.infer.use_gpu else 0,
+                compute=ActorPoolStrategy(min_size=1, max_size=pool_size(cfg.infer)), **train_nodes(cfg))
 
 
 def _scalar(value):
@@ -313,7 +316,7 @@ def run_infer(cfg: PipelineConfig, model_uri: str, videos: str, out_uri: str, jo
     (also written to --out/summary.json)."""
     import ray
 
-    from .ray_runtime import init_ray
+    from .ray_runtime import data_nodes, init_ray, stops_when_stalled
 
     job.check()
     started = time.time()
@@ -347,7 +350,8 @@ def run_infer(cfg: PipelineConfig, model_uri: str, videos: str, out_uri: str, jo
     if bad:
         writer.add([{"video": v, "size": 0, "etag": "", "reason": r, "detail": d, "views": 0} for v, r, d in bad])
     if todo:
-        init_ray(cfg)
+        # The decode tasks open the videos on whichever node they run: a local folder must be on every node.
+        init_ray(cfg, shared={"--videos": videos if not os.path.isfile(videos) else ""})
         workers = pool_size(cfg.infer)
         packed = pack_model(loaded.model, class_names=loaded.class_names, spec=asdict(loaded.spec),
                             batch_views=loaded.spec.views)
@@ -359,14 +363,15 @@ def run_infer(cfg: PipelineConfig, model_uri: str, videos: str, out_uri: str, jo
         # from the actors', which also keeps Ray Data from fusing decoding into the scoring actors: tasks
         # scale with the CPUs, the pool with the workers, and a GPU actor never waits on PyAV.
         ds = ds.map_batches(cut_views, batch_size=1, batch_format="numpy", num_cpus=cfg.infer.decode_cpus,
-                            max_retries=DECODE_RETRIES,
+                            max_retries=DECODE_RETRIES, **data_nodes(cfg),
                             fn_kwargs=dict(spec=asdict(loaded.spec), job=asdict(job), s3=s3))
-        ds = ds.map_batches(Score, batch_size=cfg.infer.batch_videos, batch_format="numpy", **scoring_actors(cfg.infer),
+        ds = ds.map_batches(Score, batch_size=cfg.infer.batch_videos, batch_format="numpy", **scoring_actors(cfg),
                             fn_constructor_kwargs=dict(model=[ray.put(packed)], job=asdict(job),
                                                        use_gpu=cfg.infer.use_gpu, threads=threads,
                                                        mixed_precision=cfg.infer.mixed_precision))
-        for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
-            writer.add([{k: _scalar(batch[k][i]) for k in batch} for i in range(len(batch["video"]))])
+        with stops_when_stalled(cfg, "infer's decode tasks and scoring actors", InferError):
+            for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
+                writer.add([{k: _scalar(batch[k][i]) for k in batch} for i in range(len(batch["video"]))])
     writer.flush()
     state = manifest.DatasetState.load(out, MANIFESTS)
     report = write_quarantine(out, state)

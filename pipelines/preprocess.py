@@ -1,6 +1,7 @@
 """Preprocess: Ray Data decodes videos with PyAV into pre-sampled dual-rate shards, then commits them.
 
-Actors (one per CPU of the cluster) each take a batch of videos, decode only the clip windows,
+Actors (a pool that starts with the CPUs the data nodes have now and grows, up to one per batch, as
+nodes join: an autoscaling cluster sees the demand) each take a batch of videos, decode only the clip windows,
 write one Parquet shard, and return one small record per video. The driver streams those records
 and commits a manifest every few shards: a crash loses at most the uncommitted batches, and the
 re-run decodes exactly those videos again (same seeds, same clips).
@@ -24,10 +25,15 @@ from slowfast.video.clips import ClipSampling, cut_clips
 from slowfast.video.decode import DECODE_ERROR, VideoDecodeError, VideoReader
 
 from .config import PipelineConfig
+from .errors import PipelineError
 from .ingest import Plan, SplitPlan, Task
 from .storage import S3Options, Storage, VideoSource
 
 COMMIT_EVERY_SECONDS = 30.0
+
+
+class PreprocessError(PipelineError, RuntimeError):
+    """Preprocessing cannot go on (e.g. no CPU for its actors); what was decoded is committed."""
 
 
 def shard_meta(cfg: PipelineConfig, plan: Plan, sp: SplitPlan) -> ShardMeta:
@@ -114,7 +120,10 @@ def _ray_data_run(cfg: PipelineConfig, store: Storage, sp: SplitPlan, meta: Shar
     num_clips = p.clips_per_video if sp.mode == "train" else p.eval_views
     videos_per_shard = max(1, p.rows_per_shard // num_clips)
     batches = -(-len(sp.todo) // videos_per_shard)
-    actors = max(1, min(int(ray.cluster_resources().get("CPU", 1)), batches))
+    from .ray_runtime import data_nodes
+
+    # Start with the CPUs the data nodes have now; grow (to one actor per batch) as nodes join.
+    initial = max(1, min(data_node_cpus(cfg), batches))
     source = VideoSource(cfg.data.video_root, S3Options(cfg.s3.endpoint_url, cfg.s3.region))
     tasks = list(sp.todo)
     if sp.mode == "train":
@@ -123,12 +132,21 @@ def _ray_data_run(cfg: PipelineConfig, store: Storage, sp: SplitPlan, meta: Shar
         random.Random(p.seed).shuffle(tasks)
     ds = ray.data.from_items([asdict(t) for t in tasks], override_num_blocks=batches)
     ds = ds.map_batches(
-        ClipWriter, batch_size=videos_per_shard, batch_format="numpy", num_cpus=1,
-        compute=ActorPoolStrategy(size=actors),
+        ClipWriter, batch_size=videos_per_shard, batch_format="numpy", num_cpus=1, **data_nodes(cfg),
+        compute=ActorPoolStrategy(min_size=1, max_size=batches, initial_size=initial),
         fn_constructor_kwargs=dict(store=store, source=source, meta_json=meta.model_dump_json(), mode=sp.mode,
                                    num_clips=num_clips, seed=p.seed, max_pixels=p.max_frame_pixels))
     for row in ds.iter_rows():
         yield manifest.VideoRecord(**json.loads(row["record"])), json.loads(row["shard"])
+
+
+def data_node_cpus(cfg: PipelineConfig) -> int:
+    """CPUs of the live nodes that may run Ray Data's work (those with ray.data_nodes' labels)."""
+    import ray
+
+    want = cfg.ray.data_nodes.items()
+    return int(sum(n.get("Resources", {}).get("CPU", 0) for n in ray.nodes()
+                   if n.get("Alive") and all(n.get("Labels", {}).get(k) == v for k, v in want)))
 
 
 def preprocess_split(cfg: PipelineConfig, store: Storage, plan: Plan, split: str, run_id: str, log=print) -> dict:
@@ -150,18 +168,23 @@ def preprocess_split(cfg: PipelineConfig, store: Storage, plan: Plan, split: str
         last_commit = time.time()
 
     if sp.todo:
-        for record, shard in _ray_data_run(cfg, store, sp, meta):
-            pending_videos.append(record)
-            if shard["path"]:
-                pending_shards[shard["path"]] = shard
-            decoded["quarantined" if record.quarantined else "processed"] += 1
-            decoded["clips"] += record.clips
-            done = decoded["processed"] + decoded["quarantined"]
-            due = time.time() - last_commit > COMMIT_EVERY_SECONDS
-            if len(pending_shards) >= cfg.preprocess.commit_every or due:
-                flush()
-                log(f"  {split}: {done}/{len(sp.todo)} videos decoded, {decoded['clips']} clips committed")
-        flush()
+        from .ray_runtime import stops_when_stalled
+
+        try:
+            with stops_when_stalled(cfg, "preprocess's decode actors", PreprocessError):
+                for record, shard in _ray_data_run(cfg, store, sp, meta):
+                    pending_videos.append(record)
+                    if shard["path"]:
+                        pending_shards[shard["path"]] = shard
+                    decoded["quarantined" if record.quarantined else "processed"] += 1
+                    decoded["clips"] += record.clips
+                    done = decoded["processed"] + decoded["quarantined"]
+                    due = time.time() - last_commit > COMMIT_EVERY_SECONDS
+                    if len(pending_shards) >= cfg.preprocess.commit_every or due:
+                        flush()
+                        log(f"  {split}: {done}/{len(sp.todo)} videos decoded, {decoded['clips']} clips committed")
+        finally:
+            flush()  # a record arrives with its shard written: what came back is kept, whatever stopped the run
     state = manifest.DatasetState.load(store, folder)
     report = write_quarantine_report(store, folder, sp, state)
     reasons = Counter(v.reason for v in state.videos.values() if v.quarantined and v.video_id in sp.annotated_ids)

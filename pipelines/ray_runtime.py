@@ -2,11 +2,13 @@
 pipeline's own progress lines and Ray's warnings, not Ray's INFO logs (`--verbose` shows those too)."""
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import socket
 
 from .config import PipelineConfig
+from .errors import PipelineError
 
 # Read by every Ray process as it starts: Ray Data's INFO lines (dataset plans, and progress logged
 # line by line when stderr is not a terminal; progress bars on a terminal are unaffected).
@@ -41,12 +43,29 @@ def quiet_worker() -> None:
     logging.getLogger(context).setLevel(logging.WARNING)
 
 
-def init_ray(cfg: PipelineConfig) -> None:
+def joins_cluster(cfg: PipelineConfig) -> bool:
+    """Whether `init_ray` joins a running cluster (which may span nodes) rather than starting a private
+    local Ray (one node, by construction)."""
+    return (cfg.ray.address or os.environ.get("RAY_ADDRESS") or "local") != "local"
+
+
+def init_ray(cfg: PipelineConfig, shared: dict[str, str] | None = None) -> None:
     """Join `ray.address` (a cluster; "auto" finds one started with `ray start` on this machine), or the
     cluster `ray job submit` runs us in (RAY_ADDRESS), else start a private local Ray: never join some
-    other cluster that happens to run on this machine by accident."""
-    import ray
+    other cluster that happens to run on this machine by accident.
 
+    shared: {what: path} that Ray's workers read or write (default: storage_root and data.video_root);
+    on a cluster of more than one node a local one must be a shared filesystem (`check_shared_paths`).
+    """
+    # torch before Ray: loaded after Ray's core library, libtorch_cpu can fail to load in a `ray job submit`
+    # driver ("Intel oneMKL FATAL ERROR: Cannot load libtorch_cpu.so", the first job on a new cluster, seen
+    # with Ray 2.60 and torch 2.13), and every step loads torch sooner or later.
+    import torch  # noqa: F401
+    import ray
+    from ray.data import DataContext
+
+    # Read when a dataset is built: a step whose Ray Data work stalls stops instead of hanging.
+    DataContext.get_current().execution_no_progress_timeout_s = cfg.ray.data_wait_timeout_s
     if ray.is_initialized():
         return
     address = cfg.ray.address or os.environ.get("RAY_ADDRESS") or "local"
@@ -70,6 +89,89 @@ def init_ray(cfg: PipelineConfig) -> None:
         runtime_env["env_vars"] = env
     ray.init(address=address, logging_level=logging.INFO if _verbose else logging.WARNING, log_to_driver=True,
              runtime_env=runtime_env or None, ignore_reinit_error=True, **local)
+    if address != "local":
+        try:
+            check_shared_paths(cfg, shared if shared is not None else {
+                "storage_root": cfg.storage_root, "data.video_root": cfg.data.video_root})
+        except BaseException:
+            ray.shutdown()
+            raise
+
+
+class SharedStorageError(PipelineError):
+    """A local path that the nodes of a multi-node cluster would each see on their own disk."""
+
+
+def check_shared_paths(cfg: PipelineConfig, paths: dict[str, str]) -> None:
+    """Refuse local paths on a cluster of more than one node (or whose head runs no work, so that every
+    task lands on another node) unless `shared_filesystem` says every node mounts them: shards,
+    checkpoints and manifests would be scattered over the nodes' own disks."""
+    import ray
+
+    local = {k: v for k, v in paths.items() if v and "://" not in v}
+    if not local or cfg.shared_filesystem:
+        return
+    nodes = [n for n in ray.nodes() if n.get("Alive")]
+    here = ray.get_runtime_context().get_node_id()
+    head_idle = any(n["NodeID"] == here and not n.get("Resources", {}).get("CPU") for n in nodes)
+    if len(nodes) <= 1 and not head_idle:
+        return
+    where = f"{len(nodes)} nodes" if len(nodes) > 1 else "a head node that runs no tasks (0 CPUs)"
+    listed = ", ".join(f"{k} {v!r}" for k, v in local.items())
+    raise SharedStorageError(
+        f"{listed}: a local path, and this Ray cluster has {where}: each node would read and write its own "
+        "disk (shards, checkpoints and manifests scattered, videos missing). Use an s3:// location "
+        "(--set storage_root=s3://BUCKET/PREFIX), or, if every node mounts this path at the same place (NFS, EFS, "
+        "Lustre), say so with --set shared_filesystem=true")
+
+
+def data_nodes(cfg: PipelineConfig) -> dict:
+    """Ray remote args that keep Ray Data's decoding and transforms on the data nodes (ray.data_nodes)."""
+    return {"label_selector": dict(cfg.ray.data_nodes)} if cfg.ray.data_nodes else {}
+
+
+def train_nodes(cfg: PipelineConfig) -> dict:
+    """Ray remote args that keep train workers and scoring actors on the train nodes (ray.train_nodes)."""
+    return {"label_selector": dict(cfg.ray.train_nodes)} if cfg.ray.train_nodes else {}
+
+
+def stalled(exc: BaseException) -> bool:
+    """Whether `exc` (or what caused it, through Ray's wrappers) is Ray Data's no-progress timeout."""
+    from ray.data.exceptions import ExecutionTimeoutError
+
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, ExecutionTimeoutError) or type(exc).__name__ == "ExecutionTimeoutError":
+            return True
+        exc = exc.__cause__ or exc.__context__ or getattr(exc, "cause", None)
+    return False
+
+
+@contextlib.contextmanager
+def stops_when_stalled(cfg: PipelineConfig, what: str, error: type[PipelineError]):
+    """Around the consumption of a Ray Data stream: its no-progress timeout becomes `error`, saying what
+    `what` (e.g. "preprocess's decode actors") waited for."""
+    try:
+        yield
+    except Exception as exc:
+        if stalled(exc):
+            raise error(waiting_for(cfg, what)) from None
+        raise
+
+
+def waiting_for(cfg: PipelineConfig, what: str) -> str:
+    """The end of a stall's message: what Ray Data waited for, what the cluster has, and what to do."""
+    import ray
+
+    total, free = ray.cluster_resources(), ray.available_resources()
+    nodes = [n for n in ray.nodes() if n.get("Alive")]
+    roles = f" on nodes labelled {cfg.ray.data_nodes}" if cfg.ray.data_nodes else ""
+    return (f"Ray Data made no progress for {cfg.ray.data_wait_timeout_s:g} s (ray.data_wait_timeout_s): {what} "
+            f"wait for CPUs{roles}; the cluster has {len(nodes)} node(s), {total.get('CPU', 0):g} CPUs, "
+            f"{free.get('CPU', 0):g} free. Add a node (or let the autoscaler add one), or free CPUs "
+            "(fewer train.num_workers or train.cpus_per_worker), then run the same command again: it resumes "
+            "where it stopped.")
 
 
 def _free_port() -> int:

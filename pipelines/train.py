@@ -68,18 +68,19 @@ def train(cfg: PipelineConfig, *, run_name: str | None = None, log=print, prepro
     import ray.train
     from ray.train.torch import TorchTrainer
 
-    from .ray_runtime import init_ray, train_logging
+    from .ray_runtime import init_ray, stalled, train_logging, waiting_for
 
     started = time.time()
     check_config(cfg)
     store = storage_of(cfg)
     data = prepare_data(cfg, store, log, preprocessed)
     t = cfg.train
-    global_batch = t.batch_size * t.num_workers
+    low, high = t.workers_range
+    global_batch = t.batch_size * high  # the largest the run may reach
     steps_per_epoch = data.train_clips // global_batch
     if steps_per_epoch < 1:
         raise TrainError(f"train split: {data.train_clips} clips, fewer than one global batch of {global_batch} "
-                         f"(train.batch_size {t.batch_size} x train.num_workers {t.num_workers}); lower them or "
+                         f"(train.batch_size {t.batch_size} x train.num_workers {high}); lower them or "
                          "add videos / preprocess.clips_per_video")
     run_name = run_name or default_run_name(cfg, data)
     tracking_uri = tracking.tracking_uri(cfg)
@@ -96,20 +97,23 @@ def train(cfg: PipelineConfig, *, run_name: str | None = None, log=print, prepro
     mlflow_run_id = tracking.open_run(cfg, run_name, log=log, tags={
         "slowfast.manifest_hash": data.identity(), "slowfast.git_commit": tracking.git_commit(),
         "slowfast.preset": cfg.model.preset, "slowfast.config_hash": cfg.config_hash(), **(init or {}).get("tags", {})})
+    workers = f"{high} worker(s)" if low == high else (
+        f"{low} to {high} workers (elastic: batch and LR follow the workers running)")
     log(f"train {run_name}: {data.train_clips} clips ({steps_per_epoch} steps of {global_batch}) x {t.epochs} "
-        f"epochs on {t.num_workers} worker(s), val {data.val_videos} videos; checkpoints -> {run_dir}; "
+        f"epochs on {workers}, val {data.val_videos} videos; checkpoints -> {run_dir}; "
         f"MLflow run {mlflow_run_id} ({tracking_uri})")
 
     loop = LoopConfig(
         cfg=cfg, store=store, classes=data.classes, val_shards=[(store.path(p), sorted(s)) for p, s in data.val_shards],
         val_views=choose_views(cfg.preprocess.eval_views, cfg.evaluate.temporal_views),
-        steps_per_epoch=steps_per_epoch, tracking_uri=tracking_uri, mlflow_run_id=mlflow_run_id, run_name=run_name,
+        train_clips=data.train_clips, tracking_uri=tracking_uri, mlflow_run_id=mlflow_run_id, run_name=run_name,
         init_weights=ray.put(init["state"]) if init else None)
     with data_context(use_ray_tqdm=False):  # Ray Data shows plain bars; the workers log one line per epoch
         trainer = TorchTrainer(
             train_func, train_loop_config={"loop": loop},
-            scaling_config=ray.train.ScalingConfig(num_workers=t.num_workers, use_gpu=t.use_gpu,
-                                                   resources_per_worker={"CPU": t.cpus_per_worker}),
+            scaling_config=ray.train.ScalingConfig(num_workers=high if low == high else (low, high), use_gpu=t.use_gpu,
+                                                   resources_per_worker={"CPU": t.cpus_per_worker},
+                                                   label_selector=dict(cfg.ray.train_nodes) or None),
             run_config=ray.train.RunConfig(
                 logging_config=train_logging(),
                 name=run_name, storage_path=store.path("checkpoints"), storage_filesystem=storage_fs(store),
@@ -121,8 +125,14 @@ def train(cfg: PipelineConfig, *, run_name: str | None = None, log=print, prepro
             dataset_config=data_config(cfg))
     try:
         result = trainer.fit()
-    except BaseException:
+        stall = (getattr(result, "return_value", None) or {}).get("stalled")
+        if stall:
+            raise TrainError(f"train {run_name}: stopped after epoch {stall['epoch']} of {t.epochs}. "
+                             + waiting_for(cfg, "the training input's read and crop tasks"))
+    except BaseException as exc:
         tracking.close_run(cfg, mlflow_run_id, "FAILED")
+        if stalled(exc):  # the timeout reached the driver another way (e.g. through a worker's failure)
+            raise TrainError(f"train {run_name}: " + waiting_for(cfg, "the training input's read and crop tasks")) from None
         raise
     tracking.log_run_artifacts(cfg, mlflow_run_id)
     tracking.close_run(cfg, mlflow_run_id, "FINISHED")
@@ -164,14 +174,15 @@ def check_resources(cfg: PipelineConfig) -> None:
     import ray
 
     t = cfg.train
+    low = t.workers_range[0]
     cpus = ray.cluster_resources().get("CPU", 0)
-    need = t.num_workers * t.cpus_per_worker + cfg.ray.data_cpus
+    need = low * t.cpus_per_worker + cfg.ray.data_cpus
     if need > cpus + 1e-9 and cfg.ray.address is None:
-        raise TrainError(f"train needs {need:g} CPUs (train.num_workers {t.num_workers} x train.cpus_per_worker "
+        raise TrainError(f"train needs {need:g} CPUs (train.num_workers {low} x train.cpus_per_worker "
                          f"{t.cpus_per_worker:g} + ray.data_cpus {cfg.ray.data_cpus:g}), the local Ray has "
                          f"{cpus:g}; lower train.cpus_per_worker (fractions work) or ray.data_cpus")
-    if t.use_gpu and ray.cluster_resources().get("GPU", 0) < t.num_workers and cfg.ray.address is None:
-        raise TrainError(f"train.use_gpu with {t.num_workers} workers, the local Ray has "
+    if t.use_gpu and ray.cluster_resources().get("GPU", 0) < low and cfg.ray.address is None:
+        raise TrainError(f"train.use_gpu with {low} workers, the local Ray has "
                          f"{ray.cluster_resources().get('GPU', 0):g} GPUs; set train.use_gpu=false")
 
 

@@ -65,23 +65,35 @@ def train_dataset(cfg: PipelineConfig, store: Storage, data):
     asks for a whole CPU, which a 2-core machine cannot give while the transform actor holds its share.
     """
     import ray
-    from ray.data import RandomSeedConfig
+
+    from .ray_runtime import data_nodes
 
     t = cfg.train
     read_cpus, actors, actor_cpus = data_cpu_split(cfg.ray.data_cpus)
     items = [{"path": store.path(p), "skip": json.dumps(sorted(s))} for p, s in data.train_shards]
-    # One block per shard file, in a new order on every execution (= every epoch); the clips' crops and
-    # flips are fresh per epoch too (ClipTransform with epoch=None), since Ray re-runs the same pipeline.
-    ds = ray.data.from_items(items, override_num_blocks=len(items))
-    ds = ds.randomize_block_order(seed=RandomSeedConfig(seed=t.seed, reseed_after_execution=True))
+    # The shard list in a new order on every execution (= every epoch), one block per file; the clips'
+    # crops and flips are fresh per epoch too (ClipTransform with epoch=None), since Ray re-runs the same
+    # pipeline. (A map, not randomize_block_order: that is an all-to-all step, and Ray Data's no-progress
+    # timeout, ray.data_wait_timeout_s, does not watch a pipeline that has one.)
+    ds = ray.data.from_items([{"items": json.dumps(items)}], override_num_blocks=1)
+    # No CPU of its own (it only permutes a list), which also keeps Ray Data from fusing it with the reads:
+    # fused, one task would read every file in turn.
+    ds = ds.map_batches(shuffled_files, batch_size=None, batch_format="pyarrow", num_cpus=0, **data_nodes(cfg))
     ds = ds.map_batches(read_shards, batch_size=SHARDS_PER_READ, batch_format="pyarrow", num_cpus=read_cpus,
-                        fn_kwargs={"store": store, "block_rows": t.batch_size})
+                        fn_kwargs={"store": store, "block_rows": t.batch_size}, **data_nodes(cfg))
     # Tasks, not an actor pool: Ray re-runs the pipeline every epoch, and a new actor (a new process that
     # imports torch) took seconds per epoch to start; tasks land on worker processes that are already warm.
     ds = ds.map_batches(train_clips, batch_size=t.batch_size, batch_format="pyarrow", zero_copy_batch=True,
                         fn_kwargs={"meta": data.train_meta, "crop": t.crop_size, "jitter": t.scale_jitter,
-                                   "seed": t.seed}, num_cpus=actor_cpus)
+                                   "seed": t.seed}, num_cpus=actor_cpus, **data_nodes(cfg))
     return ds.select_columns(TRAIN_COLUMNS)
+
+
+def shuffled_files(batch: pa.Table):
+    """The shard list (one JSON row) -> its files in a fresh random order, one block per file."""
+    items = [row for text in batch.column("items").to_pylist() for row in json.loads(text)]
+    for k in np.random.default_rng().permutation(len(items)):
+        yield pa.table({"path": [items[k]["path"]], "skip": [items[k]["skip"]]})
 
 
 def train_clips(batch: pa.Table, meta: ShardMeta, crop: int, jitter: tuple[int, int], seed: int) -> dict:

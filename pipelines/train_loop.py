@@ -42,7 +42,7 @@ class LoopConfig:
     classes: list[str]
     val_shards: list[tuple[str, list[str]]]  # (path as the storage's filesystem takes it, video ids to skip)
     val_views: list[int]  # the stored eval views validation scores (sampling.choose_views)
-    steps_per_epoch: int
+    train_clips: int  # an epoch: its steps are train_clips // (batch_size x the workers running)
     tracking_uri: str
     mlflow_run_id: str
     run_name: str
@@ -83,6 +83,7 @@ class Worker:
     optimizer: torch.optim.Optimizer
     schedule: LRSchedule
     tracker: RunTracker
+    steps_per_epoch: int
     start_epoch: int = 0
     global_step: int = 0
     history: list[dict] = field(default_factory=list)
@@ -92,12 +93,21 @@ def train_func(config: dict) -> dict:
     """One Ray Train worker: resume, then per epoch train, validate, checkpoint."""
     import ray.train
 
+    from .ray_runtime import stalled
+
     loop: LoopConfig = config["loop"]
     worker = start_worker(loop)
     shard = ray.train.get_dataset_shard("train")
+    epoch = worker.start_epoch
     try:
         for epoch in range(worker.start_epoch, loop.cfg.train.epochs):
             run_epoch(worker, loop, shard, epoch)
+    except Exception as exc:
+        if not stalled(exc):
+            raise
+        # Ray Data made no progress for ray.data_wait_timeout_s (no CPU it may use): a clean stop that the
+        # driver reports, rather than a failure that Ray Train would retry into the same wait.
+        return {"stalled": {"epoch": epoch, "error": str(exc).splitlines()[0]}, "history": worker.history}
     finally:
         worker.tracker.close()
     return {"resumed_from_epoch": worker.start_epoch, "epochs_run": loop.cfg.train.epochs - worker.start_epoch,
@@ -118,7 +128,10 @@ def start_worker(loop: LoopConfig) -> Worker:
         torch.set_num_threads(t.threads_per_worker or max(1, math.ceil(t.cpus_per_worker)))
     torch.manual_seed(t.seed + rank)  # different dropout per worker; restored below on resume
     net = SlowFast(loop.cfg.model.to_slowfast_config(num_classes=len(loop.classes)))
+    # The global batch is the workers actually running (train.num_workers may be elastic) times
+    # batch_size, and the LR follows it linearly; an epoch is as many steps as cover train_clips.
     lr = scaled_lr(t.base_lr, t.batch_size * world)
+    steps_per_epoch = max(1, loop.train_clips // (t.batch_size * world))
     schedule = LRSchedule(base_lr=lr, warmup_epochs=t.warmup_epochs, total_epochs=t.epochs)
     start_epoch, global_step, extra = 0, 0, None
     checkpoint = ray.train.get_checkpoint()
@@ -126,8 +139,17 @@ def start_worker(loop: LoopConfig) -> Worker:
         with checkpoint.as_directory() as folder:
             extra = load_checkpoint(net, Path(folder) / CHECKPOINT_FILE).extra
         start_epoch, global_step = int(extra["epoch"]), int(extra["global_step"])
-        # The run continues the schedule it started with, even if the config now says otherwise.
-        started_with = extra["schedule"]
+        # The run continues the schedule it started with, even if the config now says otherwise, scaled
+        # to the workers running now when a node was lost (or came back) since the checkpoint.
+        started_with = dict(extra["schedule"])
+        was = int(extra.get("world", world))
+        if was != world:
+            scaled = started_with["base_lr"] * world / was
+            if rank == 0:
+                _log.warning(f"resuming after epoch {start_epoch} on {world} worker(s), the checkpoint was written by "
+                             f"{was}: global batch {t.batch_size * was} -> {t.batch_size * world}, LR "
+                             f"{started_with['base_lr']:.4g} -> {scaled:.4g}, {steps_per_epoch} steps per epoch")
+            started_with["base_lr"] = scaled
         changed = [f"{k} {started_with[k]} -> {getattr(schedule, k)}"
                    for k in ("base_lr", "warmup_epochs", "total_epochs") if started_with[k] != getattr(schedule, k)]
         if changed and rank == 0:
@@ -146,14 +168,18 @@ def start_worker(loop: LoopConfig) -> Worker:
         set_rng_state(extra["rng"][rank] if rank < len(extra["rng"]) else None)
     tracker = RunTracker(loop.tracking_uri, loop.mlflow_run_id, enabled=rank == 0)
     if rank == 0:
-        tracker.params({**loop.cfg.flatten(), "num_classes": len(loop.classes), "global_batch": t.batch_size * world,
-                        "lr": lr, "steps_per_epoch": loop.steps_per_epoch, "run_name": loop.run_name})
+        # What the workers running decide (global batch, LR, steps) is a param of the first attempt; an
+        # elastic run records every epoch's as metrics (workers, global_batch, base_lr).
+        first = {} if start_epoch else {"global_batch": t.batch_size * world, "lr": lr,
+                                        "steps_per_epoch": steps_per_epoch}
+        tracker.params({**loop.cfg.flatten(), "num_classes": len(loop.classes), "run_name": loop.run_name, **first})
         if start_epoch:
             _log.info(f"resuming after epoch {start_epoch} (step {global_step})")
         _log.info(f"precision: {describe_precision(device.type, t.mixed_precision)}")
         if frozen:
             _log.info(f"fine-tuning: {frozen}")
-    return Worker(rank, world, device, fmt, net, model, optimizer, schedule, tracker, start_epoch, global_step)
+    return Worker(rank, world, device, fmt, net, model, optimizer, schedule, tracker, steps_per_epoch, start_epoch,
+                  global_step)
 
 
 def fine_tuning(net: SlowFast, cfg: PipelineConfig) -> str:
@@ -182,7 +208,7 @@ def run_epoch(w: Worker, loop: LoopConfig, shard, epoch: int) -> dict:
                                        local_shuffle_buffer_size=SHUFFLE_BATCHES * t.batch_size)
     for step, batch in enumerate(batches):
         waited = time.perf_counter() - wait_start
-        step_lr = w.schedule.step(w.optimizer, epoch, step, loop.steps_per_epoch)
+        step_lr = w.schedule.step(w.optimizer, epoch, step, w.steps_per_epoch)
         out = train_step(w.model, w.optimizer, batch, fmt=w.fmt, mixed_precision=t.mixed_precision,
                          grad_clip=t.grad_clip, clipped=w.net)
         n = len(batch["label"])
@@ -199,7 +225,8 @@ def run_epoch(w: Worker, loop: LoopConfig, shard, epoch: int) -> dict:
         "epoch": epoch + 1, "global_step": w.global_step,
         "train_loss": sums.loss_sum / max(sums.clips, 1), "train_top1": sums.correct / max(sums.clips, 1),
         "train_clips": int(sums.clips), "epoch_clips_per_s": sums.clips / epoch_s,
-        "epoch_data_wait": sums.data_wait_s / max(sums.loop_s, 1e-9), "epoch_s": epoch_s, **validate(w, loop),
+        "epoch_data_wait": sums.data_wait_s / max(sums.loop_s, 1e-9), "epoch_s": epoch_s,
+        "workers": w.world, "global_batch": t.batch_size * w.world, "base_lr": w.schedule.base_lr, **validate(w, loop),
     }
     w.history.append(metrics)
     w.tracker.metrics({k: v for k, v in metrics.items() if k not in ("epoch", "global_step")}, step=epoch + 1)
@@ -213,7 +240,7 @@ def run_epoch(w: Worker, loop: LoopConfig, shard, epoch: int) -> dict:
         saved = None
         if w.rank == 0:
             save_checkpoint(w.net, Path(folder) / CHECKPOINT_FILE, optimizer=w.optimizer.state_dict(),
-                            schedule=w.schedule.state_dict(), epoch=epoch + 1, global_step=w.global_step,
+                            schedule=w.schedule.state_dict(), epoch=epoch + 1, global_step=w.global_step, world=w.world,
                             rng=rng, metrics=metrics, class_names=loop.classes)
             saved = ray.train.Checkpoint.from_directory(folder)
         ray.train.report(metrics, checkpoint=saved, checkpoint_dir_name=f"epoch-{epoch + 1:04d}")

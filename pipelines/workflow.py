@@ -26,6 +26,7 @@ from datetime import datetime
 from .config import PipelineConfig
 from .data import storage_of
 from .errors import PipelineError
+from .ray_runtime import init_ray, joins_cluster
 from .storage import Storage
 
 STEPS = ("ingest", "preprocess", "train", "evaluate", "register")
@@ -114,6 +115,8 @@ def run(cfg: PipelineConfig, *, from_step: str | None = None, only: str | None =
     unknown = sorted(set(force) - set(STEPS))
     if unknown:
         raise WorkflowError(f"--force {', '.join(unknown)}: not a step; steps are {', '.join(STEPS)}")
+    if joins_cluster(cfg) and set(steps) & {"preprocess", "train", "evaluate"}:
+        init_ray(cfg)  # on a cluster, a local storage_root its nodes do not share stops the run here
     store = storage_of(cfg)
     store.check_writable()
     ctx = Context(cfg, store, new_run_id(), log, force=set(force))

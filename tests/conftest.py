@@ -122,6 +122,35 @@ def synth_set(tmp_path_factory):
     return out
 
 
+def mlflow_server_in(s3_endpoint: str, tmp_path_factory, bucket: str):
+    """`mlflow server` with a sqlite backend, serving artifacts from s3://BUCKET/mlflow on the moto endpoint
+    (a generator for a fixture: yields {"url", "s3", "cwd"}, then stops the server).
+
+    Only the server knows the S3 endpoint: clients (the driver, the Ray workers) send artifacts through
+    the server's proxy (mlflow-artifacts:/), so they need no S3 credentials of their own.
+    """
+    import boto3
+
+    tmp = tmp_path_factory.mktemp("mlflow-server")
+    boto3.client("s3", endpoint_url=s3_endpoint).create_bucket(Bucket=bucket)
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    log = tmp / "server.log"
+    # No job runner (MLFLOW_SERVER_ENABLE_JOB_EXECUTION): its seven huey consumers serve GenAI jobs these
+    # tests have none of, on a 2-core machine.
+    env = {**os.environ, "MLFLOW_S3_ENDPOINT_URL": s3_endpoint, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(
+            [str(Path(sys.executable).parent / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port),
+             "--workers", "1", "--backend-store-uri", f"sqlite:///{tmp / 'mlflow.db'}",
+             "--artifacts-destination", f"s3://{bucket}/mlflow"],
+            cwd=tmp, env=env, stdout=out, stderr=subprocess.STDOUT,
+            start_new_session=True)  # its own process group: the uvicorn child stops with it
+    wait_until_up(proc, f"{url}/health", log, 120)
+    yield {"url": url, "s3": s3_endpoint, "cwd": tmp}
+    stop_server(proc)
+
+
 def pipeline_config(tmp: Path, videos: Path, **sections):
     """A small valid PipelineConfig over `videos` (a synth_set copy), with sections overridden."""
     from pipelines.config import PipelineConfig

@@ -17,6 +17,8 @@ import jsonschema
 import pytest
 import ray
 import yaml
+from ray._private.label_utils import (parse_node_labels_string, validate_label_selector, validate_node_label_syntax,
+                                      validate_node_labels)
 from ray._private.runtime_env import packaging
 from ray.autoscaler._private.util import prepare_config, validate_config
 from ray.runtime_env import RuntimeEnv
@@ -140,6 +142,7 @@ def test_aws_cluster_can_run_the_paper_recipe():
     cfg = aws_config()
     recipe = load_config(REPO / "configs/k400_slowfast_8x8_r50.yaml")
     t = recipe.train
+    most_workers = most(t.num_workers)
     assert cfg["docker"]["image"] == RAY_IMAGE
     types = cfg["available_node_types"]
     head = types[cfg["head_node_type"]]
@@ -150,10 +153,15 @@ def test_aws_cluster_can_run_the_paper_recipe():
         gpus, cpus = node["resources"]["GPU"], node["resources"]["CPU"]
         assert node.get("min_workers", 0) == 0, f"{name}: GPU nodes must scale from zero"
         assert cpus >= gpus * t.cpus_per_worker, f"{name}: no room for the train workers' CPUs"
-        assert math.ceil(t.num_workers / gpus) <= node["max_workers"], f"{name}: cannot host {t.num_workers} workers"
+        assert cpus >= gpus * recipe.infer.cpus_per_worker, f"{name}: no room for the scoring actors' CPUs"
+        assert math.ceil(most_workers / gpus) <= node["max_workers"], f"{name}: cannot host {most_workers} workers"
     workers = {k: v for k, v in types.items() if k != cfg["head_node_type"]}
-    most_cpus = sum(v["max_workers"] * v["resources"].get("CPU", 0) for v in workers.values())
-    assert most_cpus >= t.num_workers * t.cpus_per_worker + recipe.ray.data_cpus
+    # Each role has the room it is asked for, on its own nodes: the train workers' CPUs on the GPU
+    # nodes, Ray Data's decode budget on the data nodes (test_aws_node_types_carry_the_recipes_roles).
+    data_types = {k: v for k, v in workers.items() if not v["resources"].get("GPU", 0)}
+    assert data_types, "no CPU node type for the data role"
+    assert sum(v["max_workers"] * v["resources"]["CPU"] for v in data_types.values()) >= recipe.ray.data_cpus
+    assert all(v["resources"]["CPU"] >= recipe.infer.decode_cpus for v in data_types.values())
     assert sum(v["max_workers"] for v in workers.values()) <= cfg["max_workers"]
     for name, node in workers.items():
         # S3 through an instance profile, by name; never keys.
@@ -161,6 +169,94 @@ def test_aws_cluster_can_run_the_paper_recipe():
     assert any(c.startswith("pip install") and "constraints.txt" in c for c in cfg["setup_commands"])
     for cmd in cfg["head_start_ray_commands"][-1:] + cfg["worker_start_ray_commands"][-1:]:
         assert "RAY_AUTH_MODE=token" in cmd
+
+
+# --- node roles --------------------------------------------------------------------------------
+# The recipes' ray.train_nodes / ray.data_nodes are label selectors; the cluster files put the labels
+# on the nodes. GPU node types and groups take the train role, CPU ones the data role, the head none.
+
+
+def most(num_workers) -> int:
+    """train.num_workers, or the max of an elastic [min, max]."""
+    return num_workers if isinstance(num_workers, int) else max(num_workers)
+
+
+def roles() -> tuple[dict[str, str], dict[str, str]]:
+    """(train, data): the node labels both recipes ask for."""
+    asked = {(tuple(sorted(c.ray.train_nodes.items())), tuple(sorted(c.ray.data_nodes.items())))
+             for c in (load_config(REPO / p) for p in RECIPES)}
+    assert len(asked) == 1, f"the recipes ask for different node roles: {asked}"
+    train, data = asked.pop()
+    return dict(train), dict(data)
+
+
+def role_of(gpus: float) -> dict[str, str]:
+    train, data = roles()
+    return train if gpus > 0 else data
+
+
+def matches(selector: dict[str, str], labels: dict[str, str]) -> bool:
+    """Ray's label selector with plain values (what the recipes use): every key present, equal."""
+    return all(labels.get(k) == v for k, v in selector.items())
+
+
+def test_recipes_ask_for_two_distinct_roles_in_rays_syntax():
+    train, data = roles()
+    assert train and data, "both roles must be set: an empty one would let that work run on any node"
+    for labels in (train, data):
+        assert validate_label_selector(labels) is None
+        validate_node_label_syntax(labels)   # also valid as node labels, so a node can carry them
+        validate_node_labels(labels)         # not in Ray's reserved ray.io/ namespace
+        assert all(re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", v) for v in labels.values()), \
+            "plain values only (no !, in(...)): matches() and the cluster files assume equality"
+    # A node of one role never satisfies the other's selector.
+    assert not matches(train, data) and not matches(data, train)
+
+
+def test_aws_node_types_carry_the_recipes_roles():
+    train, data = roles()
+    cfg = aws_config()
+    # What the launcher hands to `ray start` (RAY_OVERRIDE_LABELS) is read after Ray's defaults are filled.
+    types = prepare_config(copy.deepcopy(cfg))["available_node_types"]
+    head = types.pop(cfg["head_node_type"])
+    assert not head.get("labels"), "the head takes no role"
+    assert head["resources"]["CPU"] == 0, "the head runs no task or actor"
+    assert types
+    for name, node in types.items():
+        want = role_of(node["resources"].get("GPU", 0))
+        assert node.get("labels") == want, f"{name}: labels {node.get('labels')}, its role is {want}"
+        validate_node_label_syntax(node["labels"])
+        assert matches(train, node["labels"]) != matches(data, node["labels"]), name
+    for role in (train, data):
+        typed = [v for v in types.values() if v["labels"] == role]
+        assert typed, f"no node type carries {role}"
+        # Each role starts from zero nodes: the autoscaler adds them when their work waits.
+        assert all(v.get("min_workers", 0) == 0 and v["max_workers"] >= 1 for v in typed), role
+    # One source for the labels: `labels:` per node type, never a --labels of its own in a start command.
+    for cmd in cfg["head_start_ray_commands"] + cfg["worker_start_ray_commands"]:
+        assert "--labels" not in cmd
+
+
+def label_text(labels: dict[str, str]) -> str:
+    return ",".join(f"{k}={v}" for k, v in sorted(labels.items()))
+
+
+def test_ray_start_takes_the_documented_labels():
+    # `ray start --labels` is hidden from `ray start --help` in Ray 2.60, but there.
+    from ray.scripts.scripts import start
+    assert "labels" in {p.name for p in start.params}
+    train, data = roles()
+    assert parse_node_labels_string(",".join(f"{k}={v}" for k, v in data.items())) == data
+    # Every `--labels` the READMEs show parses, with Ray's own parser, to one of the recipes' roles.
+    shown = {}
+    for doc in (REPO / "README.md", CLUSTER / "README.md"):
+        for m in re.finditer(r"--labels[= ]+(\"[^\"]*\"|'[^']*'|[^\s`]+)", doc.read_text()):
+            labels = parse_node_labels_string(m.group(1).strip("'\""))
+            validate_node_label_syntax(labels)
+            assert labels in (train, data), f"{doc.relative_to(REPO)}: --labels {m.group(1)} is not a role of the recipes"
+            shown[label_text(labels)] = labels
+    assert sorted(shown.values(), key=label_text) == sorted([train, data], key=label_text), \
+        "cluster/README.md should show how to start a node of each role"
 
 
 # --- runtime envs ------------------------------------------------------------------------------
@@ -268,7 +364,7 @@ def test_raycluster_autoscales_gpu_workers_from_zero():
     limits = gpu["template"]["spec"]["containers"][0]["resources"]["limits"]
     assert limits["nvidia.com/gpu"] == 1
     recipe = load_config(REPO / "configs/k400_slowfast_8x8_r50.yaml")
-    assert gpu["minReplicas"] == 0 and gpu["maxReplicas"] >= recipe.train.num_workers
+    assert gpu["minReplicas"] == 0 and gpu["maxReplicas"] >= most(recipe.train.num_workers)
     # Every RayJob's cluster is this one, so the three stay in step.
     for where, s in rayjob_specs().items():
         assert s["rayClusterSpec"] == spec, where
@@ -333,6 +429,38 @@ def test_cronjob_fallback_forbids_overlap_with_least_privilege():
     assert volume == one("cronjob.yaml", "ConfigMap")["metadata"]["name"]
     script = pod["containers"][0]["args"][0]
     assert "kubectl create -f /template/rayjob.yaml" in script and "jobDeploymentStatus" in script
+
+
+def cluster_specs() -> dict[str, dict]:
+    """Every RayClusterSpec in cluster/kuberay: the RayCluster's and each RayJob's."""
+    return {"raycluster.yaml": one("raycluster.yaml", "RayCluster")["spec"],
+            **{where: s["rayClusterSpec"] for where, s in rayjob_specs().items()}}
+
+
+def pod_gpus(group: dict) -> int:
+    return sum(int(c.get("resources", {}).get("limits", {}).get("nvidia.com/gpu", 0))
+               for c in group["template"]["spec"]["containers"])
+
+
+@pytest.mark.parametrize("where", list(cluster_specs()))
+def test_kuberay_groups_carry_the_recipes_roles(where):
+    train, data = roles()
+    spec = cluster_specs()[where]
+    head = spec["headGroupSpec"]
+    assert not head.get("labels"), f"{where}: the head takes no role"
+    assert head["rayStartParams"].get("num-cpus") == "0", f"{where}: the head runs no task or actor"
+    assert pod_gpus(head) == 0
+    groups = spec["workerGroupSpecs"]
+    for group in [head] + groups:
+        # KubeRay (>= 1.5) refuses labels in rayStartParams: the group's own `labels` field sets them.
+        assert "labels" not in group.get("rayStartParams", {}), f"{where}: labels belong in the group's labels field"
+    for group in groups:
+        want = role_of(pod_gpus(group))
+        assert group.get("labels") == want, f"{where} {group['groupName']}: labels {group.get('labels')}, role {want}"
+        validate_node_label_syntax(group["labels"])
+        assert group["minReplicas"] == 0 and group["maxReplicas"] >= 1, f"{where} {group['groupName']}"
+    for role in (train, data):
+        assert any(g["labels"] == role for g in groups), f"{where}: no worker group carries {role}"
 
 
 # --- credentials -------------------------------------------------------------------------------

@@ -79,7 +79,7 @@ def test_finetune_config_fits_the_pyslowfast_kinetics_checkpoint_it_names():
 
 def test_unknown_top_level_key_is_named_with_the_allowed_keys(tmp_path):
     lines = problems(demo_with(tmp_path, nmae="x"))
-    assert lines == ["nmae: unknown key; allowed: name, storage_root, s3, data, preprocess, model, train, "
+    assert lines == ["nmae: unknown key; allowed: name, storage_root, shared_filesystem, s3, data, preprocess, model, train, "
                      "evaluate, mlflow, ray, infer"]
 
 

@@ -59,10 +59,10 @@ def test_validation_evaluate_and_ablation_give_the_same_figures(prepared, ablati
 
     loop = LoopConfig(cfg=cfg, store=store, classes=data.classes,
                       val_shards=[(store.path(p), sorted(s)) for p, s in data.val_shards],
-                      val_views=choose_views(STORED, WANTED), steps_per_epoch=1, tracking_uri="", mlflow_run_id="",
+                      val_views=choose_views(STORED, WANTED), train_clips=1, tracking_uri="", mlflow_run_id="",
                       run_name="test")
     worker = Worker(rank=0, world=1, device=torch.device("cpu"), fmt=fmt, net=net, model=net, optimizer=None,
-                    schedule=None, tracker=None)
+                    schedule=None, tracker=None, steps_per_epoch=1)
     validated = validate(worker, loop)
 
     batches = ablation.eval_batches(cfg, data)

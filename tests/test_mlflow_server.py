@@ -3,7 +3,6 @@ endpoint): what train, evaluate, register and promote write reads back through t
 live in the bucket, and a model URI that names nothing registered fails with a clear message."""
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -14,7 +13,7 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
-from conftest import REPO, free_port, pipeline_config, stop_server, wait_until_up
+from conftest import REPO, mlflow_server_in, pipeline_config
 from pipelines.checkpoints import CHECKPOINT_FILE, ModelNotFound, load_model
 from pipelines.evaluate import evaluate
 from pipelines.registry import CHALLENGER, CHAMPION, promote, register
@@ -29,29 +28,7 @@ EPOCHS = 4  # as tests/test_registry.py: enough for the trained model to beat a 
 
 @pytest.fixture(scope="module")
 def mlflow_server(s3_endpoint, tmp_path_factory):
-    """`mlflow server` with a sqlite backend, serving artifacts from s3://BUCKET/mlflow on the moto endpoint.
-
-    Only the server knows the S3 endpoint: clients (the driver, the Ray workers) send artifacts through
-    the server's proxy (mlflow-artifacts:/), so they need no S3 credentials of their own.
-    """
-    tmp = tmp_path_factory.mktemp("mlflow-server")
-    boto3.client("s3", endpoint_url=s3_endpoint).create_bucket(Bucket=BUCKET)
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    log = tmp / "server.log"
-    # No job runner (MLFLOW_SERVER_ENABLE_JOB_EXECUTION): its seven huey consumers serve GenAI jobs this
-    # test has none of, on a 2-core machine.
-    env = {**os.environ, "MLFLOW_S3_ENDPOINT_URL": s3_endpoint, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
-    with open(log, "wb") as out:
-        proc = subprocess.Popen(
-            [str(Path(sys.executable).parent / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port),
-             "--workers", "1", "--backend-store-uri", f"sqlite:///{tmp / 'mlflow.db'}",
-             "--artifacts-destination", f"s3://{BUCKET}/mlflow"],
-            cwd=tmp, env=env, stdout=out, stderr=subprocess.STDOUT,
-            start_new_session=True)  # its own process group: the uvicorn child stops with it
-    wait_until_up(proc, f"{url}/health", log, 120)
-    yield {"url": url, "s3": s3_endpoint, "cwd": tmp}
-    stop_server(proc)
+    yield from mlflow_server_in(s3_endpoint, tmp_path_factory, BUCKET)
 
 
 def bucket_keys(s3_endpoint: str) -> list[str]:
