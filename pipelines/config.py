@@ -172,6 +172,12 @@ class TrainSection(Section):
                        "up to max; the global batch and the learning rate follow the workers actually running")
     use_gpu: bool = Field(False, description="one GPU per worker")
     cpus_per_worker: float = Field(1.0, gt=0, description="CPUs reserved by each train worker")
+    resources_per_worker: dict[str, float] = Field(
+        default_factory=dict, description="more Ray resources each train worker asks for, e.g. {train_slot: 1} that "
+                                          "only train nodes declare (ray start --resources). Elastic training needs "
+                                          "one on CPU-only train nodes: Ray 2.60 counts the workers that fit from "
+                                          "the resources asked for, not from node labels (GPU workers need none: "
+                                          "only GPU nodes have GPUs)")
     threads_per_worker: int | None = Field(
         None, ge=1, description="torch CPU threads per worker; None = cpus_per_worker rounded up (Ray's default "
                                 "rounds down, which leaves a 1.5-CPU worker one thread)")

@@ -11,8 +11,10 @@ from .config import PipelineConfig
 from .errors import PipelineError
 
 # Read by every Ray process as it starts: Ray Data's INFO lines (dataset plans, and progress logged
-# line by line when stderr is not a terminal; progress bars on a terminal are unaffected).
-QUIET_ENV = {"RAY_DATA_LOG_LEVEL": "WARNING"}
+# line by line when stderr is not a terminal; progress bars on a terminal are unaffected), and MLflow's
+# in the train workers (system metrics' start-up lines); on a cluster the workers get them from the
+# job's runtime env, not from the driver's environment.
+QUIET_ENV = {"RAY_DATA_LOG_LEVEL": "WARNING", "MLFLOW_LOGGING_LEVEL": "WARNING"}
 
 _verbose = False
 
@@ -57,10 +59,6 @@ def init_ray(cfg: PipelineConfig, shared: dict[str, str] | None = None) -> None:
     shared: {what: path} that Ray's workers read or write (default: storage_root and data.video_root);
     on a cluster of more than one node a local one must be a shared filesystem (`check_shared_paths`).
     """
-    # torch before Ray: loaded after Ray's core library, libtorch_cpu can fail to load in a `ray job submit`
-    # driver ("Intel oneMKL FATAL ERROR: Cannot load libtorch_cpu.so", the first job on a new cluster, seen
-    # with Ray 2.60 and torch 2.13), and every step loads torch sooner or later.
-    import torch  # noqa: F401
     import ray
     from ray.data import DataContext
 

@@ -112,7 +112,8 @@ def train(cfg: PipelineConfig, *, run_name: str | None = None, log=print, prepro
         trainer = TorchTrainer(
             train_func, train_loop_config={"loop": loop},
             scaling_config=ray.train.ScalingConfig(num_workers=high if low == high else (low, high), use_gpu=t.use_gpu,
-                                                   resources_per_worker={"CPU": t.cpus_per_worker},
+                                                   resources_per_worker={"CPU": t.cpus_per_worker,
+                                                                         **t.resources_per_worker},
                                                    label_selector=dict(cfg.ray.train_nodes) or None),
             run_config=ray.train.RunConfig(
                 logging_config=train_logging(),

@@ -5,7 +5,11 @@ environment, so nothing is written to ~/.ray.
 
 A node is killed as a machine dies: SIGKILL to its process group (the raylet, its agents and its workers).
 Jobs go in with `ray job submit` (their drivers run on the head); Ray's state API (`ray list`) says where each
-task and actor ran.
+task and actor ran. They go in without a working dir: the nodes of one machine share the session's
+runtime_resources folder, so one node's runtime-env agent would unpack or delete the job's code under another's
+running job (seen: a job's driver losing pipelines/train.py mid-run). The code reaches every node as it does on a
+cluster whose image has the project installed: the venv's (editable) install. tests/test_job_submit.py submits
+with the working dir, as the README does, to a single node.
 """
 from __future__ import annotations
 
@@ -27,6 +31,10 @@ RAY = str(Path(sys.executable).parent / "ray")
 # loss of its workers quickly.
 FAST_HEALTH_CHECKS = {"RAY_health_check_period_ms": "1000", "RAY_health_check_failure_threshold": "3",
                       "RAY_health_check_timeout_ms": "1000"}
+# What train workers ask for beside the train-node label (train.resources_per_worker): Ray 2.60's elastic
+# scaling counts the workers that fit from the resources asked for, ignoring labels, and these CPU-only train
+# nodes sit beside CPU data nodes (on a real cluster the GPUs tell them apart).
+TRAIN_SLOT = {"train_slot": 1}
 
 
 class LocalCluster:
@@ -50,11 +58,13 @@ class LocalCluster:
         self._wait_for_dashboard()
 
     def add_nodes(self, *nodes: tuple[str, int, str | None]) -> None:
-        """(name, CPUs, role or None) each: a node with the labels test-node=NAME and node-role=ROLE, started
-        in turn; returns once Ray lists them all alive."""
+        """(name, CPUs, role or None) each: a node with the labels test-node=NAME and node-role=ROLE (a train
+        node also declares the resource train_slot: 1, see TRAIN_SLOT), started in turn; returns once Ray lists
+        them all alive."""
         for name, cpus, role in nodes:  # one at a time: raylets starting together on 2 cores time out
             labels = f"test-node={name}" + (f",node-role={role}" if role else "")
-            self._start(name, [f"--address={self.address}", f"--num-cpus={cpus}", f"--labels={labels}"])
+            extra = [f"--resources={json.dumps(TRAIN_SLOT)}"] if role == "train" else []
+            self._start(name, [f"--address={self.address}", f"--num-cpus={cpus}", f"--labels={labels}", *extra])
             deadline = time.time() + 180
             while name not in self.node_ids():
                 assert self.nodes[name].poll() is None, self.log(name)[-3000:]
@@ -97,11 +107,11 @@ class LocalCluster:
     # --- jobs ----------------------------------------------------------------------------------------------
 
     def submit(self, *command: str) -> str:
-        """`ray job submit` of `command` with the repository as working dir (cluster/runtime_env.local.yaml),
-        not waiting; returns the submission id."""
+        """`ray job submit` of `command` (no working dir: see the module's docstring), not waiting; returns the
+        submission id."""
         submission = f"test-{secrets.token_hex(4)}"
-        args = [RAY, "job", "submit", "--address", self.dashboard, "--working-dir", ".", "--runtime-env",
-                "cluster/runtime_env.local.yaml", "--submission-id", submission, "--no-wait", "--", *command]
+        args = [RAY, "job", "submit", "--address", self.dashboard, "--submission-id", submission, "--no-wait", "--",
+                *command]
         # The dashboard answers before the head's job agent is up ("No available agent ... try again later").
         for _ in range(30):
             done = subprocess.run(args, cwd=REPO, env=self.env, capture_output=True, text=True, timeout=300)
@@ -111,22 +121,26 @@ class LocalCluster:
         assert done.returncode == 0, done.stdout + done.stderr
         return submission
 
+    def ended(self, submission: str) -> str | None:
+        """SUCCEEDED | FAILED | STOPPED once the job has ended, else None."""
+        done = subprocess.run([RAY, "job", "status", "--address", self.dashboard, submission], env=self.env,
+                              capture_output=True, text=True, timeout=120)
+        out = re.sub(r"\x1b\[[0-9;]*m", "", done.stdout + done.stderr)
+        # "Job '<id>' succeeded" / "failed" / "was stopped", or "Status for job ...: RUNNING".
+        for word, said in (("SUCCEEDED", "succeeded"), ("FAILED", "failed"), ("STOPPED", "was stopped")):
+            if f"Job '{submission}' {said}" in out:
+                return word
+        return None
+
     def wait(self, submission: str, timeout: float = 900) -> tuple[str, str]:
         """(SUCCEEDED | FAILED | STOPPED, the job's log) once the job ends."""
         deadline = time.time() + timeout
-        status = "UNKNOWN"
         while time.time() < deadline:
-            done = subprocess.run([RAY, "job", "status", "--address", self.dashboard, submission], env=self.env,
-                                  capture_output=True, text=True, timeout=120)
-            out = re.sub(r"\x1b\[[0-9;]*m", "", done.stdout + done.stderr)
-            # "Job '<id>' succeeded" / "failed" / "was stopped", or "Status for job ...: RUNNING".
-            for word, said in (("SUCCEEDED", "succeeded"), ("FAILED", "failed"), ("STOPPED", "was stopped")):
-                if f"Job '{submission}' {said}" in out:
-                    return word, self.logs(submission)
-            status = out.strip().splitlines()[-1] if out.strip() else status
+            status = self.ended(submission)
+            if status:
+                return status, self.logs(submission)
             time.sleep(3)
-        raise AssertionError(f"job {submission} not finished after {timeout}s: {status}\n"
-                             f"{self.logs(submission)[-4000:]}")
+        raise AssertionError(f"job {submission} not finished after {timeout}s:\n{self.logs(submission)[-4000:]}")
 
     def logs(self, submission: str) -> str:
         return subprocess.run([RAY, "job", "logs", "--address", self.dashboard, submission], env=self.env,
@@ -144,7 +158,7 @@ class LocalCluster:
                                                          "runtime-env-agent-port", "metrics-export-port")]
         self.nodes[name] = subprocess.Popen(
             [RAY, "start", "--block", "--node-ip-address=127.0.0.1", "--disable-usage-stats", *args, *ports],
-            env=self.env, stdout=open(self.tmp / f"{name}.log", "wb"), stderr=subprocess.STDOUT,
+            env=self.env, cwd=self.tmp, stdout=open(self.tmp / f"{name}.log", "wb"), stderr=subprocess.STDOUT,
             start_new_session=True)  # its own process group: killed as one machine
 
     def _wait_for_dashboard(self, timeout: float = 180) -> None:
