@@ -158,16 +158,19 @@ def stops_when_stalled(cfg: PipelineConfig, what: str, error: type[PipelineError
         raise
 
 
-def waiting_for(cfg: PipelineConfig, what: str) -> str:
-    """The end of a stall's message: what Ray Data waited for, what the cluster has, and what to do."""
+def waiting_for(cfg: PipelineConfig, what: str, train_cpus: float | None = None) -> str:
+    """The end of a stall's message: what Ray Data waited for, what the cluster has (and, train_cpus, what the
+    train workers held while it waited), and what to do."""
     import ray
 
     total, free = ray.cluster_resources(), ray.available_resources()
     nodes = [n for n in ray.nodes() if n.get("Alive")]
     roles = f" on nodes labelled {cfg.ray.data_nodes}" if cfg.ray.data_nodes else ""
+    held = (f"the train workers held {train_cpus:g} of them" if train_cpus is not None
+            else f"{free.get('CPU', 0):g} free now")
     return (f"Ray Data made no progress for {cfg.ray.data_wait_timeout_s:g} s (ray.data_wait_timeout_s): {what} "
-            f"wait for CPUs{roles}; the cluster has {len(nodes)} node(s), {total.get('CPU', 0):g} CPUs, "
-            f"{free.get('CPU', 0):g} free. Add a node (or let the autoscaler add one), or free CPUs "
+            f"wait for CPUs{roles}; the cluster has {len(nodes)} node(s) with {total.get('CPU', 0):g} CPU(s) in all, "
+            f"{held}. Add a node (or let the autoscaler add one), or free CPUs "
             "(fewer train.num_workers or train.cpus_per_worker), then run the same command again: it resumes "
             "where it stopped.")
 

@@ -129,7 +129,8 @@ def train(cfg: PipelineConfig, *, run_name: str | None = None, log=print, prepro
         stall = (getattr(result, "return_value", None) or {}).get("stalled")
         if stall:
             raise TrainError(f"train {run_name}: stopped after epoch {stall['epoch']} of {t.epochs}. "
-                             + waiting_for(cfg, "the training input's read and crop tasks"))
+                             + waiting_for(cfg, "the training input's read and crop tasks",
+                                           train_cpus=stall["workers"] * t.cpus_per_worker))
     except BaseException as exc:
         tracking.close_run(cfg, mlflow_run_id, "FAILED")
         if stalled(exc):  # the timeout reached the driver another way (e.g. through a worker's failure)

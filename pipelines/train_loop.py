@@ -107,7 +107,8 @@ def train_func(config: dict) -> dict:
             raise
         # Ray Data made no progress for ray.data_wait_timeout_s (no CPU it may use): a clean stop that the
         # driver reports, rather than a failure that Ray Train would retry into the same wait.
-        return {"stalled": {"epoch": epoch, "error": str(exc).splitlines()[0]}, "history": worker.history}
+        return {"stalled": {"epoch": epoch, "workers": worker.world, "error": str(exc).splitlines()[0]},
+                "history": worker.history}
     finally:
         worker.tracker.close()
     return {"resumed_from_epoch": worker.start_epoch, "epochs_run": loop.cfg.train.epochs - worker.start_epoch,

@@ -1,12 +1,8 @@
 """Train through a real local Ray (Ray Train + Ray Data) and a real MLflow (sqlite): two DDP workers
-on CPU learn from synthetic shards, checkpoint every epoch, log to MLflow, and a re-run resumes."""
+on CPU learn from synthetic shards, checkpoint every epoch and log to MLflow. (A driver killed mid-run and
+the re-run resuming after the last checkpoint: tests/test_workflow.py; a node lost: tests/test_multinode.py.)"""
 from __future__ import annotations
 
-import os
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pyarrow as pa
@@ -14,7 +10,7 @@ import pyarrow.parquet as pq
 import pytest
 from mlflow.tracking import MlflowClient
 
-from conftest import REPO, pipeline_config
+from conftest import pipeline_config
 from pipelines.storage import Storage
 from pipelines.checkpoints import CHECKPOINT_FILE
 from pipelines.train import train
@@ -95,50 +91,6 @@ def test_two_workers_learn_checkpoint_every_epoch_and_log_to_mlflow(ray_local, s
     assert again["best_checkpoint"] == out["best_checkpoint"]
     assert len(history(client, run.info.run_id, "loss")) == 2 * STEPS
     assert any("nothing to do" in line for line in lines)
-
-
-def _cli(config_path: Path, log: Path, **kw) -> subprocess.Popen:
-    """`python -m pipelines train` in its own process (and its own local Ray); output to `log`."""
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
-    with open(log, "wb") as out:
-        return subprocess.Popen([sys.executable, "-m", "pipelines", "train", "--config", str(config_path)],
-                                cwd=config_path.parent, env=env, stdout=out, stderr=subprocess.STDOUT, **kw)
-
-
-def test_rerun_after_the_driver_is_killed_resumes_after_the_last_checkpoint(synth_set, tmp_path):
-    # 64 px crops: an epoch of a few seconds, so that the kill lands between the two checkpoints.
-    cfg = small_run(tmp_path, synth_set, crop_size=64, scale_jitter=[64, 72])
-    config_path = tmp_path / "pipeline.yaml"
-    config_path.write_text(cfg.to_yaml())
-    checkpoints = tmp_path / "storage" / "checkpoints"
-
-    def committed(epoch: int) -> bool:
-        """Ray Train lists a checkpoint in the run's snapshot once it is fully written."""
-        return any(f"epoch-{epoch:04d}" in p.read_text()
-                   for p in checkpoints.glob("*/checkpoint_manager_snapshot.json"))
-
-    first = _cli(config_path, tmp_path / "first.log", start_new_session=True)
-    deadline = time.time() + 300
-    while time.time() < deadline and not committed(1):
-        assert first.poll() is None, (tmp_path / "first.log").read_text()[-3000:]
-        time.sleep(0.02)
-    os.killpg(first.pid, signal.SIGKILL)  # the driver and the local Ray it started, workers included
-    first.wait()
-    assert committed(1) and not committed(2), "the kill should land between the two epochs' checkpoints"
-
-    again = _cli(config_path, tmp_path / "again.log")
-    assert again.wait(timeout=300) == 0, (tmp_path / "again.log").read_text()[-3000:]
-    output = (tmp_path / "again.log").read_text()
-    assert "resuming after epoch 1 " in output
-    summary = output[output.index("summary: "):]
-    assert "2/2 epochs (1 run now)" in summary, summary
-
-    # One MLflow run across both attempts, with each epoch's figures logged once.
-    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
-    runs = client.search_runs([client.get_experiment_by_name("train-test").experiment_id])
-    assert len(runs) == 1 and runs[0].info.status == "FINISHED"
-    assert [step for step, _ in history(client, runs[0].info.run_id, "train_loss")] == [1, 2]
-    assert [step for step, _ in history(client, runs[0].info.run_id, "loss")][-1] == 2 * STEPS
 
 
 def test_read_shards_mixes_files_and_drops_superseded_clips(tmp_path):

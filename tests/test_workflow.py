@@ -144,6 +144,12 @@ def test_kill_9_during_preprocess_and_during_train_then_the_same_command_finishe
     assert runs[0]["status"] == "succeeded" and len(runs) == 3
     assert registered_versions(cfg) == ["1"]
     assert "resuming after epoch 1 " in log.read_text()
+    # One MLflow training run across the attempts, each epoch's figures logged once.
+    client = MlflowClient(cfg.mlflow.tracking_uri)
+    trained = [r for r in client.search_runs([client.get_experiment_by_name(cfg.mlflow.experiment).experiment_id])
+               if "val_top1" in r.data.metrics]
+    assert len(trained) == 1 and trained[0].info.status == "FINISHED"
+    assert [m.step for m in client.get_metric_history(trained[0].info.run_id, "train_loss")] == [1, 2]
 
 
 def test_new_annotation_rows_decode_only_the_new_videos_and_retrain(ray_local, tmp_path):
