@@ -45,10 +45,16 @@ def quiet_worker() -> None:
     logging.getLogger(context).setLevel(logging.WARNING)
 
 
+def ray_address(cfg: PipelineConfig) -> str:
+    """What `init_ray` joins: `ray.address`, else the cluster `ray job submit` runs us in (RAY_ADDRESS),
+    else "local" (a private local Ray)."""
+    return cfg.ray.address or os.environ.get("RAY_ADDRESS") or "local"
+
+
 def joins_cluster(cfg: PipelineConfig) -> bool:
     """Whether `init_ray` joins a running cluster (which may span nodes) rather than starting a private
     local Ray (one node, by construction)."""
-    return (cfg.ray.address or os.environ.get("RAY_ADDRESS") or "local") != "local"
+    return ray_address(cfg) != "local"
 
 
 def init_ray(cfg: PipelineConfig, shared: dict[str, str] | None = None) -> None:
@@ -66,7 +72,7 @@ def init_ray(cfg: PipelineConfig, shared: dict[str, str] | None = None) -> None:
     DataContext.get_current().execution_no_progress_timeout_s = cfg.ray.data_wait_timeout_s
     if ray.is_initialized():
         return
-    address = cfg.ray.address or os.environ.get("RAY_ADDRESS") or "local"
+    address = ray_address(cfg)
     env, runtime_env, local = {}, {}, {}
     if not _verbose:
         env = {k: os.environ.get(k, v) for k, v in QUIET_ENV.items()}  # a value the user exported wins
