@@ -2,7 +2,7 @@
 roles, each its own raylet), storage on the moto S3 endpoint, MLflow on a real `mlflow server`; every run goes in
 with `ray job submit`. What only several nodes expose: where each kind of work runs (Ray's state API), a local
 storage_root refused, a whole node killed (kill -9 of its raylet and workers) during training and during
-preprocessing, elastic training, a cluster left with no CPU for Ray Data, and a node that joins mid-run.
+preprocessing, elastic training, a cluster left with no CPU for Ray Data, and nodes that join mid-run.
 
 Run them alone with `pytest -m multinode`; `make test` runs them too."""
 from __future__ import annotations
@@ -63,8 +63,9 @@ def write_config(tmp_path, synth_set, s3, server, name: str, train: dict, ray: d
         tmp_path, synth_set, name=name, storage_root=f"s3://{STORAGE}/{name}", s3={"endpoint_url": s3},
         data={"video_root": f"s3://{VIDEOS}/{folder}",
               "annotations": {split: f"s3://{VIDEOS}/{folder}/annotations/{split}.csv" for split in ("train", "val")}},
-        # 8 clips a video: epochs of 12 steps (2 workers) or 24 (1), long enough for a kill to land inside one.
-        preprocess=preprocess or {"clips_per_video": 8, "rows_per_shard": 16},
+        # 4 clips a video: epochs of 6 steps (2 workers) or 12 (1); a kill after epoch 1's checkpoint lands in
+        # epoch 2 or 3, never after the last.
+        preprocess=preprocess or {"clips_per_video": 4, "rows_per_shard": 16},
         train={"batch_size": 4, "cpus_per_worker": 1, "warmup_epochs": 0.5, "base_lr": 0.04, "max_failures": 3,
                **train},
         mlflow={"tracking_uri": server["url"], "experiment": name, "model_name": name},
@@ -106,54 +107,14 @@ def epoch_metric(server, name: str, key: str) -> list[tuple[int, float]]:
     return sorted((m.step, m.value) for m in client.get_metric_history(runs[0].info.run_id, key))
 
 
+def train_done(store: Storage) -> bool:
+    """Whether every training video of the long set is committed (preprocess's train split is over)."""
+    folders = {posixpath.dirname(p) for p in store.list("manifests/synth/train", suffix=".json")}
+    return bool(folders) and len(manifest.DatasetState.load(store, folders.pop()).videos) >= 24 * COPIES
+
+
 def registered_versions(server, name: str) -> list:
     return MlflowClient(server["url"]).search_model_versions(f"name='{name}'")
-
-
-def test_roles_and_elastic_training_through_job_submit_with_a_train_node_killed_mid_epoch(cluster, s3, server,
-                                                                                        synth_set, tmp_path):
-    cluster.add_nodes(("data1", 1, "data"), ("train1", 1, "train"), ("train2", 1, "train"))
-    config = write_config(tmp_path, synth_set, s3, server, "elastic",
-                          train={"epochs": 3, "num_workers": [1, 2], "resources_per_worker": TRAIN_SLOT},
-                          ray={"train_nodes": TRAIN_ROLE, "data_nodes": DATA_ROLE})
-
-    # A local storage_root on a cluster of several nodes: refused before anything is written.
-    local = tmp_path / "local-storage"
-    status, log = cluster.wait(cluster.submit(*run(config), "--set", f"storage_root={local}"), timeout=300)
-    assert status == "FAILED"
-    assert f"storage_root '{local}': a local path, and this Ray cluster has 4 nodes" in log
-    assert "--set storage_root=s3://BUCKET/PREFIX" in log and "--set shared_filesystem=true" in log
-    assert "Traceback" not in log and not local.exists()
-
-    submission = cluster.submit(*run(config))
-    wait_for_checkpoint(s3, "elastic", 1, cluster, submission)
-    cluster.kill("train2")  # kill -9 of a train node's raylet and workers, in epoch 2
-    status, log = cluster.wait(submission)
-    assert status == "SUCCEEDED", log[-4000:]
-    assert "on 1 to 2 workers (elastic" in log and "models:/elastic/1" in log
-    resumed = re.search(r"resuming after epoch ([12]) on 1 worker\(s\), the checkpoint was written by 2: global "
-                        r"batch 8 -> 4, LR ([0-9.e-]+) -> ([0-9.e-]+)", log)
-    assert resumed, log[-4000:]
-    assert float(resumed.group(3)) == pytest.approx(float(resumed.group(2)) / 2, rel=1e-3)
-    # Each epoch recorded once (none repeated): those before the loss on 2 workers, the rest on 1, with the batch
-    # and the learning rate following them.
-    before = int(resumed.group(1))
-    assert epoch_metric(server, "elastic", "workers") == [(e, 2 if e <= before else 1) for e in (1, 2, 3)]
-    assert epoch_metric(server, "elastic", "global_batch") == [(e, 8 if e <= before else 4) for e in (1, 2, 3)]
-    lrs = dict(epoch_metric(server, "elastic", "base_lr"))
-    assert lrs[3] == pytest.approx(lrs[1] / 2)
-    assert [v.version for v in registered_versions(server, "elastic")] == ["1"]
-
-    # Where each kind of work ran, from Ray's state API (the killed node's records included).
-    ids = cluster.node_ids(alive=False)
-    train_nodes, data_nodes = {ids["train1"], ids["train2"]}, {ids["data1"]}
-    actors, tasks = cluster.state("actors"), cluster.state("tasks")
-    assert where(actors, r"^RayTrainWorker$") == train_nodes  # one worker on each, then one on train1
-    assert where(actors, r"ScoreViews") == {ids["train1"]}  # evaluate's scoring actors
-    assert where(actors, r"ClipWriter") == data_nodes  # preprocess
-    for work in ("shuffled_files", "read_shards", "train_clips", "read_views"):
-        assert where(tasks, work) == data_nodes, work
-    assert not (where(actors, DATA_WORK) | where(tasks, DATA_WORK)) & train_nodes
 
 
 def test_a_survivor_holding_every_cpu_stops_with_a_clear_error_then_resumes_when_a_node_joins(
@@ -192,52 +153,120 @@ def test_a_survivor_holding_every_cpu_stops_with_a_clear_error_then_resumes_when
     assert [v.version for v in registered_versions(server, "starved")] == ["1"]
 
 
+CLIPS = 1  # clips cut from each video of the long set (decoding, not cutting, is what takes the time)
+COPIES = 8  # times each generated training video is in the long set, under names of its own
+
+
 @pytest.fixture(scope="module")
 def long_set(s3, tmp_path_factory):
-    """Videos that keep preprocess busy for a while on one CPU (4 classes x 24, 320x240, 4 s: 72 to train on),
-    in the bucket."""
+    """Enough videos to keep preprocess busy on one CPU while nodes join (about half a second each): 32
+    generated (4 classes x 8, 320x240, 6 s), each training video uploaded COPIES times under its own YouTube
+    id (192 to train on), the 8 val videos once. Returns the folder with their annotation CSVs."""
     from slowfast.video.synth import write_dataset
 
     out = tmp_path_factory.mktemp("long-set")
-    write_dataset(out, classes=4, videos_per_class=24, seed=11, width=320, height=240, seconds=4.0)
+    write_dataset(out / "generated", classes=4, videos_per_class=8, seed=11, width=320, height=240, seconds=6.0)
     client = boto3.client("s3", endpoint_url=s3)
-    for path in out.rglob("*"):
-        if path.is_file():
-            client.upload_file(str(path), VIDEOS, f"long/{path.relative_to(out).as_posix()}")
+    (out / "annotations").mkdir()
+    for split, copies in (("train", COPIES), ("val", 1)):
+        with open(out / "generated" / "annotations" / f"{split}.csv") as f:
+            rows = list(csv.DictReader(f))
+        listed = []
+        for row in rows:
+            name = f"{row['label']}/{{}}_{int(row['time_start']):06d}_{int(row['time_end']):06d}.mp4"
+            for k in range(copies):
+                listed.append({**row, "youtube_id": f"{row['youtube_id'][:9]}c{k}"} if copies > 1 else row)
+                client.upload_file(str(out / "generated" / split / name.format(row["youtube_id"])), VIDEOS,
+                                   f"long/{split}/{name.format(listed[-1]['youtube_id'])}")
+        with open(out / "annotations" / f"{split}.csv", "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+            writer.writeheader()
+            writer.writerows(listed)
+        client.upload_file(str(out / "annotations" / f"{split}.csv"), VIDEOS, f"long/annotations/{split}.csv")
     return out
 
 
-def test_preprocess_started_on_no_data_node_loses_it_mid_run_and_finishes_on_one_that_joins_exactly_once(
-        cluster, s3, server, long_set, tmp_path):
-    name = "decode"
-    # One video per actor call (8 clips at full size: about a second each) and a commit after each shard.
-    config = write_config(tmp_path, long_set, s3, server, name, train={"num_workers": 1},
-                          ray={"data_nodes": DATA_ROLE}, folder="long",
-                          preprocess={"clips_per_video": 8, "rows_per_shard": 8, "commit_every": 1,
+def test_roles_autoscaling_and_node_loss_through_job_submit(cluster, s3, server, long_set, tmp_path):
+    """The whole workflow with `ray job submit` on a cluster with roles: started with train nodes only, it spreads
+    its decoding over the data nodes that join, loses one mid-preprocess and a train node mid-epoch (kill -9),
+    and finishes with elastic training on the train node left; Ray's state API says where everything ran."""
+    name = "elastic"
+    cluster.add_nodes(("train1", 1, "train"), ("train2", 1, "train"))
+    # One video per actor call (at full size, about half a second each) and a commit after each; 24 steps an
+    # epoch on 2 workers, 48 on 1: a kill after epoch 1's checkpoint lands inside epoch 2.
+    config = write_config(tmp_path, long_set, s3, server, name, folder="long",
+                          train={"epochs": 2, "num_workers": [1, 2], "resources_per_worker": TRAIN_SLOT},
+                          ray={"train_nodes": TRAIN_ROLE, "data_nodes": DATA_ROLE},
+                          preprocess={"clips_per_video": CLIPS, "rows_per_shard": CLIPS, "commit_every": 1,
                                       "short_side": 240})
     store = Storage(f"s3://{STORAGE}/{name}", S3Options(s3))
-    # Started on a cluster with no data node (an autoscaler's data group at zero): the work waits for one.
-    submission = cluster.submit("python", "-m", "pipelines", "preprocess", "--config", str(config), "--split",
-                                "train")
+
+    # A local storage_root on a cluster of several nodes: refused before anything is written.
+    local = tmp_path / "local-storage"
+    status, log = cluster.wait(cluster.submit(*run(config), "--set", f"storage_root={local}"), timeout=300)
+    assert status == "FAILED"
+    assert f"storage_root '{local}': a local path, and this Ray cluster has 3 nodes" in log
+    assert "--set storage_root=s3://BUCKET/PREFIX" in log and "--set shared_filesystem=true" in log
+    assert "Traceback" not in log and not local.exists()
+
+    # Started with no data node (an autoscaler's data group at zero): the decoding waits for one.
+    submission = cluster.submit(*run(config))
     cluster.add_nodes(("data1", 1, "data"))
     deadline = time.time() + 600
     while not store.list("manifests/synth/train", suffix=".json"):
         assert time.time() < deadline and not cluster.ended(submission), cluster.logs(submission)[-4000:]
         time.sleep(1)
 
-    # The data node dies with an actor mid-video; the run waits for another, which joins and finishes it.
-    ids = cluster.node_ids()
-    assert not cluster.ended(submission), "preprocess ended before the node loss: give it more videos"
-    cluster.kill("data1")
+    # A second data node joins the running preprocess: Ray Data's actor pool grows onto it.
     cluster.add_nodes(("data2", 1, "data"))
-    ids.update(cluster.node_ids())
+    ids = cluster.node_ids()
+    deadline = time.time() + 300
+    while ids["data2"] not in where(cluster.state("actors", "state=ALIVE"), "ClipWriter"):
+        assert time.time() < deadline, "no ClipWriter on the node that joined"
+        assert not cluster.ended(submission), cluster.logs(submission)[-4000:]
+        assert not train_done(store), "preprocess ended before the pool grew: give it more videos"
+        time.sleep(2)
+
+    # The first data node dies with an actor mid-video; the workflow goes on on the second.
+    assert ids["data1"] in where(cluster.state("actors", "state=ALIVE"), "ClipWriter")
+    assert not train_done(store), "preprocess ended before the node loss: give it more videos"
+    cluster.kill("data1")
+    resubmitted, deadline = False, time.time() + 600
+    while not train_done(store):
+        assert time.time() < deadline, cluster.logs(submission)[-4000:]
+        if cluster.ended(submission):  # what the lost node was decoding stopped the run: the same command resumes
+            status, log = cluster.wait(submission)
+            assert status == "FAILED" and not resubmitted, log[-4000:]
+            submission, resubmitted = cluster.submit(*run(config)), True
+        time.sleep(2)
+
+    # A train node dies mid-epoch: the run resumes on the worker left, batch and LR halved.
+    wait_for_checkpoint(s3, name, 1, cluster, submission)
+    cluster.kill("train2")
     status, log = cluster.wait(submission)
-    if status != "SUCCEEDED":  # what the lost node was decoding may stop the run: the same command finishes it
-        status, log = cluster.wait(cluster.submit("python", "-m", "pipelines", "preprocess", "--config", str(config),
-                                                  "--split", "train"))
     assert status == "SUCCEEDED", log[-4000:]
-    # data1 decoded the first commits alone; the pool went on on data2, which joined after data1 was gone.
-    assert ids["data2"] in where(cluster.state("actors"), "ClipWriter")
+    assert "on 1 to 2 workers (elastic" in log and f"models:/{name}/1" in log
+    resumed = re.search(r"resuming after epoch 1 on 1 worker\(s\), the checkpoint was written by 2: global "
+                        r"batch 8 -> 4, LR ([0-9.e-]+) -> ([0-9.e-]+)", log)
+    assert resumed, log[-4000:]
+    assert float(resumed.group(2)) == pytest.approx(float(resumed.group(1)) / 2, rel=1e-3)
+    # Each epoch recorded once (none repeated), with the workers, batch and learning rate it ran with.
+    assert epoch_metric(server, name, "workers") == [(1, 2), (2, 1)]
+    assert epoch_metric(server, name, "global_batch") == [(1, 8), (2, 4)]
+    lrs = dict(epoch_metric(server, name, "base_lr"))
+    assert lrs[2] == pytest.approx(lrs[1] / 2)
+    assert [v.version for v in registered_versions(server, name)] == ["1"]
+
+    # Where each kind of work ran, from Ray's state API (the killed nodes' records included).
+    ids = cluster.node_ids(alive=False)
+    train_nodes, data_nodes = {ids["train1"], ids["train2"]}, {ids["data1"], ids["data2"]}
+    actors, tasks = cluster.state("actors"), cluster.state("tasks")
+    assert where(actors, r"^RayTrainWorker$") == train_nodes  # one worker on each, then one on train1
+    assert where(actors, r"ScoreViews") == {ids["train1"]}  # evaluate's scoring actors
+    assert where(actors, r"ClipWriter") == data_nodes  # preprocess, on both data nodes
+    for work in ("shuffled_files", "read_shards", "train_clips", "read_views"):  # after data1's loss: data2
+        assert where(tasks, work) == {ids["data2"]}, work
+    assert not (where(actors, DATA_WORK) | where(tasks, DATA_WORK)) & train_nodes
 
     # Exactly once: every annotated video committed once, and its clips in exactly one committed shard.
     folders = {posixpath.dirname(p) for p in store.list("manifests/synth/train", suffix=".json")}
@@ -246,11 +275,11 @@ def test_preprocess_started_on_no_data_node_loses_it_mid_run_and_finishes_on_one
     records = Counter(v.video_id for c in commits for v in c.videos)
     with open(long_set / "annotations" / "train.csv") as f:
         annotated = list(csv.DictReader(f))
-    assert len(records) == len(annotated) == 72
+    assert len(records) == len(annotated) == 24 * COPIES
     assert set(records.values()) == {1}, [v for v, n in records.items() if n > 1]
     rows = Counter()
     for shard in {s["path"] for c in commits for s in c.shards}:
         with store.fs.open_input_file(store.path(shard)) as f:
             rows.update(pq.read_table(f, columns=["video_id"]).column("video_id").to_pylist())
     processed = {v.video_id for c in commits for v in c.videos if not v.quarantined}
-    assert len(processed) == len(annotated) and all(rows[v] == 8 for v in processed) and set(rows) == processed
+    assert len(processed) == len(annotated) and all(rows[v] == CLIPS for v in processed) and set(rows) == processed
