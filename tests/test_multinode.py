@@ -107,10 +107,10 @@ def epoch_metric(server, name: str, key: str) -> list[tuple[int, float]]:
     return sorted((m.step, m.value) for m in client.get_metric_history(runs[0].info.run_id, key))
 
 
-def train_done(store: Storage) -> bool:
-    """Whether every training video of the long set is committed (preprocess's train split is over)."""
+def committed_train(store: Storage) -> int:
+    """How many of the long set's training videos preprocess has committed."""
     folders = {posixpath.dirname(p) for p in store.list("manifests/synth/train", suffix=".json")}
-    return bool(folders) and len(manifest.DatasetState.load(store, folders.pop()).videos) >= 24 * COPIES
+    return len(manifest.DatasetState.load(store, folders.pop()).videos) if folders else 0
 
 
 def registered_versions(server, name: str) -> list:
@@ -155,17 +155,18 @@ def test_a_survivor_holding_every_cpu_stops_with_a_clear_error_then_resumes_when
 
 CLIPS = 1  # clips cut from each video of the long set (decoding, not cutting, is what takes the time)
 COPIES = 8  # times each generated training video is in the long set, under names of its own
+TRAIN_VIDEOS = 24 * COPIES
 
 
 @pytest.fixture(scope="module")
 def long_set(s3, tmp_path_factory):
-    """Enough videos to keep preprocess busy on one CPU while nodes join (about half a second each): 32
-    generated (4 classes x 8, 320x240, 6 s), each training video uploaded COPIES times under its own YouTube
+    """Enough videos to keep preprocess busy on one CPU while nodes join (about a second each): 32
+    generated (4 classes x 8, 320x240, 10 s), each training video uploaded COPIES times under its own YouTube
     id (192 to train on), the 8 val videos once. Returns the folder with their annotation CSVs."""
     from slowfast.video.synth import write_dataset
 
     out = tmp_path_factory.mktemp("long-set")
-    write_dataset(out / "generated", classes=4, videos_per_class=8, seed=11, width=320, height=240, seconds=6.0)
+    write_dataset(out / "generated", classes=4, videos_per_class=8, seed=11, width=320, height=240, seconds=10.0)
     client = boto3.client("s3", endpoint_url=s3)
     (out / "annotations").mkdir()
     for split, copies in (("train", COPIES), ("val", 1)):
@@ -192,7 +193,7 @@ def test_roles_autoscaling_and_node_loss_through_job_submit(cluster, s3, server,
     and finishes with elastic training on the train node left; Ray's state API says where everything ran."""
     name = "elastic"
     cluster.add_nodes(("train1", 1, "train"), ("train2", 1, "train"))
-    # One video per actor call (at full size, about half a second each) and a commit after each; 24 steps an
+    # One video per actor call (at full size, about a second each) and a commit after each; 24 steps an
     # epoch on 2 workers, 48 on 1: a kill after epoch 1's checkpoint lands inside epoch 2.
     config = write_config(tmp_path, long_set, s3, server, name, folder="long",
                           train={"epochs": 2, "num_workers": [1, 2], "resources_per_worker": TRAIN_SLOT},
@@ -224,15 +225,15 @@ def test_roles_autoscaling_and_node_loss_through_job_submit(cluster, s3, server,
     while ids["data2"] not in where(cluster.state("actors", "state=ALIVE"), "ClipWriter"):
         assert time.time() < deadline, "no ClipWriter on the node that joined"
         assert not cluster.ended(submission), cluster.logs(submission)[-4000:]
-        assert not train_done(store), "preprocess ended before the pool grew: give it more videos"
+        assert committed_train(store) < TRAIN_VIDEOS - 20, "preprocess nearly over before the pool grew"
         time.sleep(2)
 
     # The first data node dies with an actor mid-video; the workflow goes on on the second.
-    assert ids["data1"] in where(cluster.state("actors", "state=ALIVE"), "ClipWriter")
-    assert not train_done(store), "preprocess ended before the node loss: give it more videos"
+    assert committed_train(store) < TRAIN_VIDEOS - 10, "preprocess nearly over before the node loss"
+    assert ids["data1"] in where(cluster.state("actors", "state=ALIVE"), "ClipWriter"), cluster.logs(submission)
     cluster.kill("data1")
     resubmitted, deadline = False, time.time() + 600
-    while not train_done(store):
+    while committed_train(store) < TRAIN_VIDEOS:
         assert time.time() < deadline, cluster.logs(submission)[-4000:]
         if cluster.ended(submission):  # what the lost node was decoding stopped the run: the same command resumes
             status, log = cluster.wait(submission)
@@ -275,7 +276,7 @@ def test_roles_autoscaling_and_node_loss_through_job_submit(cluster, s3, server,
     records = Counter(v.video_id for c in commits for v in c.videos)
     with open(long_set / "annotations" / "train.csv") as f:
         annotated = list(csv.DictReader(f))
-    assert len(records) == len(annotated) == 24 * COPIES
+    assert len(records) == len(annotated) == TRAIN_VIDEOS
     assert set(records.values()) == {1}, [v for v, n in records.items() if n > 1]
     rows = Counter()
     for shard in {s["path"] for c in commits for s in c.shards}:
