@@ -131,9 +131,9 @@ def test_set_overrides_apply_with_yaml_types():
 def test_set_into_unknown_or_non_section_keys_fails(tmp_path):
     assert problems(DEMO, ["train.lrr=1"]) == [
         "train.lrr: unknown key; allowed: epochs, batch_size, base_lr, warmup_epochs, weight_decay, momentum, "
-        "nesterov, grad_clip, crop_size, scale_jitter, num_workers, use_gpu, cpus_per_worker, resources_per_worker, threads_per_worker, "
-        "max_failures, keep_checkpoints, mixed_precision, seed, init_from, init_head, freeze_up_to, freeze_bn, "
-        "head_lr_mult  "
+        "nesterov, grad_clip, crop_size, scale_jitter, num_workers, use_gpu, cpus_per_worker, "
+        "resources_per_worker, threads_per_worker, max_failures, keep_checkpoints, mixed_precision, seed, "
+        "init_from, init_head, freeze_up_to, freeze_bn, head_lr_mult  "
         "[from --set train.lrr=1]"]
     assert problems(DEMO, ["name.first=x"]) == [
         "name: is a value ('demo'), not a section; cannot set 'name.first'  [from --set name.first=x]"]

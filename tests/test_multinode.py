@@ -107,10 +107,17 @@ def epoch_metric(server, name: str, key: str) -> list[tuple[int, float]]:
     return sorted((m.step, m.value) for m in client.get_metric_history(runs[0].info.run_id, key))
 
 
+def train_manifests(store: Storage) -> str | None:
+    """The one folder of committed train-split manifests, None before the first commit."""
+    folders = {posixpath.dirname(p) for p in store.list("manifests/synth/train", suffix=".json")}
+    assert len(folders) <= 1, folders
+    return folders.pop() if folders else None
+
+
 def committed_train(store: Storage) -> int:
     """How many of the long set's training videos preprocess has committed."""
-    folders = {posixpath.dirname(p) for p in store.list("manifests/synth/train", suffix=".json")}
-    return len(manifest.DatasetState.load(store, folders.pop()).videos) if folders else 0
+    folder = train_manifests(store)
+    return len(manifest.DatasetState.load(store, folder).videos) if folder else 0
 
 
 def registered_versions(server, name: str) -> list:
@@ -214,7 +221,7 @@ def test_roles_autoscaling_and_node_loss_through_job_submit(cluster, s3, server,
     submission = cluster.submit(*run(config))
     cluster.add_nodes(("data1", 1, "data"))
     deadline = time.time() + 600
-    while not store.list("manifests/synth/train", suffix=".json"):
+    while not train_manifests(store):
         assert time.time() < deadline and not cluster.ended(submission), cluster.logs(submission)[-4000:]
         time.sleep(1)
 
@@ -230,7 +237,8 @@ def test_roles_autoscaling_and_node_loss_through_job_submit(cluster, s3, server,
 
     # The first data node dies with an actor mid-video; the workflow goes on on the second.
     assert committed_train(store) < TRAIN_VIDEOS - 10, "preprocess nearly over before the node loss"
-    assert ids["data1"] in where(cluster.state("actors", "state=ALIVE"), "ClipWriter"), cluster.logs(submission)[-4000:]
+    alive = where(cluster.state("actors", "state=ALIVE"), "ClipWriter")
+    assert ids["data1"] in alive, cluster.logs(submission)[-4000:]
     cluster.kill("data1")
     resubmitted, deadline = False, time.time() + 600
     while committed_train(store) < TRAIN_VIDEOS:
@@ -270,9 +278,9 @@ def test_roles_autoscaling_and_node_loss_through_job_submit(cluster, s3, server,
     assert not (where(actors, DATA_WORK) | where(tasks, DATA_WORK)) & train_nodes
 
     # Exactly once: every annotated video committed once, and its clips in exactly one committed shard.
-    folders = {posixpath.dirname(p) for p in store.list("manifests/synth/train", suffix=".json")}
-    assert len(folders) == 1
-    commits = manifest.load_commits(store, folders.pop())
+    folder = train_manifests(store)
+    assert folder
+    commits = manifest.load_commits(store, folder)
     records = Counter(v.video_id for c in commits for v in c.videos)
     with open(long_set / "annotations" / "train.csv") as f:
         annotated = list(csv.DictReader(f))
