@@ -272,7 +272,9 @@ def test_roles_autoscaling_and_node_loss_through_job_submit(cluster, s3, server,
     actors, tasks = cluster.state("actors"), cluster.state("tasks")
     assert where(actors, r"^RayTrainWorker$") == train_nodes  # one worker on each, then one on train1
     assert where(actors, r"ScoreViews") == {ids["train1"]}  # evaluate's scoring actors
-    assert where(actors, r"ClipWriter") == data_nodes  # preprocess, on both data nodes
+    # preprocess: on data nodes only (both were seen holding a live ClipWriter above; the state API need not
+    # keep the records of actors that died with data1, seen once missing)
+    assert ids["data2"] in where(actors, r"ClipWriter") <= data_nodes
     for work in ("shuffled_files", "read_shards", "train_clips", "read_views"):  # after data1's loss: data2
         assert where(tasks, work) == {ids["data2"]}, work
     assert not (where(actors, DATA_WORK) | where(tasks, DATA_WORK)) & train_nodes
