@@ -160,20 +160,21 @@ def test_a_survivor_holding_every_cpu_stops_with_a_clear_error_then_resumes_when
     assert [v.version for v in registered_versions(server, "starved")] == ["1"]
 
 
-CLIPS = 1  # clips cut from each video of the long set (decoding, not cutting, is what takes the time)
-COPIES = 8  # times each generated training video is in the long set, under names of its own
+CLIPS = 2  # clips cut from each video of the long set (decoding, not cutting, is what takes the time)
+COPIES = 4  # times each generated training video is in the long set, under names of its own
 TRAIN_VIDEOS = 24 * COPIES
 
 
 @pytest.fixture(scope="module")
 def long_set(s3, tmp_path_factory):
-    """Enough videos to keep preprocess busy on one CPU while nodes join (about a second each): 32
-    generated (4 classes x 8, 320x240, 10 s), each training video uploaded COPIES times under its own YouTube
-    id (192 to train on), the 8 val videos once. Returns the folder with their annotation CSVs."""
+    """Enough videos that a data node dies with most of preprocess still to do, and epochs long enough for a
+    train node to die inside one: 32 generated (4 classes x 8, 320x240, 6 s), each training video uploaded
+    COPIES times under its own YouTube id (96 to train on, 192 clips), the 8 val videos once. Returns the folder
+    with their annotation CSVs."""
     from slowfast.video.synth import write_dataset
 
     out = tmp_path_factory.mktemp("long-set")
-    write_dataset(out / "generated", classes=4, videos_per_class=8, seed=11, width=320, height=240, seconds=10.0)
+    write_dataset(out / "generated", classes=4, videos_per_class=8, seed=11, width=320, height=240, seconds=6.0)
     client = boto3.client("s3", endpoint_url=s3)
     (out / "annotations").mkdir()
     for split, copies in (("train", COPIES), ("val", 1)):
@@ -195,13 +196,14 @@ def long_set(s3, tmp_path_factory):
 
 
 def test_roles_autoscaling_and_node_loss_through_job_submit(cluster, s3, server, long_set, tmp_path):
-    """The whole workflow with `ray job submit` on a cluster with roles: started with train nodes only, it spreads
-    its decoding over the data nodes that join, loses one mid-preprocess and a train node mid-epoch (kill -9),
-    and finishes with elastic training on the train node left; Ray's state API says where everything ran."""
+    """The whole workflow with `ray job submit` on a cluster with roles: started with train nodes only, it decodes
+    on the data node that joins, loses it mid-preprocess (kill -9) and goes on on a second that joins the running
+    preprocess, loses a train node mid-epoch (kill -9) and finishes with elastic training on the train node
+    left; Ray's state API says where everything ran."""
     name = "elastic"
     cluster.add_nodes(("train1", 1, "train"), ("train2", 1, "train"))
-    # One video per actor call (at full size, about a second each) and a commit after each; 24 steps an
-    # epoch on 2 workers, 48 on 1: a kill after epoch 1's checkpoint lands inside epoch 2.
+    # One video per actor call and a commit after each; 24 steps an epoch on 2 workers, 48 on 1: a kill after
+    # epoch 1's checkpoint lands inside epoch 2.
     config = write_config(tmp_path, long_set, s3, server, name, folder="long",
                           train={"epochs": 2, "num_workers": [1, 2], "resources_per_worker": TRAIN_SLOT},
                           ray={"train_nodes": TRAIN_ROLE, "data_nodes": DATA_ROLE},
@@ -225,21 +227,14 @@ def test_roles_autoscaling_and_node_loss_through_job_submit(cluster, s3, server,
         assert time.time() < deadline and not cluster.ended(submission), cluster.logs(submission)[-4000:]
         time.sleep(1)
 
-    # A second data node joins the running preprocess: Ray Data's actor pool grows onto it.
-    cluster.add_nodes(("data2", 1, "data"))
-    ids = cluster.node_ids()
-    deadline = time.time() + 300
-    while ids["data2"] not in where(cluster.state("actors", "state=ALIVE"), "ClipWriter"):
-        assert time.time() < deadline, "no ClipWriter on the node that joined"
-        assert not cluster.ended(submission), cluster.logs(submission)[-4000:]
-        assert committed_train(store) < TRAIN_VIDEOS - 20, "preprocess nearly over before the pool grew"
-        time.sleep(2)
-
-    # The first data node dies with an actor mid-video; the workflow goes on on the second.
-    assert committed_train(store) < TRAIN_VIDEOS - 10, "preprocess nearly over before the node loss"
-    alive = where(cluster.state("actors", "state=ALIVE"), "ClipWriter")
-    assert ids["data1"] in alive, cluster.logs(submission)[-4000:]
+    # The data node dies with its actor mid-video (the first commit is in, the rest to come): kill -9.
+    assert committed_train(store) < TRAIN_VIDEOS // 2
+    assert cluster.node_ids()["data1"] in where(cluster.state("actors", "state=ALIVE"), "ClipWriter")
     cluster.kill("data1")
+    # Left with no node it may decode on, preprocess cannot end before a second data node joins: the node that
+    # joins the running preprocess gets the rest of its work (or the run stopped on the loss: the same command
+    # resumes, and the node gets the rest from it).
+    cluster.add_nodes(("data2", 1, "data"))
     resubmitted, deadline = False, time.time() + 600
     while committed_train(store) < TRAIN_VIDEOS:
         assert time.time() < deadline, cluster.logs(submission)[-4000:]
@@ -272,8 +267,8 @@ def test_roles_autoscaling_and_node_loss_through_job_submit(cluster, s3, server,
     actors, tasks = cluster.state("actors"), cluster.state("tasks")
     assert where(actors, r"^RayTrainWorker$") == train_nodes  # one worker on each, then one on train1
     assert where(actors, r"ScoreViews") == {ids["train1"]}  # evaluate's scoring actors
-    # preprocess: on data nodes only (both were seen holding a live ClipWriter above; the state API need not
-    # keep the records of actors that died with data1, seen once missing)
+    # preprocess: on data nodes only (data1 was seen holding a live ClipWriter above; the state API need not
+    # keep the records of actors that died with their node, seen once missing)
     assert ids["data2"] in where(actors, r"ClipWriter") <= data_nodes
     for work in ("shuffled_files", "read_shards", "train_clips", "read_views"):  # after data1's loss: data2
         assert where(tasks, work) == {ids["data2"]}, work
