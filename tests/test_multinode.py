@@ -128,7 +128,7 @@ def test_a_survivor_holding_every_cpu_stops_with_a_clear_error_then_resumes_when
         cluster, s3, server, synth_set, tmp_path):
     # No roles: two 1-CPU nodes, one for the train worker and one for Ray Data.
     cluster.add_nodes(("n1", 1, None), ("n2", 1, None))
-    config = write_config(tmp_path, synth_set, s3, server, "starved", train={"epochs": 3, "num_workers": 1},
+    config = write_config(tmp_path, synth_set, s3, server, "starved", train={"epochs": 2, "num_workers": 1},
                           ray={"data_wait_timeout_s": 20})
     submission = cluster.submit(*run(config))
     names = {v: k for k, v in cluster.node_ids().items()}
@@ -138,7 +138,9 @@ def test_a_survivor_holding_every_cpu_stops_with_a_clear_error_then_resumes_when
         time.sleep(2)
     assert len(holder) == 1
     wait_for_checkpoint(s3, "starved", 1, cluster, submission)
-    cluster.kill(names[holder.pop()])  # Ray Train restarts the worker on the survivor, which then has no CPU left
+    # Inside epoch 2 (12 steps on 1 worker): Ray Train restarts the worker on the survivor, which then has no CPU
+    # left.
+    cluster.kill(names[holder.pop()])
 
     status, log = cluster.wait(submission, timeout=600)
     assert status == "FAILED"
@@ -146,7 +148,7 @@ def test_a_survivor_holding_every_cpu_stops_with_a_clear_error_then_resumes_when
     said = [line for line in log.splitlines() if "Ray Data made no progress for 20 s" in line and
             line.startswith("pipelines run: train starved-")]
     assert len(said) == 1, log[-4000:]
-    assert re.search(r"stopped after epoch [12] of 3\. Ray Data made no progress for 20 s \(ray.data_wait_timeout_s\): "
+    assert re.search(r"stopped after epoch 1 of 2\. Ray Data made no progress for 20 s \(ray.data_wait_timeout_s\): "
                      r"the training input's read and crop tasks wait for CPUs; the cluster has 2 node\(s\) with 1 "
                      r"CPU\(s\) in all, the train workers held 1 of them\. Add a node", said[0]), said[0]
     assert said[0].endswith("then run the same command again: it resumes where it stopped.")
@@ -155,8 +157,8 @@ def test_a_survivor_holding_every_cpu_stops_with_a_clear_error_then_resumes_when
     cluster.add_nodes(("n3", 1, None))
     status, log = cluster.wait(cluster.submit(*run(config)))
     assert status == "SUCCEEDED", log[-4000:]
-    assert re.search(r"resuming after epoch [12] ", log), log[-4000:]  # the kill may land after epoch 2's end
-    assert [step for step, _ in epoch_metric(server, "starved", "train_loss")] == [1, 2, 3]
+    assert "resuming after epoch 1 " in log, log[-4000:]
+    assert [step for step, _ in epoch_metric(server, "starved", "train_loss")] == [1, 2]
     assert [v.version for v in registered_versions(server, "starved")] == ["1"]
 
 
