@@ -23,7 +23,7 @@ from pipelines.train import train
 from test_registry import constant_model, skewed_val
 
 BUCKET = "mlflow-server-test"
-EPOCHS = 4  # as tests/test_registry.py: enough for the trained model to beat a constant predictor
+EPOCHS = 2  # as tests/test_registry.py: the gate is decided by constant predictors of known top-1
 
 
 @pytest.fixture(scope="module")
@@ -42,7 +42,7 @@ def trained(ray_local, synth_set, mlflow_server, tmp_path_factory):
     """One worker trains slowfast_tiny (as tests/test_registry.py), logging to the server; then evaluated."""
     tmp = tmp_path_factory.mktemp("server-pipeline")
     cfg = pipeline_config(
-        tmp, synth_set, preprocess={"clips_per_video": 16, "rows_per_shard": 64},
+        tmp, synth_set, preprocess={"clips_per_video": 4, "rows_per_shard": 16},
         train={"epochs": EPOCHS, "batch_size": 8, "num_workers": 1, "cpus_per_worker": 1, "base_lr": 0.2,
                "warmup_epochs": 0.5},
         mlflow={"tracking_uri": mlflow_server["url"], "experiment": "server-test", "model_name": "motion"},

@@ -39,10 +39,11 @@ def skewed_val(tmp: Path, videos: Path) -> str:
 
 def small_config(tmp: Path, videos: Path, **sections):
     """slowfast_tiny at 32 px on the 4-class synthetic set (3 train + 1 val video per class), its Fast
-    pathway on frame differences (as the demo): with RGB, 4 epochs sometimes left it at chance."""
+    pathway on frame differences (as the demo), 2 short epochs: what these tests check does not depend on how
+    well it learnt (the gate is decided by constant predictors of known top-1)."""
     return pipeline_config(
-        tmp, videos, preprocess={"clips_per_video": 16, "rows_per_shard": 64},
-        train={"epochs": 4, "batch_size": 8, "num_workers": 1, "cpus_per_worker": 1, "base_lr": 0.2,
+        tmp, videos, preprocess={"clips_per_video": 4, "rows_per_shard": 16},
+        train={"epochs": 2, "batch_size": 8, "num_workers": 1, "cpus_per_worker": 1, "base_lr": 0.2,
                "warmup_epochs": 0.5},
         mlflow={"tracking_uri": f"sqlite:///{tmp / 'mlflow.db'}", "experiment": "registry-test",
                 "model_name": "motion"},
