@@ -44,8 +44,14 @@ def test_select_steps():
     assert select_steps(only="train") == ["train"]
 
 
-def test_run_then_rerun_skips_every_step_with_nothing_new(ray_local, synth_set, tmp_path):
-    cfg = workflow_config(tmp_path, synth_set)
+def test_rerun_skips_every_step_with_nothing_new_and_new_rows_decode_only_the_new_videos(ray_local, tmp_path):
+    """One workflow, then the same command: nothing new, every step skipped; then new annotation rows: only
+    their videos are decoded, and the model retrained goes through the gate."""
+    from slowfast.video.synth import write_dataset
+
+    videos, extra = tmp_path / "videos", tmp_path / "extra"
+    write_dataset(videos, classes=3, videos_per_class=4, seed=7, width=96, height=72, seconds=1.2)
+    cfg = workflow_config(tmp_path, videos)
     first = run(cfg, **QUIET)
     assert {k: v["status"] for k, v in first["steps"].items()} == {
         "ingest": "done", "preprocess": "done", "train": "done", "evaluate": "done", "register": "done"}
@@ -77,6 +83,27 @@ def test_run_then_rerun_skips_every_step_with_nothing_new(ray_local, synth_set, 
     assert status.returncode == 0, status.stderr
     assert first["run_id"] in status.stdout and "models:/wf/1" in status.stdout
     assert "preprocess  skipped" in status.stdout
+
+    # Two more training videos per class, from another seed, added to the train annotations.
+    write_dataset(extra, classes=3, videos_per_class=4, seed=8, width=96, height=72, seconds=1.2, val_fraction=0.5)
+    new_rows = list(csv.reader((extra / "annotations/train.csv").open()))[1:]
+    for label, youtube_id, *_ in new_rows:
+        src = next((extra / "train" / label).glob(f"{youtube_id}_*.mp4"))
+        (videos / "train" / label / src.name).write_bytes(src.read_bytes())
+    with (videos / "annotations/train.csv").open("a", newline="") as f:
+        csv.writer(f).writerows(new_rows)
+
+    third = run(cfg, **QUIET)
+    records = {r["run_id"]: r for r in list_runs(cfg)}[third["run_id"]]["step_records"]
+    assert records["preprocess"]["outputs"]["decoded_now"] == len(new_rows) == 6
+    assert records["train"]["status"] == "done" and records["train"]["outputs"]["epochs_run_now"] == 2
+    assert third["model_version"] == 2
+    assert third["decision"] in ("promoted", "rejected") and third["reason"]
+    tags = MlflowClient(cfg.mlflow.tracking_uri).get_model_version("wf", "2").tags
+    assert tags["slowfast.promotion.decision"] == third["decision"]
+    assert tags["slowfast.promotion.champion_version"] == "1"
+    champion = MlflowClient(cfg.mlflow.tracking_uri).get_model_version_by_alias("wf", "champion")
+    assert str(champion.version) == ("2" if third["promoted"] else "1")
 
 
 def _write(cfg, tmp: Path) -> str:
@@ -150,34 +177,3 @@ def test_kill_9_during_preprocess_and_during_train_then_the_same_command_finishe
                if "val_top1" in r.data.metrics]
     assert len(trained) == 1 and trained[0].info.status == "FINISHED"
     assert [m.step for m in client.get_metric_history(trained[0].info.run_id, "train_loss")] == [1, 2]
-
-
-def test_new_annotation_rows_decode_only_the_new_videos_and_retrain(ray_local, tmp_path):
-    from slowfast.video.synth import write_dataset
-
-    videos, extra = tmp_path / "videos", tmp_path / "extra"
-    write_dataset(videos, classes=3, videos_per_class=4, seed=7, width=96, height=72, seconds=1.2)
-    cfg = workflow_config(tmp_path, videos)
-    first = run(cfg, **QUIET)
-    assert first["model_version"] == 1 and first["promoted"]
-
-    # Two more training videos per class, from another seed, added to the train annotations.
-    write_dataset(extra, classes=3, videos_per_class=4, seed=8, width=96, height=72, seconds=1.2, val_fraction=0.5)
-    new_rows = list(csv.reader((extra / "annotations/train.csv").open()))[1:]
-    for label, youtube_id, *_ in new_rows:
-        src = next((extra / "train" / label).glob(f"{youtube_id}_*.mp4"))
-        (videos / "train" / label / src.name).write_bytes(src.read_bytes())
-    with (videos / "annotations/train.csv").open("a", newline="") as f:
-        csv.writer(f).writerows(new_rows)
-
-    second = run(cfg, **QUIET)
-    records = {r["run_id"]: r for r in list_runs(cfg)}[second["run_id"]]["step_records"]
-    assert records["preprocess"]["outputs"]["decoded_now"] == len(new_rows) == 6
-    assert records["train"]["status"] == "done" and records["train"]["outputs"]["epochs_run_now"] == 2
-    assert second["model_version"] == 2
-    assert second["decision"] in ("promoted", "rejected") and second["reason"]
-    tags = MlflowClient(cfg.mlflow.tracking_uri).get_model_version("wf", "2").tags
-    assert tags["slowfast.promotion.decision"] == second["decision"]
-    assert tags["slowfast.promotion.champion_version"] == "1"
-    champion = MlflowClient(cfg.mlflow.tracking_uri).get_model_version_by_alias("wf", "champion")
-    assert str(champion.version) == ("2" if second["promoted"] else "1")
