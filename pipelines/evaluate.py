@@ -17,6 +17,7 @@ import json
 import math
 import tempfile
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -97,15 +98,16 @@ def score_on_ray(cfg: PipelineConfig, net: torch.nn.Module, es: EvalSet, store: 
     import ray
 
     from .infer import DECODE_RETRIES, pack_model, scoring_actors
-    from .ray_runtime import data_nodes, init_ray, stops_when_stalled
+    from .ray_runtime import data_nodes, init_ray, retries_as_remote_args, stops_when_stalled
 
     init_ray(cfg)
     ds = ray.data.from_items([{"path": p, "skip": sorted(skip)} for p, skip in es.shards],
                              override_num_blocks=len(es.shards))
-    ds = ds.map_batches(read_views, batch_size=1, batch_format="numpy", num_cpus=cfg.infer.decode_cpus,
-                        max_retries=DECODE_RETRIES, **data_nodes(cfg),
-                        fn_kwargs=dict(store=store, meta_json=es.meta.model_dump_json(), crop=es.crop,
-                                       spatial_crops=es.spatial_crops, views=es.clip_indices))
+    with retries_as_remote_args():
+        ds = ds.map_batches(read_views, batch_size=1, batch_format="numpy", num_cpus=cfg.infer.decode_cpus,
+                            max_retries=DECODE_RETRIES, **data_nodes(cfg),
+                            fn_kwargs=dict(store=store, meta_json=es.meta.model_dump_json(), crop=es.crop,
+                                           spatial_crops=es.spatial_crops, views=es.clip_indices))
     ds = ds.map_batches(ScoreViews, batch_size=cfg.train.batch_size * es.spatial_crops, batch_format="numpy",
                         **scoring_actors(cfg),
                         fn_constructor_kwargs=dict(model=[ray.put(pack_model(net))], use_gpu=cfg.infer.use_gpu,
@@ -151,7 +153,9 @@ class ScoreViews:
     def __call__(self, batch: dict) -> dict:
         if not len(batch["label"]):
             return {"state": []}
-        views = {k: torch.from_numpy(np.ascontiguousarray(batch[k])) for k in EVAL_COLUMNS}
+        with warnings.catch_warnings():  # Ray's batches are read-only views; the model only reads them
+            warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+            views = {k: torch.from_numpy(np.ascontiguousarray(batch[k])) for k in EVAL_COLUMNS}
         views["video_id"] = [str(v) for v in batch["video_id"]]
         totals = score_views(self.net, [views], device=self.device, fmt=self.fmt, mixed_precision=self.mixed_precision)
         state = totals.state_dict()

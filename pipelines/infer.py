@@ -316,7 +316,7 @@ def run_infer(cfg: PipelineConfig, model_uri: str, videos: str, out_uri: str, jo
     (also written to --out/summary.json)."""
     import ray
 
-    from .ray_runtime import data_nodes, init_ray, stops_when_stalled
+    from .ray_runtime import data_nodes, init_ray, retries_as_remote_args, stops_when_stalled
 
     job.check()
     started = time.time()
@@ -362,9 +362,10 @@ def run_infer(cfg: PipelineConfig, model_uri: str, videos: str, out_uri: str, jo
         # Decode tasks retry on their own (a lost worker's video is cut again); their remote args differ
         # from the actors', which also keeps Ray Data from fusing decoding into the scoring actors: tasks
         # scale with the CPUs, the pool with the workers, and a GPU actor never waits on PyAV.
-        ds = ds.map_batches(cut_views, batch_size=1, batch_format="numpy", num_cpus=cfg.infer.decode_cpus,
-                            max_retries=DECODE_RETRIES, **data_nodes(cfg),
-                            fn_kwargs=dict(spec=asdict(loaded.spec), job=asdict(job), s3=s3))
+        with retries_as_remote_args():
+            ds = ds.map_batches(cut_views, batch_size=1, batch_format="numpy", num_cpus=cfg.infer.decode_cpus,
+                                max_retries=DECODE_RETRIES, **data_nodes(cfg),
+                                fn_kwargs=dict(spec=asdict(loaded.spec), job=asdict(job), s3=s3))
         ds = ds.map_batches(Score, batch_size=cfg.infer.batch_videos, batch_format="numpy", **scoring_actors(cfg),
                             fn_constructor_kwargs=dict(model=[ray.put(packed)], job=asdict(job),
                                                        use_gpu=cfg.infer.use_gpu, threads=threads,
