@@ -64,7 +64,7 @@ def write_config(tmp_path, synth_set, s3, server, name: str, train: dict, ray: d
         data={"video_root": f"s3://{VIDEOS}/{folder}",
               "annotations": {split: f"s3://{VIDEOS}/{folder}/annotations/{split}.csv" for split in ("train", "val")}},
         # 4 clips a video: epochs of 6 steps (2 workers) or 12 (1); a kill after epoch 1's checkpoint lands in
-        # epoch 2 or 3, never after the last.
+        # epoch 2.
         preprocess=preprocess or {"clips_per_video": 4, "rows_per_shard": 16},
         train={"batch_size": 4, "cpus_per_worker": 1, "warmup_epochs": 0.5, "base_lr": 0.04, "max_failures": 3,
                **train},
