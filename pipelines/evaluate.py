@@ -97,17 +97,15 @@ def score_on_ray(cfg: PipelineConfig, net: torch.nn.Module, es: EvalSet, store: 
     same loop (score_views) and views as `score`, so the same figures."""
     import ray
 
-    from .infer import DECODE_RETRIES, pack_model, scoring_actors
-    from .ray_runtime import data_nodes, init_ray, retries_as_remote_args, stops_when_stalled
+    from .infer import decode_tasks, pack_model, scoring_actors
+    from .ray_runtime import init_ray, stops_when_stalled
 
     init_ray(cfg)
     ds = ray.data.from_items([{"path": p, "skip": sorted(skip)} for p, skip in es.shards],
                              override_num_blocks=len(es.shards))
-    with retries_as_remote_args():
-        ds = ds.map_batches(read_views, batch_size=1, batch_format="numpy", num_cpus=cfg.infer.decode_cpus,
-                            max_retries=DECODE_RETRIES, **data_nodes(cfg),
-                            fn_kwargs=dict(store=store, meta_json=es.meta.model_dump_json(), crop=es.crop,
-                                           spatial_crops=es.spatial_crops, views=es.clip_indices))
+    ds = decode_tasks(ds, read_views, cfg, fn_kwargs=dict(store=store, meta_json=es.meta.model_dump_json(),
+                                                          crop=es.crop, spatial_crops=es.spatial_crops,
+                                                          views=es.clip_indices))
     ds = ds.map_batches(ScoreViews, batch_size=cfg.train.batch_size * es.spatial_crops, batch_format="numpy",
                         **scoring_actors(cfg),
                         fn_constructor_kwargs=dict(model=[ray.put(pack_model(net))], use_gpu=cfg.infer.use_gpu,

@@ -243,6 +243,21 @@ def unpack_model(ref: list, threads: int):
     return net, packed
 
 
+def decode_tasks(ds, fn, cfg: PipelineConfig, fn_kwargs: dict):
+    """ds.map_batches(fn) as decode tasks, one item a call: infer.decode_cpus each, on the data nodes, retried
+    DECODE_RETRIES times (a video that kills its worker is not retried forever). Ray 2.60 warns that
+    map_batches' extra remote args are deprecated, yet names no parameter for a task's retries: the limit is
+    passed, the warning not shown to users."""
+    import warnings
+
+    from .ray_runtime import data_nodes
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="`ray_remote_args` is deprecated")
+        return ds.map_batches(fn, batch_size=1, batch_format="numpy", num_cpus=cfg.infer.decode_cpus,
+                              max_retries=DECODE_RETRIES, fn_kwargs=fn_kwargs, **data_nodes(cfg))
+
+
 def scoring_actors(cfg: PipelineConfig) -> dict:
     """map_batches arguments of a scoring actor pool: CPUs or a GPU per actor, as many as `pool_size`
     (the pool grows while videos wait, and an autoscaler sees the demand), on the train nodes."""
@@ -316,7 +331,7 @@ def run_infer(cfg: PipelineConfig, model_uri: str, videos: str, out_uri: str, jo
     (also written to --out/summary.json)."""
     import ray
 
-    from .ray_runtime import data_nodes, init_ray, retries_as_remote_args, stops_when_stalled
+    from .ray_runtime import init_ray, stops_when_stalled
 
     job.check()
     started = time.time()
@@ -362,10 +377,7 @@ def run_infer(cfg: PipelineConfig, model_uri: str, videos: str, out_uri: str, jo
         # Decode tasks retry on their own (a lost worker's video is cut again); their remote args differ
         # from the actors', which also keeps Ray Data from fusing decoding into the scoring actors: tasks
         # scale with the CPUs, the pool with the workers, and a GPU actor never waits on PyAV.
-        with retries_as_remote_args():
-            ds = ds.map_batches(cut_views, batch_size=1, batch_format="numpy", num_cpus=cfg.infer.decode_cpus,
-                                max_retries=DECODE_RETRIES, **data_nodes(cfg),
-                                fn_kwargs=dict(spec=asdict(loaded.spec), job=asdict(job), s3=s3))
+        ds = decode_tasks(ds, cut_views, cfg, fn_kwargs=dict(spec=asdict(loaded.spec), job=asdict(job), s3=s3))
         ds = ds.map_batches(Score, batch_size=cfg.infer.batch_videos, batch_format="numpy", **scoring_actors(cfg),
                             fn_constructor_kwargs=dict(model=[ray.put(packed)], job=asdict(job),
                                                        use_gpu=cfg.infer.use_gpu, threads=threads,

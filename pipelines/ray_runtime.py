@@ -134,18 +134,6 @@ def data_nodes(cfg: PipelineConfig) -> dict:
     return {"label_selector": dict(cfg.ray.data_nodes)} if cfg.ray.data_nodes else {}
 
 
-@contextlib.contextmanager
-def retries_as_remote_args():
-    """Around a map_batches call that passes `max_retries`: Ray 2.60 warns that map_batches' extra remote args
-    are deprecated, yet names no parameter for a task's retries. The limit matters (a video that kills its
-    decode worker must not be retried forever), so it is passed and the warning is not shown to users."""
-    import warnings
-
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="`ray_remote_args` is deprecated")
-        yield
-
-
 def train_nodes(cfg: PipelineConfig) -> dict:
     """Ray remote args that keep train workers and scoring actors on the train nodes (ray.train_nodes)."""
     return {"label_selector": dict(cfg.ray.train_nodes)} if cfg.ray.train_nodes else {}

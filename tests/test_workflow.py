@@ -93,17 +93,17 @@ def test_rerun_skips_every_step_with_nothing_new_and_new_rows_decode_only_the_ne
     with (videos / "annotations/train.csv").open("a", newline="") as f:
         csv.writer(f).writerows(new_rows)
 
-    third = run(cfg, **QUIET)
-    records = {r["run_id"]: r for r in list_runs(cfg)}[third["run_id"]]["step_records"]
+    retrained = run(cfg, **QUIET)
+    records = {r["run_id"]: r for r in list_runs(cfg)}[retrained["run_id"]]["step_records"]
     assert records["preprocess"]["outputs"]["decoded_now"] == len(new_rows) == 6
     assert records["train"]["status"] == "done" and records["train"]["outputs"]["epochs_run_now"] == 2
-    assert third["model_version"] == 2
-    assert third["decision"] in ("promoted", "rejected") and third["reason"]
+    assert retrained["model_version"] == 2
+    assert retrained["decision"] in ("promoted", "rejected") and retrained["reason"]
     tags = MlflowClient(cfg.mlflow.tracking_uri).get_model_version("wf", "2").tags
-    assert tags["slowfast.promotion.decision"] == third["decision"]
+    assert tags["slowfast.promotion.decision"] == retrained["decision"]
     assert tags["slowfast.promotion.champion_version"] == "1"
     champion = MlflowClient(cfg.mlflow.tracking_uri).get_model_version_by_alias("wf", "champion")
-    assert str(champion.version) == ("2" if third["promoted"] else "1")
+    assert str(champion.version) == ("2" if retrained["promoted"] else "1")
 
 
 def _write(cfg, tmp: Path) -> str:
