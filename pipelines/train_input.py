@@ -23,9 +23,10 @@ SHARDS_PER_READ = 4
 # Batches' worth of clips each worker holds to shuffle across read groups (uint8: 32 x 224 x 224 clips
 # are 5 MB each); the first batch of an epoch waits until the buffer is full.
 SHUFFLE_BATCHES = 4
-# Train-mode columns that leave Ray Data: the uint8 fast frames once (the slow pathway is taken from them by
-# index on the device, and both are normalised there: slowfast.train.clip_inputs), the slow indices, labels.
-TRAIN_COLUMNS = ["fast", "slow_index", "label"]
+# Train-mode columns that leave Ray Data: the uint8 fast frames once, each clip's crop box not yet resized (the
+# box is resized and mirrored, the slow pathway taken from it by index, and both normalised on the device:
+# slowfast.train.clip_inputs), where the box lies, the slow indices, labels.
+TRAIN_COLUMNS = ["fast", "region", "slow_index", "label"]
 
 
 @contextlib.contextmanager

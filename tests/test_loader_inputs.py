@@ -105,12 +105,48 @@ def test_eval_inputs_of_the_chosen_views_are_bit_exact_with_the_old_path(shard):
 def test_ray_data_train_columns_carry_the_frames_once(shard):
     meta, path = shard["train"]
     out = train_clips(pq.read_table(path), meta, CROP, JITTER, seed=0)
-    assert TRAIN_COLUMNS == ["fast", "slow_index", "label"] and set(TRAIN_COLUMNS) <= set(out)
+    assert TRAIN_COLUMNS == ["fast", "region", "slow_index", "label"] and set(TRAIN_COLUMNS) <= set(out)
     batch = {k: torch.from_numpy(out[k]) for k in TRAIN_COLUMNS}
     slow, fast = clip_inputs(batch, torch.channels_last_3d)
     assert slow.shape == (6, 3, T, CROP, CROP) and fast.shape == (6, 3, ALPHA * T, CROP, CROP)
-    # One uint8 copy of the frames crosses Ray: the slow pathway adds T indices per clip, not T more frames.
-    assert out["fast"].nbytes == 6 * ALPHA * T * CROP * CROP * 3 and out["slow_index"].nbytes == 6 * T * 8
+    # One uint8 copy of the frames crosses Ray, as each clip's crop box before the resize (at most
+    # 32 * 48 / 40 -> 39 pixels a side here); the slow pathway adds T indices per clip, not T more frames.
+    side = transforms.region_side(48, CROP, JITTER)
+    assert side == 39 and out["fast"].shape == (6, ALPHA * T, side, side, 3)
+    assert out["fast"].nbytes == 6 * ALPHA * T * side * side * 3 and out["slow_index"].nbytes == 6 * T * 8
+    heights, widths, flips, sizes = out["region"].T
+    assert (sizes == CROP).all() and ((32 <= heights) & (heights <= side) & (32 <= widths) & (widths <= side)).all()
+    assert len(set(heights.tolist())) > 1 and set(flips.tolist()) <= {0, 1}
+
+
+def test_a_box_too_big_for_the_region_is_resized_by_the_loader(shard):
+    """A frame stored above the shard's short side (not something preprocess writes) gives crop boxes larger
+    than the region: the loader resizes those itself and the device takes them as they are."""
+    meta, path = shard["train"]
+    table = pq.read_table(path)
+    small = ClipTransform(meta, "train", CROP, jitter=JITTER, seed=3, epoch=0)
+    tight = ClipTransform(meta.model_copy(update={"short_side": 40}), "train", CROP, jitter=JITTER, seed=3, epoch=0)
+    assert tight.region_side == CROP < small.region_side
+    wide, narrow = small(table), tight(table)
+    assert narrow["fast"].shape[2:4] == (CROP, CROP) and (narrow["region"][:, [0, 1, 3]] == CROP).all()
+    for out in (wide, narrow):
+        out.pop("video_id")
+    same = [clip_inputs({k: torch.from_numpy(v) for k, v in out.items()}, torch.channels_last_3d)
+            for out in (wide, narrow)]
+    for a, b in zip(*same):
+        assert torch.equal(a, b)
+
+
+def test_the_float_resize_that_devices_run_is_within_one_level_of_the_cpu_kernel(shard):
+    """Devices have no uint8 bilinear kernel: resize_regions resizes there in float32 and rounds. On the
+    same boxes, that lands within one level of the CPU's fixed-point pixels, and mostly on them."""
+    meta, path = shard["train"]
+    out = train_clips(pq.read_table(path), meta, CROP, JITTER, seed=0)
+    for b, (h, w, _, size) in enumerate(out["region"].tolist()):
+        box = torch.from_numpy(np.ascontiguousarray(out["fast"][b, :, :h, :w])).permute(0, 3, 1, 2)
+        exact = transforms._bilinear(box, size, in_float=False).int()
+        rounded = transforms._bilinear(box, size, in_float=True).int()
+        assert (exact - rounded).abs().max() <= 1 and (exact == rounded).float().mean() > 0.5
 
 
 def test_normalize_tensor_with_per_channel_statistics_matches_the_cpu_normalize():

@@ -194,10 +194,13 @@ def test_read_meta_of_a_plain_parquet_file_says_it_is_not_a_shard(tmp_path):
 
 def test_train_batch_shapes_dtypes_and_labels(tmp_path):
     meta, rows, entry = write(tmp_path)
-    out = ClipTransform(meta, "train", CROP)(pq.read_table(entry["path"]))
-    n = len(rows)
-    assert set(out) == {"fast", "slow_index", "label", "video_id", "clip_index", "spatial_index"}
-    assert out["fast"].shape == (n, ALPHA * T, CROP, CROP, 3) and out["fast"].dtype == np.uint8
+    transform = ClipTransform(meta, "train", CROP)
+    out = transform(pq.read_table(entry["path"]))
+    n, side = len(rows), transform.region_side
+    assert set(out) == {"fast", "region", "slow_index", "label", "video_id", "clip_index", "spatial_index"}
+    # Each clip's crop box, not yet resized (the device does that: see test_loader_inputs.py).
+    assert out["fast"].shape == (n, ALPHA * T, side, side, 3) and out["fast"].dtype == np.uint8
+    assert out["region"].dtype == np.int16 and out["region"].shape == (n, 4) and (out["region"][:, 3] == CROP).all()
     assert out["slow_index"].dtype == np.int64 and (out["slow_index"] == SLOW_INDEX).all()
     assert out["label"].dtype == np.int64 and out["label"].tolist() == [r["label"] for r in rows]
     assert out["video_id"].dtype == object and out["video_id"].tolist() == [r["video_id"] for r in rows]
@@ -209,7 +212,7 @@ def test_train_batch_shapes_dtypes_and_labels(tmp_path):
 
 def test_fast_frames_read_as_channels_last_3d_clips_without_a_copy(tmp_path):
     meta, rows, entry = write(tmp_path)
-    fast = torch.from_numpy(ClipTransform(meta, "train", CROP)(pq.read_table(entry["path"]))["fast"])
+    fast = torch.from_numpy(ClipTransform(meta, "eval", CROP, spatial_crops=1)(pq.read_table(entry["path"]))["fast"])
     clips = fast.permute(0, 4, 1, 2, 3)
     assert clips.shape == (len(rows), 3, ALPHA * T, CROP, CROP)
     assert clips.is_contiguous(memory_format=torch.channels_last_3d)
@@ -304,6 +307,9 @@ def test_clip_inputs_takes_the_slow_pathway_from_the_fast_frames_and_normalises_
     meta, rows, entry = write(tmp_path)
     out = ClipTransform(meta, "train", CROP, seed=4, epoch=0)(pq.read_table(entry["path"]))
     batch = {k: torch.from_numpy(v) for k, v in out.items() if k != "video_id"}
+    boxes = out["region"][:, :2]
+    assert (boxes < out["fast"].shape[2]).any() and out["region"][:, 2].any()  # boxes to resize, some mirrored
+    out["fast"] = transforms.resize_regions(batch["fast"], batch["region"]).numpy()  # the frames as cropped
     for fmt in (torch.channels_last_3d, torch.contiguous_format):
         slow, fast = clip_inputs(batch, fmt)
         assert slow.dtype == fast.dtype == torch.float32
@@ -346,7 +352,9 @@ def test_iter_clips_streams_every_clip_in_batches(tmp_path):
     assert [len(x["label"]) for x in batches] == [4, 4, 2]
     first = batches[0]
     assert isinstance(first["fast"], torch.Tensor) and first["fast"].dtype == torch.uint8
-    assert first["fast"].shape == (4, ALPHA * T, CROP, CROP, 3) and first["slow_index"].shape == (4, T)
+    side = transforms.region_side(meta.short_side, CROP, transforms.jitter_range(CROP))
+    assert first["fast"].shape == (4, ALPHA * T, side, side, 3) and first["slow_index"].shape == (4, T)
+    assert first["region"].shape == (4, 4)
     assert first["label"].dtype == torch.int64
     labels = torch.cat([x["label"] for x in batches]).tolist()
     assert labels == [r["label"] for r in rows_a + rows_b]
@@ -418,10 +426,11 @@ def test_chunked_reader_equals_the_whole_clip_transforms(tmp_path):
     meta, rows, entry = write(tmp_path, "raw")
     t = ClipTransform(meta, "train", CROP, seed=9, epoch=4)
     out = t(pq.read_table(entry["path"]))
+    fast = transforms.resize_regions(torch.from_numpy(out["fast"]), torch.from_numpy(out["region"])).numpy()
     flips = 0
     for i, row in enumerate(rows):
         view = transforms.train_view(row["frames"], CROP, t.jitter, t._rng(row["video_id"], row["clip_index"]))
-        np.testing.assert_array_equal(out["fast"][i], view)
+        np.testing.assert_array_equal(fast[i], view)
         draws = t._rng(row["video_id"], row["clip_index"])
         transforms.random_crop_box(48, 64, CROP, t.jitter, draws)
         flips += draws.random() < 0.5

@@ -98,10 +98,16 @@ class _BufferPool:
 
 
 class ClipTransform:
-    """A batch of shard rows -> {"fast", "slow_index", "label", "video_id", "clip_index", "spatial_index"}.
+    """A batch of shard rows -> {"fast", "slow_index", "label", "video_id", "clip_index", "spatial_index"},
+    plus "region" in train mode.
 
-    fast: uint8 (B, alpha*T, crop, crop, 3), each clip's frames as decoded (T, H, W, C): permuted to
-    (B, 3, alpha*T, crop, crop) it is already a channels_last_3d tensor, the layout the network runs in.
+    fast: uint8 (B, alpha*T, H, W, 3), each clip's frames as decoded (T, H, W, C): permuted to
+    (B, 3, alpha*T, H, W) it is already a channels_last_3d tensor, the layout the network runs in. Eval:
+    H = W = crop, the test views. Train: each clip's crop box as stored, not yet resized, in the top-left
+    corner of a region_side x region_side frame; region int16 (B, 4) holds (height, width, flip, crop):
+    slowfast.train.clip_inputs mirrors the box where flip is set and resizes it to crop x crop on the
+    device (transforms.resize_regions). The loader's CPU then only decodes JPEG and copies the box: the
+    resize cost as much as a third of the JPEG decodes (32 frames 224x224 per clip).
     slow_index: int64 (B, T), the slow pathway's frames as indices into fast's time axis (the shard's
     slow_index; every row of a preprocessing run holds the same one). The slow pathway is not copied
     here: slowfast.train.clip_inputs takes it from the fast frames on the device and normalises both
@@ -140,6 +146,7 @@ class ClipTransform:
         self.epoch = epoch
         self.spatial_crops = spatial_crops
         self.reuse_buffers = reuse_buffers
+        self.region_side = transforms.region_side(meta.short_side, crop, self.jitter)
         self._init_process_state()
 
     def _init_process_state(self) -> None:
@@ -177,19 +184,42 @@ class ClipTransform:
         out = self._scratch[:need].reshape(len(cell), height, width, 3)
         return decode_frames(cell, "jpeg", height, width, out=out)
 
-    def _clip(self, cell, height: int, width: int, rng: np.random.Generator | None, fast: np.ndarray) -> None:
-        """Decode and crop one clip into fast[v] (T, crop, crop, 3) for each of its views.
+    def _decode_box(self, cell, height: int, width: int, box: transforms.CropBox, out: np.ndarray) -> None:
+        """JPEG frames -> their crop box, into out (N, box height, box width, 3). One frame at a time through
+        a one-frame scratch, so the copy reads what the decoder has just written, still in cache: 0.92 of
+        the JPEG-decode bound against 0.80 for decoding the whole clip first (340x256, measured)."""
+        need = height * width * 3
+        if self._scratch.size < need:
+            self._scratch = np.empty(need, np.uint8)
+        frame = self._scratch[:need].reshape(1, height, width, 3)
+        for i, buf in enumerate(cell):
+            decode_frames([buf], "jpeg", height, width, out=frame)
+            out[i] = frame[0, box.y:box.y + box.height, box.x:box.x + box.width]
 
-        Whole clips: one decode, crop and resize call each per clip. Going 4 frames at a time, so that
-        the crop read what the decoder had just left in cache, measured slower now that the output is
-        uint8 (0.50 of the JPEG-decode bound against 0.61 at 340x256, 0.62 against 0.65 at 640x360).
-        """
-        frames = self._decode(cell, height, width) if self.meta.frame_format == "jpeg" else cell
+    def _clip(self, cell, height: int, width: int, rng: np.random.Generator | None, fast: np.ndarray,
+              region: np.ndarray) -> None:
+        """Decode one clip; train: its crop box into fast[0] and (height, width, flip, crop) into region[0];
+        eval: each of its views into fast[v]."""
+        jpeg = self.meta.frame_format == "jpeg"
         if rng is not None:
             box, _ = transforms.random_crop_box(height, width, self.crop, self.jitter, rng)
             flip = bool(rng.random() < 0.5)  # the draws train_view makes, in its order
-            fast[0] = _train_crop(frames, box, self.crop, flip)
+            h, w = box.height, box.width
+            if max(h, w) <= self.region_side:
+                if jpeg:
+                    self._decode_box(cell, height, width, box, fast[0, :, :h, :w])
+                else:
+                    fast[0, :, :h, :w] = cell[:, box.y:box.y + h, box.x:box.x + w]
+                fast[0, :, h:] = 0  # the rest of the square: zeros, not what a recycled buffer held
+                fast[0, :, :h, w:] = 0
+                region[0] = (h, w, flip, self.crop)
+            else:  # a frame stored above the shard's short side (no shipped path writes one): resize here
+                frames = self._decode(cell, height, width) if jpeg else cell
+                fast[0] = 0
+                fast[0, :, :self.crop, :self.crop] = transforms.resized_crop(frames, box, self.crop, flip)
+                region[0] = (self.crop, self.crop, False, self.crop)
             return
+        frames = self._decode(cell, height, width) if jpeg else cell
         for v, view in enumerate(transforms.eval_views(frames, self.crop, self.spatial_crops)):
             fast[v] = view
 
@@ -199,8 +229,10 @@ class ClipTransform:
         else:
             cols = _numpy_rows(batch)
         rows, views, meta = len(cols["label"]), self.views_per_clip, self.meta
-        shape = (rows * views, meta.frames_per_clip, self.crop, self.crop, 3)
+        side = self.region_side if self.mode == "train" else self.crop
+        shape = (rows * views, meta.frames_per_clip, side, side, 3)
         fast = self._pool.take(int(np.prod(shape))).reshape(shape)
+        region = np.empty((rows * views, 4), np.int16)
         slow_index = np.empty((rows * views, meta.T), np.int64)
         spatial = np.full(rows * views, -1, np.int8)
         for r in range(rows):
@@ -214,11 +246,11 @@ class ClipTransform:
                                  f"{meta.frames_per_clip} and {meta.T}")
             rng = self._rng(str(cols["video_id"][r]), int(cols["clip_index"][r])) if self.mode == "train" else None
             rows_out = slice(r * views, (r + 1) * views)
-            self._clip(cell, height, width, rng, fast[rows_out])
+            self._clip(cell, height, width, rng, fast[rows_out], region[rows_out])
             slow_index[rows_out] = index
             if self.mode == "eval":
                 spatial[rows_out] = (1,) if views == 1 else (0, 1, 2)
-        return {
+        out = {
             "fast": fast,
             "slow_index": slow_index,
             "label": np.repeat(np.asarray(cols["label"], np.int64), views),
@@ -226,19 +258,9 @@ class ClipTransform:
             "clip_index": np.repeat(np.asarray(cols["clip_index"], np.int16), views),
             "spatial_index": spatial,
         }
-
-
-def _train_crop(frames: np.ndarray, box: transforms.CropBox, crop: int, flip: bool) -> np.ndarray:
-    """transforms.resized_crop's pixels as a plain (N, crop, crop, 3) array. The mirror is taken on the
-    region, before the resize (bilinear resizing commutes with it), by torch.flip: resized_crop's
-    channel-reversed view costs nothing for a planar output, but copying it into channels-last frames
-    took 9 ms per 32-frame 224x224 clip, the flip of the region about 1 ms."""
-    region = frames[:, box.y:box.y + box.height, box.x:box.x + box.width]
-    if flip:
-        if not region.flags.writeable:
-            region = region.copy()  # raw frames are read-only Arrow buffers, which torch will not wrap
-        region = torch.from_numpy(region).flip(2).numpy()
-    return transforms.resize(region, crop, crop)
+        if self.mode == "train":
+            out["region"] = region
+        return out
 
 
 def _shard_tables(paths: Sequence, filesystem: pafs.FileSystem | None, rng: np.random.Generator | None,

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..video.transforms import normalize_tensor
+from ..video.transforms import normalize_tensor, resize_regions
 from .optim import autocast, clip_gradients
 
 
@@ -27,9 +27,13 @@ def clip_inputs(batch: dict, fmt: torch.memory_format) -> list[torch.Tensor]:
     (B, 3, alpha*T, H, W) they are channels_last_3d without a copy); batch["slow_index"]: (B, T), the slow
     pathway's frames as indices into them. The slow frames are gathered from the uint8 fast frames (4x
     fewer bytes than in float) with one index_select over the flattened (clip, frame) axis, which copies
-    whole frames: on CPU 20x faster than the equivalent fast[rows, slow_index].
+    whole frames: on CPU 20x faster than the equivalent fast[rows, slow_index]. A train batch's
+    batch["region"] (B, 4) says where each clip's crop box lies in its frames and how it is mirrored and
+    resized (ClipTransform leaves that to the device): transforms.resize_regions, before the rest.
     """
     fast = batch["fast"]
+    if "region" in batch:
+        fast = resize_regions(fast, batch["region"])
     clips, frames = fast.shape[:2]
     first_frame = torch.arange(clips, device=fast.device).unsqueeze(1) * frames
     rows = (first_frame + batch["slow_index"].to(fast.device, torch.long)).flatten()

@@ -129,6 +129,50 @@ def resized_crop(frames: np.ndarray, box: CropBox, size: int, flip: bool = False
     return resize(mirrored, size, size)[..., ::-1]
 
 
+def region_side(short_side: int, crop: int, jitter: tuple[int, int]) -> int:
+    """The side of a square that holds every train crop box of a frame stored at short side `short_side`:
+    the box of the smallest jittered scale, crop * short_side / jitter[0] pixels (exactly `crop` for the
+    paper's 224 crop of a 256 short side jittered in [256, 320]); never less than `crop`."""
+    return max(crop, math.ceil(crop * short_side / jitter[0]))
+
+
+def resize_regions(fast: torch.Tensor, region: torch.Tensor) -> torch.Tensor:
+    """The second half of train augmentation, where the network runs: uint8 (B, F, S, S, 3) frames whose
+    clip b holds its crop box in [:, :height, :width], region (B, 4) = (height, width, flip, size) ->
+    uint8 (B, F, size, size, 3), each box mirrored where flip is set, then resized as `resize` does.
+
+    The same operations in the same order as resized_crop on the CPU, so on a CPU device the pixels are
+    identical. Elsewhere the resize runs in float32 and rounds (devices have no uint8 bilinear kernel):
+    within one level of the CPU's fixed-point result.
+    """
+    rows = region.tolist()  # B small rows to the host: one sync
+    if not rows:
+        return fast
+    size = rows[0][3]
+    if fast.shape[2:4] == (size, size) and all(h == w == size and not flip for h, w, flip, _ in rows):
+        return fast
+    out = torch.empty((len(rows), fast.shape[1], size, size, 3), dtype=torch.uint8, device=fast.device)
+    for b, (h, w, flip, _) in enumerate(rows):
+        box = fast[b, :, :h, :w]
+        if flip:
+            box = box.flip(2)
+        if (h, w) == (size, size):
+            out[b] = box
+            continue
+        x = box.contiguous().permute(0, 3, 1, 2)  # (F, 3, h, w), channels-last
+        out[b] = _bilinear(x, size, in_float=x.device.type != "cpu").permute(0, 2, 3, 1)
+    return out
+
+
+def _bilinear(x: torch.Tensor, size: int, in_float: bool) -> torch.Tensor:
+    """uint8 (N, 3, h, w) -> (N, 3, size, size): `resize`'s interpolation, in uint8 or (in_float) in float32
+    rounded back to uint8 levels."""
+    if not in_float:
+        return F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=False)
+    y = F.interpolate(x.float(), size=(size, size), mode="bilinear", align_corners=False, antialias=False)
+    return y.round_().clamp_(0, 255)
+
+
 def train_view(frames: np.ndarray, crop: int, jitter: tuple[int, int], rng: np.random.Generator,
                flip_prob: float = 0.5) -> np.ndarray:
     """Training augmentation of one clip: jittered short side, random crop, random horizontal flip."""
