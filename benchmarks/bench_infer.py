@@ -16,7 +16,8 @@ baseline: every video's test views cut first (ClipSpec.cut_views, timed apart: t
   Half the videos are scored before the infer runs and half after, so that a drift in the machine's load hits
   the baseline and the runs alike.
 infer: `pipelines.infer.run_infer` itself, into a fresh folder each, with infer.batch_videos 1 and commit_every_s 0
-  so that every video is its own commit. The scoring phase is read from the run's commit log (the manifests'
+  so that every video is its own commit, on a local Ray this benchmark starts without the dashboard (infer uses
+  neither it nor its State API; joined to a running Ray, it uses that one as it is). The scoring phase is read from the run's commit log (the manifests'
   committed_at): from the first commit to the second-to-last, over the views of the commits after the first up to
   that one. Ray Data's iter_batches hands the driver a result only once the next one has arrived, so a commit marks
   the arrival of the next video's result and the last two commits come together: the window runs from the second
@@ -402,7 +403,9 @@ def main(argv: list[str] | None = None) -> int:
     runs = {}
     try:
         if started_ray:
-            init_ray(cfg)
+            # No dashboard: infer uses neither it nor its State API, and on 2 cores its share of a core
+            # (~0.07 while infer runs, measured) comes out of the second scoring actor's.
+            init_ray(cfg, dashboard=False)
         for name, pool in RUNS.items():
             runs[name] = infer_case(cfg, uri, videos, out / "runs" / name, pool, len(paths), len(paths) * spec.views)
             load.append(os.getloadavg()[0])

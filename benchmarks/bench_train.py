@@ -1,6 +1,7 @@
 """Train benchmark: train throughput in clips/s reading shards (Ray Data -> Ray Train, the real `train` step)
 against the same train step fed one in-memory batch (no I/O), in fp32 and in bf16 (train.mixed_precision) side
-by side; goal: ratio >= 0.95.
+by side; goal: ratio >= 0.95. On a CPU without bf16 in hardware, where autocast keeps fp32, bf16 is not run
+(the report says why).
 
     python -m pipelines bench train                       # the demo's model and data, CPU; ~6 minutes on 2 cores
     python -m pipelines bench train --steps 40 --precision fp32 --json out/bench_train.json
@@ -21,12 +22,13 @@ shards: `pipelines.train.train` itself, one epoch per precision: TorchTrainer wi
   contention between the train worker and the Ray Data tasks are all in it. The MLflow timestamps of the same
   steps also give the wall-clock rate, which includes the per-step MLflow write that train_func's own step timer
   leaves out.
-memory: the same slowfast.train.train_step (clip_inputs: slow pathway by index and normalisation on the device;
-  forward, backward, SGD) with the same model (same seed), optimizer and LR schedule, in a Ray worker process
-  holding the train worker's resources, with its torch threads (train.threads_per_worker) and memory format
-  (slowfast.train.memory_format), fed one batch as train_func receives it (uint8 fast frames and slow indices from
-  the same shards, already on the device). All the shards case does beyond it is the data path, so its ratio to
-  memory is at most 1 unless the machine's load moved between the cases: half of the memory steps run before the
+memory: the same slowfast.train.train_step (clip_inputs: the crop box's flip and resize, the slow pathway by index
+  and normalisation on the device; forward, backward, SGD) with the same model (same seed), optimizer and LR
+  schedule, in a Ray worker process holding the train worker's resources, with its torch threads
+  (train.threads_per_worker) and memory format (slowfast.train.memory_format), fed one batch as train_func
+  receives it (TRAIN_COLUMNS: uint8 crop boxes, where they lie, slow indices and labels from the same shards,
+  already on the device). All the shards case does beyond it is the data path, so its ratio to memory is at
+  most 1 unless the machine's load moved between the cases: half of the memory steps run before the
   shards case and half after, so that a drift hits both.
 Per CPU second: clips per CPU second of the process that runs the step (the train worker, the memory task), and for
   the shards case also of the train worker and the Ray Data workers together: the whole CPU cost of a clip.
@@ -62,7 +64,7 @@ from pipelines.train import TrainData, prepare_data, train  # noqa: E402
 from pipelines.train_input import TRAIN_COLUMNS, data_cpu_split  # noqa: E402
 from slowfast.model import PRESETS, SlowFast  # noqa: E402
 from slowfast.train import LRSchedule, build_optimizer, memory_format, scaled_lr, topk_correct, train_step  # noqa: E402
-from slowfast.train.optim import autocast, describe_precision  # noqa: E402
+from slowfast.train.optim import autocast, cpu_bf16, describe_precision  # noqa: E402
 
 DEMO_CONFIG = _ROOT / "configs" / "demo.yaml"
 GOAL = 0.95
@@ -400,9 +402,9 @@ def report(cfg: PipelineConfig, args, results: dict) -> str:
                f"{shards['cores']['machine_busy_cores']:.2f} of {cores}." if shards["cores"] else ""))
     if len(runs) == 2:
         step = runs["bf16"]["memory"]["median_step_ms"] / runs["fp32"]["memory"]["median_step_ms"]
-        notes.append(f"bf16 / fp32 step time, memory case: {step:.2f}x." if runs["bf16"]["autocast"] else
-                     f"bf16 runs in fp32 on this device, so its rows repeat fp32's: their differences (memory step "
-                     f"time bf16 / fp32 {step:.2f}x) are run-to-run spread.")
+        notes.append(f"bf16 / fp32 step time, memory case: {step:.2f}x.")
+    for name, why in results["skipped"].items():
+        notes.append(f"{name}: {why}.")
     if args.device == "cpu" and cores and cores <= 2:
         notes.append("On 2 cores the train step and Ray Data compete for the cores (and for memory bandwidth); the "
                      "memory case has them to itself.")
@@ -512,18 +514,22 @@ def main(argv: list[str] | None = None) -> int:
         ray.init(address="local", include_dashboard=False, logging_level=logging.WARNING)
     device = torch.device(args.device)
     load = [os.getloadavg()[0]]
-    runs = {}
+    runs, skipped = {}, {}
+    if "bf16" in args.precision and args.device == "cpu" and not cpu_bf16().supported:
+        # autocast keeps fp32 on such a CPU: a bf16 run would time fp32 a second time.
+        skipped["bf16"] = f"not run: {cpu_bf16().reason}, so autocast keeps fp32 (its rows would repeat fp32's)"
     try:
         log(f"bench train: data in {args.workdir}")
         data = prepare_data(cfg, storage_of(cfg), log)
-        for name in args.precision:
+        for name in [p for p in args.precision if p not in skipped]:
             log(f"bench train: {name}")
             runs[name] = measure(with_precision(cfg, PRECISIONS[name]), data, device, args, load)
         env = environment(args.device)
     finally:
         if started_ray and ray.is_initialized():
             ray.shutdown()
-    results = {"runs": runs, "load_average_max": max(load), "data_actors": data_cpu_split(cfg.ray.data_cpus)[1]}
+    results = {"runs": runs, "skipped": skipped, "load_average_max": max(load),
+               "data_actors": data_cpu_split(cfg.ray.data_cpus)[1]}
     print(report(cfg, args, results))
     if args.json:
         payload = {
@@ -542,7 +548,7 @@ def main(argv: list[str] | None = None) -> int:
                 "ratio_per_cpu_s": ratio(run["shards"]["clips_per_cpu_s"], run["memory"]["clips_per_cpu_s"]),
                 "data_wait": round(run["shards"]["data_wait"], 4),
             } for name, run in runs.items()},
-            "goal_ratio": GOAL, "load_average_max": round(max(load), 2),
+            "skipped": skipped, "goal_ratio": GOAL, "load_average_max": round(max(load), 2),
         }
         write_json(args.json, payload)
         print(f"results written to {args.json}")

@@ -57,13 +57,15 @@ def joins_cluster(cfg: PipelineConfig) -> bool:
     return ray_address(cfg) != "local"
 
 
-def init_ray(cfg: PipelineConfig, shared: dict[str, str] | None = None) -> None:
+def init_ray(cfg: PipelineConfig, shared: dict[str, str] | None = None, dashboard: bool = True) -> None:
     """Join `ray.address` (a cluster; "auto" finds one started with `ray start` on this machine), or the
     cluster `ray job submit` runs us in (RAY_ADDRESS), else start a private local Ray: never join some
     other cluster that happens to run on this machine by accident.
 
     shared: {what: path} that Ray's workers read or write (default: storage_root and data.video_root);
     on a cluster of more than one node a local one must be a shared filesystem (`check_shared_paths`).
+    dashboard=False: a private local Ray runs no dashboard (nor the State API it serves, which Ray Train
+    needs): for work that uses neither, on a machine where its share of a core counts.
     """
     import ray
     from ray.data import DataContext
@@ -81,7 +83,9 @@ def init_ray(cfg: PipelineConfig, shared: dict[str, str] | None = None) -> None:
         os.environ.update(env)
         logging.getLogger("ray.data").setLevel(logging.WARNING)
         runtime_env["worker_process_setup_hook"] = quiet_worker
-    if address == "local":
+    if address == "local" and not dashboard:
+        local = dict(include_dashboard=False)
+    elif address == "local":
         # Ray Train's placement-group cleaner asks the State API about its controller without an
         # address; Ray then looks for the instance among the processes on this machine, and with two
         # of them the lookup fails and prints a traceback. So: the dashboard, which serves the State
