@@ -39,7 +39,6 @@ import argparse
 import contextlib
 import csv
 import importlib
-import logging
 import math
 import os
 import shutil
@@ -61,6 +60,7 @@ from benchmarks._common import descends_from, environment, format_table, proc_st
 from pipelines.config import PipelineConfig, load_config  # noqa: E402
 from pipelines.data import ensure_videos, storage_of  # noqa: E402
 from pipelines.train import TrainData, prepare_data, train  # noqa: E402
+from pipelines.ray_runtime import init_ray  # noqa: E402
 from pipelines.train_input import TRAIN_COLUMNS, data_cpu_split  # noqa: E402
 from slowfast.model import PRESETS, SlowFast  # noqa: E402
 from slowfast.train import LRSchedule, build_optimizer, memory_format, scaled_lr, topk_correct, train_step  # noqa: E402
@@ -508,10 +508,11 @@ def main(argv: list[str] | None = None) -> int:
 
     cfg = sized_config(args)
     started_ray = not ray.is_initialized()
-    if started_ray and not os.environ.get("RAY_ADDRESS"):
-        # A fresh local Ray of our own: with no address, ray.init would join a `ray start` instance that someone
-        # else left running on this machine, and measure on it.
-        ray.init(address="local", include_dashboard=False, logging_level=logging.WARNING)
+    if started_ray:
+        # As `train` starts it: the job's cluster (RAY_ADDRESS) or a fresh local Ray of our own, never a `ray start`
+        # instance someone else left running on this machine; with the dashboard, whose State API Ray Train's
+        # placement-group cleaner asks about its controller (without it, it says so every few seconds).
+        init_ray(cfg)
     device = torch.device(args.device)
     load = [os.getloadavg()[0]]
     runs, skipped = {}, {}
