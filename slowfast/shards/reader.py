@@ -186,8 +186,8 @@ class ClipTransform:
 
     def _decode_box(self, cell, height: int, width: int, box: transforms.CropBox, out: np.ndarray) -> None:
         """JPEG frames -> their crop box, into out (N, box height, box width, 3). One frame at a time through
-        a one-frame scratch, so the copy reads what the decoder has just written, still in cache: 0.92 of
-        the JPEG-decode bound against 0.80 for decoding the whole clip first (340x256, measured)."""
+        a one-frame scratch, so the copy reads what the decoder has just written, still in cache: about 0.9
+        of the JPEG-decode bound against about 0.8 for decoding the whole clip first (measured, 340x256)."""
         need = height * width * 3
         if self._scratch.size < need:
             self._scratch = np.empty(need, np.uint8)
