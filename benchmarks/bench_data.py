@@ -8,17 +8,16 @@ bytes per clip, and Ray Data scaling; all on the same Kinetics-like videos (10 s
 Clip config: slowfast_8x8_r50 sampling (T 8, tau 8, alpha 4: 32 fast frames over 64 source frames),
 short side 256, train crops of 224 from a short side jittered in [256, 320] with flips, JPEG q90.
 
-a. Loader clips/s per core: shard rows -> what the trainer reads (iter_clips / ClipTransform: each clip's
-   crop box as uint8 THWC frames, where it lies, and the slow pathway's indices), against decoding each clip
-   on the fly from the .mp4 as the reference loader does, and against the JPEG decodes alone (the bound a
-   JPEG loader cannot beat). The on-the-fly baseline is the reference's steps done as cheaply as this repo knows how: open
-   with PyAV (VideoReader), seek to a random window, decode to its end, convert only the 32 sampled
-   frames, resizing to short side 256 in YUV, then the shard path's own ClipTransform (raw frames in).
-   PySlowFast's own steps (convert every frame of the window at source size, normalise in float, then
-   resize, copy the slow pathway) are timed too, against our loader with the device's share added, as
-   they do the same work. The device's share, slowfast.train.clip_inputs (the box's flip and resize to
-   the crop, slow pathway by index, normalise, layout), is timed apart on this CPU, where a CPU trainer
-   runs it; on a GPU it runs there and costs the CPU nothing.
+a. Loader clips/s per core: shard rows -> what the trainer reads (iter_clips / ClipTransform: each clip's crop box
+   as uint8 THWC frames, where it lies, and the slow pathway's indices), against decoding each clip on the fly from
+   the .mp4 as the reference loader does, and against the JPEG decodes alone (the bound a JPEG loader cannot beat).
+   The on-the-fly baseline is the reference's steps done as cheaply as this repo knows how: open with PyAV
+   (VideoReader), seek to a random window, decode to its end, convert only the 32 sampled frames, resizing to short
+   side 256 in YUV, then the shard path's own ClipTransform (raw frames in). PySlowFast's own steps (convert every
+   frame of the window at source size, normalise in float, then resize, copy the slow pathway) are timed too,
+   against our loader with the device's share added, as they do the same work. The device's share,
+   slowfast.train.clip_inputs (the box's flip and resize to the crop, slow pathway by index, normalise, layout), is
+   timed apart on this CPU, where a CPU trainer runs it; on a GPU it runs there and costs the CPU nothing.
 b. Preprocess CPU time per video (open and probe, plan, decode the clip windows, JPEG-encode, build and
    write the table) against a full decode of every frame of the same video to RGB at source size, through
    one swscale context kept for the video (the goal's baseline); and against PyAV's plain

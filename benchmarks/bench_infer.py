@@ -17,15 +17,16 @@ baseline: every video's test views cut first (ClipSpec.cut_views, timed apart: t
   the baseline and the runs alike.
 infer: `pipelines.infer.run_infer` itself, into a fresh folder each, with infer.batch_videos 1 and commit_every_s 0
   so that every video is its own commit, on a local Ray this benchmark starts without the dashboard (infer uses
-  neither it nor its State API; joined to a running Ray, it uses that one as it is). The scoring phase is read from the run's commit log (the manifests'
-  committed_at): from the first commit to the second-to-last, over the views of the commits after the first up to
-  that one. Ray Data's iter_batches hands the driver a result only once the next one has arrived, so a commit marks
-  the arrival of the next video's result and the last two commits come together: the window runs from the second
-  result's arrival to the last one's. That leaves out Ray Data's start-up, the model's load and the first video
-  (the actor's construction and first-call warm-up); two workers in step deliver their first results together, so
-  their window starts after both (and would, without the lag, as well). An actor that the pool starts late has its
-  start-up inside the window: the figure then errs low, never high. (Subtracting the wall time of a shorter run
-  instead would cancel the start-up only as well as it repeats, which varies by seconds from run to run.)
+  neither it nor its State API; joined to a running Ray, it uses that one as it is). The scoring phase is read from
+  the run's commit log (the manifests' committed_at): from the first commit to the second-to-last, over the views of
+  the commits after the first up to that one. Ray Data's iter_batches hands the driver a result only once the next
+  one has arrived, so a commit marks the arrival of the next video's result and the last two commits come together:
+  the window runs from the second result's arrival to the last one's. That leaves out Ray Data's start-up, the
+  model's load and the first video (the actor's construction and first-call warm-up); two workers in step deliver
+  their first results together, so their window starts after both (and would, without the lag, as well). An actor
+  that the pool starts late has its start-up inside the window: the figure then errs low, never high. (Subtracting
+  the wall time of a shorter run instead would cancel the start-up only as well as it repeats, which varies by
+  seconds from run to run.)
   1 worker: infer.cpus_per_worker 1, decode_cpus 1. 2 workers: cpus_per_worker 0.75 (still one torch thread) and
   decode_cpus 0.25, so both actors and two decode tasks fit in 2 CPUs: a whole CPU per decode task would leave no
   room for the second actor, and decoding a video costs a few percent of scoring it (the table's notes say how

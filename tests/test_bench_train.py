@@ -15,7 +15,7 @@ def load_bench():
     return load_benchmark("train")
 
 
-def test_bench_train_reports_both_cases_in_each_precision_the_cpu_has_the_ratios_and_the_data_wait(ray_local, tmp_path, capsys):
+def test_bench_train_reports_both_cases_per_precision_the_ratios_and_the_data_wait(ray_local, tmp_path, capsys):
     out = tmp_path / "bench_train.json"
     bench = load_bench()
     assert bench.main(["--steps", "3", "--warmup", "1", "--batch-size", "4", "--crop", "32", "--classes", "4",

@@ -128,6 +128,7 @@ def test_a_box_too_big_for_the_region_is_resized_by_the_loader(shard):
     tight = ClipTransform(meta.model_copy(update={"short_side": 40}), "train", CROP, jitter=JITTER, seed=3, epoch=0)
     assert tight.region_side == CROP < small.region_side
     wide, narrow = small(table), tight(table)
+    assert (wide["region"][:, :2] > CROP).any()  # the same draws: some boxes exceed the tight region
     assert narrow["fast"].shape[2:4] == (CROP, CROP) and (narrow["region"][:, [0, 1, 3]] == CROP).all()
     for out in (wide, narrow):
         out.pop("video_id")
