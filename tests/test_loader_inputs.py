@@ -145,8 +145,8 @@ def test_the_float_resize_that_devices_run_is_within_one_level_of_the_cpu_kernel
     out = train_clips(pq.read_table(path), meta, CROP, JITTER, seed=0)
     for b, (h, w, _, size) in enumerate(out["region"].tolist()):
         box = torch.from_numpy(np.ascontiguousarray(out["fast"][b, :, :h, :w])).permute(0, 3, 1, 2)
-        exact = transforms._bilinear(box, size, in_float=False).int()
-        rounded = transforms._bilinear(box, size, in_float=True).int()
+        exact = transforms._bilinear(box, size, size, in_float=False).int()
+        rounded = transforms._bilinear(box, size, size, in_float=True).int()
         assert (exact - rounded).abs().max() <= 1 and (exact == rounded).float().mean() > 0.5
 
 

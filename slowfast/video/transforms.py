@@ -49,8 +49,7 @@ def resize(frames: np.ndarray, height: int, width: int) -> np.ndarray:
     if not frames.flags.c_contiguous or not frames.flags.writeable:
         frames = frames.copy()  # torch wants writable memory (raw frames are read-only Arrow buffers)
     x = torch.from_numpy(frames).permute(0, 3, 1, 2)  # channels-last view
-    y = F.interpolate(x, size=(height, width), mode="bilinear", align_corners=False, antialias=False)
-    return y.permute(0, 2, 3, 1).numpy()
+    return _bilinear(x, height, width, in_float=False).permute(0, 2, 3, 1).numpy()
 
 
 def short_side_scale(frames: np.ndarray, size: int) -> np.ndarray:
@@ -160,17 +159,16 @@ def resize_regions(fast: torch.Tensor, region: torch.Tensor) -> torch.Tensor:
             out[b] = box
             continue
         x = box.contiguous().permute(0, 3, 1, 2)  # (F, 3, h, w), channels-last
-        out[b] = _bilinear(x, size, in_float=x.device.type != "cpu").permute(0, 2, 3, 1)
+        out[b] = _bilinear(x, size, size, in_float=x.device.type != "cpu").permute(0, 2, 3, 1)
     return out
 
 
-def _bilinear(x: torch.Tensor, size: int, in_float: bool) -> torch.Tensor:
-    """uint8 (N, 3, h, w) -> (N, 3, size, size): `resize`'s interpolation, in uint8 or (in_float) in float32
-    rounded back to uint8 levels."""
-    if not in_float:
-        return F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=False)
-    y = F.interpolate(x.float(), size=(size, size), mode="bilinear", align_corners=False, antialias=False)
-    return y.round_().clamp_(0, 255)
+def _bilinear(x: torch.Tensor, height: int, width: int, in_float: bool) -> torch.Tensor:
+    """uint8 (N, 3, h, w) -> (N, 3, height, width): bilinear, align_corners=False, no antialias; in uint8
+    (torch's fixed-point kernel, what `resize` runs) or (in_float) in float32 rounded back to uint8 levels."""
+    y = F.interpolate(x.float() if in_float else x, size=(height, width), mode="bilinear", align_corners=False,
+                      antialias=False)
+    return y.round_().clamp_(0, 255) if in_float else y
 
 
 def train_view(frames: np.ndarray, crop: int, jitter: tuple[int, int], rng: np.random.Generator,
