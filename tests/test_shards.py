@@ -127,6 +127,16 @@ def test_fast_jpeg_decode_options_are_not_visibly_wrong():
         assert psnr(fast, accurate) > 38 and psnr(fast, frames) > 34
 
 
+def test_frames_with_padded_rows_or_unpacked_pixels_encode_as_their_packed_copy():
+    frames = smooth_clip(2, 144, 200)
+    padded = frames[:, :, :192]  # rows longer than the image, as PyAV's aligned frames are
+    turned = np.rot90(smooth_clip(2, 192, 144), axes=(1, 2))  # pixels not packed within a row
+    for view in (padded, turned):
+        assert not view.flags["C_CONTIGUOUS"]
+        assert encode_frames(view, "jpeg") == encode_frames(np.ascontiguousarray(view), "jpeg")
+        assert encode_frames(view, "raw") == np.ascontiguousarray(view).tobytes()
+
+
 def test_decode_rejects_frames_of_the_wrong_size():
     encoded = encode_frames(smooth_clip(1, 48, 64), "jpeg")
     with pytest.raises(ShardError, match="decodes to 64x48"):

@@ -116,8 +116,10 @@ def encode_frames(frames: np.ndarray, frame_format: FrameFormat, quality: int = 
     if frame_format == "raw":
         return np.ascontiguousarray(frames).tobytes()
     if frame_format == "jpeg":
-        return [simplejpeg.encode_jpeg(np.ascontiguousarray(f), quality=quality, colorspace="RGB",
-                                       colorsubsampling="420") for f in frames]
+        # libjpeg-turbo reads rows by their stride: a frame whose rows are padded (PyAV aligns them)
+        # is encoded in place, and only one whose pixels are not packed within a row is copied first.
+        return [simplejpeg.encode_jpeg(f if f.strides[1:] == (3, 1) else np.ascontiguousarray(f), quality=quality,
+                                       colorspace="RGB", colorsubsampling="420") for f in frames]
     raise ShardError(f"frame_format must be 'jpeg' or 'raw', got {frame_format!r}")
 
 
