@@ -3,6 +3,7 @@ endpoint): what train, evaluate, register and promote write reads back through t
 live in the bucket, and a model URI that names nothing registered fails with a clear message."""
 from __future__ import annotations
 
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -83,7 +84,11 @@ def test_the_training_run_reads_back_through_the_server_with_its_artifacts_in_th
     assert params["num_classes"] == "4" and params["run_name"] == out["run_name"]
     train_loss = sorted((m.step, m.value) for m in client.get_metric_history(run.info.run_id, "train_loss"))
     assert [step for step, _ in train_loss] == list(range(1, EPOCHS + 1))
-    assert train_loss[-1][1] == pytest.approx(out["metrics"]["train_loss"]) and train_loss[-1][1] < train_loss[0][1]
+    # What the worker reported, read back. (That the loss falls is test_train's claim, with a set-up made for it:
+    # here 2 epochs of 6 steps near chance, ln 4, went either way from run to run: 1.403 -> 1.412 in one
+    # fresh-clone run.)
+    assert train_loss[-1][1] == pytest.approx(out["metrics"]["train_loss"])
+    assert all(math.isfinite(v) for _, v in train_loss)
     assert run.data.metrics["eval_top1"] == pytest.approx(good["top1"])
     assert run.data.tags["slowfast.eval_set"] == good["eval_set"]
 
