@@ -211,11 +211,21 @@ class RunTracker:
     def close(self) -> None:
         if self.system is not None:
             self.system.finish()
+            # MLflow's monitor drops the samples of its last, unfinished interval (all of them in a run
+            # shorter than SYSTEM_METRICS_S): they are published here as one more step.
+            last = self.system.aggregate_metrics()
+            if last:
+                self.system.publish_metrics(last)
+                self.system.mlflow_logger.flush()
             self.system = None
         if self.client is not None:
             import mlflow
 
             mlflow.flush_async_logging()
+
+    def logged(self, key: str, step: int) -> bool:
+        """Whether the run has a value of metric `key` at `step` (False on ranks that do not log)."""
+        return self.client is not None and any(m.step == step for m in self.client.get_metric_history(self.run_id, key))
 
     def params(self, params: dict) -> None:
         """Log the params a previous attempt has not; MLflow refuses to change a logged value, so a

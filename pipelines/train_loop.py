@@ -176,6 +176,8 @@ def start_worker(loop: LoopConfig) -> Worker:
         tracker.params({**loop.cfg.flatten(), "num_classes": len(loop.classes), "run_name": loop.run_name, **first})
         if start_epoch:
             _log.info(f"resuming after epoch {start_epoch} (step {global_step})")
+            if extra.get("metrics") and not tracker.logged("train_loss", start_epoch):
+                log_epoch(tracker, extra["metrics"])  # killed between the checkpoint's commit and the logging
         _log.info(f"precision: {describe_precision(device.type, t.mixed_precision)}")
         if frozen:
             _log.info(f"fine-tuning: {frozen}")
@@ -230,7 +232,6 @@ def run_epoch(w: Worker, loop: LoopConfig, shard, epoch: int) -> dict:
         "workers": w.world, "global_batch": t.batch_size * w.world, "base_lr": w.schedule.base_lr, **validate(w, loop),
     }
     w.history.append(metrics)
-    w.tracker.metrics({k: v for k, v in metrics.items() if k not in ("epoch", "global_step")}, step=epoch + 1)
     if w.rank == 0:
         left = (t.epochs - epoch - 1) * (time.perf_counter() - epoch_start)
         _log.info(f"epoch {epoch + 1}/{t.epochs}: loss {metrics['train_loss']:.4f}, train top-1 "
@@ -245,7 +246,17 @@ def run_epoch(w: Worker, loop: LoopConfig, shard, epoch: int) -> dict:
                             rng=rng, metrics=metrics, class_names=loop.classes)
             saved = ray.train.Checkpoint.from_directory(folder)
         ray.train.report(metrics, checkpoint=saved, checkpoint_dir_name=f"epoch-{epoch + 1:04d}")
+    if w.rank == 0:
+        # The epoch's figures go to MLflow once Ray Train has committed its checkpoint (written it into the
+        # snapshot a resumed run starts from): a run killed before that re-runs the epoch and logs it then,
+        # one killed after it logs them on resuming (start_worker), so each epoch is logged once.
+        ray.train.get_all_reported_checkpoints(consistency_mode=ray.train.CheckpointConsistencyMode.COMMITTED)
+        log_epoch(w.tracker, metrics)
     return metrics
+
+
+def log_epoch(tracker: RunTracker, metrics: dict) -> None:
+    tracker.metrics({k: v for k, v in metrics.items() if k not in ("epoch", "global_step")}, step=metrics["epoch"])
 
 
 def validate(w: Worker, loop: LoopConfig) -> dict:

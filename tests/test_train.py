@@ -92,6 +92,19 @@ def test_two_workers_learn_checkpoint_every_epoch_and_log_to_mlflow(ray_local, s
     assert len(history(client, run.info.run_id, "loss")) == 2 * STEPS
     assert any("nothing to do" in line for line in lines)
 
+    # Resumed into an MLflow run that lacks the figures of the epoch it resumes after (as when a run is killed
+    # between the checkpoint's commit and their logging): they are logged from the checkpoint, then the new
+    # epoch's, each once.
+    longer = cfg.model_copy(update={
+        "train": cfg.train.model_copy(update={"epochs": 3}),
+        "mlflow": cfg.mlflow.model_copy(update={"tracking_uri": f"sqlite:///{tmp_path / 'mlflow-2.db'}"})})
+    third = train(longer, run_name=out["run_name"], log=lines.append)
+    assert third["resumed_from_epoch"] == 2 and third["epochs_run_now"] == 1
+    client = MlflowClient(third["tracking_uri"])
+    assert history(client, third["mlflow_run_id"], "train_loss")[0] == (2, pytest.approx(extra["metrics"]["train_loss"]))
+    for key in ("train_loss", "val_top1", "epoch_s"):
+        assert [step for step, _ in history(client, third["mlflow_run_id"], key)] == [2, 3], key
+
 
 def test_read_shards_mixes_files_and_drops_superseded_clips(tmp_path):
     def shard(name: str, videos: list[str]) -> str:
