@@ -213,10 +213,13 @@ class RunTracker:
             self.system.finish()
             # MLflow's monitor drops the samples of its last, unfinished interval (all of them in a run
             # shorter than SYSTEM_METRICS_S): they are published here as one more step.
-            last = self.system.aggregate_metrics()
-            if last:
-                self.system.publish_metrics(last)
-                self.system.mlflow_logger.flush()
+            try:
+                last = self.system.aggregate_metrics()
+                if last:
+                    self.system.publish_metrics(last)
+                    self.system.mlflow_logger.flush()
+            except Exception as exc:  # close() runs in the worker's `finally`: never hide why it ended
+                _log.warning(f"MLflow run {self.run_id}: the last system metrics were not logged ({exc})")
             self.system = None
         if self.client is not None:
             import mlflow

@@ -67,8 +67,10 @@ the CPU's instruction sets, never on the process: each encoder runs on one threa
 encodes other bytes with another thread count, and its automatic count follows the CPUs), so `write_dataset`
 gets its speed by encoding several videos at once instead; RGB is converted to the encoder's pixel format with
 swscale's exact C arithmetic (PyAV's implicit conversion runs whichever SIMD code FFmpeg picks, and that code
-rounds differently); muxers run with `fflags=+bitexact` (no library version or creation time in the file). The
-instruction sets still count where x264 or numpy pick SIMD code: x264's C and SSE2 code encode other bytes than
+rounds differently); x264 runs without its macroblock-tree rate control (mbtree=0), which reads heap memory it
+has not written, so that with it the bytes followed whatever earlier work in the process had left in the heap;
+muxers run with `fflags=+bitexact` (no library version or creation time in the file). The instruction sets still
+count where x264 or numpy pick SIMD code: x264's C and SSE2 code encode other bytes than
 its SSSE3-and-newer code, for instance.
 
 Annotations follow the official Kinetics-400 CSVs: header `label,youtube_id,time_start,time_end,split`, labels in
@@ -349,9 +351,12 @@ def iter_frames(spec: VideoSpec, chunk: int = 32) -> Iterable[np.ndarray]:
 # ---------------------------------------------------------------------------------------------------------------
 # Encoding.
 
-# Quality and determinism defaults per encoder; `options` passed to encode_video override them.
+# Quality and determinism defaults per encoder; `options` passed to encode_video override them. x264's
+# macroblock-tree rate control (mbtree, on by default) reads heap memory it has not written: with it, the same
+# frames encoded to other bytes after the process's heap had held other data (one video in seven, after freed
+# buffers filled with 0xff or random bytes; none with mbtree=0).
 _ENCODER_DEFAULTS: dict[str, dict[str, str]] = {
-    "libx264": {"crf": "18", "preset": "veryfast"},
+    "libx264": {"crf": "18", "preset": "veryfast", "mbtree": "0"},
     "libx265": {"crf": "20", "x265-params": "log-level=error:pools=none:frame-threads=1"},
     "libvpx-vp9": {"crf": "32", "b": "0", "deadline": "good", "cpu-used": "5", "row-mt": "0"},
     "libaom-av1": {"crf": "35", "cpu-used": "8", "row-mt": "0"},
