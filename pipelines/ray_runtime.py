@@ -45,6 +45,10 @@ def quiet_worker() -> None:
     logging.getLogger(context).setLevel(logging.WARNING)
 
 
+def _not_token_auth_on(record: logging.LogRecord) -> bool:
+    return not record.getMessage().startswith("Token authentication is enabled")
+
+
 def ray_address(cfg: PipelineConfig) -> str:
     """What `init_ray` joins: `ray.address`, else the cluster `ray job submit` runs us in (RAY_ADDRESS),
     else "local" (a private local Ray)."""
@@ -82,6 +86,9 @@ def init_ray(cfg: PipelineConfig, shared: dict[str, str] | None = None, dashboar
         # job's runtime env. Ray Data configured the driver's logger when it was imported.
         os.environ.update(env)
         logging.getLogger("ray.data").setLevel(logging.WARNING)
+        # A new local Ray says that it turned token authentication on, as Ray 2.60 does by default: a notice,
+        # not a problem (the warning that it is off stays).
+        logging.getLogger("ray._private.authentication.authentication_token_setup").addFilter(_not_token_auth_on)
         runtime_env["worker_process_setup_hook"] = quiet_worker
     if address == "local" and not dashboard:
         local = dict(include_dashboard=False)

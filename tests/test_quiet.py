@@ -54,6 +54,7 @@ def test_preprocess_shows_progress_not_ray_logs(quiet_preprocess):
     assert not RAY_INFO.search(both), both
     assert "Execution plan of Dataset" not in both
     assert "Traceback" not in both
+    assert "Token authentication is enabled" not in both  # the new local Ray's notice (token auth stays on)
 
 
 def test_verbose_brings_back_ray_logs(videos, tmp_path):
@@ -62,6 +63,7 @@ def test_verbose_brings_back_ray_logs(videos, tmp_path):
     assert out.rstrip().splitlines()[-1].startswith("summary: train: 3 videos, 12 clips")
     assert RAY_INFO.search(err), err
     assert "Execution plan of Dataset" in err
+    assert "Token authentication is enabled" in err
 
 
 def test_train_shows_epochs_not_ray_internals(quiet_preprocess, videos):
