@@ -256,6 +256,7 @@ def run_epoch(w: Worker, loop: LoopConfig, shard, epoch: int) -> dict:
 
 
 def log_epoch(tracker: RunTracker, metrics: dict) -> None:
+    """An epoch's figures (as run_epoch reports them and the checkpoint keeps them) at step = the epoch."""
     tracker.metrics({k: v for k, v in metrics.items() if k not in ("epoch", "global_step")}, step=metrics["epoch"])
 
 
