@@ -31,7 +31,9 @@ def cli(*args: str, videos: Path, storage: Path) -> tuple[int, str, str]:
                  f"data.video_root={videos}", f"data.annotations.train={videos}/annotations/train.csv",
                  f"data.annotations.val={videos}/annotations/val.csv", "train.epochs=1", "train.warmup_epochs=0",
                  "train.batch_size=2"]
-    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_DATA_LOG_LEVEL")}
+    # As from a user's shell: no Ray address, and no RAY_AUTH_MODE (a local Ray started earlier in this process
+    # set it to "token", as Ray does when it turns token auth on).
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_DATA_LOG_LEVEL", "RAY_AUTH_MODE")}
     env["PYTHONPATH"] = str(REPO)
     done = subprocess.run([sys.executable, "-m", "pipelines", *args, "--config", DEMO,
                            *[a for o in overrides for a in ("--set", o)]],
