@@ -200,7 +200,8 @@ def test_bytes_do_not_depend_on_what_earlier_work_left_in_the_heap(dataset, tmp_
     out, _ = dataset
     libc = _libc()
     written = {path.name: path.read_bytes() for path in out.rglob("*.mp4")}
-    for fill in (b"\xff", b"\x00", b"\x7f\xff\xff\xff", bytes(np.random.default_rng(0).integers(0, 256, 4099, np.uint8))):
+    noise = bytes(np.random.default_rng(0).integers(0, 256, 4099, np.uint8))
+    for fill in (b"\xff", b"\x00", b"\x7f\xff\xff\xff", noise):
         _leave_in_the_heap(libc, fill)
         for class_index in range(3):
             for video_index in range(4):

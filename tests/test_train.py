@@ -101,7 +101,8 @@ def test_two_workers_learn_checkpoint_every_epoch_and_log_to_mlflow(ray_local, s
     third = train(longer, run_name=out["run_name"], log=lines.append)
     assert third["resumed_from_epoch"] == 2 and third["epochs_run_now"] == 1
     client = MlflowClient(third["tracking_uri"])
-    assert history(client, third["mlflow_run_id"], "train_loss")[0] == (2, pytest.approx(extra["metrics"]["train_loss"]))
+    logged = history(client, third["mlflow_run_id"], "train_loss")
+    assert logged[0] == (2, pytest.approx(extra["metrics"]["train_loss"]))
     for key in ("train_loss", "val_top1", "epoch_s"):
         assert [step for step, _ in history(client, third["mlflow_run_id"], key)] == [2, 3], key
 
