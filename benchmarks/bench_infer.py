@@ -251,10 +251,10 @@ def _f(value: float | None, digits: int = 2) -> str | None:
 
 
 def figures(results: dict) -> dict:
-    """The ratios the goals are about, and the bound 2 cores put on the second."""
+    """The ratios the goals are about, the bound 2 cores put on the second, and what the 2-worker run left for it."""
     base, one, two = results["baseline"], results["runs"]["infer_1"], results["runs"]["infer_2"]
     score, cut = base["score_cpu_s_per_video"], base["cut_cpu_s_per_video"]
-    return {
+    out = {
         "one_worker_per_core_over_baseline": ratio(one["views_per_s_per_scoring_core"], base["views_per_s"]),
         "one_worker_per_cpu_s_over_baseline": ratio(one["views_per_cpu_s_scoring"], base["views_per_cpu_s_scoring"]),
         "two_workers_over_one": ratio(two["views_per_s"], one["views_per_s"]),
@@ -264,6 +264,17 @@ def figures(results: dict) -> dict:
         "two_workers_over_one_bound_on_2_cores": round(2 * score / (score + cut), 3),
         "decode_share": round(cut / score, 4),
     }
+    used = two["cores"]
+    if used and one["cores"]:
+        # Whatever was busy in the 2-worker window besides the actors and the decode tasks: Ray's own processes
+        # (GCS, raylet, agents, Ray Data's helper actors), the driver, and any other work on the machine. The
+        # cores left over are all the actors could get; at the efficiency they ran at, that caps the ratio.
+        rest = max(used["machine_busy_cores"] - used["scoring_cores"] - used["decode_cores"], 0.0)
+        room = (os.cpu_count() or 1) - used["decode_cores"] - rest
+        out["two_workers_other_cores"] = round(rest, 3)
+        out["two_workers_over_one_reachable"] = round(
+            room / one["cores"]["scoring_cores"] * out["two_workers_over_one_per_cpu_s"], 3)
+    return out
 
 
 def table(results: dict) -> str:
@@ -311,6 +322,11 @@ def report(results: dict, args, command: str) -> str:
                      f"{two['cores']['scoring_cores']:.2f} cores in the window against "
                      f"{one['cores']['scoring_cores']:.2f}; per scoring CPU-s "
                      f"{ratios['two_workers_over_one_per_cpu_s']:.3f}x.")
+        used = two["cores"]
+        notes.append(f"In the 2-worker window, everything else (Ray's own processes, the driver, other work) took "
+                     f"{ratios['two_workers_other_cores']:.2f} cores and the decode tasks "
+                     f"{used['decode_cores']:.2f}; at the actors' per-CPU-s ratio, the cores left to them allow "
+                     f"at most {ratios['two_workers_over_one_reachable']:.3f}x one worker on this machine.")
     for name, run in runs.items():
         cores = run["cores"]
         notes.append(

@@ -4,6 +4,7 @@ the figures come back in its JSON, every run scored every video, and bad argumen
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 
@@ -58,12 +59,20 @@ def test_quick_run_reports_the_baseline_both_pools_and_the_ratios_over_the_same_
     assert ratios["two_workers_over_one_per_cpu_s"] == pytest.approx(
         two["views_per_cpu_s_scoring"] / one["views_per_cpu_s_scoring"], abs=1e-3)
     assert 1 < ratios["two_workers_over_one_bound_on_2_cores"] <= 2
+    # What the 2-worker window left for the actors: the machine less the decode tasks and everything else busy.
+    used = two["cores"]
+    assert ratios["two_workers_other_cores"] == pytest.approx(
+        max(used["machine_busy_cores"] - used["scoring_cores"] - used["decode_cores"], 0), abs=1e-3)
+    room = os.cpu_count() - used["decode_cores"] - ratios["two_workers_other_cores"]
+    assert ratios["two_workers_over_one_reachable"] == pytest.approx(
+        room / one["cores"]["scoring_cores"] * ratios["two_workers_over_one_per_cpu_s"], abs=2e-3)
     assert result["goals"] == {"one_worker_per_core_over_baseline": 0.9, "two_workers_over_one": 1.8}
 
     table = (out / "bench_infer.md").read_text()
     assert table.strip() in capsys.readouterr().out
     assert "| baseline: VideoClassifier.score on views cut beforehand, 1 thread |" in table
     assert "| infer: 2 workers x 0.75 CPU, decode tasks 0.25 CPU" in table
+    assert f"allow at most {ratios['two_workers_over_one_reachable']:.3f}x one worker" in table
     assert result["command"] == f"python -m pipelines bench infer --quick --out {out}" and result["command"] in table
 
 
