@@ -3,6 +3,10 @@ exported once and run by TorchScript / onnxruntime at batch sizes 1 and 3 within
 registered version (sqlite registry) into export/ of its run, or to --out."""
 from __future__ import annotations
 
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 import yaml
@@ -33,6 +37,24 @@ def test_export_matches_pytorch_at_two_batch_sizes(preset, fmt, tmp_path):
         got = run(path, clip)
         assert got.shape == (batch, 5)
         assert (got - expected).abs().max() < 1e-4
+
+
+_EXPORT_ONNX = """
+import sys, torch
+from slowfast.model import SlowFast, example_inputs, resolve
+from slowfast.model.export import export
+config = resolve("slowfast_tiny", num_classes=5)
+export(SlowFast(config).eval(), example_inputs(config, batch=2, size=32), "onnx", sys.argv[1])
+"""
+
+
+def test_onnx_export_prints_none_of_the_exporters_notices_about_other_models(tmp_path):
+    """In a fresh process (torch.onnx says that torchvision is missing once, when it first builds its registry):
+    nothing on stderr, so neither that nor the notices about the shared batch dimension or torch's pytree."""
+    done = subprocess.run([sys.executable, "-W", "default", "-c", _EXPORT_ONNX, str(tmp_path / "m.onnx")],
+                          capture_output=True, text=True, cwd=Path(__file__).resolve().parents[1], timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert (tmp_path / "m.onnx").stat().st_size > 0 and done.stderr == ""
 
 
 def test_cli_logs_the_export_to_the_version_run_or_writes_out(tmp_path, capsys):

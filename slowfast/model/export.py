@@ -5,6 +5,8 @@ clips as separate inputs (named "slow" and "fast" in the ONNX graph, output "log
 """
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
 import warnings
 from pathlib import Path
@@ -33,10 +35,7 @@ def export(net: torch.nn.Module, inputs: list[torch.Tensor], fmt: str, path: str
     path.parent.mkdir(parents=True, exist_ok=True)
     model = TwoPathway(net.cpu().float().eval()).eval()
     slow, fast = (x.cpu().float().contiguous() for x in inputs)
-    # The network's input checks compare shapes in Python; the tracer warns that they are frozen into the
-    # graph, which is what they check anyway (every dimension but the batch is fixed).
-    with torch.no_grad(), warnings.catch_warnings():
-        warnings.simplefilter("ignore", torch.jit.TracerWarning)
+    with torch.no_grad(), _exporters_quiet():
         if fmt == "torchscript":
             torch.jit.save(torch.jit.trace(model, (slow, fast), check_trace=False), str(path))
         else:
@@ -46,6 +45,30 @@ def export(net: torch.nn.Module, inputs: list[torch.Tensor], fmt: str, path: str
                                         verbose=False)
             program.save(str(path))
     return path
+
+
+@contextlib.contextmanager
+def _exporters_quiet():
+    """The exporters' notices that say nothing about this network, silenced while it is exported:
+    - the tracer: the network's input checks compare shapes in Python, frozen into the graph, which is what they
+      check anyway (every dimension but the batch is fixed);
+    - torch.onnx: that torchvision is not installed so its detection ops are skipped (SlowFast uses none), that
+      both inputs share the one batch dimension (as meant), and a deprecation inside torch's own pytree code.
+    Anything else they warn about still shows."""
+    registration = logging.getLogger("torch.onnx._internal.exporter._registration")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)
+        warnings.filterwarnings("ignore", r".*The axis name: \w+ will not be used", UserWarning)
+        warnings.filterwarnings("ignore", r".*isinstance\(treespec, LeafSpec\)", FutureWarning)
+        registration.addFilter(_not_torchvision_missing)
+        try:
+            yield
+        finally:
+            registration.removeFilter(_not_torchvision_missing)
+
+
+def _not_torchvision_missing(record: logging.LogRecord) -> bool:
+    return not record.getMessage().startswith("torchvision is not installed")
 
 
 def run_torchscript(path: str | os.PathLike, inputs: list[torch.Tensor]) -> torch.Tensor:
