@@ -22,6 +22,8 @@ b. Preprocess CPU time per video (open and probe, plan, decode the clip windows,
    write the table) against a full decode of every frame of the same video to RGB at source size, through
    one swscale context kept for the video (the goal's baseline); and against PyAV's plain
    frame.to_ndarray(format="rgb24"), which builds a new context per frame and costs ~0.5 ms more a frame.
+   Apart: the eval views' decoding pass without the encodes, and the decoder alone with no conversion at all,
+   which with the encodes gives the floor of a whole-video eval pass that JPEG-encodes the views' frames.
 c. Bytes per clip in the written Parquet files, JPEG q90 against raw uint8 frames.
 d. The real Ray Data preprocess job (ingest, then pipelines.preprocess.preprocess_split, as run_preprocess
    runs it) on a fresh local Ray with 2 CPUs against 1: the actor pool takes one actor per cluster CPU.
@@ -359,6 +361,15 @@ def decode_all(path: Path, kept: bool = False) -> int:
     return n
 
 
+def decode_only(path: Path) -> int:
+    """Every frame of the video through the decoder, one thread, converted to nothing: what any preprocessing
+    that reads the whole video pays before it touches a pixel."""
+    with av.open(str(path)) as container:
+        stream = container.streams.video[0]
+        stream.codec_context.thread_count = 1
+        return sum(1 for _ in container.decode(stream))
+
+
 def decode_eval_views(path: Path) -> int:
     """The eval views' decoding alone: preprocess's one forward pass (`cut_clips` on a one-thread
     VideoReader, frames to RGB at short side 256), without the JPEG encodes. Separates what the one
@@ -386,7 +397,8 @@ def bench_preprocess(args, videos: list[Path], scratch: Path) -> dict:
 
     cases = {"train": ours("train", TRAIN_CLIPS), "eval": ours("eval", EVAL_VIEWS),
              "decode_all": lambda: [decode_all(v) for v in videos], "eval_decode": eval_decode,
-             "decode_all_kept": lambda: [decode_all(v, kept=True) for v in videos]}
+             "decode_all_kept": lambda: [decode_all(v, kept=True) for v in videos],
+             "decode_only": lambda: [decode_only(v) for v in videos]}
     timings = time_interleaved(cases, repeats=args.repeats, warmup=1)
     out = {}
     for name, timing in timings.items():
@@ -686,6 +698,13 @@ def notes(results: dict, args) -> str:
                      f"decode {ms['decode_all_kept']:.0f}); the JPEG encodes of its {frames:.0f} distinct frames "
                      f"and the rows {ms['eval'] - ms['eval_decode']:.0f}, "
                      f"{(ms['eval'] - ms['eval_decode']) / frames:.2f} a frame.")
+        if "decode_only" in r:
+            # The floor of any eval preprocessing that reads the whole video and JPEG-encodes the views' frames as
+            # these encodes do: the decoder alone (every conversion free) plus the encodes.
+            alone = r["decode_only"]["s_per_video_cpu"] * 1e3
+            floor = (alone + ms["eval"] - ms["eval_decode"]) / ms["decode_all_kept"]
+            lines.append(f"  {size}, the decoder alone (no conversion) {alone:.0f} ms: with conversions free, the "
+                         f"decoder and these encodes would still be {floor:.2f}x the full decode.")
     lines.append("Per core: one thread everywhere, CPU seconds of the process (wall-clock figures are in the JSON). "
                  "On the fly: VideoReader\n+ the shard path's transforms per clip; PySlowFast's steps: its pyav "
                  "decoder and spatial_sampling, re-implemented step for step.")
