@@ -342,32 +342,24 @@ def _per_second(timing, items: int) -> dict:
 # -- b. preprocess -------------------------------------------------------------------------------------------
 
 
-def decode_all(path: Path, kept: bool = False) -> int:
-    """A baseline: every frame of the video to RGB at source size, one thread. Plain PyAV's
-    frame.to_ndarray(format="rgb24") builds a new swscale context for every frame; with `kept`, one
-    VideoReformatter converts them all (its context built once, as VideoReader keeps its own): the
-    fastest full decode to RGB this repo knows."""
+def decode_all(path: Path, rgb: str | None = "plain") -> int:
+    """Every frame of the video through the decoder, one thread, and to RGB at source size (the baselines).
+    rgb "plain": PyAV's frame.to_ndarray(format="rgb24"), which builds a new swscale context for every frame;
+    "kept": one VideoReformatter converts them all (its context built once, as VideoReader keeps its own), the
+    fastest full decode to RGB this repo knows; None: converted to nothing, what any preprocessing that reads
+    the whole video pays before it touches a pixel."""
     n = 0
-    reformatter = VideoReformatter() if kept else None
+    reformatter = VideoReformatter() if rgb == "kept" else None
     with av.open(str(path)) as container:
         stream = container.streams.video[0]
         stream.codec_context.thread_count = 1
         for frame in container.decode(stream):
             if reformatter is not None:
                 reformatter.reformat(frame, format="rgb24").to_ndarray()
-            else:
+            elif rgb == "plain":
                 frame.to_ndarray(format="rgb24")
             n += 1
     return n
-
-
-def decode_only(path: Path) -> int:
-    """Every frame of the video through the decoder, one thread, converted to nothing: what any preprocessing
-    that reads the whole video pays before it touches a pixel."""
-    with av.open(str(path)) as container:
-        stream = container.streams.video[0]
-        stream.codec_context.thread_count = 1
-        return sum(1 for _ in container.decode(stream))
 
 
 def decode_eval_views(path: Path) -> int:
@@ -397,8 +389,8 @@ def bench_preprocess(args, videos: list[Path], scratch: Path) -> dict:
 
     cases = {"train": ours("train", TRAIN_CLIPS), "eval": ours("eval", EVAL_VIEWS),
              "decode_all": lambda: [decode_all(v) for v in videos], "eval_decode": eval_decode,
-             "decode_all_kept": lambda: [decode_all(v, kept=True) for v in videos],
-             "decode_only": lambda: [decode_only(v) for v in videos]}
+             "decode_all_kept": lambda: [decode_all(v, rgb="kept") for v in videos],
+             "decode_only": lambda: [decode_all(v, rgb=None) for v in videos]}
     timings = time_interleaved(cases, repeats=args.repeats, warmup=1)
     out = {}
     for name, timing in timings.items():
