@@ -9,7 +9,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import boto3
@@ -24,6 +23,7 @@ from pipelines.infer import InferError, Job, run_infer
 from pipelines.storage import S3Options, Storage
 from slowfast.model import SlowFast
 from slowfast.serving import ClipSpec
+from stop_hook import stop_after, wait_stopped
 
 REPO = Path(__file__).resolve().parents[1]
 MODEL = "infer-test"
@@ -143,7 +143,7 @@ def test_a_list_file_and_s3_in_and_out(ray_local, registered, synth_set, s3_endp
 
 
 def test_killed_mid_run_resumes_exactly_once(registered, synth_set):
-    """SIGKILL to the whole `pipelines infer` process group after its first commit; the same command then
+    """SIGKILL to the whole `pipelines infer` process group right after its first commit; the same command then
     scores exactly the videos that were not committed, and no uncommitted file is left."""
     cfg, uri, tmp = registered
     folder = tmp / "kill-videos"
@@ -156,17 +156,16 @@ def test_killed_mid_run_resumes_exactly_once(registered, synth_set):
     out = tmp / "killed"
     cmd = [sys.executable, "-m", "pipelines", "infer", "--config", str(config), "--model-uri", uri,
            "--videos", str(folder), "--out", str(out), "--set", "infer.batch_videos=1", "--set", "infer.workers=1"]
-    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    # The driver stops itself right after its first commit and is killed there.
+    env = stop_after(tmp, "slowfast.shards.manifest:commit", 1, pythonpath=str(REPO))
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True)
-    deadline = time.time() + 240
-    while time.time() < deadline and not list((out / "manifests").glob("commit-*.json")):
-        assert proc.poll() is None, "infer ended before the first commit"
-        time.sleep(0.2)
+    wait_stopped(proc, 240, "its first commit")
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     first = {v["video_id"] for c in (out / "manifests").glob("commit-*.json") for v in json.loads(c.read_text())["videos"]}
     total = len(videos_of(folder))
-    assert 0 < len(first) < total, f"{len(first)} of {total} committed when killed: kill earlier"
+    assert 0 < len(first) < total, f"{len(first)} of {total} committed when killed"
 
     done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=400)
     assert done.returncode == 0, done.stderr[-3000:]

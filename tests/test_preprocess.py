@@ -9,7 +9,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +19,7 @@ from pipelines.data import run_preprocess, storage_of
 from slowfast.shards import manifest
 from slowfast.shards.reader import iter_clips
 from slowfast.video.synth import encode_video, sample_video, render
+from stop_hook import stop_after, wait_stopped
 from videos import encode_audio_only
 
 
@@ -187,30 +187,29 @@ def test_rerun_after_new_rows_decodes_only_the_new_videos(ray_local, synth_set, 
     assert final[(vid, 0)] != after[(vid, 0)]
 
 
-def _run_cli(config_path: Path, cwd: Path, **kw) -> subprocess.Popen:
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
+def _run_cli(config_path: Path, cwd: Path, env: dict | None = None, **kw) -> subprocess.Popen:
+    env = env or {**os.environ, "PYTHONPATH": str(REPO)}
     return subprocess.Popen([sys.executable, "-m", "pipelines", "preprocess", "--config", str(config_path)],
                             cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, **kw)
 
 
 def test_kill_9_mid_run_then_rerun_gives_the_same_clips_exactly_once(ray_local, synth_set, tmp_path):
     root = copy_set(synth_set, tmp_path / "videos")
-    # One video per shard and one shard per commit, so a kill lands between commits.
+    # One video per shard and one shard per commit; the driver stops itself after its third commit of the
+    # train split's 12 videos and is killed there, with the decode actors still writing shards.
     cfg = pipeline_config(tmp_path, root, preprocess={"rows_per_shard": 2, "commit_every": 1, "eval_views": 2},
                           evaluate={"temporal_views": 2})
     config_path = tmp_path / "pipeline.yaml"
     config_path.write_text(cfg.to_yaml())
     store = storage_of(cfg)
 
-    proc = _run_cli(config_path, tmp_path, start_new_session=True)
-    deadline = time.time() + 240
-    while time.time() < deadline and not store.list("manifests/synth/train", suffix=".json"):
-        assert proc.poll() is None, proc.stdout.read().decode()[-3000:]
-        time.sleep(0.2)
+    env = stop_after(tmp_path, "slowfast.shards.manifest:commit", 3, pythonpath=str(REPO))
+    proc = _run_cli(config_path, tmp_path, env=env, start_new_session=True)
+    wait_stopped(proc, 240, "its third commit")
     os.killpg(proc.pid, signal.SIGKILL)  # the driver and the local Ray it started
     proc.wait()
     committed = store.list("manifests/synth/train", suffix=".json")
-    assert 1 <= len(committed) < 12, "the kill should land mid-run"
+    assert len(committed) == 3
 
     done = _run_cli(config_path, tmp_path)
     output = done.communicate(timeout=300)[0].decode()

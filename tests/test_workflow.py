@@ -17,6 +17,7 @@ from mlflow.tracking import MlflowClient
 
 from conftest import REPO, pipeline_config
 from pipelines.workflow import STEPS, list_runs, run, select_steps
+from stop_hook import stop_after, wait_stopped
 
 QUIET = {"log": lambda *_: None}
 
@@ -112,8 +113,8 @@ def _write(cfg, tmp: Path) -> str:
     return str(path)
 
 
-def _cli_run(config_path: str, log: Path, **kw) -> subprocess.Popen:
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
+def _cli_run(config_path: str, log: Path, env: dict | None = None, **kw) -> subprocess.Popen:
+    env = env or {**os.environ, "PYTHONPATH": str(REPO)}
     with open(log, "ab") as out:
         return subprocess.Popen([sys.executable, "-m", "pipelines", "run", "--config", config_path], cwd=REPO,
                                 env=env, stdout=out, stderr=subprocess.STDOUT, **kw)
@@ -142,9 +143,13 @@ def test_kill_9_during_preprocess_and_during_train_then_the_same_command_finishe
     def commits() -> int:
         return len(list(manifests.rglob("*.json"))) if manifests.exists() else 0
 
-    # 1. Killed during preprocess, after some videos were committed.
-    _kill_when(_cli_run(config_path, log, start_new_session=True), lambda: commits() >= 2, log)
-    committed_at_kill = commits()
+    # 1. Killed during preprocess, right after its second commit (the driver stops itself there).
+    env = stop_after(tmp_path, "slowfast.shards.manifest:commit", 2, pythonpath=str(REPO))
+    proc = _cli_run(config_path, log, env=env, start_new_session=True)
+    wait_stopped(proc, 300, "preprocess's second commit", log)
+    os.killpg(proc.pid, signal.SIGKILL)  # the driver and the local Ray it started
+    proc.wait()
+    assert commits() == 2
 
     # 2. Killed during train, after epoch 1's checkpoint.
     def checkpointed() -> bool:
@@ -157,7 +162,7 @@ def test_kill_9_during_preprocess_and_during_train_then_the_same_command_finishe
     assert second_preprocess["status"] == "done"
     total = 3 * 8
     # Only the videos not committed before the first kill were decoded again.
-    assert second_preprocess["outputs"]["decoded_now"] <= total - committed_at_kill + 3  # a commit may be in flight
+    assert second_preprocess["outputs"]["decoded_now"] == total - 2
     assert runs[0]["step_records"]["train"]["status"] == "running"
 
     # 3. The same command again: preprocess skipped, train resumes after epoch 1, one version registered.
