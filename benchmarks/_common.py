@@ -7,6 +7,7 @@ import os
 import platform
 import statistics
 import sys
+import threading
 import time
 import types
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -182,3 +183,96 @@ def descends_from(pid: str, ancestor: int) -> bool:
         if pid == str(ancestor):
             return True
     return False
+
+
+class CoreUse:
+    """Samples, every `interval_s`, the CPU time of this run's Ray worker processes by role and the machine's
+    busy time, so a rate can be read beside the cores it actually had.
+
+    ROLES maps a role to the process-title prefixes of its processes (Ray titles a worker after its task or
+    actor: ray::MapBatches(...) for Ray Data tasks, ray::MapWorker(...) for its actor pools). Only processes that
+    descend from this one count (a local Ray's raylet is its child); with `only_new`, none that were running
+    when sampling started either (an earlier Ray's actors not gone yet). Linux only; elsewhere it reports
+    nothing. `clock` is the time base of `between`'s arguments and of `first_seen`.
+    """
+
+    ROLES: dict[str, tuple[bytes, ...]] = {}
+
+    def __init__(self, interval_s: float = 0.5, *, only_new: bool = False, clock: Callable[[], float] = time.time):
+        self.interval_s, self.only_new, self.clock = interval_s, only_new, clock
+        self.samples: list[tuple[float, dict[str, float], float, float]] = []  # (time, role CPU s, busy, total)
+        self.first_seen: dict[str, float] = {}  # pid -> when its role was first seen
+        self._cpu: dict[str, tuple[str, float]] = {}  # pid -> (role, CPU s)
+        self._skip: set[str] = set()  # processes of other Ray instances or users, or already running
+        self._tick = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self.available = os.path.isfile("/proc/stat")
+
+    def processes(self, role: str) -> int | None:
+        """How many processes of `role` were seen."""
+        return sum(1 for r, _ in self._cpu.values() if r == role) if self.available else None
+
+    def __enter__(self) -> "CoreUse":
+        if self.available:
+            if self.only_new:
+                self._sweep()
+                self._skip.update(self._cpu)
+                self._cpu.clear()
+                self.first_seen.clear()
+                self.samples.clear()
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join()
+
+    def between(self, t0: float, t1: float) -> dict:
+        """Cores each role used (`<role>_cores`), and the machine's busy cores (everything, this run included),
+        from t0 to t1 (`clock` seconds); {} without a sample on each side."""
+        before = [x for x in self.samples if x[0] <= t0]
+        after = [x for x in self.samples if x[0] >= t1]
+        if not before or not after:
+            return {}
+        (a_t, a_cpu, a_busy, a_total), (b_t, b_cpu, b_busy, b_total) = before[-1], after[0]
+        out = {f"{role}_cores": round((b_cpu[role] - a_cpu[role]) / (b_t - a_t), 2) for role in self.ROLES}
+        out["machine_busy_cores"] = round((b_busy - a_busy) / max(b_total - a_total, 1) * (os.cpu_count() or 1), 2)
+        return out
+
+    def _run(self) -> None:
+        while True:
+            self._sweep()
+            if self._stop.wait(self.interval_s):
+                self._sweep()
+                return
+
+    def _sweep(self) -> None:
+        now = self.clock()
+        for pid in os.listdir("/proc"):
+            if not pid.isdigit() or pid in self._skip:
+                continue
+            try:
+                if pid not in self._cpu:
+                    # Ray names a worker process after its actor only once the actor starts on it (before:
+                    # ray::IDLE), so the name is read again on every sweep until it matches.
+                    with open(f"/proc/{pid}/cmdline", "rb") as f:
+                        head = f.read(64)
+                    role = next((r for r, prefixes in self.ROLES.items() if head.startswith(prefixes)), None)
+                    if role is None:
+                        continue
+                    if not descends_from(pid, os.getpid()):
+                        self._skip.add(pid)
+                        continue
+                    self.first_seen[pid] = now
+                else:
+                    role = self._cpu[pid][0]
+                fields = proc_stat(pid)
+            except OSError:  # the process ended between listing and reading
+                continue
+            self._cpu[pid] = (role, (int(fields[11]) + int(fields[12])) / self._tick)
+        roles = {role: sum(cpu for r, cpu in self._cpu.values() if r == role) for role in self.ROLES}
+        with open("/proc/stat") as f:
+            ticks = [int(x) for x in f.readline().split()[1:]]
+        self.samples.append((now, roles, sum(ticks[:8]) - ticks[3] - ticks[4], sum(ticks[:8])))

@@ -44,7 +44,6 @@ import shutil
 import statistics
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
@@ -62,8 +61,8 @@ import pyarrow as pa  # noqa: E402
 import pyarrow.parquet as pq  # noqa: E402
 import simplejpeg  # noqa: E402
 
-from benchmarks._common import (descends_from, environment, format_table, proc_stat, ratio, time_interleaved,
-                               write_json)  # noqa: E402
+from benchmarks._common import (CoreUse, environment, format_table, ratio, time_interleaved,  # noqa: E402
+                               write_json)
 from pipelines.ingest import Task  # noqa: E402
 from pipelines.preprocess import decode_video  # noqa: E402
 from slowfast.shards.reader import ClipTransform, iter_clips  # noqa: E402
@@ -470,7 +469,7 @@ def bench_ray(args, videos: list[Path], workdir: Path) -> dict:
         cfg = ray_config(root, storage, per_shard)
         arrivals: list[float] = []
         load = os.getloadavg()[0]
-        with _quiet_ray(), ActorCpu() as actor_cpu:
+        with _quiet_ray(), ActorCores(0.1, only_new=True, clock=time.perf_counter) as actor_cpu:
             ray.init(address="local", num_cpus=workers, include_dashboard=False, logging_level=logging.ERROR,
                      log_to_driver=False)
             try:
@@ -495,89 +494,20 @@ def bench_ray(args, videos: list[Path], workdir: Path) -> dict:
         out[workers] = {"wall_s": round(wall, 2), "videos_per_s": args.ray_videos / wall,
                         "steady_videos_per_s": steady, "first_arrival_s": round(arrivals[0] - started, 2),
                         "arrivals_s": [round(t - started, 2) for t in arrivals], "clips": split["clips"],
-                        "actors": actor_cpu.actors, "load_average_before": round(load, 2),
+                        "actors": actor_cpu.processes("actor"), "load_average_before": round(load, 2),
                         "actor_started_s": sorted(round(t - started, 2) for t in actor_cpu.first_seen.values())}
         # Between the first and the last arrival: the cores the actors got, and how busy the machine was.
         out[workers].update(actor_cpu.between(arrivals[0], arrivals[-1]) if arrivals else {})
         log(f"  ray {workers} worker(s): {args.ray_videos} videos in {wall:.1f}s, the first back after "
-            f"{arrivals[0] - started:.1f}s; then {actor_cpu.actors} actor(s) on "
+            f"{arrivals[0] - started:.1f}s; then {actor_cpu.processes('actor')} actor(s) on "
             f"{out[workers].get('actor_cores')} cores, the machine on {out[workers].get('machine_busy_cores')}")
     return out
 
 
-class ActorCpu:
-    """CPU seconds of this job's Ray Data map actors (processes titled ray::MapWorker... that descend from this
-    process: a local Ray's raylet is our child), and how busy the whole machine was, sampled from /proc while
-    the job runs: how much of the cores the workers got, and whether other work held the rest. Linux only;
-    elsewhere it reports nothing."""
+class ActorCores(CoreUse):
+    """CoreUse for the preprocess job's Ray Data map actors."""
 
-    def __init__(self, interval_s: float = 0.1):
-        self.interval_s = interval_s
-        self.samples: list[tuple[float, float, int, int]] = []  # (time, actors' CPU s, machine busy, total ticks)
-        self._cpu: dict[str, float] = {}
-        self.first_seen: dict[str, float] = {}
-        self._ignore: set[str] = set()  # actors of an earlier session not gone yet, or of other processes
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._tick = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
-        self.available = os.path.isfile("/proc/stat")
-
-    @property
-    def actors(self) -> int | None:
-        return len(self._cpu) if self.available else None
-
-    def between(self, t0: float, t1: float) -> dict:
-        """Cores the actors used, and the machine's busy cores (everything, theirs included), from t0 to t1."""
-        before = [s for s in self.samples if s[0] <= t0]
-        after = [s for s in self.samples if s[0] >= t1]
-        if not before or not after:
-            return {}
-        (a_t, a_cpu, a_busy, a_total), (b_t, b_cpu, b_busy, b_total) = before[-1], after[0]
-        cores = os.cpu_count() or 1
-        return {"actor_cores": round((b_cpu - a_cpu) / (b_t - a_t), 2),
-                "machine_busy_cores": round((b_busy - a_busy) / max(b_total - a_total, 1) * cores, 2)}
-
-    def __enter__(self) -> "ActorCpu":
-        if self.available:
-            self._sweep()
-            self._ignore = set(self._cpu)
-            self._cpu, self.first_seen = {}, {}
-            self._thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        if self._thread.is_alive():
-            self._thread.join()
-
-    def _run(self) -> None:
-        while True:
-            self._sweep()
-            if self._stop.wait(self.interval_s):
-                self._sweep()
-                return
-
-    def _sweep(self) -> None:
-        now = time.perf_counter()
-        for pid in os.listdir("/proc"):
-            if not pid.isdigit() or pid in self._ignore:
-                continue
-            try:
-                with open(f"/proc/{pid}/cmdline", "rb") as f:
-                    if not f.read(64).startswith(b"ray::MapWorker"):
-                        continue
-                if pid not in self._cpu and not descends_from(pid, os.getpid()):
-                    self._ignore.add(pid)
-                    continue
-                fields = proc_stat(pid)
-            except OSError:  # the process ended between listing and reading
-                continue
-            self._cpu[pid] = max(self._cpu.get(pid, 0.0), (int(fields[11]) + int(fields[12])) / self._tick)
-            self.first_seen.setdefault(pid, now)
-        with open("/proc/stat") as f:
-            ticks = [int(x) for x in f.readline().split()[1:]]
-        idle = ticks[3] + ticks[4]  # idle + iowait
-        self.samples.append((now, sum(self._cpu.values()), sum(ticks[:8]) - idle, sum(ticks[:8])))
+    ROLES = {"actor": (b"ray::MapWorker",)}
 
 
 @contextlib.contextmanager

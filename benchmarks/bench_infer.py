@@ -53,8 +53,7 @@ _ROOT = Path(__file__).resolve().parents[1]
 if str(_ROOT) not in sys.path:  # run as a script or loaded by path: make `benchmarks` and `pipelines` importable
     sys.path.insert(0, str(_ROOT))
 
-from benchmarks._common import environment, format_table, ratio, write_json  # noqa: E402
-from benchmarks.bench_train import CoreUse  # noqa: E402
+from benchmarks._common import CoreUse, environment, format_table, ratio, write_json  # noqa: E402
 from pipelines import tracking  # noqa: E402
 from pipelines.config import PipelineConfig  # noqa: E402
 from pipelines.infer import MANIFESTS, Job, run_infer  # noqa: E402

@@ -45,7 +45,6 @@ import shutil
 import statistics
 import sys
 import tempfile
-import threading
 import time
 import uuid
 from pathlib import Path
@@ -56,7 +55,7 @@ _ROOT = Path(__file__).resolve().parents[1]
 if str(_ROOT) not in sys.path:  # run as a script or loaded by path: make `benchmarks` and `pipelines` importable
     sys.path.insert(0, str(_ROOT))
 
-from benchmarks._common import descends_from, environment, format_table, proc_stat, ratio, write_json  # noqa: E402
+from benchmarks._common import CoreUse, environment, format_table, ratio, write_json  # noqa: E402
 from pipelines.config import PipelineConfig, load_config  # noqa: E402
 from pipelines.data import ensure_videos, storage_of  # noqa: E402
 from pipelines.train import TrainData, prepare_data, train  # noqa: E402
@@ -138,79 +137,11 @@ def sized_config(args) -> PipelineConfig:
 # -- who got the cores -----------------------------------------------------------------------------------
 
 
-class CoreUse:
-    """Samples, every `interval_s`, the CPU time of this run's Ray train worker and Ray Data map workers, and the
-    machine's busy time, so that a step rate can be read beside the cores it actually had. Linux only; elsewhere
-    (and for a Ray this process did not start) it reports nothing."""
+class TrainCores(CoreUse):
+    """CoreUse for a training run: the Ray Train worker, and Ray Data's map operators feeding it, which run as
+    tasks (ray::MapBatches(train_clips), fused ones joined by "->") or in actor pools (ray::MapWorker(...))."""
 
-    # Process titles: Ray Data's map operators run as tasks (ray::MapBatches(train_clips), fused ones joined by
-    # "->") or in actor pools (ray::MapWorker(...)).
     ROLES = {"train_worker": (b"ray::RayTrainWorker",), "data_workers": (b"ray::MapWorker", b"ray::MapBatches")}
-
-    def __init__(self, interval_s: float = 0.5):
-        self.interval_s = interval_s
-        self.samples: list[tuple[float, dict[str, float], float, float]] = []  # (time, role CPU s, busy, total)
-        self._cpu: dict[str, tuple[str, float]] = {}  # pid -> (role, CPU s)
-        self._skip: set[str] = set()  # processes of other Ray instances or users
-        self._tick = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self.available = os.path.isfile("/proc/stat")
-
-    def __enter__(self) -> "CoreUse":
-        if self.available:
-            self._thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        if self._thread.is_alive():
-            self._thread.join()
-
-    def between(self, t0: float, t1: float) -> dict:
-        """Cores each role used, and the machine's busy cores (everything, this run included), from t0 to t1
-        (time.time() seconds)."""
-        before = [x for x in self.samples if x[0] <= t0]
-        after = [x for x in self.samples if x[0] >= t1]
-        if not before or not after:
-            return {}
-        (a_t, a_cpu, a_busy, a_total), (b_t, b_cpu, b_busy, b_total) = before[-1], after[0]
-        out = {f"{role}_cores": round((b_cpu[role] - a_cpu[role]) / (b_t - a_t), 2) for role in self.ROLES}
-        out["machine_busy_cores"] = round((b_busy - a_busy) / max(b_total - a_total, 1) * (os.cpu_count() or 1), 2)
-        return out
-
-    def _run(self) -> None:
-        while not self._stop.wait(self.interval_s):
-            self._sweep()
-        self._sweep()
-
-    def _sweep(self) -> None:
-        now = time.time()
-        for pid in os.listdir("/proc"):
-            if not pid.isdigit() or pid in self._skip:
-                continue
-            try:
-                if pid not in self._cpu:
-                    # Ray names a worker process after its actor only once the actor starts on it (before:
-                    # ray::IDLE), so the name is read again on every sweep until it matches.
-                    with open(f"/proc/{pid}/cmdline", "rb") as f:
-                        head = f.read(64)
-                    role = next((r for r, prefix in self.ROLES.items() if head.startswith(prefix)), None)
-                    if role is None:
-                        continue
-                    if not descends_from(pid, os.getpid()):
-                        self._skip.add(pid)
-                        continue
-                else:
-                    role = self._cpu[pid][0]
-                fields = proc_stat(pid)
-            except OSError:  # the process ended between listing and reading
-                continue
-            self._cpu[pid] = (role, (int(fields[11]) + int(fields[12])) / self._tick)
-        roles = {role: sum(cpu for r, cpu in self._cpu.values() if r == role) for role in self.ROLES}
-        with open("/proc/stat") as f:
-            ticks = [int(x) for x in f.readline().split()[1:]]
-        self.samples.append((now, roles, sum(ticks[:8]) - ticks[3] - ticks[4], sum(ticks[:8])))
 
 
 # -- memory: one batch, no I/O ---------------------------------------------------------------------------
@@ -291,7 +222,7 @@ def shards_case(cfg: PipelineConfig, steps: int, warmup: int) -> dict:
     store = storage_of(cfg)
     started = time.perf_counter()
     try:
-        with CoreUse() as cores:
+        with TrainCores() as cores:
             out = train(cfg, run_name=run_name, log=log)
     finally:
         shutil.rmtree(store.path("checkpoints", run_name), ignore_errors=True)  # a benchmark's model is not kept
