@@ -13,6 +13,7 @@ import types
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
@@ -185,6 +186,13 @@ def descends_from(pid: str, ancestor: int) -> bool:
     return False
 
 
+class CpuSample(NamedTuple):
+    at: float  # CoreUse.clock seconds
+    role_cpu_s: dict[str, float]  # CPU seconds of each role's processes so far
+    busy_ticks: int  # the machine's busy clock ticks so far, all cores (/proc/stat, less idle and iowait)
+    total_ticks: int
+
+
 class CoreUse:
     """Samples, every `interval_s`, the CPU time of this run's Ray worker processes by role and the machine's
     busy time, so a rate can be read beside the cores it actually had.
@@ -200,7 +208,7 @@ class CoreUse:
 
     def __init__(self, interval_s: float = 0.5, *, only_new: bool = False, clock: Callable[[], float] = time.time):
         self.interval_s, self.only_new, self.clock = interval_s, only_new, clock
-        self.samples: list[tuple[float, dict[str, float], float, float]] = []  # (time, role CPU s, busy, total)
+        self.samples: list[CpuSample] = []
         self.first_seen: dict[str, float] = {}  # pid -> when its role was first seen
         self._cpu: dict[str, tuple[str, float]] = {}  # pid -> (role, CPU s)
         self._skip: set[str] = set()  # processes of other Ray instances or users, or already running
@@ -232,13 +240,15 @@ class CoreUse:
     def between(self, t0: float, t1: float) -> dict:
         """Cores each role used (`<role>_cores`), and the machine's busy cores (everything, this run included),
         from t0 to t1 (`clock` seconds); {} without a sample on each side."""
-        before = [x for x in self.samples if x[0] <= t0]
-        after = [x for x in self.samples if x[0] >= t1]
+        before = [x for x in self.samples if x.at <= t0]
+        after = [x for x in self.samples if x.at >= t1]
         if not before or not after:
             return {}
-        (a_t, a_cpu, a_busy, a_total), (b_t, b_cpu, b_busy, b_total) = before[-1], after[0]
-        out = {f"{role}_cores": round((b_cpu[role] - a_cpu[role]) / (b_t - a_t), 2) for role in self.ROLES}
-        out["machine_busy_cores"] = round((b_busy - a_busy) / max(b_total - a_total, 1) * (os.cpu_count() or 1), 2)
+        a, b = before[-1], after[0]
+        out = {f"{role}_cores": round((b.role_cpu_s[role] - a.role_cpu_s[role]) / (b.at - a.at), 2)
+               for role in self.ROLES}
+        busy = (b.busy_ticks - a.busy_ticks) / max(b.total_ticks - a.total_ticks, 1)
+        out["machine_busy_cores"] = round(busy * (os.cpu_count() or 1), 2)
         return out
 
     def _run(self) -> None:
@@ -275,4 +285,4 @@ class CoreUse:
         roles = {role: sum(cpu for r, cpu in self._cpu.values() if r == role) for role in self.ROLES}
         with open("/proc/stat") as f:
             ticks = [int(x) for x in f.readline().split()[1:]]
-        self.samples.append((now, roles, sum(ticks[:8]) - ticks[3] - ticks[4], sum(ticks[:8])))
+        self.samples.append(CpuSample(now, roles, sum(ticks[:8]) - ticks[3] - ticks[4], sum(ticks[:8])))
