@@ -46,7 +46,9 @@ def test_bench_data_quick_times_every_case_on_both_sizes_and_the_ray_job(tmp_pat
         run = ray[str(workers)]
         assert run["clips"] == 8 * 2 and len(run["arrivals_s"]) == 8  # 8 videos, K = 2, a record for each
         assert run["actors"] == workers and len(run["actor_started_s"]) == workers
-        assert run["actor_cores"] > 0 and run["machine_busy_cores"] <= os.cpu_count()
+        # Read between the first and the last record back: a burst of records can leave a window in which the
+        # actors had already finished, so only the range is certain.
+        assert run["actor_cores"] >= 0 and 0 <= run["machine_busy_cores"] <= os.cpu_count()
         assert run["steady_videos_per_s"] is None  # too few batches in a quick run to call a steady state
 
     table = done.stdout
