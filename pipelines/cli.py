@@ -220,7 +220,7 @@ def cmd_infer(args: argparse.Namespace, config: PipelineConfig) -> int:
           + (f"  CPU time: decoding {s['cut_cpu_s']:.1f} s, scoring {s['score_cpu_s']:.1f} s\n" if s["scored_now"] else "")
           + f"  predictions  {s['predictions']}" + (f"\n  windows      {s['windows']}" if s["windows"] else "")
           + f"\n  quarantine   {s['quarantine_report']} ({s['quarantined_total']} "
-          + ("video)" if s["quarantined_total"] == 1 else "videos)"))
+            f"video{'s' * (s['quarantined_total'] != 1)})")
     return EXIT_OK
 
 

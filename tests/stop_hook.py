@@ -11,6 +11,9 @@ import os
 import time
 from pathlib import Path
 
+from benchmarks._common import proc_stat
+from conftest import REPO
+
 _VARIABLE = "SLOWFAST_TEST_STOP_AFTER"
 
 # Imported by the child at start-up (sitecustomize). It reads and removes the variable at once, so the
@@ -37,13 +40,13 @@ if _spec:
 '''
 
 
-def stop_after(tmp: Path, target: str, calls: int, pythonpath: str) -> dict[str, str]:
-    """Environment for a child that stops itself right after its `calls`-th call of `target`
-    ("package.module:function", looked up on the module at call time)."""
+def stop_after(tmp: Path, target: str, calls: int) -> dict[str, str]:
+    """Environment for a child (with this repository on its path) that stops itself right after its `calls`-th
+    call of `target` ("package.module:function", looked up on the module at call time)."""
     hook_dir = tmp / "stop-hook"
     hook_dir.mkdir(exist_ok=True)
     (hook_dir / "sitecustomize.py").write_text(_HOOK)
-    return {**os.environ, _VARIABLE: f"{target}@{calls}", "PYTHONPATH": f"{hook_dir}{os.pathsep}{pythonpath}"}
+    return {**os.environ, _VARIABLE: f"{target}@{calls}", "PYTHONPATH": f"{hook_dir}{os.pathsep}{REPO}"}
 
 
 def wait_stopped(proc, timeout_s: float, what: str, log: Path | None = None) -> None:
@@ -54,9 +57,7 @@ def wait_stopped(proc, timeout_s: float, what: str, log: Path | None = None) -> 
         if proc.poll() is not None:
             out = log.read_text() if log else proc.stdout.read().decode() if proc.stdout else ""
             raise AssertionError(f"the process ended before {what}:\n{out[-3000:]}")
-        with open(f"/proc/{proc.pid}/stat") as f:
-            state = f.read().rsplit(")", 1)[1].split()[0]
-        if state == "T":
+        if proc_stat(str(proc.pid))[0] == "T":  # the state: stopped
             return
         if time.time() > deadline:
             raise AssertionError(f"the process did not stop after {what} within {timeout_s:.0f} s")

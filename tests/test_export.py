@@ -5,14 +5,13 @@ from __future__ import annotations
 
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 import yaml
 from mlflow.tracking import MlflowClient
 
-from conftest import pipeline_config
+from conftest import REPO, pipeline_config
 from pipelines import tracking
 from pipelines.cli import main
 from pipelines.export import run_onnx
@@ -52,7 +51,7 @@ def test_onnx_export_prints_none_of_the_exporters_notices_about_other_models(tmp
     """In a fresh process (torch.onnx says that torchvision is missing once, when it first builds its registry):
     nothing on stderr, so neither that nor the notices about the shared batch dimension or torch's pytree."""
     done = subprocess.run([sys.executable, "-W", "default", "-c", _EXPORT_ONNX, str(tmp_path / "m.onnx")],
-                          capture_output=True, text=True, cwd=Path(__file__).resolve().parents[1], timeout=300)
+                          capture_output=True, text=True, cwd=REPO, timeout=300)
     assert done.returncode == 0, done.stderr
     assert (tmp_path / "m.onnx").stat().st_size > 0 and done.stderr == ""
 

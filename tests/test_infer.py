@@ -17,7 +17,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from conftest import pipeline_config
+from conftest import REPO, pipeline_config
 from pipelines import tracking
 from pipelines.infer import InferError, Job, run_infer
 from pipelines.storage import S3Options, Storage
@@ -25,7 +25,6 @@ from slowfast.model import SlowFast
 from slowfast.serving import ClipSpec
 from stop_hook import stop_after, wait_stopped
 
-REPO = Path(__file__).resolve().parents[1]
 MODEL = "infer-test"
 
 
@@ -157,7 +156,7 @@ def test_killed_mid_run_resumes_exactly_once(registered, synth_set):
     cmd = [sys.executable, "-m", "pipelines", "infer", "--config", str(config), "--model-uri", uri,
            "--videos", str(folder), "--out", str(out), "--set", "infer.batch_videos=1", "--set", "infer.workers=1"]
     # The driver stops itself right after its first commit and is killed there.
-    env = stop_after(tmp, "slowfast.shards.manifest:commit", 1, pythonpath=str(REPO))
+    env = stop_after(tmp, "slowfast.shards.manifest:commit", 1)
     proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True)
     wait_stopped(proc, 240, "its first commit")
@@ -170,6 +169,7 @@ def test_killed_mid_run_resumes_exactly_once(registered, synth_set):
     done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=400)
     assert done.returncode == 0, done.stderr[-3000:]
     assert f"{total - len(first)} to score, {len(first)} already scored" in done.stdout
+    assert "(0 videos)" in done.stdout.splitlines()[-1]  # the summary's quarantine line
     predictions = read(out)
     assert sorted(predictions["video"]) == sorted(str(v) for v in videos_of(folder))  # each exactly once
     committed = {json.loads(c.read_text())["shards"][0]["path"] for c in (out / "manifests").glob("commit-*.json")}

@@ -203,7 +203,7 @@ def test_kill_9_mid_run_then_rerun_gives_the_same_clips_exactly_once(ray_local, 
     config_path.write_text(cfg.to_yaml())
     store = storage_of(cfg)
 
-    env = stop_after(tmp_path, "slowfast.shards.manifest:commit", 3, pythonpath=str(REPO))
+    env = stop_after(tmp_path, "slowfast.shards.manifest:commit", 3)
     proc = _run_cli(config_path, tmp_path, env=env, start_new_session=True)
     wait_stopped(proc, 240, "its third commit")
     os.killpg(proc.pid, signal.SIGKILL)  # the driver and the local Ray it started

@@ -144,7 +144,7 @@ def test_kill_9_during_preprocess_and_during_train_then_the_same_command_finishe
         return len(list(manifests.rglob("*.json"))) if manifests.exists() else 0
 
     # 1. Killed during preprocess, right after its second commit (the driver stops itself there).
-    env = stop_after(tmp_path, "slowfast.shards.manifest:commit", 2, pythonpath=str(REPO))
+    env = stop_after(tmp_path, "slowfast.shards.manifest:commit", 2)
     proc = _cli_run(config_path, log, env=env, start_new_session=True)
     wait_stopped(proc, 300, "preprocess's second commit", log)
     os.killpg(proc.pid, signal.SIGKILL)  # the driver and the local Ray it started
