@@ -16,6 +16,7 @@ from pipelines import ray_runtime
 from pipelines.config import ConfigError, PipelineConfig, SynthSection, load_config
 from pipelines.errors import PipelineError
 from slowfast.video.clips import positive_seconds
+from slowfast.video.decode import REASONS
 
 EXIT_OK, EXIT_FAILED, EXIT_CONFIG = 0, 1, 2
 
@@ -40,11 +41,19 @@ def main(argv: list[str] | None = None) -> int:
             return EXIT_CONFIG
     try:
         return args.handler(args, config)
-    except PipelineError as exc:
+    except user_errors() as exc:  # evaluated once an exception arrives, when its module is loaded
         print(f"pipelines {args.command}: {exc}", file=sys.stderr)
         return EXIT_FAILED
     except SystemExit as exc:
         return exc.code if isinstance(exc.code, int) else EXIT_FAILED
+
+
+def user_errors() -> tuple[type[Exception], ...]:
+    """The errors whose message is the whole report (what failed, on which input, what to do): PipelineError,
+    and slowfast's CheckpointError once slowfast.model.checkpoint is loaded (importing it here would import
+    torch for --help and config errors; it cannot have raised before it was loaded)."""
+    checkpoint = sys.modules.get("slowfast.model.checkpoint")
+    return (PipelineError,) + ((checkpoint.CheckpointError,) if checkpoint else ())
 
 
 def cmd_bench(args: argparse.Namespace, config: PipelineConfig | None) -> int:
@@ -92,8 +101,10 @@ def cmd_ingest(args: argparse.Namespace, config: PipelineConfig) -> int:
 def cmd_preprocess(args: argparse.Namespace, config: PipelineConfig) -> int:
     from pipelines.data import run_preprocess
 
-    out = run_preprocess(config, args.split or None)
+    retry = frozenset(args.retry_quarantined or (REASONS if args.retry_quarantined == [] else ()))
+    out = run_preprocess(config, args.split or None, retry_quarantined=retry)
     parts = [f"{s}: {o['processed']} videos, {o['clips']} clips, {o['quarantined']} quarantined"
+             + (f", {o['unread']} unread (run again to read them)" if o["unread"] else "")
              for s, o in out["splits"].items()]
     print(f"summary: {'; '.join(parts)}")
     return EXIT_OK
@@ -346,6 +357,9 @@ def build_parser() -> argparse.ArgumentParser:
                          handler=cmd_preprocess)
     preprocess.add_argument("--split", metavar="SPLIT", action="append", default=[],
                             help="split to preprocess (repeatable; default: data.train_split and data.val_split)")
+    preprocess.add_argument("--retry-quarantined", metavar="REASON", nargs="*", choices=REASONS,
+                            help="decode again the videos committed as quarantined for these reasons (none given: "
+                                 f"all of {', '.join(REASONS)}), e.g. after a decoder upgrade")
     train = command("train", "Ray Train: train SlowFast on the shards, with checkpoints that survive worker loss; "
                              "re-running the same command resumes after the last checkpoint", handler=cmd_train)
     train.add_argument("--run-name", metavar="NAME",

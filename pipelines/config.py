@@ -39,6 +39,8 @@ class S3Section(Section):
 
     endpoint_url: str | None = Field(None, description="S3-compatible endpoint (MinIO, moto); None = AWS")
     region: str | None = Field(None, description="bucket region; None = the environment's default")
+    max_attempts: int = Field(5, ge=1, description="tries per S3 call (botocore's standard retries: throttling, "
+                                                   "5xx, resets, timeouts) and per video body read cut short")
 
 
 class SynthSection(Section):
@@ -117,6 +119,9 @@ class PreprocessSection(Section):
     commit_every: int = Field(
         8, ge=1, description="shards per manifest commit: after a crash, at most this many are decoded again")
     seed: int = Field(0, description="seed of the clip start times; same seed, same shards")
+    max_unread: int = Field(
+        0, ge=0, description="videos a storage fault left unread (after retries) that still let the step succeed; "
+                             "unread videos are never committed, and the next run reads them")
 
 
 class ModelSection(SlowFastConfig):
@@ -288,9 +293,15 @@ class InferSection(Section):
     cpus_per_worker: float = Field(1.0, gt=0, description="CPUs of a scoring actor (its torch threads, rounded up)")
     decode_cpus: float = Field(1.0, gt=0, description="CPUs of a decode task (one video at a time, PyAV 1 thread)")
     batch_videos: int = Field(4, ge=1, description="videos per scoring call")
-    mixed_precision: bool = Field(False, description="bf16 autocast in the scoring actors (GPU, or CPUs with bf16)")
+    mixed_precision: bool = Field(False, description="bf16 autocast (GPU, or CPUs with bf16) in every scoring "
+                                                     "outside training: infer's and evaluate's scoring actors (the "
+                                                     "evaluate step, promote); training's per-epoch validation "
+                                                     "follows train.mixed_precision")
     commit_every_s: float = Field(30.0, ge=0, description="results are committed (visible, never redone) at "
                                                           "least this often; 0 = after every batch")
+    max_unread: int = Field(
+        0, ge=0, description="videos a storage fault left unread (after retries) that still let infer succeed; "
+                             "unread videos are never committed, and the next run scores them")
 
 
 class PipelineConfig(Section):

@@ -1,18 +1,17 @@
 """The data steps as the CLI and the workflow call them: synth (when asked), ingest, preprocess."""
 from __future__ import annotations
 
-import sys
 import time
 import uuid
 from pathlib import Path
 
 from . import ingest
 from .config import PipelineConfig
-from .storage import S3Options, Storage, is_s3
+from .storage import Storage, is_s3, s3_options
 
 
 def storage_of(cfg: PipelineConfig) -> Storage:
-    return Storage(cfg.storage_root, S3Options(cfg.s3.endpoint_url, cfg.s3.region))
+    return Storage(cfg.storage_root, s3_options(cfg.s3))
 
 
 def synthesize(out: str, classes: int, videos_per_class: int, seed: int, *, size: int = 96, seconds: float = 2.0,
@@ -45,9 +44,9 @@ def ensure_videos(cfg: PipelineConfig, log=print) -> dict | None:
                       seconds=synth.seconds, val_fraction=synth.val_fraction, log=log)
 
 
-def run_ingest(cfg: PipelineConfig, log=print) -> ingest.Plan:
+def run_ingest(cfg: PipelineConfig, log=print, retry_quarantined: frozenset[str] = frozenset()) -> ingest.Plan:
     ensure_videos(cfg, log)
-    plan = ingest.plan(cfg, storage_of(cfg))
+    plan = ingest.plan(cfg, storage_of(cfg), retry_quarantined=retry_quarantined)
     for sp in plan.splits.values():
         q = sp.summary()["quarantined_at_plan"]
         log(f"ingest {sp.split}: {sp.rows_read} rows, {len(sp.todo)} to decode, {sp.done} already committed, "
@@ -61,14 +60,15 @@ def run_ingest(cfg: PipelineConfig, log=print) -> ingest.Plan:
 
 
 def run_preprocess(cfg: PipelineConfig, splits: list[str] | None = None, run_id: str | None = None,
-                   log=print, plan: ingest.Plan | None = None) -> dict:
-    """Decode what `plan` (default: a fresh ingest) has to do; returns per-split summaries and the plan."""
+                   log=print, plan: ingest.Plan | None = None, retry_quarantined: frozenset[str] = frozenset()) -> dict:
+    """Decode what `plan` (default: a fresh ingest, which plans the quarantined videos with a reason in
+    `retry_quarantined` again) has to do; returns per-split summaries and the plan."""
     from .preprocess import preprocess_split
     from .ray_runtime import init_ray
 
     store = storage_of(cfg)
     store.check_writable()
-    plan = plan or run_ingest(cfg, log)
+    plan = plan or run_ingest(cfg, log, retry_quarantined)
     run_id = run_id or f"{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
     if any(sp.todo for sp in plan.splits.values()):
         init_ray(cfg)
@@ -80,11 +80,15 @@ def run_preprocess(cfg: PipelineConfig, splits: list[str] | None = None, run_id:
         out["splits"][split] = s
         reasons = ", ".join(f"{k} {v}" for k, v in sorted(s["quarantine_reasons"].items())) or "none"
         log(f"preprocess {split}: {s['rows_read']} rows = {s['processed']} processed + {s['quarantined']} "
-            f"quarantined ({reasons}); decoded now {s['decoded_now']}, {s['clips']} clips, "
+            f"quarantined ({reasons}){unread_note(s)}; decoded now {s['decoded_now']}, {s['clips']} clips, "
             f"{s['short_videos']} short videos, {s['wall_s']}s\n  shards:     {s['shards']}\n"
             f"  quarantine: {s['quarantine_report']}")
     return out
 
 
-def stderr_log(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
+def unread_note(split_summary: dict) -> str:
+    """' + N unread (...)' when a storage fault left videos unread, else ''."""
+    n = split_summary["unread"]
+    if not n:
+        return ""
+    return f" + {n} unread, for the next run ({'; '.join(split_summary['unread_examples'])})"

@@ -13,14 +13,14 @@ import io
 import json
 import posixpath
 from collections import Counter
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 
 from slowfast.shards import manifest
 from slowfast.shards.schema import FORMAT_VERSION
 
 from .config import DataSection, PipelineConfig
 from .errors import PipelineError
-from .storage import S3Options, SourceFile, Storage, VideoSource, is_s3, split_s3
+from .storage import S3Options, SourceFile, Storage, VideoSource, is_s3, s3_options, split_s3
 
 # Plan-time quarantine reasons (decode-time ones live in slowfast.video.decode.REASONS).
 UNKNOWN_LABEL = "unknown_label"
@@ -135,7 +135,7 @@ def parse_path_label(text: str, source: str) -> list[Row]:
 
 def read_rows(cfg: PipelineConfig, split: str) -> list[Row]:
     location = cfg.data.annotations[split]
-    text = read_text(location, S3Options(cfg.s3.endpoint_url, cfg.s3.region))
+    text = read_text(location, s3_options(cfg.s3))
     parse = parse_kinetics_csv if cfg.data.format == "kinetics_csv" else parse_path_label
     return parse(text, location)
 
@@ -268,7 +268,7 @@ def _index_by_stem(files: dict[str, SourceFile]) -> dict[str, list[SourceFile]]:
 
 
 def plan_split(cfg: PipelineConfig, split: str, rows: list[Row], classes: list[str], files: dict[str, SourceFile],
-               store: Storage) -> SplitPlan:
+               store: Storage, retry_quarantined: frozenset[str] = frozenset()) -> SplitPlan:
     mode = "train" if split == cfg.data.train_split else "eval"
     phash = prep_hash(cfg, classes, mode)
     state = manifest.DatasetState.load(store, manifest.manifest_dir(cfg.data.dataset, split, phash))
@@ -308,7 +308,8 @@ def plan_split(cfg: PipelineConfig, split: str, rows: list[Row], classes: list[s
             quarantine(row, ZERO_BYTES, f"{found.rel} is empty (0 bytes)", found)
             continue
         plan.annotated_ids.add(row.video_id)
-        if state.is_current(row.video_id, found.size, found.etag):
+        if state.is_current(row.video_id, found.size, found.etag) and \
+                state.videos[row.video_id].reason not in retry_quarantined:
             plan.done += 1
             continue
         plan.todo.append(Task(row.video_id, class_index[row.label], found.rel, found.size, found.etag))
@@ -331,9 +332,11 @@ class Plan:
         return out
 
 
-def plan(cfg: PipelineConfig, store: Storage, splits: list[str] | None = None) -> Plan:
-    """What preprocess has to do for each split, given the committed manifests."""
-    source = VideoSource(cfg.data.video_root, S3Options(cfg.s3.endpoint_url, cfg.s3.region))
+def plan(cfg: PipelineConfig, store: Storage, splits: list[str] | None = None,
+         retry_quarantined: frozenset[str] = frozenset()) -> Plan:
+    """What preprocess has to do for each split, given the committed manifests. Videos committed as quarantined
+    with a reason in `retry_quarantined` are decoded again (e.g. after a decoder upgrade)."""
+    source = VideoSource(cfg.data.video_root, s3_options(cfg.s3))
     files = source.list()
     splits = splits or list(dict.fromkeys([cfg.data.train_split, cfg.data.val_split]))
     if cfg.data.format == "folder":
@@ -344,9 +347,5 @@ def plan(cfg: PipelineConfig, store: Storage, splits: list[str] | None = None) -
                                   f"{cfg.data.train_split} and {cfg.data.val_split} (data.train_split, data.val_split)")
     else:
         listing = read_annotations(cfg, splits)
-    return Plan(listing.classes, {s: plan_split(cfg, s, listing.rows[s], listing.classes, files, store)
-                                  for s in splits}, listing.layout, listing.ignored)
-
-
-def task_dict(task: Task) -> dict:
-    return asdict(task)
+    return Plan(listing.classes, {s: plan_split(cfg, s, listing.rows[s], listing.classes, files, store,
+                                             retry_quarantined) for s in splits}, listing.layout, listing.ignored)

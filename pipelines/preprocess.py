@@ -4,7 +4,9 @@ Actors (a pool that starts with the CPUs the data nodes have now and grows, up t
 nodes join: an autoscaling cluster sees the demand) each take a batch of videos, decode only the clip windows,
 write one Parquet shard, and return one small record per video. The driver streams those records
 and commits a manifest every few shards: a crash loses at most the uncommitted batches, and the
-re-run decodes exactly those videos again (same seeds, same clips).
+re-run decodes exactly those videos again (same seeds, same clips). A video's own faults are committed
+as quarantined; a video the storage failed to deliver (after retries) is never committed: the step says
+how many and why, fails unless preprocess.max_unread allows them, and the next run reads them.
 """
 from __future__ import annotations
 
@@ -27,13 +29,13 @@ from slowfast.video.decode import DECODE_ERROR, VideoDecodeError, VideoReader
 from .config import PipelineConfig
 from .errors import PipelineError
 from .ingest import Plan, SplitPlan, Task
-from .storage import S3Options, Storage, VideoSource
+from .storage import ReadFailed, Storage, VideoSource, s3_options
 
 COMMIT_EVERY_SECONDS = 30.0
 
 
 class PreprocessError(PipelineError, RuntimeError):
-    """Preprocessing cannot go on (e.g. no CPU for its actors); what was decoded is committed."""
+    """Preprocessing cannot go on (e.g. no CPU for its actors, videos left unread); what was decoded is committed."""
 
 
 def shard_meta(cfg: PipelineConfig, plan: Plan, sp: SplitPlan) -> ShardMeta:
@@ -82,22 +84,26 @@ class ClipWriter:
         self.folder = manifest.shard_dir(self.meta.dataset, self.meta.split, self.meta.prep_hash)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list]:
-        rows, records = [], []
+        rows, records, unread = [], [], []
         for i in range(len(batch["video_id"])):
             task = Task(**{k: batch[k][i].item() if hasattr(batch[k][i], "item") else batch[k][i]
                            for k in ("video_id", "label", "rel", "size", "etag")})
             record = manifest.VideoRecord(task.video_id, task.rel, task.size, task.etag, label=task.label)
+            why_unread = ""
             try:
                 clips, short = decode_video(self.source.open(task.rel), task, self.meta, mode=self.mode,
                                             num_clips=self.num_clips, seed=self.seed, max_pixels=self.max_pixels)
-            except VideoDecodeError as exc:
+            except VideoDecodeError as exc:  # the video's own fault: quarantined with its reason
                 record.reason, record.detail = exc.reason, exc.detail
-            except Exception as exc:  # noqa: BLE001 - any failure on one video quarantines it, not the run
-                record.reason, record.detail = DECODE_ERROR, f"{type(exc).__name__}: {exc}"
+            except ReadFailed as exc:  # the storage's, after its retries: left for the next run
+                why_unread = exc.detail
+            except Exception as exc:  # noqa: BLE001 - neither the video's known fault nor storage's: not committed
+                why_unread = f"unexpected {type(exc).__name__}: {exc}"
             else:
                 rows.extend(clips)
                 record.clips, record.short = len(clips), short
             records.append(record)
+            unread.append(why_unread)
         shard = {"path": "", "rows": 0, "bytes": 0, "videos": []}
         if rows:
             rel = f"{self.folder}/part-{uuid.uuid4().hex}.parquet"
@@ -108,11 +114,11 @@ class ClipWriter:
                 if not r.quarantined:
                     r.shard = rel
         return {"record": [json.dumps(asdict(r)) for r in records],
-                "shard": [json.dumps(shard)] * len(records)}
+                "shard": [json.dumps(shard)] * len(records), "unread": unread}
 
 
 def _ray_data_run(cfg: PipelineConfig, store: Storage, sp: SplitPlan, meta: ShardMeta):
-    """Stream (record, shard) pairs back from the actor pool."""
+    """Stream (record, shard, why unread: "" when read) back from the actor pool."""
     import ray
     from ray.data import ActorPoolStrategy
 
@@ -124,7 +130,7 @@ def _ray_data_run(cfg: PipelineConfig, store: Storage, sp: SplitPlan, meta: Shar
 
     # Start with the CPUs the data nodes have now; grow (to one actor per batch) as nodes join.
     initial = max(1, min(data_node_cpus(cfg), batches))
-    source = VideoSource(cfg.data.video_root, S3Options(cfg.s3.endpoint_url, cfg.s3.region))
+    source = VideoSource(cfg.data.video_root, s3_options(cfg.s3))
     tasks = list(sp.todo)
     if sp.mode == "train":
         # Annotation files are sorted by class; shuffled (seeded) so every shard mixes classes and
@@ -137,7 +143,7 @@ def _ray_data_run(cfg: PipelineConfig, store: Storage, sp: SplitPlan, meta: Shar
         fn_constructor_kwargs=dict(store=store, source=source, meta_json=meta.model_dump_json(), mode=sp.mode,
                                    num_clips=num_clips, seed=p.seed, max_pixels=p.max_frame_pixels))
     for row in ds.iter_rows():
-        yield manifest.VideoRecord(**json.loads(row["record"])), json.loads(row["shard"])
+        yield manifest.VideoRecord(**json.loads(row["record"])), json.loads(row["shard"]), row["unread"]
 
 
 def data_node_cpus(cfg: PipelineConfig) -> int:
@@ -155,6 +161,7 @@ def preprocess_split(cfg: PipelineConfig, store: Storage, plan: Plan, split: str
     meta = shard_meta(cfg, plan, sp)
     started = time.time()
     decoded: Counter = Counter()
+    unread: dict[str, str] = {}  # video id -> "path: why the storage did not deliver it"
     pending_videos: list[manifest.VideoRecord] = []
     pending_shards: dict[str, dict] = {}
     last_commit = time.time()
@@ -172,13 +179,16 @@ def preprocess_split(cfg: PipelineConfig, store: Storage, plan: Plan, split: str
 
         try:
             with stops_when_stalled(cfg, "preprocess's decode actors", PreprocessError):
-                for record, shard in _ray_data_run(cfg, store, sp, meta):
-                    pending_videos.append(record)
+                for record, shard, why_unread in _ray_data_run(cfg, store, sp, meta):
+                    if why_unread:
+                        unread[record.video_id] = f"{record.source}: {why_unread}"
+                    else:
+                        pending_videos.append(record)
+                        decoded["quarantined" if record.quarantined else "processed"] += 1
+                        decoded["clips"] += record.clips
                     if shard["path"]:
                         pending_shards[shard["path"]] = shard
-                    decoded["quarantined" if record.quarantined else "processed"] += 1
-                    decoded["clips"] += record.clips
-                    done = decoded["processed"] + decoded["quarantined"]
+                    done = decoded["processed"] + decoded["quarantined"] + len(unread)
                     due = time.time() - last_commit > COMMIT_EVERY_SECONDS
                     if len(pending_shards) >= cfg.preprocess.commit_every or due:
                         flush()
@@ -187,21 +197,31 @@ def preprocess_split(cfg: PipelineConfig, store: Storage, plan: Plan, split: str
             flush()  # a record arrives with its shard written: what came back is kept, whatever stopped the run
     state = manifest.DatasetState.load(store, folder)
     report = write_quarantine_report(store, folder, sp, state)
-    reasons = Counter(v.reason for v in state.videos.values() if v.quarantined and v.video_id in sp.annotated_ids)
+    # An unread video may still have an older record (its file changed since): it counts as unread until read.
+    counted = sp.annotated_ids - unread.keys()
+    reasons = Counter(v.reason for v in state.videos.values() if v.quarantined and v.video_id in counted)
     reasons.update(q.reason for q in sp.quarantined)
-    processed = sum(1 for v in state.videos.values() if not v.quarantined and v.video_id in sp.annotated_ids)
+    processed = sum(1 for v in state.videos.values() if not v.quarantined and v.video_id in counted)
     summary = {
         "split": split, "mode": sp.mode, "prep_hash": sp.prep_hash, "rows_read": sp.rows_read,
         "decoded_now": decoded["processed"] + decoded["quarantined"], "already_committed": sp.done,
         "processed": processed, "quarantined": sum(reasons.values()), "quarantine_reasons": dict(reasons),
-        "clips": sum(v.clips for v in state.videos.values() if v.video_id in sp.annotated_ids and not v.quarantined),
-        "short_videos": sum(1 for v in state.videos.values() if v.short and v.video_id in sp.annotated_ids),
+        "unread": len(unread), "unread_examples": list(unread.values())[:3],
+        "clips": sum(v.clips for v in state.videos.values() if v.video_id in counted and not v.quarantined),
+        "short_videos": sum(1 for v in state.videos.values() if v.short and v.video_id in counted),
         "shards": store.uri(manifest.shard_dir(cfg.data.dataset, split, sp.prep_hash)),
         "manifests": store.uri(folder), "quarantine_report": report, "wall_s": round(time.time() - started, 2),
     }
-    if summary["processed"] + summary["quarantined"] != summary["rows_read"]:
-        raise RuntimeError(f"{split}: accounting broke: {summary['processed']} processed + "
-                           f"{summary['quarantined']} quarantined != {summary['rows_read']} rows read")
+    if summary["processed"] + summary["quarantined"] + summary["unread"] != summary["rows_read"]:
+        raise PreprocessError(f"{split}: accounting broke: {summary['processed']} processed + "
+                              f"{summary['quarantined']} quarantined + {summary['unread']} unread != "
+                              f"{summary['rows_read']} rows read; this is a bug: please report it with "
+                              f"{summary['manifests']}")
+    if len(unread) > cfg.preprocess.max_unread:
+        raise PreprocessError(
+            f"{split}: {len(unread)} of {len(sp.todo)} videos not read: the storage failed to deliver them after "
+            f"retries ({'; '.join(summary['unread_examples'])}). Nothing was committed for them; run the same "
+            f"command again to read them (preprocess.max_unread: {cfg.preprocess.max_unread} allowed)")
     return summary
 
 

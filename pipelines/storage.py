@@ -2,13 +2,17 @@
 
 Parquet goes through pyarrow's filesystem; listing and reading videos through boto3 (endpoint URL
 configurable for S3-compatible stores; credentials always from the standard AWS chain, never logged).
+A storage fault while reading a video (a reset, a timeout, throttling, a body cut short) is retried and
+then raised as `ReadFailed`: the infrastructure's fault, never the video's, so callers leave it uncommitted.
 """
 from __future__ import annotations
 
 import io
 import os
 import posixpath
+import random
 import tempfile
+import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,11 +20,28 @@ from urllib.parse import urlparse
 
 import pyarrow.fs as pafs
 
+from slowfast.video.decode import MISSING_FILE, VideoDecodeError
+
 from .errors import PipelineError
+
+# A body read cut short is not retried by botocore (only the call that starts it is): VideoSource retries it,
+# S3Options.max_attempts tries in all, with exponential backoff and full jitter between them.
+BACKOFF_S = 0.2
+BACKOFF_MAX_S = 5.0
+_NOT_FOUND = {"NoSuchKey", "404", "NotFound"}
 
 
 class StorageError(PipelineError, RuntimeError):
     """A storage location that cannot be used: names it and says what to check."""
+
+
+class ReadFailed(StorageError):
+    """A video's bytes could not be read after the retries: the storage's fault (a reset, a timeout, throttling,
+    a body cut short, credentials), not the video's. Never committed: the next run reads it again."""
+
+    def __init__(self, uri: str, detail: str):
+        self.uri, self.detail = uri, detail
+        super().__init__(f"{uri}: not read ({detail}); a storage fault, not the video's: the next run reads it again")
 
 
 def is_s3(uri: str) -> bool:
@@ -38,12 +59,26 @@ def split_s3(uri: str) -> tuple[str, str]:
 class S3Options:
     endpoint_url: str | None = None
     region: str | None = None
+    max_attempts: int = 5  # per call, botocore's standard retry mode (throttling, 5xx, resets, timeouts)
+
+
+def s3_options(section) -> S3Options:
+    """The S3Options of a config's `s3:` section (pipelines.config.S3Section)."""
+    return S3Options(section.endpoint_url, section.region, section.max_attempts)
 
 
 def _boto3_client(opts: S3Options):
     import boto3  # imported lazily: plain local runs never need it
+    from botocore.config import Config
 
-    return boto3.client("s3", endpoint_url=opts.endpoint_url, region_name=opts.region)
+    retries = Config(retries={"mode": "standard", "max_attempts": opts.max_attempts}, connect_timeout=10,
+                     read_timeout=60)
+    return boto3.client("s3", endpoint_url=opts.endpoint_url, region_name=opts.region, config=retries)
+
+
+def backoff_s(attempt: int) -> float:
+    """Seconds to wait before try `attempt + 1`: exponential with full jitter (attempt counts from 1)."""
+    return random.uniform(0, min(BACKOFF_MAX_S, BACKOFF_S * 2 ** attempt))
 
 
 class Storage:
@@ -69,6 +104,7 @@ class Storage:
         if self._fs is None:
             if self.is_s3:
                 kwargs = {"region": self.s3.region} if self.s3.region else {}
+                kwargs["retry_strategy"] = pafs.AwsStandardS3RetryStrategy(max_attempts=self.s3.max_attempts)
                 if self.s3.endpoint_url:
                     parsed = urlparse(self.s3.endpoint_url)
                     kwargs.update(endpoint_override=parsed.netloc or parsed.path, scheme=parsed.scheme or "https")
@@ -206,13 +242,43 @@ class VideoSource:
         return files
 
     def open(self, rel: str):
-        """A path (local) or an in-memory file (S3) that PyAV can open."""
+        """A path (local) or an in-memory file (S3) that PyAV can open. A file that is not there is the
+        video's fault (`VideoDecodeError` missing_file); a storage fault, retried first, is `ReadFailed`."""
         if not self.is_s3:
-            return os.path.join(self.root, rel)
+            path = os.path.join(self.root, rel)
+            try:
+                os.stat(path)
+            except FileNotFoundError:
+                raise VideoDecodeError(rel, MISSING_FILE, hint="check the path in the annotations") from None
+            except OSError as exc:  # a stale NFS handle, an I/O error: the filesystem's fault
+                raise ReadFailed(self.uri(rel), f"{type(exc).__name__}: {exc}") from exc
+            return path
         bucket, prefix = split_s3(self.root)
         key = f"{prefix}/{rel}" if prefix else rel
-        body = self.client.get_object(Bucket=bucket, Key=key)["Body"].read()
-        return io.BytesIO(body)
+        return io.BytesIO(self._get(bucket, key, self.uri(rel)))
+
+    def _get(self, bucket: str, key: str, uri: str) -> bytes:
+        """The object's bytes. botocore retries the GET itself; a body cut short is retried here."""
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        attempt = 0
+        while True:
+            attempt += 1
+            try:
+                response = self.client.get_object(Bucket=bucket, Key=key)
+            except ClientError as exc:
+                code = exc.response.get("Error", {}).get("Code", "")
+                if code in _NOT_FOUND:
+                    raise VideoDecodeError(uri, MISSING_FILE, "no such object", "check the video root") from None
+                raise ReadFailed(uri, f"{code or type(exc).__name__}: {exc}") from exc
+            except BotoCoreError as exc:  # no connection, timeouts: botocore's retries are spent
+                raise ReadFailed(uri, f"{type(exc).__name__}: {exc}") from exc
+            try:
+                return response["Body"].read()  # botocore checks the length against Content-Length
+            except (BotoCoreError, OSError) as exc:  # cut mid-body (IncompleteRead, reset, timeout)
+                if attempt >= self.s3.max_attempts:
+                    raise ReadFailed(uri, f"{type(exc).__name__} reading the body, {attempt} tries: {exc}") from exc
+                time.sleep(backoff_s(attempt))
 
     def uri(self, rel: str) -> str:
         return posixpath.join(self.root, rel)
