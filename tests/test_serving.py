@@ -1,10 +1,12 @@
 """Serving a registered version safely: a real `mlflow models serve --env-manager local` on 127.0.0.1 scores base64
 video bytes, refuses a file path that exists on the server (never opening it, whatever the request's params say),
-and answers a corrupt upload with a 400 naming the video and no traceback; locally, mlflow.pyfunc opens paths only
-with model_config={"allow_paths": True}."""
+answers a corrupt upload with a 400 naming the video and no traceback, and refuses bytes crafted to make FFmpeg read
+the server's files (test_untrusted_input.py's) without opening what they name; `python -m pipelines predict` refuses
+those files in one line each; locally, mlflow.pyfunc opens paths only with model_config={"allow_paths": True}."""
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import os
 import subprocess
@@ -18,11 +20,12 @@ import numpy as np
 import pytest
 from mlflow.exceptions import MlflowException
 
-from conftest import free_port, pipeline_config, stop_server, wait_until_up
+from conftest import REPO, free_port, pipeline_config, stop_server, wait_until_up
 from pipelines import tracking
 from slowfast.model import SlowFast
 from slowfast.serving import ClipSpec
 from slowfast.video.synth import encode_video, render, sample_video
+from test_untrusted_input import CRAFTED, Watch, crafted, write_crafted
 
 MODEL = "serve-test"
 
@@ -113,6 +116,40 @@ def test_rest_names_a_corrupt_upload_without_a_traceback(server):
     assert error["error_code"] == "INVALID_PARAMETER_VALUE"
     assert "video 0 (<video 0: 4096 bytes>)" in error["message"] and "not a video" in error["message"].lower()
     assert "Traceback" not in body and "stack_trace" not in error
+
+
+@pytest.mark.parametrize("name", CRAFTED)
+def test_rest_refuses_crafted_bytes_without_opening_what_they_name(server, registered, name):
+    port = free_port()
+    case = crafted(name, port)
+    with Watch(registered["tmp"], case.target, port) as watch:  # the server's working directory
+        status, body = invoke(server, {"inputs": [base64.b64encode(case.data).decode()]})
+    assert not watch.opened, f"the server opened {case.target}"
+    assert status == 400, body
+    message = json.loads(body)["message"]
+    assert f"video 0 (<video 0: {len(case.data)} bytes>): " in message and f"not a video file ({case.detail}" in message
+    assert "Traceback" not in body and "stack_trace" not in body
+
+
+def test_predict_cli_refuses_crafted_files_in_one_line_each(registered, tmp_path):
+    port = free_port()
+    cases = [crafted(name, port) for name in CRAFTED]
+    # Each under its telling name (list.ffconcat, local.m3u8, img%03d.png...) and under a .mp4 name.
+    files = [(case, path) for case in cases for path in write_crafted(case, tmp_path)]
+    env = {**os.environ, "MLFLOW_TRACKING_URI": registered["tracking_uri"], "PYTHONPATH": str(REPO)}
+    with contextlib.ExitStack() as stack:
+        watches = [stack.enter_context(Watch(tmp_path, case.target, port)) for case in cases]
+        done = subprocess.run([sys.executable, "-m", "pipelines", "predict", *(str(path) for _, path in files),
+                               "--model-uri", registered["uri"]],
+                              cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert [case.target for case, watch in zip(cases, watches) if watch.opened] == []
+    assert done.returncode == 1, done.stderr
+    assert "Traceback" not in done.stderr + done.stdout
+    for case, path in files:
+        said = [line for line in done.stderr.splitlines() if str(path) in line]
+        assert len(said) == 1, done.stderr
+        assert said[0].startswith(f"{path}: cannot classify: VideoDecodeError: {path}: not a video file "
+                                  f"({case.detail}"), said[0]
 
 
 def test_local_pyfunc_opens_paths_only_by_opt_in(registered):

@@ -5,6 +5,9 @@ upright. Every failure is a `VideoDecodeError` whose `.reason` names the quarant
 from __future__ import annotations
 
 import bisect
+import ctypes
+import errno
+import functools
 import io
 import os
 import struct
@@ -25,8 +28,9 @@ from slowfast.video.sampling import num_target_frames
 #   box, or the Matroska/WebM segment, runs past the end of the file: checked before opening and
 #   again when decoding fails), or the video stream ends more than _TRUNCATION_SLACK_SEC before
 #   the duration it declares while a requested time lies in the missing part.
-# - not_a_video: FFmpeg cannot open it as a container (random bytes, text, a broken header), or
-#   it holds no streams at all.
+# - not_a_video: FFmpeg cannot open it as a container (random bytes, text, a broken header), its
+#   container format is not one of ACCEPTED_CONTAINERS (a playlist, a script, an image), or it
+#   holds no streams at all.
 # - no_video_stream: a valid container without a video stream (cover art does not count).
 # - frame_too_large: width * height over max_pixels, from the stream header before any frame is
 #   decoded, and again on every decoded frame (the size can change mid-stream).
@@ -75,6 +79,22 @@ _EPS = 1e-6  # seconds; far below any real time base step (1/90000 s)
 _TRUNCATION_SLACK_SEC = 0.5
 
 Source = Union[str, os.PathLike, bytes, bytearray, memoryview, BinaryIO]
+
+# The demuxers FFmpeg may use, by FFmpeg's names: the containers of the extensions
+# pipelines/ingest.py lists as video. mov: .mp4 .m4v .mov .3gp; matroska: .mkv .webm; mpegts: .ts
+# .mts .m2ts; mpeg (program streams): .mpg .mpeg; asf: .wmv; ogg: .ogv. Each reads its streams from
+# the file's own bytes. Any other demuxer is refused before it reads a header, above all those that
+# open the files or URLs their input names: concat (ffconcat scripts), hls and dash (playlists),
+# image2 (numbered image files). A video is untrusted bytes (a REST upload, a bucket object, a file
+# in an annotation list) and must never make FFmpeg read the machine's files or the network.
+ACCEPTED_CONTAINERS = ("mov", "matroska", "avi", "mpegts", "mpeg", "flv", "asf", "ogg")
+_DEMUXER_OPTIONS = {
+    "format_whitelist": ",".join(ACCEPTED_CONTAINERS),
+    # Nothing is opened by URL: the container's bytes come from our file object, and an accepted
+    # demuxer that asks for another file (a mov data reference) is refused whatever it names.
+    "protocol_whitelist": "",
+    "enable_drefs": "0",  # mov: no external data references (FFmpeg's default, pinned)
+}
 
 
 class VideoDecodeError(Exception):
@@ -157,11 +177,12 @@ class VideoReader:
         shortfall = _container_shortfall(self._file)
         if shortfall:
             raise self._error(TRUNCATED, shortfall)
-        self._file.seek(0)
         try:
-            self.container = av.open(self._file, "r", metadata_errors="replace")
+            self.container = self._open_container()
         except (av.FFmpegError, UnicodeDecodeError, ValueError) as e:
-            raise self._error(NOT_A_VIDEO, _ffmpeg_message(e)) from e
+            # format_whitelist refuses with EINVAL, and no word on what it refused.
+            refused = _refusal(self._file) if getattr(e, "errno", None) == errno.EINVAL else None
+            raise self._error(NOT_A_VIDEO, refused or _ffmpeg_message(e)) from e
         streams = list(self.container.streams)
         if not streams:
             raise self._error(NOT_A_VIDEO, "the container holds no streams")
@@ -251,9 +272,8 @@ class VideoReader:
         index = self.stream.index
         thread_count = self.stream.codec_context.thread_count
         self.container.close()
-        self._file.seek(0)
         try:
-            self.container = av.open(self._file, "r", metadata_errors="replace")
+            self.container = self._open_container()
         except av.FFmpegError as e:
             raise self._decode_failure(e) from e
         self.stream = self.container.streams[index]
@@ -262,6 +282,11 @@ class VideoReader:
         self._frames = None
         self._peeked = self._last = None
         self._at_start = True
+
+    def _open_container(self):
+        """The container from the start of the file, by an accepted demuxer only."""
+        self._file.seek(0)
+        return av.open(self._file, "r", metadata_errors="replace", options=_DEMUXER_OPTIONS)
 
     def _keyframe_index(self) -> list[float] | None:
         """Keyframe times (seconds, estimated) from the demuxer's index, if it has one.
@@ -559,7 +584,10 @@ def _open_source(source: Source, name: str) -> tuple[BinaryIO, bool]:
         path = os.fspath(source)
         if not os.path.isfile(path):
             raise VideoDecodeError(name, MISSING_FILE, hint="check the path in the annotations")
-        f, owns = open(path, "rb"), True
+        # Opened by descriptor, so the file object's name is a number: PyAV hands FFmpeg a file
+        # object's name as its URL, and a path must not steer the demuxer (a .m3u8 or img%03d.png
+        # name makes FFmpeg guess a playlist or an image sequence; relative names resolve from it).
+        f, owns = open(os.open(path, os.O_RDONLY), "rb"), True
     else:
         f, owns = source, False
         if not f.seekable():
@@ -653,6 +681,55 @@ def _ebml_vint(data: bytes) -> tuple[int | None, int]:
     if value == (1 << (7 * n)) - 1:
         return None, n  # all ones: unknown size
     return value, n
+
+
+def _refusal(f: BinaryIO) -> str | None:
+    """Why the allow-list refused ``f``, naming the container FFmpeg detected; None if it did not.
+
+    FFmpeg says only "Invalid argument" when format_whitelist refuses a demuxer, so this asks
+    its probe again which demuxer it picks for the first MiB (as av.open does: no file name).
+    """
+    probe_format = _ffmpeg_probe()
+    if probe_format is None:
+        return None
+    pos = f.tell()
+    try:
+        f.seek(0)
+        head = f.read(1 << 20)
+    finally:
+        f.seek(pos)
+    padded = ctypes.create_string_buffer(head, len(head) + 64)  # AVPROBE_PADDING_SIZE zeros
+    data = _AVProbeData(b"", ctypes.cast(padded, ctypes.c_char_p), len(head), None)
+    score = ctypes.c_int(0)
+    found = probe_format(ctypes.byref(data), 1, ctypes.byref(score))
+    detected = found[0].decode() if found else None
+    if detected is None or set(detected.split(",")) & set(ACCEPTED_CONTAINERS):
+        return None
+    accepted = ", ".join(ACCEPTED_CONTAINERS)
+    return f"container format '{detected}' is not accepted; accepted: {accepted}"
+
+
+class _AVProbeData(ctypes.Structure):
+    _fields_ = [("filename", ctypes.c_char_p), ("buf", ctypes.c_char_p),
+                ("buf_size", ctypes.c_int), ("mime_type", ctypes.c_char_p)]
+
+
+@functools.cache
+def _ffmpeg_probe():
+    """av_probe_input_format3 of the libavformat PyAV loaded (an AVInputFormat's first field is
+    its name), or None where it cannot be found (no /proc/self/maps: not Linux)."""
+    try:
+        with open("/proc/self/maps") as maps:
+            paths = [line.split(None, 5)[-1].strip() for line in maps if "/libavformat" in line]
+    except OSError:
+        return None
+    if not paths:
+        return None
+    probe_format = ctypes.CDLL(paths[0]).av_probe_input_format3
+    probe_format.restype = ctypes.POINTER(ctypes.c_char_p)
+    probe_format.argtypes = [ctypes.POINTER(_AVProbeData), ctypes.c_int,
+                             ctypes.POINTER(ctypes.c_int)]
+    return probe_format
 
 
 def _is_cover_art(stream) -> bool:
