@@ -14,7 +14,7 @@ from pathlib import Path
 import pyarrow.fs as pafs
 import torch
 
-from slowfast.model import SlowFast, SlowFastConfig, load_checkpoint
+from slowfast.model.checkpoint import CheckpointError, build_from_checkpoint
 
 from . import tracking
 from .config import PipelineConfig
@@ -116,13 +116,15 @@ def read_checkpoint(store: Storage, uri: str, key: str = "--model-uri") -> tuple
 
 
 def load_from_checkpoint(store: Storage, uri: str) -> LoadedModel:
-    """A checkpoint written by `pipelines train`: the file, or the Ray Train checkpoint folder holding it."""
+    """A checkpoint written by `pipelines train`: the file, or the Ray Train checkpoint folder holding it, read
+    weights-only."""
     data, path = read_checkpoint(store, uri)
-    obj = torch.load(data, map_location="cpu", weights_only=True)
-    if "config" not in obj or "class_names" not in obj:
-        raise ModelNotFound(f"--model-uri {uri}: not a checkpoint written by `pipelines train` (no config or class "
-                            "names in it)")
-    net = SlowFast(SlowFastConfig.model_validate(obj["config"]))
-    load_checkpoint(net, obj)
+    try:
+        net, report = build_from_checkpoint(data)
+    except CheckpointError as exc:  # its message starts with the location
+        raise ModelNotFound(f"--model-uri {exc}") from None
+    if "class_names" not in report.extra:
+        raise ModelNotFound(f"--model-uri {uri}: not a checkpoint written by `pipelines train` (no class names in "
+                            "it)")
     run = Path(path).parent.parent.name if Path(path).parent.name.startswith("epoch-") else None
-    return LoadedModel(net, list(obj["class_names"]), uri, run)
+    return LoadedModel(net, list(report.extra["class_names"]), uri, run)

@@ -92,9 +92,10 @@ def score(net: torch.nn.Module, es: EvalSet, store: Storage, batch_size: int = 8
 
 
 def score_on_ray(cfg: PipelineConfig, net: torch.nn.Module, es: EvalSet, store: Storage) -> dict:
-    """`score` on the cluster: CPU tasks read and decode the eval shards' chosen views, an actor pool sized
-    like infer's (`infer.*`: GPUs or CPU actors) scores them, the driver merges the per-batch totals. The
-    same loop (score_views) and views as `score`, so the same figures."""
+    """`score` on the cluster: CPU tasks read and decode the eval shards' chosen views, an actor pool set up
+    like infer's (`infer.*`: GPUs or CPU actors, and infer.mixed_precision: evaluate scores as infer does, not
+    as training's per-epoch validation) scores them, the driver merges the per-batch totals. The same loop
+    (score_views) and views as `score`, so the same figures."""
     import ray
 
     from .infer import decode_tasks, pack_model, scoring_actors
@@ -110,7 +111,7 @@ def score_on_ray(cfg: PipelineConfig, net: torch.nn.Module, es: EvalSet, store: 
                         **scoring_actors(cfg),
                         fn_constructor_kwargs=dict(model=[ray.put(pack_model(net))], use_gpu=cfg.infer.use_gpu,
                                                    threads=max(1, math.ceil(cfg.infer.cpus_per_worker)),
-                                                   mixed_precision=cfg.train.mixed_precision))
+                                                   mixed_precision=cfg.infer.mixed_precision))
     states = []
     with stops_when_stalled(cfg, "evaluate's view readers and scoring actors", EvaluateError):
         for row in ds.iter_rows():
@@ -171,8 +172,8 @@ def evaluate(cfg: PipelineConfig, model_uri: str | None = None, log=print, es: E
     `es`); returns the figures and where the artifacts went."""
     started = time.time()
     store = storage_of(cfg)
+    model = model or load_model(cfg, store, model_uri)  # first: a wrong model URI costs no preprocessing
     es = es or eval_set(cfg, store, log)
-    model = model or load_model(cfg, store, model_uri)
     if model.class_names != es.classes:
         raise EvaluateError(f"{model.uri}: trained on {len(model.class_names)} classes {model.class_names[:8]}, the "
                             f"eval set has {len(es.classes)}: {es.classes[:8]}; evaluate it with the config it was "

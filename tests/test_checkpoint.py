@@ -11,6 +11,7 @@ import torch
 
 from reference import assert_same_logits, assert_same_state, logits, pytorchvideo, randomize
 from slowfast.model import CheckpointError, build, export_state_dict, load_checkpoint, save_checkpoint
+from slowfast.model.checkpoint import build_from_checkpoint
 
 # pytorchvideo's hub heads at 224 px: AvgPool3d with kernel (8, 7, 7) for slow and (32, 7, 7) for fast,
 # stride 1, then `output_pool` AdaptiveAvgPool3d(1). Only a res5 map of exactly 8 x 7 x 7 / 32 x 7 x 7
@@ -192,6 +193,19 @@ def test_own_format_round_trip_through_a_file(tmp_path):
     assert torch.equal(logits(model, inputs), logits(restored, inputs))
 
 
+def test_build_from_checkpoint_makes_the_network_it_saved(tmp_path):
+    torch.manual_seed(0)
+    model = build("slowfast_tiny", num_classes=3, alpha=8)
+    path = save_checkpoint(model, tmp_path / "last.pt", class_names=["a", "b", "c"])
+    built, info = build_from_checkpoint(path)
+    assert built.cfg == model.cfg and info.extra["class_names"] == ["a", "b", "c"]
+    assert_same_state(built, model)
+    # A bare state dict loads into a model you build, but says nothing of which model to build.
+    torch.save(model.state_dict(), tmp_path / "bare.pt")
+    with pytest.raises(CheckpointError, match="bare.pt: not a checkpoint written by this project"):
+        build_from_checkpoint(tmp_path / "bare.pt")
+
+
 def test_bare_state_dict_with_wrapper_prefix_and_without_step_counters():
     model, restored = tiny(), tiny()
     state = {f"module.{k}": v for k, v in model.state_dict().items() if not k.endswith("num_batches_tracked")}
@@ -297,5 +311,10 @@ def test_pathway_mismatch_says_which_arch_to_build(slow_r50):
 def test_unreadable_file_explains_weights_only(tmp_path):
     path = tmp_path / "custom.pt"
     torch.save({"model_state": {}, "meta": types.SimpleNamespace(a=1)}, path)
-    with pytest.raises(CheckpointError, match="weights_only=False"):
+    with pytest.raises(CheckpointError, match="weights_only=False") as err:
         load_checkpoint(tiny(), path)
+    # One line, naming what was refused (torch's own message is a paragraph of advice around it).
+    assert str(err.value) == (f"{path}: cannot be read as a weights-only torch checkpoint (UnpicklingError: "
+                              "Unsupported global: GLOBAL types.SimpleNamespace was not an allowed global by default). "
+                              "If you trust the file, load it with torch.load(path, weights_only=False) and pass the "
+                              "dict")

@@ -297,8 +297,9 @@ def test_pkl_holding_more_than_arrays_is_refused_without_running_it(tmp_path, pr
 def test_torch_file_holding_more_than_tensors_is_refused_without_running_it(tmp_path):
     marker, path = tmp_path / "it-ran", tmp_path / "model.pth"
     torch.save({"state_dict": {"cls_head.fc_cls.bias": torch.zeros(2)}, "hook": RunsACommand(marker)}, path)
-    with pytest.raises(CheckpointError, match="weights-only"):
+    with pytest.raises(CheckpointError, match=f"weights-only .*GLOBAL {os.system.__module__}.system") as err:
         load_checkpoint(build("slowfast_tiny"), path)
+    assert "\n" not in str(err.value)
     assert not marker.exists()
 
 

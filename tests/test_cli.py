@@ -100,3 +100,42 @@ def test_bench_model_passes_its_arguments_to_the_script(tmp_path, monkeypatch, c
     finally:
         sys.modules.pop("_table", None)
         sys.modules.pop("bench_model", None)
+
+
+def cli_process(*args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    return subprocess.run([sys.executable, "-m", "pipelines", *args], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=300)
+
+
+def test_a_bad_checkpoint_is_one_line_and_exit_1_without_a_traceback(tmp_path):
+    """--model-uri and train.init_from naming a missing file, or a file that is no checkpoint: the message alone,
+    before any video is read."""
+    garbage, missing = tmp_path / "garbage.pt", tmp_path / "missing.pt"
+    garbage.write_bytes(b"not a checkpoint\n" * 8)
+    where = ["--set", f"storage_root={tmp_path / 'storage'}", "--set", f"mlflow.tracking_uri=sqlite:///{tmp_path}/m.db"]
+    cases = {
+        ("evaluate", "--model-uri", str(garbage)): f"pipelines evaluate: --model-uri {garbage}: neither a torch "
+                                                   "checkpoint nor a pickle",
+        ("evaluate", "--model-uri", str(missing)): f"pipelines evaluate: --model-uri {missing}: no checkpoint there",
+        ("run", "--set", f"train.init_from={garbage}"): f"pipelines run: train.init_from {garbage}: ",
+        ("run", "--set", f"train.init_from={missing}"): f"pipelines run: train.init_from: train.init_from {missing}: "
+                                                        "no checkpoint there",
+    }
+    for (command, *args), says in cases.items():
+        done = cli_process(command, "--config", DEMO, *where, *args)
+        assert done.returncode == EXIT_FAILED, done.stderr
+        assert "Traceback" not in done.stderr and len(done.stderr.splitlines()) == 1, done.stderr
+        assert done.stderr.startswith(says), done.stderr
+    assert not (tmp_path / "storage" / "shards").exists()  # nothing was decoded
+
+
+def test_a_checkpoint_error_from_any_command_is_its_message_and_exit_1(capsys, monkeypatch):
+    from slowfast.model import CheckpointError
+
+    def refuses(args, config):
+        raise CheckpointError("x.pyth: unrecognised checkpoint format (first keys: a, b)")
+
+    monkeypatch.setattr(cli, "cmd_status", refuses)
+    assert main(["status", "--config", DEMO]) == EXIT_FAILED
+    assert capsys.readouterr().err == "pipelines status: x.pyth: unrecognised checkpoint format (first keys: a, b)\n"

@@ -1,6 +1,9 @@
 """Export: slowfast_tiny and the slowfast_8x8_r50 architecture (at crop 64 to stay fast) as TorchScript and ONNX,
 exported once and run by TorchScript / onnxruntime at batch sizes 1 and 3 within 1e-4 of PyTorch; the CLI exports a
-registered version (sqlite registry) into export/ of its run, or to --out."""
+registered version (sqlite registry) into export/ of its run, or to --out.
+
+Every network here has random weights and batch norm statistics: a freshly built one zero-initialises the last
+batch norm of each residual block, so every branch adds nothing and an exporter's mistake inside one would pass."""
 from __future__ import annotations
 
 import subprocess
@@ -10,6 +13,7 @@ import pytest
 import torch
 import yaml
 from mlflow.tracking import MlflowClient
+from torch import nn
 
 from conftest import REPO, pipeline_config
 from pipelines import tracking
@@ -19,13 +23,64 @@ from slowfast.model import SlowFast, example_inputs, resolve
 from slowfast.model.export import export, run_torchscript
 from slowfast.serving import ClipSpec
 
+TOLERANCE = 1e-4  # max abs difference of the logits, which are of order 10 here (see randomised)
+LAST_BN = ".c.bn"  # the batch norm ending each bottleneck's branch (a, b, c), zero-initialised when built
+BRANCH_CONV = "slow.res3.0.b.conv"  # a conv inside a residual branch, away from the input and the head
+
+
+def randomised(net: SlowFast, seed: int = 0) -> SlowFast:
+    """`net` with every weight, bias, batch norm scale and shift and running statistic drawn at random: convs
+    and the classifier He-normal; batch norm scales in [0.5, 1.5], except the last of each residual block in
+    [0.2, 0.5] (so that its branch counts, and the 16 blocks of an R50 keep the logits of order 10, where
+    TOLERANCE is a hundred times float32's rounding error); shifts and running means in [-0.2, 0.2], running
+    variances in [0.5, 1.5]."""
+    g = torch.Generator().manual_seed(seed)
+
+    def uniform(t: torch.Tensor, low: float, high: float) -> None:
+        t.copy_(low + (high - low) * torch.rand(t.shape, generator=g))
+
+    with torch.no_grad():
+        for name, m in net.named_modules():
+            if isinstance(m, (nn.Conv3d, nn.Linear)):
+                m.weight.copy_(torch.randn(m.weight.shape, generator=g) * (2 / m.weight[0].numel()) ** 0.5)
+                if m.bias is not None:
+                    uniform(m.bias, -0.2, 0.2)
+            elif isinstance(m, nn.BatchNorm3d):
+                uniform(m.weight, *((0.2, 0.5) if name.endswith(LAST_BN) else (0.5, 1.5)))
+                uniform(m.bias, -0.2, 0.2)
+                uniform(m.running_mean, -0.2, 0.2)
+                uniform(m.running_var, 0.5, 1.5)
+    return net
+
+
+def branch_effect(net: SlowFast, inputs: list[torch.Tensor]) -> tuple[float, float]:
+    """(the largest |logit|, how far the logits move when BRANCH_CONV's weights get noise of 10% of their mean
+    size)."""
+    with torch.no_grad():
+        before = net(inputs)
+        weight = net.get_submodule(BRANCH_CONV).weight
+        weight.add_(0.1 * weight.abs().mean() * torch.randn_like(weight))
+        return float(before.abs().max()), float((net(inputs) - before).abs().max())
+
+
+@pytest.mark.parametrize("preset", ["slowfast_tiny", "slowfast_8x8_r50"])
+def test_randomised_branches_reach_the_logits(preset):
+    """What the export tests would miss on a freshly built network: a wrong conv inside a residual branch."""
+    torch.manual_seed(0)
+    config = resolve(preset, num_classes=5)
+    inputs = example_inputs(config, batch=2, size=64)
+    _, fresh_moved = branch_effect(SlowFast(config).eval(), inputs)
+    assert fresh_moved == 0.0  # the branch's last batch norm scales it to zero: only the shortcut is seen
+    scale, moved = branch_effect(randomised(SlowFast(config)).eval(), inputs)
+    assert moved > 100 * TOLERANCE, moved
+    assert 1 < scale < 100, scale  # logits of order 10: float32 rounds them to ~1e-6, far inside TOLERANCE
+
 
 @pytest.mark.parametrize("fmt", ["torchscript", "onnx"])
 @pytest.mark.parametrize("preset", ["slowfast_tiny", "slowfast_8x8_r50"])
 def test_export_matches_pytorch_at_two_batch_sizes(preset, fmt, tmp_path):
-    torch.manual_seed(0)
     config = resolve(preset, num_classes=5)
-    net = SlowFast(config).eval()
+    net = randomised(SlowFast(config)).eval()
     inputs = example_inputs(config, batch=3, size=64)
     path = export(net, [x[:2] for x in inputs], fmt, tmp_path / f"{preset}.{fmt}")
     run = run_torchscript if fmt == "torchscript" else run_onnx
@@ -35,7 +90,7 @@ def test_export_matches_pytorch_at_two_batch_sizes(preset, fmt, tmp_path):
             expected = net(clip)
         got = run(path, clip)
         assert got.shape == (batch, 5)
-        assert (got - expected).abs().max() < 1e-4
+        assert (got - expected).abs().max() < TOLERANCE
 
 
 _EXPORT_ONNX = """
@@ -61,7 +116,7 @@ def test_cli_logs_the_export_to_the_version_run_or_writes_out(tmp_path, capsys):
                                                       "experiment": "export", "model_name": "exp"})
     config_file = tmp_path / "pipeline.yaml"
     config_file.write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
-    net = SlowFast(cfg.model.to_slowfast_config(num_classes=3))
+    net = randomised(SlowFast(cfg.model.to_slowfast_config(num_classes=3)))
     run_id = tracking.client(cfg).create_run(tracking.experiment_id(cfg)).info.run_id
     spec = ClipSpec(T=4, tau=4, alpha=4, target_fps=30.0, short_side=48, crop=32, temporal_views=1, spatial_crops=3)
     version = tracking.log_model(cfg, run_id, net=net, class_names=["a", "b", "c"], spec=spec, metadata={})

@@ -1,15 +1,20 @@
 """Fine-tuning through the pipeline: train.init_from from a path, s3:// (the moto endpoint) and models:/ (a
 real sqlite registry), checked in the driver before any worker starts; a 400-class checkpoint into the
 4-class synthetic set keeps its backbone and the rows of shared classes; a real Ray Train run with frozen
-stages leaves them as the checkpoint had them."""
+stages leaves them as the checkpoint had them. A registered version is read from its weights-only checkpoint:
+its pickled module, made to run a command, never runs."""
 from __future__ import annotations
 
+import contextlib
 import csv
+import os
 from pathlib import Path
 
 import boto3
+import mlflow
 import pytest
 import torch
+from mlflow.models import Model
 from mlflow.tracking import MlflowClient
 
 from conftest import pipeline_config
@@ -18,9 +23,11 @@ from pipelines.checkpoints import CHECKPOINT_FILE
 from pipelines.data import storage_of
 from pipelines.train import TrainError, check_init_from, initial_weights, prepare_data, train
 from slowfast.model import SlowFast, load_checkpoint, save_checkpoint
-from slowfast.serving import ClipSpec
+from slowfast.serving import ClipSpec, VideoClassifier
 
 HEAD = ("head.fc.weight", "head.fc.bias")
+# How the registered versions here cut their clips (the config's model, 1 view).
+SPEC = ClipSpec(T=4, tau=4, alpha=4, target_fps=30.0, short_side=48, crop=32, temporal_views=1, spatial_crops=1)
 
 
 def synth_classes(videos: Path) -> list[str]:
@@ -94,8 +101,7 @@ def test_init_from_a_path_an_s3_uri_and_the_registry(prepared, synth_set, s3_end
     net = SlowFast(cfg.model.to_slowfast_config(num_classes=400))
     load_checkpoint(net, checkpoint)
     run_id = tracking.client(cfg).create_run(tracking.experiment_id(cfg)).info.run_id
-    spec = ClipSpec(T=4, tau=4, alpha=4, target_fps=30.0, short_side=48, crop=32, temporal_views=1, spatial_crops=1)
-    version = tracking.log_model(cfg, run_id, net=net, class_names=names, spec=spec, metadata={})
+    version = tracking.log_model(cfg, run_id, net=net, class_names=names, spec=SPEC, metadata={})
     from_registry = initial_weights(finetune_config(tmp, synth_set, init_from=f"models:/ft/{version}"), data, store,
                                     lines.append)
     check_backbone_and_head(from_registry, checkpoint, names, classes)
@@ -104,6 +110,81 @@ def test_init_from_a_path_an_s3_uri_and_the_registry(prepared, synth_set, s3_end
         initial_weights(finetune_config(tmp, synth_set, init_from=str(tmp / "missing.pt")), data, store, lines.append)
     with pytest.raises(TrainError, match="models:/ft/99"):
         initial_weights(finetune_config(tmp, synth_set, init_from="models:/ft/99"), data, store, lines.append)
+
+
+class RunsACommand:
+    """Unpickling this runs `touch marker`: a pickled module that would run code."""
+
+    def __init__(self, marker: Path):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+def hostile_version(cfg, net: SlowFast, names: list[str], marker: Path, *, checkpoint: bool = True) -> str:
+    """A registered version whose pickled module (data/model.pth, what mlflow.pytorch.load_model unpickles) runs
+    `touch marker`; checkpoint=False: also without tracking.CHECKPOINT, as versions logged before it were."""
+    run_id = tracking.client(cfg).create_run(tracking.experiment_id(cfg)).info.run_id
+    version = tracking.log_model(cfg, run_id, net=net, class_names=names, spec=SPEC, metadata={})
+    source = tracking.client(cfg).get_model_version(cfg.mlflow.model_name, version).source
+    folder = Path(tracking.client(cfg).get_logged_model(source.removeprefix("models:/")).artifact_location
+                  .removeprefix("file://"))
+    torch.save(RunsACommand(marker), folder / "data" / "model.pth")
+    if not checkpoint:
+        (folder / tracking.CHECKPOINT).unlink()
+        mlmodel = Model.load(folder)
+        del mlmodel.flavors[tracking.FLAVOR_NAME]["checkpoint"]
+        mlmodel.save(folder / "MLmodel")
+    return version
+
+
+def test_a_registered_version_is_read_weights_only_and_its_pickled_module_never_runs(prepared, synth_set):
+    tmp, data = prepared
+    cfg = finetune_config(tmp, synth_set)
+    torch.manual_seed(3)
+    net = SlowFast(cfg.model.to_slowfast_config(num_classes=len(data.classes)))
+    marker = tmp / "hostile-ran"
+    version = hostile_version(cfg, net, data.classes, marker)
+    uri = f"models:/ft/{version}"
+    init_cfg = finetune_config(tmp, synth_set, init_from=uri)
+    store = storage_of(init_cfg)
+    lines: list[str] = []
+
+    # train.init_from: checked before any step, then loaded; the weights are the version's, and nothing ran.
+    init = initial_weights(init_cfg, data, store, lines.append, check_init_from(init_cfg, store, lines.append))
+    assert all(torch.equal(init["state"][k], v) for k, v in net.state_dict().items())
+    assert init["tags"]["slowfast.init_format"] == "slowfast-pipeline"
+    # The pyfunc (`mlflow models serve`) and load_registered (predict, infer, evaluate, export) read the same.
+    video = next((synth_set / "val").rglob("*.mp4")).read_bytes()
+    with tracking.use_tracking(cfg):
+        served = mlflow.pyfunc.load_model(uri).predict([video], params={"top_k": 2})
+    registered = tracking.load_registered(cfg, uri)
+    want = VideoClassifier(net, data.classes, SPEC).predict([video], top_k=2)[0]
+    assert list(served["labels"][0]) == want["labels"] and list(served["scores"][0]) == want["scores"]
+    assert all(torch.equal(registered.model.state_dict()[k], v) for k, v in net.state_dict().items())
+    assert not marker.exists()
+    # The file is a real threat: MLflow's PyTorch flavor unpickles it and runs the command.
+    with tracking.use_tracking(cfg), contextlib.suppress(Exception):
+        mlflow.pytorch.load_model(uri)
+    assert marker.exists()
+
+
+def test_a_version_logged_without_its_checkpoint_is_refused_with_what_to_use_instead(prepared, synth_set):
+    tmp, data = prepared
+    cfg = finetune_config(tmp, synth_set)
+    net = SlowFast(cfg.model.to_slowfast_config(num_classes=len(data.classes)))
+    marker = tmp / "old-version-ran"
+    version = hostile_version(cfg, net, data.classes, marker, checkpoint=False)
+    tracking.client(cfg).set_model_version_tag("ft", version, "slowfast.checkpoint", "/runs/x/epoch-0003")
+    init_cfg = finetune_config(tmp, synth_set, init_from=f"models:/ft/{version}")
+    with pytest.raises(TrainError) as err:
+        check_init_from(init_cfg, storage_of(init_cfg), lambda *_: None)
+    message = str(err.value)
+    assert "\n" not in message
+    assert f"models:/ft/{version}: logged without {tracking.CHECKPOINT}" in message
+    assert "never unpickles" in message and "instead, /runs/x/epoch-0003 (its tag slowfast.checkpoint)" in message
+    assert not marker.exists()
 
 
 def test_a_checkpoint_of_another_architecture_stops_before_any_worker_starts(prepared, synth_set):

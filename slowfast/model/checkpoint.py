@@ -142,8 +142,19 @@ def _torch_load(f: BinaryIO, origin: str):
         # weights_only refuses arbitrary pickled objects; loading those runs their code, so only the
         # caller may decide to.
         raise CheckpointError(
-            f"{origin}: cannot be read as a weights-only torch checkpoint ({type(err).__name__}: {err}). "
+            f"{origin}: cannot be read as a weights-only torch checkpoint ({type(err).__name__}: {_reason(err)}). "
             "If you trust the file, load it with torch.load(path, weights_only=False) and pass the dict") from err
+
+
+def _reason(err: Exception) -> str:
+    """torch's weights-only refusal in one line: the sentence naming what it refused (its advice around it says
+    to turn weights_only off, which is the caller's decision), or the whole message on one line."""
+    for line in str(err).splitlines():
+        # "WeightsUnpickler error: Unsupported global: GLOBAL types.SimpleNamespace was not an allowed global by
+        # default. Please use ...", or "Trying to load unsupported GLOBAL posix.system whose module posix is blocked."
+        if "GLOBAL" in line:
+            return line.split("WeightsUnpickler error:")[-1].strip().split(". ")[0].rstrip(".")
+    return " ".join(str(err).split())
 
 
 def _split(obj: Mapping) -> tuple[dict, dict]:
@@ -412,12 +423,12 @@ def _class_names(names, count: int, what: str, error: type[Exception]) -> tuple[
     return names
 
 
-def _plan(net: SlowFast, source, head: HeadPolicy, class_names: Sequence[str] | None,
+def _plan(net: SlowFast, obj, origin: str, head: HeadPolicy, class_names: Sequence[str] | None,
           checkpoint_classes: Sequence[str] | None) -> _Plan:
+    """`obj`: the checkpoint as `_read` returns it, `origin` where it came from (for the messages)."""
     if head not in ("strict", "auto", "reinit"):
         raise ValueError(f"head must be 'strict', 'auto' or 'reinit', got {head!r}")
     class_names = _class_names(class_names, net.cfg.num_classes, "class_names (the model's classes)", ValueError)
-    obj, origin = _read(source)
     if not isinstance(obj, Mapping):
         raise CheckpointError(f"{origin}: expected a dict of tensors, got {type(obj).__name__}")
     state, meta = _split(obj)
@@ -505,7 +516,10 @@ def load_checkpoint(model: nn.Module, source, *, head: HeadPolicy = "strict",
     model is left untouched then. Returns what was loaded and re-initialised.
     """
     net = unwrap(model)
-    plan = _plan(net, source, head, class_names, checkpoint_classes)
+    return _apply(net, _plan(net, *_read(source), head, class_names, checkpoint_classes))
+
+
+def _apply(net: SlowFast, plan: _Plan) -> LoadedCheckpoint:
     state = net.state_dict()
     # Keys not taken from the checkpoint (a re-initialised head, absent step counters) keep the model's.
     new = {key: torch.as_tensor(plan.values[key]) if key in plan.values else value for key, value in state.items()}
@@ -518,6 +532,25 @@ def load_checkpoint(model: nn.Module, source, *, head: HeadPolicy = "strict",
     return plan.report
 
 
+def build_from_checkpoint(source) -> tuple[SlowFast, LoadedCheckpoint]:
+    """The network a checkpoint of this project (`save_checkpoint`) holds: built from the config saved in it,
+    its weights loaded strictly. The report's `extra` has what was saved beside them (class_names, epoch...).
+
+    Raises CheckpointError for a file that cannot be read weights-only, or that holds no config (a foreign
+    checkpoint, or a bare state dict: build the model and use `load_checkpoint`).
+    """
+    obj, origin = _read(source)
+    if not isinstance(obj, Mapping) or obj.get("format") != FORMAT or not isinstance(obj.get("config"), Mapping):
+        raise CheckpointError(f"{origin}: not a checkpoint written by this project (no {FORMAT!r} format and "
+                              "model config in it): build the model it fits and load it with load_checkpoint")
+    try:
+        cfg = SlowFastConfig.model_validate(obj["config"])
+    except pydantic.ValidationError as err:
+        raise CheckpointError(f"{origin}: its model config is invalid: {err.errors()[0]['msg']}") from None
+    net = SlowFast(cfg)
+    return net, _apply(net, _plan(net, obj, origin, "strict", None, None))
+
+
 def check_checkpoint(cfg: SlowFastConfig, source, *, head: HeadPolicy = "strict",
                      class_names: Sequence[str] | None = None,
                      checkpoint_classes: Sequence[str] | None = None) -> LoadedCheckpoint:
@@ -526,7 +559,7 @@ def check_checkpoint(cfg: SlowFastConfig, source, *, head: HeadPolicy = "strict"
     For a driver that must refuse a checkpoint before starting workers: raises the same CheckpointError,
     returns the same report. The network is built on the meta device (shapes only, no memory).
     """
-    return _plan(_skeleton(cfg), source, head, class_names, checkpoint_classes).report
+    return _plan(_skeleton(cfg), *_read(source), head, class_names, checkpoint_classes).report
 
 
 def _same(a, b) -> bool:
