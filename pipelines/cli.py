@@ -15,7 +15,7 @@ import pipelines
 from pipelines import ray_runtime
 from pipelines.config import ConfigError, PipelineConfig, SynthSection, load_config
 from pipelines.errors import PipelineError
-from slowfast.video.clips import positive_seconds
+from slowfast.video.clips import MAX_CLIPS, MAX_WINDOWS, positive_seconds
 from slowfast.video.decode import REASONS
 
 EXIT_OK, EXIT_FAILED, EXIT_CONFIG = 0, 1, 2
@@ -166,6 +166,9 @@ def cmd_predict(args: argparse.Namespace, config: PipelineConfig | None) -> int:
             args.parser.error(f"{flag} must be a number of seconds > 0, got {value}")
     if args.top_k < 1:
         args.parser.error(f"--top-k must be 1 or more, got {args.top_k}")
+    for flag, value in (("--max-windows", args.max_windows), ("--max-clips", args.max_clips)):
+        if value < 1:
+            args.parser.error(f"{flag} must be 1 or more, got {value}")
     if args.model_uri is None and config is None:
         args.parser.error("give --model-uri, or --config to use models:/<mlflow.model_name>@champion")
     uri = args.model_uri or f"models:/{config.mlflow.model_name}@champion"
@@ -174,18 +177,29 @@ def cmd_predict(args: argparse.Namespace, config: PipelineConfig | None) -> int:
     except tracking.TrackingError as exc:
         print(f"pipelines predict: {exc}", file=sys.stderr)
         return EXIT_FAILED
+    from slowfast.video.clips import TimelineLimitError, TimelineLimits
     from slowfast.video.decode import VideoDecodeError
 
+    limits = TimelineLimits(max_windows=args.max_windows, max_clips=args.max_clips)
+    flags = {"max_windows": "--max-windows", "max_clips": "--max-clips"}
     failed, results = 0, []
     for video in args.videos:
         try:
             if args.timeline:
                 result = classifier.timeline(video, window_s=args.window_s, stride_s=args.stride_s,
-                                             top_k=args.top_k)
+                                             top_k=args.top_k, limits=limits)
             else:
                 (result,) = classifier.predict([video], top_k=args.top_k)
-        except VideoDecodeError as exc:
-            print(f"{video}: cannot classify: {exc}", file=sys.stderr)
+        except VideoDecodeError as exc:  # its message names the video
+            print(f"pipelines predict: cannot classify: {exc}", file=sys.stderr)
+            failed += 1
+            continue
+        except TimelineLimitError as exc:
+            print(f"pipelines predict: {video}: {exc.problem}; raise {flags[exc.key]} to allow it", file=sys.stderr)
+            failed += 1
+            continue
+        except OSError as exc:  # the file is there but cannot be read (permissions, I/O)
+            print(f"pipelines predict: {video}: cannot read ({exc.strerror or exc})", file=sys.stderr)
             failed += 1
             continue
         results.append(result)
@@ -226,8 +240,11 @@ def cmd_infer(args: argparse.Namespace, config: PipelineConfig) -> int:
     job = Job(top_k=args.top_k, windows=args.windows, window_s=args.window_s, stride_s=args.stride_s,
               embeddings=args.embeddings)
     s = run_infer(config, uri, args.videos, args.out, job)
+    unread = ", ".join(f"{k} {v}" for k, v in s["unread_reasons"].items())
     print(f"summary: {s['scored_now']} videos scored now ({s['views_now']} views, {s['videos_per_s']} videos/s), "
-          f"{s['quarantined_now']} unreadable; {s['scored_total']} scored in all, {s['wall_s']:.0f}s\n"
+          f"{s['quarantined_now']} unreadable" + (f", {s['unread_now']} not read ({unread}: the next run scores them)"
+                                                  if s["unread_now"] else "")
+          + f"; {s['scored_total']} scored in all, {s['wall_s']:.0f}s\n"
           + (f"  CPU time: decoding {s['cut_cpu_s']:.1f} s, scoring {s['score_cpu_s']:.1f} s\n" if s["scored_now"] else "")
           + f"  predictions  {s['predictions']}" + (f"\n  windows      {s['windows']}" if s["windows"] else "")
           + f"\n  quarantine   {s['quarantine_report']} ({s['quarantined_total']} "
@@ -395,6 +412,11 @@ def build_parser() -> argparse.ArgumentParser:
                               "(an object for one video, a list for several) with every window and segment")
     predict.add_argument("--plot", metavar="PATH",
                          help="with --timeline: draw the timelines as a PNG, one row per video")
+    predict.add_argument("--max-windows", metavar="N", type=int, default=MAX_WINDOWS,
+                         help=f"with --timeline: windows per video at most (default {MAX_WINDOWS}); a longer "
+                              "timeline is refused before decoding")
+    predict.add_argument("--max-clips", metavar="N", type=int, default=MAX_CLIPS,
+                         help=f"with --timeline: clips per video at most, over all its windows (default {MAX_CLIPS})")
     infer = command("infer", "Ray Data batch inference: score a folder, an s3:// prefix or a list of videos with a "
                              "registered model into Parquet; re-running scores only what is new", handler=cmd_infer)
     infer.add_argument("--model-uri", metavar="URI",
@@ -404,7 +426,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="a folder or s3:// prefix (every video file under it), or a text file naming one video "
                             "(path or s3:// URI) per line")
     infer.add_argument("--out", metavar="DIR|s3://PREFIX", required=True,
-                       help="where the Parquet results, manifests and quarantine.csv go (one model per --out)")
+                       help="where the Parquet results, manifests and quarantine.csv go (one model per --out, one "
+                            "run at a time); read the results with pipelines.infer.read_predictions")
     infer.add_argument("--top-k", metavar="K", type=int, default=5, help="classes kept per video (and window)")
     infer.add_argument("--windows", action="store_true", help="also a timeline: top-k per window along each video")
     infer.add_argument("--window-s", metavar="S", type=float, help="window length in seconds (default: one clip)")

@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import binascii
 import contextlib
+import io
 import logging
 import math
 import os
@@ -18,14 +19,15 @@ import sys
 import tempfile
 import time
 from collections.abc import Sequence
-from dataclasses import asdict
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
 
+from slowfast.model.checkpoint import CheckpointError, build_from_checkpoint, save_checkpoint
 from slowfast.serving import ClipSpec, VideoClassifier, describe
-from slowfast.video.clips import positive_seconds
+from slowfast.video.clips import TimelineLimitError, TimelineLimits, positive_seconds
 from slowfast.video.decode import VideoDecodeError
 
 from .errors import PipelineError
@@ -40,6 +42,9 @@ RUN_NAME_TAG = f"{TAG}run_name"
 SYSTEM_METRICS_S = 10  # sampling interval of MLflow's system metrics on rank 0
 FLAVOR_NAME = "slowfast_video"
 INPUT_COLUMN = "video"
+# Beside MLmodel in every version logged since the flavor carried it: this project's checkpoint (weights, model
+# config, class names), which every loader here reads with torch.load(weights_only=True).
+CHECKPOINT = "checkpoint.pt"
 ARTIFACTS_DIR = "mlartifacts"  # under storage_root
 
 # Workers log through Ray Train's logging (to the driver's console); a print there comes out twice.
@@ -405,16 +410,20 @@ def _requirements() -> list[str]:
 
 
 # --- the model flavor ---------------------------------------------------------------------------------
-# A registered version is a PyTorch model (`mlflow.pytorch.load_model` gives the SlowFast nn.Module)
-# whose pyfunc scores videos. It ships the `slowfast` and `pipelines` packages (code_paths), so it loads
-# where this project is not installed.
+# A registered version is a PyTorch model (`mlflow.pytorch.load_model` unpickles the SlowFast nn.Module from
+# data/model.pth) whose pyfunc scores videos, plus CHECKPOINT: the same weights as this project's checkpoint.
+# This module never unpickles: load_classifier and the pyfunc (_load_pyfunc) build the network from CHECKPOINT,
+# read weights-only. It ships the `slowfast` and `pipelines` packages (code_paths), so it loads where this
+# project is not installed.
 
 
 def save_model(path: str, mlflow_model, *, pytorch_model: torch.nn.Module, class_names: Sequence[str],
                spec: ClipSpec, input_example: bytes, metadata: dict | None = None,
                pip_requirements: Sequence[str] | None = None, **kwargs) -> None:
     """Save as the PyTorch flavor (pickled module, so any batch size loads), with the python_function
-    flavor pointing at this module: pyfunc input is a `video` column of video bytes (paths by opt-in).
+    flavor pointing at this module: pyfunc input is a `video` column of video bytes (paths by opt-in). The
+    weights also go to CHECKPOINT (this project's checkpoint: no pickled code), which is what this project
+    loads.
 
     Called by `mlflow.models.Model.log(flavor=pipelines.tracking, ...)`, see log_model.
     """
@@ -437,11 +446,14 @@ def save_model(path: str, mlflow_model, *, pytorch_model: torch.nn.Module, class
                                   pip_requirements=list(pip_requirements) if pip_requirements else None, **kwargs)
     finally:
         quiet.level = level
+    save_checkpoint(pytorch_model, os.path.join(path, CHECKPOINT), class_names=list(class_names))
     pyfunc_flavor = mlflow_model.flavors["python_function"]
     pyfunc_flavor["loader_module"] = __name__
     # MLflow accepts a load-time model_config key only when the saved model declares it.
     pyfunc_flavor.setdefault(mlflow.pyfunc.MODEL_CONFIG, {})["allow_paths"] = False
-    mlflow_model.flavors[FLAVOR_NAME] = {"class_names": len(class_names), "input": INPUT_COLUMN}
+    pyfunc_flavor[mlflow.pyfunc.MODEL_CONFIG].update(dict.fromkeys(RequestLimits.KEYS))  # None: the default
+    mlflow_model.flavors[FLAVOR_NAME] = {"class_names": len(class_names), "input": INPUT_COLUMN,
+                                         "checkpoint": CHECKPOINT}
     mlflow_model.save(os.path.join(path, "MLmodel"))
 
 
@@ -462,20 +474,67 @@ def signature():
         outputs=Schema([ColSpec("string", "video"), ColSpec(Array("string"), "labels", required=False),
                         ColSpec(Array("double"), "scores", required=False),
                         ColSpec(Array(windows), "windows", required=False),
-                        ColSpec(Array(segments), "segments", required=False)]),
+                        ColSpec(Array(segments), "segments", required=False),
+                        ColSpec("string", "clamped", required=False)]),
         params=ParamSchema([ParamSpec("top_k", "long", 5), ParamSpec("timeline", "boolean", False),
                             ParamSpec("window_s", "double", 0.0), ParamSpec("stride_s", "double", 0.0)]))
+
+
+# What one video of a pyfunc request may be, unless the model is loaded with other limits (RequestLimits).
+# 64 MiB: it passes the 100 MiB body limit of the nginx in front of MLflow's serving image (build-docker) once
+# base64 adds its third, and a request holds it about four times over (body, parsed string, bytes, the decoder's
+# buffer); ~4 minutes of 1080p H.264 at 2 Mbit/s. 600 s: a timeline of default windows (one clip, 1 to 4 s)
+# decodes every frame, 150 to 560 windows of ten minutes; longer videos are a batch job (`pipelines infer`).
+MAX_VIDEO_BYTES = 64 * 2**20
+MAX_VIDEO_S = 600.0
+
+
+@dataclass(frozen=True)
+class RequestLimits:
+    """How big one video of a pyfunc request may be, and its timeline (`TimelineLimits`: windows, clips). Set
+    when the model is loaded, by the model_config keys of the same names (KEYS), never by a request."""
+
+    max_video_bytes: int = MAX_VIDEO_BYTES
+    max_video_s: float = MAX_VIDEO_S
+    timeline: TimelineLimits = field(default_factory=TimelineLimits)
+
+    KEYS = ("max_video_bytes", "max_video_s", "max_windows", "max_clips")
+
+    @classmethod
+    def from_model_config(cls, config: dict | None) -> RequestLimits:
+        """The limits a model_config sets; a key absent or None keeps its default."""
+        given = {k: v for k, v in (config or {}).items() if k in cls.KEYS and v is not None}
+        for key, value in given.items():
+            whole = isinstance(value, int) or (isinstance(value, float) and value.is_integer())
+            fine = positive_seconds(value) if key == "max_video_s" else (
+                whole and not isinstance(value, bool) and value >= 1)
+            if not fine:
+                kind = "a number of seconds > 0" if key == "max_video_s" else "a whole number >= 1"
+                raise ValueError(f"model_config {key} must be {kind}, got {value!r}")
+        counts = {k: int(v) for k, v in given.items() if k != "max_video_s"}
+        timeline = TimelineLimits(**{k: counts[k] for k in ("max_windows", "max_clips") if k in counts})
+        return cls(max_video_bytes=counts.get("max_video_bytes", MAX_VIDEO_BYTES),
+                   max_video_s=float(given.get("max_video_s", MAX_VIDEO_S)), timeline=timeline)
+
+
+def _over_limit(index: int, name: str, problem: str, key: str):
+    """The 400 for a video over one of the RequestLimits: what, and the model_config key that raises it."""
+    return _invalid(f"video {index} ({name}): {problem}; the limit is the model_config key {key!r}, set when the "
+                    f"model is loaded (mlflow.pyfunc.load_model(uri, model_config={{{key!r}: ...}}); for `mlflow "
+                    f"models serve`, MLFLOW_PYFUNC_INFERENCE_CONFIG='{{\"{key}\": ...}}' in the server's environment)")
 
 
 class PyFuncVideoClassifier:
     """What mlflow.pyfunc.load_model returns the predict of: base64 video bytes (or raw bytes) in, a DataFrame
     out. File paths only with allow_paths, which is a load-time model_config: `mlflow models serve` sets it
     from the server's own environment (SERVING_MODEL_CONFIG), never from a request, so a REST client cannot
-    make the server open its files."""
+    make the server open its files. The `limits` on each video (size, duration, timeline) are load-time
+    model_config keys too, checked before any frame is decoded."""
 
-    def __init__(self, classifier: VideoClassifier, allow_paths: bool = False):
+    def __init__(self, classifier: VideoClassifier, allow_paths: bool = False, limits: RequestLimits | None = None):
         self.classifier = classifier
         self.allow_paths = allow_paths
+        self.limits = limits or RequestLimits()
 
     def predict(self, model_input, params: dict | None = None):
         """One row per video. params: top_k (default 5); timeline (default false); window_s, stride_s (seconds,
@@ -512,18 +571,31 @@ class PyFuncVideoClassifier:
             sources = list(model_input)
         rows = []
         for i, value in enumerate(sources):
-            source = _as_source(value, i, self.allow_paths)
+            source = _as_source(value, i, self.allow_paths, self.limits.max_video_bytes)
             name = describe(source, i)
             try:
+                self._check_duration(source, name, i)
                 if timeline:
                     rows.append(self.classifier.timeline(source, name, window_s=window_s, stride_s=stride_s,
-                                                         top_k=top_k))
+                                                         top_k=top_k, limits=self.limits.timeline))
                 else:
                     rows += self.classifier.predict([source], top_k=top_k, names=[name])
             except VideoDecodeError as exc:
                 # A client's bad upload is a 400 naming the video, not a 500 with the server's traceback.
                 raise _invalid(f"video {i} ({name}): {exc}") from None
-        return pd.DataFrame(rows)
+            except TimelineLimitError as exc:
+                raise _over_limit(i, name, exc.problem, exc.key) from None
+        # Every row has every column ("clamped" only where a window was longer than its video): None, not NaN.
+        columns = list(dict.fromkeys(k for row in rows for k in row))
+        return pd.DataFrame([{k: row.get(k) for k in columns} for row in rows], columns=columns)
+
+    def _check_duration(self, source, name: str, index: int) -> None:
+        """Refuse a video longer than max_video_s from its header, before any frame is decoded for scoring."""
+        with self.classifier.spec.open(source, name) as reader:
+            duration = reader.info.duration_sec
+        if duration > self.limits.max_video_s:
+            raise _over_limit(index, name, f"the video lasts {duration:,.1f} s > max_video_s "
+                                           f"{self.limits.max_video_s:g} s", "max_video_s")
 
     @staticmethod
     def _seconds(params: dict, key: str) -> float | None:
@@ -541,16 +613,26 @@ def _invalid(message: str):
     return MlflowException(message, error_code=INVALID_PARAMETER_VALUE)
 
 
-def _as_source(value, index: int, allow_paths: bool):
+def _as_source(value, index: int, allow_paths: bool, max_bytes: int = MAX_VIDEO_BYTES):
     """A pyfunc cell -> bytes, or a path when allow_paths (JSON serving sends bytes base64-encoded, as str).
-    Without allow_paths a string is never looked up on disk: it is base64 or it is refused."""
+    Without allow_paths a string is never looked up on disk: it is base64 or it is refused. A video over
+    ``max_bytes`` is refused by its size, before base64 is decoded."""
+    def check(size: int) -> None:
+        if size > max_bytes:
+            raise _over_limit(index, f"<video {index}: {size} bytes>", f"{size:,} bytes > max_video_bytes "
+                              f"{max_bytes:,}", "max_video_bytes")
+
     if isinstance(value, (bytes, bytearray, memoryview)):
+        check(len(value) if not isinstance(value, memoryview) else value.nbytes)
         return bytes(value)
     if isinstance(value, (str, os.PathLike)) and allow_paths and os.path.exists(value):
+        check(os.path.getsize(value))
         return value
     if isinstance(value, str):
+        encoded = "".join(value.split())  # MIME base64 has line breaks
+        check(len(encoded) // 4 * 3 - (len(encoded) - len(encoded.rstrip("="))))
         try:
-            return base64.b64decode("".join(value.split()), validate=True)  # MIME base64 has line breaks
+            return base64.b64decode(encoded, validate=True)
         except (binascii.Error, ValueError):
             if allow_paths:
                 return value  # a path after all: VideoReader says it is missing
@@ -565,34 +647,70 @@ def _as_source(value, index: int, allow_paths: bool):
 
 def load_classifier(model_uri: str, device: str = "cpu") -> VideoClassifier:
     """A VideoClassifier from a logged or registered model (models:/NAME@ALIAS, models:/NAME/N, runs:/...),
-    on the current tracking URI (see use_tracking / load_registered)."""
-    import mlflow.pytorch
-    from mlflow.models import Model
+    on the current tracking URI (see use_tracking / load_registered). Reads the version's CHECKPOINT
+    weights-only; the pickled module beside it is downloaded with the rest of the folder but never loaded."""
     from mlflow.tracking.artifact_utils import _download_artifact_from_uri
 
-    local = _download_artifact_from_uri(model_uri)
-    return _classifier_from_dir(local, device, mlflow.pytorch.load_model(local, map_location=device),
-                                Model.load(local))
+    return _classifier_from_dir(_download_artifact_from_uri(model_uri), device, model_uri)
 
 
-def _classifier_from_dir(local: str, device: str, net, mlmodel) -> VideoClassifier:
+def _classifier_from_dir(local: str, device: str, name: str) -> VideoClassifier:
+    """The classifier a downloaded model folder holds, from its MLmodel metadata (class names, ClipSpec) and
+    CHECKPOINT; `name`: the model as the user gave it, for the errors."""
+    from mlflow.models import Model
+
+    mlmodel = Model.load(local)
     meta = mlmodel.metadata or {}
     if "clip_spec" not in meta:
-        raise ValueError(f"{local}: not a model logged by this project (its MLmodel has no clip_spec metadata)")
+        raise TrackingError(f"{name}: not a model logged by this project (its MLmodel has no clip_spec metadata)")
+    checkpoint = mlmodel.flavors.get(FLAVOR_NAME, {}).get("checkpoint")
+    if checkpoint is None:
+        raise TrackingError(_pickle_only(name))
+    data = io.BytesIO(Path(local, checkpoint).read_bytes())
+    data.name = f"{name} ({checkpoint})"
+    try:
+        net, _ = build_from_checkpoint(data)
+    except CheckpointError as exc:
+        raise TrackingError(str(exc)) from None
     return VideoClassifier(net, meta["class_names"], ClipSpec(**meta["clip_spec"]), device=device)
+
+
+def _pickle_only(name: str) -> str:
+    """Why a version logged before CHECKPOINT existed is refused, and what to use instead."""
+    source = _registered_checkpoint(name)
+    instead = f"{source} (its tag {TAG}checkpoint)" if source else f"the one its tag {TAG}checkpoint names"
+    return (f"{name}: logged without {CHECKPOINT} (before registered versions carried one), so its weights are only "
+            "a pickled module, which this project never unpickles (a pickle runs whatever code it names); use the "
+            f"checkpoint it was registered from instead, {instead}, as train.init_from or evaluate --model-uri, or "
+            "register a model trained since")
+
+
+def _registered_checkpoint(uri: str) -> str | None:
+    """The slowfast.checkpoint tag of the registered version a models:/ URI names, or None."""
+    from mlflow.exceptions import MlflowException
+    from mlflow.store.artifact.utils.models import get_model_name_and_version
+    from mlflow.tracking import MlflowClient
+
+    if not uri.startswith("models:/"):
+        return None
+    c = MlflowClient()
+    try:
+        found = get_model_name_and_version(c, uri)
+        return c.get_model_version(*found).tags.get(f"{TAG}checkpoint") if len(found) == 2 else None
+    except MlflowException:
+        return None
 
 
 def _load_pyfunc(data_path: str, model_config: dict | None = None) -> PyFuncVideoClassifier:
     """MLflow's python_function loader: `data_path` is the model folder's data/ subfolder;
     model_config {"device": ...} picks the device (default: cuda when there is one), {"allow_paths": True}
-    lets predict open file paths (local use only; see PyFuncVideoClassifier)."""
-    import mlflow.pytorch
-    from mlflow.models import Model
-
+    lets predict open file paths (local use only; see PyFuncVideoClassifier), and RequestLimits.KEYS bound each
+    video of a request (max_video_bytes, max_video_s, max_windows, max_clips). The network comes from CHECKPOINT,
+    read weights-only, as load_classifier reads it."""
     root = str(Path(data_path).parent)
     device = (model_config or {}).get("device") or ("cuda" if torch.cuda.is_available() else "cpu")
-    net = mlflow.pytorch.load_model(root, map_location=device)
     allow_paths = (model_config or {}).get("allow_paths", False)
     if not isinstance(allow_paths, bool):
         raise ValueError(f"model_config allow_paths must be true or false, got {allow_paths!r}")
-    return PyFuncVideoClassifier(_classifier_from_dir(root, device, net, Model.load(root)), allow_paths=allow_paths)
+    return PyFuncVideoClassifier(_classifier_from_dir(root, device, root), allow_paths=allow_paths,
+                                 limits=RequestLimits.from_model_config(model_config))

@@ -3,14 +3,16 @@
 `VideoClassifier` is what `python -m pipelines predict` and the MLflow pyfunc run. It needs torch, PyAV
 and numpy only (no Ray, no shards), and cuts exactly the views evaluation reads from the eval shards:
 frames resampled to the training frame rate, short side resized as preprocessing did, N uniformly
-spaced clips, each scaled to the crop and cut into 1 or 3 spatial crops.
+spaced clips, each scaled to the crop and cut into 1 or 3 spatial crops. It cuts and scores a few clips at
+a time (`ClipSpec.iter_views`), so memory does not grow with a timeline's windows.
 
 A registered model wraps it (the MLflow flavor lives in `pipelines.tracking`).
 """
 from __future__ import annotations
 
+import math
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -18,8 +20,22 @@ import torch
 
 from slowfast.train import autocast, clip_inputs, memory_format
 from slowfast.video import transforms
-from slowfast.video.clips import ClipSampling, Window, cut_clips
+from slowfast.video.clips import ClipSampling, TimelineLimits, VideoClips, Window, cut_clips, iter_clips
 from slowfast.video.decode import DEFAULT_MAX_PIXELS, Source, VideoReader
+from slowfast.video.sampling import ClipPlan, slow_indices
+
+
+@dataclass(frozen=True)
+class VideoPlan:
+    """The clips to cut from one video: its test views', then each timeline window's."""
+
+    test: list[ClipPlan]
+    windows: list[Window]
+
+    @property
+    def plans(self) -> list[ClipPlan]:
+        """Every clip, in the order `ClipSpec.cut_views` returns their views."""
+        return self.test + [p for w in self.windows for p in w.plans]
 
 
 @dataclass(frozen=True)
@@ -49,37 +65,61 @@ class ClipSpec:
         return ClipSampling(T=self.T, tau=self.tau, alpha=self.alpha, target_fps=self.target_fps,
                             short_side=self.short_side, mode="eval", num_clips=self.temporal_views)
 
+    @property
+    def slow_index(self) -> np.ndarray:
+        """The Slow pathway's frames, as indices into a view's alpha*T Fast frames (T,)."""
+        return slow_indices(self.alpha, self.T)
+
+    def open(self, source: Source, name: str | None = None) -> VideoReader:
+        """The video as serving reads it: frames up to DCI 4K, one decode thread (callers decode one video per core)."""
+        return VideoReader(source, name=name, max_pixels=DEFAULT_MAX_PIXELS, threads=1)
+
+    def plan(self, num_frames: int, *, test_views: bool = True, windows: bool = False, window_s: float | None = None,
+             stride_s: float | None = None, limits: TimelineLimits | None = None) -> VideoPlan:
+        """The clips of a video of ``num_frames`` frames at target_fps (``reader.info.frames_at(target_fps)``): the
+        test views (with `test_views`), and every timeline window's (with `windows`: `ClipSampling.windows`, which
+        refuses a timeline over ``limits`` before anything is decoded)."""
+        test = self.sampling.plans(num_frames) if test_views else []
+        found = self.sampling.windows(num_frames, window_s, stride_s, limits) if windows else []
+        return VideoPlan(test, found)
+
+    def views_of(self, clips: VideoClips) -> np.ndarray:
+        """The clips' test views as the loader hands them over: uint8 fast frames (views, alpha*T, crop, crop, 3),
+        each clip's spatial crops in a row."""
+        return np.stack([np.ascontiguousarray(view) for i in range(len(clips))
+                         for view in transforms.eval_views(clips.clip(i), self.crop, self.spatial_crops)])
+
+    def iter_views(self, reader: VideoReader, plans: Sequence[ClipPlan], chunk_clips: int) -> Iterator[np.ndarray]:
+        """The views of ``plans`` (as `views_of` orders them), ``chunk_clips`` clips at a time, from one forward pass
+        over the open video (`iter_clips`): what is held is one chunk's views and the frames they span, however
+        many plans. The views of all the chunks, concatenated, are those of one `cut_views`."""
+        chunks = [plans[i:i + chunk_clips] for i in range(0, len(plans), chunk_clips)]
+        for clips in iter_clips(reader, self.sampling, chunks):
+            yield self.views_of(clips)
+
     def cut_views(self, source: Source, name: str | None = None, *, plans=None) -> tuple[np.ndarray, np.ndarray]:
-        """One video's test views as the loader hands them over: uint8 fast frames (views, alpha*T, crop, crop, 3),
-        each clip's spatial crops in a row, and the slow pathway's frames as indices into them (T,).
+        """One video's test views, all in memory: uint8 fast frames (views, alpha*T, crop, crop, 3) as `views_of`
+        makes them, and the slow pathway's frames as indices into them (T,).
         `plans`: other clips than the temporal views, or a function of the video's frame count (at
-        target_fps) returning them (e.g. a timeline's, `ClipSampling.windows`)."""
-        with VideoReader(source, name=name, max_pixels=DEFAULT_MAX_PIXELS, threads=1) as reader:
+        target_fps) returning them (e.g. a timeline's, `ClipSampling.windows`). For a bounded memory, see
+        `iter_views`."""
+        with self.open(source, name) as reader:
             if callable(plans):
                 plans = plans(reader.info.frames_at(self.target_fps))
             clips = cut_clips(reader, self.sampling, plans=plans)
-        fast = np.stack([np.ascontiguousarray(view) for i in range(len(clips))
-                         for view in transforms.eval_views(clips.clip(i), self.crop, self.spatial_crops)])
-        return fast, np.asarray(clips.slow_index)
+        return self.views_of(clips), self.slow_index
 
     def cut_timeline(self, source: Source, name: str | None = None, *, test_views: bool = True,
-                     windows: bool = True, window_s: float | None = None, stride_s: float | None = None
-                     ) -> tuple[np.ndarray, np.ndarray, int, list[Window]]:
+                     windows: bool = True, window_s: float | None = None, stride_s: float | None = None,
+                     limits: TimelineLimits | None = None) -> tuple[np.ndarray, np.ndarray, int, list[Window]]:
         """In one pass over the video: the test views (with `test_views`), then every timeline window's
-        (with `windows`, `ClipSampling.windows`). Returns the views and slow indices as `cut_views` does,
-        how many of the views are test views, and the windows."""
-        found: list[Window] = []
-        counts: list[int] = []
-
-        def plans(num_frames: int):
-            test = self.sampling.plans(num_frames) if test_views else []
-            counts.append(len(test) * self.spatial_crops)
-            if windows:
-                found.extend(self.sampling.windows(num_frames, window_s, stride_s))
-            return test + [p for w in found for p in w.plans]
-
-        fast, slow_index = self.cut_views(source, name, plans=plans)
-        return fast, slow_index, counts[0], found
+        (with `windows`, `ClipSampling.windows`, within ``limits``), all in memory. Returns the views and slow
+        indices as `cut_views` does, how many of the views are test views, and the windows."""
+        with self.open(source, name) as reader:
+            plan = self.plan(reader.info.frames_at(self.target_fps), test_views=test_views, windows=windows,
+                             window_s=window_s, stride_s=stride_s, limits=limits)
+            clips = cut_clips(reader, self.sampling, plans=plan.plans)
+        return self.views_of(clips), self.slow_index, len(plan.test) * self.spatial_crops, plan.windows
 
 
 class VideoClassifier:
@@ -98,12 +138,17 @@ class VideoClassifier:
         """`ClipSpec.cut_views` of this model's spec."""
         return self.spec.cut_views(source, name, plans=plans)
 
-    def windows(self, source: Source, name: str | None = None, window_s: float | None = None,
-                stride_s: float | None = None) -> tuple[list[Window], np.ndarray, np.ndarray]:
-        """A timeline's windows (`ClipSampling.windows`) and their views, as `views` returns them."""
-        fast, slow_index, _, windows = self.spec.cut_timeline(source, name, test_views=False, window_s=window_s,
-                                                              stride_s=stride_s)
-        return windows, fast, slow_index
+    @property
+    def chunk_clips(self) -> int:
+        """Clips cut and scored at a time: whole batches of views (lcm(batch_views, spatial_crops)), so that scoring
+        chunk by chunk batches the views exactly as one `score` of all of them does, and gives the same figures."""
+        return math.lcm(self.batch_views, self.spec.spatial_crops) // self.spec.spatial_crops
+
+    def iter_scores(self, reader: VideoReader, plans: Sequence[ClipPlan]) -> Iterator[np.ndarray]:
+        """Each chunk's view softmax (`score`) as `ClipSpec.iter_views` cuts it from the open video, `chunk_clips`
+        clips at a time."""
+        for fast in self.spec.iter_views(reader, plans, self.chunk_clips):
+            yield self.score(fast, self.spec.slow_index)[0]
 
     @torch.no_grad()
     def score(self, fast: np.ndarray, slow_index: np.ndarray, *, features: bool = False
@@ -126,7 +171,10 @@ class VideoClassifier:
 
     def probabilities(self, source: Source, name: str | None = None) -> np.ndarray:
         """Softmax over classes, averaged over the video's views (the reference test protocol)."""
-        return self.score(*self.views(source, name))[0].astype(np.float64).mean(0)
+        with self.spec.open(source, name) as reader:
+            plan = self.spec.plan(reader.info.frames_at(self.spec.target_fps))
+            (probs,) = window_means(self.iter_scores(reader, plan.plans), [len(plan.test) * self.spec.spatial_crops])
+        return probs
 
     def top(self, probs: np.ndarray, top_k: int) -> dict:
         """{"labels", "scores"}: the top_k classes of one probability vector, best first."""
@@ -142,25 +190,49 @@ class VideoClassifier:
         return out
 
     def timeline(self, source: Source, name: str | None = None, *, window_s: float | None = None,
-                 stride_s: float | None = None, top_k: int = 5) -> dict:
+                 stride_s: float | None = None, top_k: int = 5, limits: TimelineLimits | None = None) -> dict:
         """Per-window top-k along one video and its segments (runs of windows with the same top label):
         {"video", "windows": [{"start_s", "end_s", "labels", "scores"}], "segments": [{"start_s", "end_s",
-        "label", "score"}]}. A window's scores average its clips' views."""
-        windows, fast, slow_index = self.windows(source, name, window_s, stride_s)
-        probs = window_probabilities(self.score(fast, slow_index)[0], [len(w.plans) for w in windows],
-                                     self.spec.spatial_crops)
+        "label", "score"}]}, and "clamped" (what was asked) where the window is longer than the video and so is
+        all of it. A window's scores average its clips' views. A timeline over ``limits`` (default
+        `TimelineLimits()`) is refused (`TimelineLimitError`) once the video's header is read, before any decoding;
+        the views are cut and scored `chunk_clips` clips at a time, keeping only each window's probabilities."""
+        crops = self.spec.spatial_crops
+        with self.spec.open(source, name) as reader:
+            windows = self.spec.plan(reader.info.frames_at(self.spec.target_fps), test_views=False, windows=True,
+                                     window_s=window_s, stride_s=stride_s, limits=limits).windows
+            probs = window_means(self.iter_scores(reader, [p for w in windows for p in w.plans]),
+                                 [len(w.plans) * crops for w in windows])
         rows = [{"start_s": round(w.start_s, 3), "end_s": round(w.end_s, 3), **self.top(p, top_k)}
                 for w, p in zip(windows, probs)]
-        return {"video": name or describe(source, 0), "windows": rows, "segments": segments(rows)}
+        out = {"video": name or describe(source, 0), "windows": rows, "segments": segments(rows)}
+        if windows[0].clamped_from_s is not None:
+            out["clamped"] = (f"window_s {windows[0].clamped_from_s:g} s is longer than the video "
+                              f"({windows[0].end_s:.3f} s): one window, the whole video")
+        return out
 
 
 def window_probabilities(view_probs: np.ndarray, clips_per_window: Sequence[int], spatial_crops: int) -> np.ndarray:
     """Per window, the mean softmax of its clips' views (views in `ClipSpec.cut_views` order)."""
-    out, at = [], 0
-    for clips in clips_per_window:
-        n = clips * spatial_crops
-        out.append(view_probs[at:at + n].astype(np.float64).mean(0))
-        at += n
+    return window_means([view_probs], [clips * spatial_crops for clips in clips_per_window])
+
+
+def window_means(chunks: Iterable[np.ndarray], views_per_window: Sequence[int]) -> np.ndarray:
+    """Per window, the mean (float64) of its views' softmax, from view probabilities (views, classes) that arrive
+    in chunks in window order, whatever their boundaries: only the window in progress is held."""
+    out: list[np.ndarray] = []
+    counts = iter(views_per_window)
+    need = next(counts, None)
+    pending: list[np.ndarray] = []
+    held = 0
+    for chunk in chunks:
+        pending.append(chunk)
+        held += len(chunk)
+        while need is not None and held >= need:
+            block = np.concatenate(pending) if len(pending) > 1 else pending[0]
+            out.append(block[:need].astype(np.float64).mean(0))
+            pending, held = [block[need:]], held - need
+            need = next(counts, None)
     return np.stack(out)
 
 

@@ -11,6 +11,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -98,6 +99,20 @@ def test_rest_timeline_returns_windows_and_segments_as_json_objects(server, regi
     assert [s["label"] for s in row["segments"]] == runs
 
 
+def test_rest_refuses_a_million_windows_at_once_naming_the_limit_and_its_key(server, registered):
+    encoded = base64.b64encode(registered["video"].read_bytes()).decode()
+    started = time.perf_counter()
+    status, body = invoke(server, {"inputs": [encoded], "params": {"timeline": True, "stride_s": 1e-6}})
+    # Planned before: past 23 GB, then killed. Refused from the header: well under a second on a warm server.
+    assert time.perf_counter() - started < 20
+    assert status == 400, body
+    error = json.loads(body)
+    assert error["error_code"] == "INVALID_PARAMETER_VALUE" and "Traceback" not in body
+    # 1.5 s in windows of one clip (0.533 s) every microsecond: (1.5 - 0.5333) / 1e-6 + 1 of them.
+    assert "makes 966,667 windows > max_windows 1,000" in error["message"]
+    assert "model_config key 'max_windows'" in error["message"] and "MLFLOW_PYFUNC_INFERENCE_CONFIG" in error["message"]
+
+
 def test_rest_refuses_a_server_path_even_when_the_request_asks(server, registered):
     path = str(registered["video"])  # a real video the server could read
     for params in ({"top_k": 2}, {"top_k": 2, "allow_paths": True}):
@@ -148,7 +163,7 @@ def test_predict_cli_refuses_crafted_files_in_one_line_each(registered, tmp_path
     for case, path in files:
         said = [line for line in done.stderr.splitlines() if str(path) in line]
         assert len(said) == 1, done.stderr
-        assert said[0].startswith(f"{path}: cannot classify: VideoDecodeError: {path}: not a video file "
+        assert said[0].startswith(f"pipelines predict: cannot classify: VideoDecodeError: {path}: not a video file "
                                   f"({case.detail}"), said[0]
 
 

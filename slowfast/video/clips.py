@@ -1,12 +1,13 @@
 """The one clip path: an open video and a `ClipSampling` in; the clips' frames, plans and the Slow
 pathway's indices out. Preprocessing (shards) and serving (predict) both cut their clips here, so
 they see the same frames of the same video; `sampling.py` holds the arithmetic, `decode.py` PyAV.
+A timeline's size is capped here too (`TimelineLimits`), from the video's duration, before any decoding.
 """
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 
@@ -14,11 +15,41 @@ from slowfast.video.decode import VideoReader
 from slowfast.video.sampling import ClipPlan, plan_clips, slow_indices, temporal_indices
 
 MODES = ("train", "eval")
+# Per video. 1000 windows: the timeline plot is 1000 pixels wide, so more windows than that draw nothing new, and a
+# two-hour film still gets one every 7.2 s. 10,000 clips (x spatial crops = views): what scoring 1000 videos with
+# the paper's 10-clip test protocol costs, for one request.
+MAX_WINDOWS = 1000
+MAX_CLIPS = 10_000
 
 
 def positive_seconds(value) -> bool:
     """A usable timeline length: a finite number of seconds above 0 (not a bool, not NaN)."""
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value > 0
+
+
+@dataclass(frozen=True)
+class TimelineLimits:
+    """How big one video's timeline may be, checked from its duration before any frame is decoded: the memory
+    of scoring no longer grows with it (serving scores in chunks), but time and the answer's size do."""
+
+    max_windows: int = MAX_WINDOWS
+    max_clips: int = MAX_CLIPS  # over all windows; each is scored by its clips' views (x spatial crops)
+
+    def __post_init__(self):
+        for name in ("max_windows", "max_clips"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"TimelineLimits: {name} must be a whole number >= 1, got {value!r}")
+
+
+class TimelineLimitError(ValueError):
+    """A timeline asking for more than its `TimelineLimits`: ``key`` names the limit, ``asked`` the value the
+    request needs, ``limit`` the one allowed; ``problem`` says so without the hint on how to raise it, which
+    depends on where the limits were set (a caller rewords it: a model_config key, a flag)."""
+
+    def __init__(self, key: str, asked: int | float, limit: int, problem: str):
+        self.key, self.asked, self.limit, self.problem = key, asked, limit, problem
+        super().__init__(f"{problem}; or raise TimelineLimits.{key} (the limits= of VideoClassifier.timeline)")
 
 
 @dataclass(frozen=True)
@@ -60,28 +91,37 @@ class ClipSampling:
         """How long a clip lasts: the default timeline window."""
         return self.clip_size / self.target_fps
 
-    def windows(self, num_frames: int, window_s: float | None = None,
-                stride_s: float | None = None) -> list["Window"]:
+    def windows(self, num_frames: int, window_s: float | None = None, stride_s: float | None = None,
+                limits: TimelineLimits | None = None) -> list["Window"]:
         """A timeline of a video of ``num_frames`` target-fps frames: windows of ``window_s`` seconds (default
         one clip) every ``stride_s`` (default ``window_s``) from 0, as long as they fit in the video, and a last
-        one ending with the video where those stop short of it (a video shorter than a window gets one, to
-        its end). Each window is scored by ``round(window_s / clip
-        seconds)`` clips (at least 1) centred on equal parts of it, each with the Fast frames an eval view
-        would have; a window shorter than a clip gets one clip centred on it, reaching past its edges."""
+        one ending with the video where those stop short of it. A window longer than the video is clamped to it:
+        one window, the whole video (``Window.clamped_from_s`` keeps the length asked). Each window is scored by
+        ``round(its length / clip seconds)`` clips (at least 1) centred on equal parts of it, each with the Fast
+        frames an eval view would have; a window shorter than a clip gets one clip centred on it, reaching past
+        its edges. Refuses (`TimelineLimitError`) a timeline over ``limits`` (default `TimelineLimits()`) from
+        the count alone, before building any window."""
+        limits = limits or TimelineLimits()
         window_s = self.clip_seconds if window_s is None else float(window_s)
         stride_s = window_s if stride_s is None else float(stride_s)
         if not (positive_seconds(window_s) and positive_seconds(stride_s)):
             raise ValueError(f"timeline windows need window_s > 0 and stride_s > 0, got {window_s} and {stride_s}")
         duration = num_frames / self.target_fps
-        count = max(1, int((duration - window_s) / stride_s + 1e-9) + 1) if duration >= window_s else 1
-        starts = [w * stride_s for w in range(count)]
-        if duration >= window_s and starts[-1] + window_s < duration - 1e-6:
-            starts.append(duration - window_s)  # the tail: a last window ending with the video
-        per_window = max(1, round(window_s / self.clip_seconds))
+        clamped = duration < window_s
+        length = duration if clamped else window_s
+        count, tail = self._window_count(duration, length, stride_s, limits)
+        per_window = max(1, round(length / self.clip_seconds))
+        if (count + tail) * per_window > limits.max_clips:
+            clips = (count + tail) * per_window
+            raise TimelineLimitError("max_clips", clips, limits.max_clips, (
+                f"{count + tail:,} window{'s' * (count + tail > 1)} of {length:.3g} s, {per_window:,} "
+                f"clip{'s' * (per_window > 1)} of {self.clip_seconds:.3g} s each, make {clips:,} clips > max_clips "
+                f"{limits.max_clips:,}: ask for shorter windows (window_s) or fewer (a longer stride_s)"))
+        starts = [w * stride_s for w in range(count)] + ([duration - length] if tail else [])
         last_start = max(num_frames - self.clip_size, 0)
         out, clip_index = [], 0
         for w, start_s in enumerate(starts):
-            end_s = min(start_s + window_s, duration)
+            end_s = min(start_s + length, duration)
             plans = []
             for i in range(per_window):
                 centre = (start_s + (end_s - start_s) * (i + 0.5) / per_window) * self.target_fps
@@ -89,8 +129,36 @@ class ClipSampling:
                 indices = temporal_indices(first, first + self.clip_size - 1, self.alpha * self.T, num_frames)
                 plans.append(ClipPlan(clip_index, first, indices, short=first + self.clip_size > num_frames))
                 clip_index += 1
-            out.append(Window(w, start_s, end_s, tuple(plans)))
+            out.append(Window(w, start_s, end_s, tuple(plans), clamped_from_s=window_s if clamped else None))
         return out
+
+    @staticmethod
+    def _window_count(duration: float, window_s: float, stride_s: float, limits: TimelineLimits) -> tuple[int, int]:
+        """(regular windows, 1 if a tail window ends with the video): counted, not built, and refused over
+        ``limits.max_windows`` with the shortest stride this video allows."""
+        steps = (duration - window_s) / stride_s  # inf for a stride far below the duration
+        if not math.isfinite(steps):
+            asked: int | float = steps
+        else:
+            count = int(steps + 1e-9) + 1
+            tail = int((count - 1) * stride_s + window_s < duration - 1e-6)
+            if count + tail <= limits.max_windows:
+                return count, tail
+            asked = count + tail
+        shortest = ""
+        if limits.max_windows > 2:  # max_windows - 2 strides, then the tail: max_windows windows at most
+            shortest = f"; a stride_s of {_round_up((duration - window_s) / (limits.max_windows - 2)):g} s or more fits"
+        raise TimelineLimitError("max_windows", asked, limits.max_windows, (
+            f"stride_s {stride_s:g} s over {duration:.2f} s in windows of {window_s:.3g} s makes {asked:,} windows > "
+            f"max_windows {limits.max_windows:,}{shortest}"))
+
+
+def _round_up(seconds: float) -> float:
+    """``seconds`` rounded up to 3 significant digits: a figure to quote that is never below the one computed."""
+    if seconds <= 0:
+        return 0.0
+    scale = 10.0 ** (math.floor(math.log10(seconds)) - 2)
+    return math.ceil(seconds / scale) * scale
 
 
 @dataclass(frozen=True)
@@ -101,6 +169,7 @@ class Window:
     start_s: float
     end_s: float
     plans: tuple[ClipPlan, ...]
+    clamped_from_s: float | None = None  # the length asked, where the video is shorter (the window is all of it)
 
 
 @dataclass(frozen=True, eq=False)
@@ -156,16 +225,41 @@ def cut_clips(reader: VideoReader, sampling: ClipSampling, *, video_id: str = ""
     """
     if plans is None:
         plans = sampling.plans(reader.info.frames_at(sampling.target_fps), video_id)
-    wanted = sorted({int(j) for p in plans for j in p.indices})
-    times = [j / sampling.target_fps for j in wanted]  # ClipPlan.times' arithmetic
-    frames: list = []
-    position: dict[int, int] = {}
-    previous = None
-    for j, rgb in zip(wanted, reader.decode_stream(times, short_side=sampling.short_side)):
-        if rgb is not previous:  # the same array: the same source frame shown at both times
-            frames.append(rgb if encode is None else encode(rgb))
-            previous = rgb
-        position[j] = len(frames) - 1
-    rows = [np.array([position[int(j)] for j in p.indices], np.int64) for p in plans]
+    return next(iter_clips(reader, sampling, [plans], encode=encode))
+
+
+def iter_clips(reader: VideoReader, sampling: ClipSampling, groups: Sequence[Sequence[ClipPlan]], *,
+               encode: Callable[[np.ndarray], Any] | None = None) -> Iterator[VideoClips]:
+    """`cut_clips` of each group of plans in turn, all from one forward pass over the open video: the same frames,
+    decoded once, as one `cut_clips` of every plan would give.
+
+    A frame is held from when it is decoded until the last group that shows it has been handed out, so with
+    groups in time order (successive chunks of a timeline's clips) what is held spans about one group, however
+    many there are; the caller drops each group's clips before asking for the next.
+    """
+    groups = [list(g) for g in groups]
+    wanted = [sorted({int(j) for p in g for j in p.indices}) for g in groups]
+    last_group = {j: k for k, frames in enumerate(wanted) for j in frames}
+    order = sorted(last_group)
+    times = [j / sampling.target_fps for j in order]  # ClipPlan.times' arithmetic
+    decoded = zip(order, reader.decode_stream(times, short_side=sampling.short_side))
+    held: dict[int, Any] = {}  # frame index -> the frame (or its encoding), one object per distinct frame
+    previous = item = None
     height, width = reader.frame_size(sampling.short_side)
-    return VideoClips(sampling, list(plans), frames, rows, height, width)
+    for k, (plans, frames) in enumerate(zip(groups, wanted)):
+        while frames and frames[-1] not in held:
+            j, rgb = next(decoded)
+            if rgb is not previous:  # the same array: the same source frame shown at both times
+                item, previous = (rgb if encode is None else encode(rgb)), rgb
+            held[j] = item
+        items: list = []
+        position: dict[int, int] = {}
+        for j in frames:
+            if not items or held[j] is not items[-1]:
+                items.append(held[j])
+            position[j] = len(items) - 1
+        rows = [np.array([position[int(j)] for j in p.indices], np.int64) for p in plans]
+        for j in frames:
+            if last_group[j] == k:
+                del held[j]
+        yield VideoClips(sampling, plans, items, rows, height, width)
