@@ -13,14 +13,13 @@ from pathlib import Path
 
 import boto3
 import numpy as np
-import pyarrow.parquet as pq
 import pytest
 import torch
 
 from conftest import REPO, pipeline_config
 from pipelines import tracking
-from pipelines.infer import InferError, Job, run_infer
-from pipelines.storage import S3Options, Storage
+from pipelines.infer import InferError, Job, read_predictions, read_windows, run_infer
+from pipelines.storage import S3Options
 from slowfast.model import SlowFast
 from slowfast.serving import ClipSpec
 from stop_hook import stop_after, wait_stopped
@@ -48,7 +47,9 @@ def videos_of(root: Path) -> list[Path]:
 
 
 def read(out: Path, folder: str = "predictions"):
-    return pq.read_table(out / folder).to_pandas().sort_values("video").reset_index(drop=True)
+    """What a user reads from --out: each video's latest committed rows."""
+    table = read_predictions(str(out)) if folder == "predictions" else read_windows(str(out))
+    return table.to_pandas()
 
 
 def test_a_folder_is_scored_as_predict_scores_it_and_a_rerun_scores_only_new_videos(ray_local, registered, synth_set):
@@ -135,7 +136,7 @@ def test_a_list_file_and_s3_in_and_out(ray_local, registered, synth_set, s3_endp
     body = s3.get_object(Bucket="clips", Key="scores-2/quarantine.csv")["Body"].read().decode()
     assert body.splitlines()[1].startswith("s3://clips/incoming/truncated.mp4,")
     # The S3 scores equal the local ones of the same video (predict's, by the first test).
-    scored = pq.read_table("clips/scores-2/predictions", filesystem=Storage("s3://clips", S3Options(s3_endpoint)).fs)
+    scored = read_predictions("s3://clips/scores-2", S3Options(s3_endpoint))
     row = scored.to_pandas().set_index("video").loc[f"s3://clips/incoming/{local[0].name}"]
     want = tracking.load_registered(cfg, uri).predict([local[0]], top_k=1)[0]
     assert list(row["labels"]) == want["labels"] and np.allclose(row["scores"], want["scores"], atol=1e-5)
@@ -165,6 +166,7 @@ def test_killed_mid_run_resumes_exactly_once(registered, synth_set):
     first = {v["video_id"] for c in (out / "manifests").glob("commit-*.json") for v in json.loads(c.read_text())["videos"]}
     total = len(videos_of(folder))
     assert 0 < len(first) < total, f"{len(first)} of {total} committed when killed"
+    assert sorted(read(out)["video"]) == sorted(first)  # a reader sees the committed videos, once each
 
     done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=400)
     assert done.returncode == 0, done.stderr[-3000:]
