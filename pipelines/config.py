@@ -293,10 +293,9 @@ class InferSection(Section):
     cpus_per_worker: float = Field(1.0, gt=0, description="CPUs of a scoring actor (its torch threads, rounded up)")
     decode_cpus: float = Field(1.0, gt=0, description="CPUs of a decode task (one video at a time, PyAV 1 thread)")
     batch_videos: int = Field(4, ge=1, description="videos per scoring call")
-    mixed_precision: bool = Field(False, description="bf16 autocast (GPU, or CPUs with bf16) in every scoring "
-                                                     "outside training: infer's and evaluate's scoring actors (the "
-                                                     "evaluate step, promote); training's per-epoch validation "
-                                                     "follows train.mixed_precision")
+    mixed_precision: bool = Field(False, description="bf16 autocast (GPU, or CPUs with bf16) in the scoring actors "
+                                                     "of infer and of evaluate (the evaluate step, promote); "
+                                                     "training's per-epoch validation follows train.mixed_precision")
     commit_every_s: float = Field(30.0, ge=0, description="results are committed (visible, never redone) at "
                                                           "least this often; 0 = after every batch")
     max_unread: int = Field(
