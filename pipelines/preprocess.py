@@ -97,8 +97,12 @@ class ClipWriter:
                 record.reason, record.detail = exc.reason, exc.detail
             except ReadFailed as exc:  # the storage's, after its retries: left for the next run
                 why_unread = exc.detail
-            except Exception as exc:  # noqa: BLE001 - neither the video's known fault nor storage's: not committed
-                why_unread = f"unexpected {type(exc).__name__}: {exc}"
+            except (OSError, MemoryError) as exc:  # a local disk's I/O error, this worker's memory: not the video's
+                why_unread = f"{type(exc).__name__}: {exc}"
+            except Exception as exc:  # noqa: BLE001 - its bytes were read and broke the decoder in a way it does not
+                # name: the video's doing, or a bug it triggers. Quarantined (a bug must not stop every later run),
+                # with what happened; `--retry-quarantined decode_error` decodes it again after a fix.
+                record.reason, record.detail = DECODE_ERROR, f"unexpected {type(exc).__name__}: {exc}"
             else:
                 rows.extend(clips)
                 record.clips, record.short = len(clips), short

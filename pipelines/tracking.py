@@ -28,7 +28,7 @@ import torch
 from slowfast.model.checkpoint import CheckpointError, build_from_checkpoint, save_checkpoint
 from slowfast.serving import ClipSpec, VideoClassifier, describe
 from slowfast.video.clips import TimelineLimitError, TimelineLimits, positive_seconds
-from slowfast.video.decode import VideoDecodeError
+from slowfast.video.decode import TOO_MANY_FRAMES, VideoDecodeError
 
 from .errors import PipelineError
 from .storage import is_s3
@@ -487,6 +487,11 @@ def signature():
 # decodes every frame, 150 to 560 windows of ten minutes; longer videos are a batch job (`pipelines infer`).
 MAX_VIDEO_BYTES = 64 * 2**20
 MAX_VIDEO_S = 600.0
+# The duration a header declares bounds nothing (a 58 KiB file can declare 1 s and hold 1,000 4K frames, each
+# decoded to reach the next): frames decoded per video are counted too. 36,000: ten minutes at 60 fps, ~2.5 CPU
+# minutes of 4K H.264. And a request holds at most MAX_VIDEOS videos: one request, bounded work.
+MAX_VIDEO_FRAMES = 36_000
+MAX_VIDEOS = 16
 
 
 @dataclass(frozen=True)
@@ -496,9 +501,11 @@ class RequestLimits:
 
     max_video_bytes: int = MAX_VIDEO_BYTES
     max_video_s: float = MAX_VIDEO_S
+    max_frames: int = MAX_VIDEO_FRAMES
+    max_videos: int = MAX_VIDEOS
     timeline: TimelineLimits = field(default_factory=TimelineLimits)
 
-    KEYS = ("max_video_bytes", "max_video_s", "max_windows", "max_clips")
+    KEYS = ("max_video_bytes", "max_video_s", "max_frames", "max_videos", "max_windows", "max_clips")
 
     @classmethod
     def from_model_config(cls, config: dict | None) -> RequestLimits:
@@ -514,7 +521,9 @@ class RequestLimits:
         counts = {k: int(v) for k, v in given.items() if k != "max_video_s"}
         timeline = TimelineLimits(**{k: counts[k] for k in ("max_windows", "max_clips") if k in counts})
         return cls(max_video_bytes=counts.get("max_video_bytes", MAX_VIDEO_BYTES),
-                   max_video_s=float(given.get("max_video_s", MAX_VIDEO_S)), timeline=timeline)
+                   max_video_s=float(given.get("max_video_s", MAX_VIDEO_S)),
+                   max_frames=counts.get("max_frames", MAX_VIDEO_FRAMES),
+                   max_videos=counts.get("max_videos", MAX_VIDEOS), timeline=timeline)
 
 
 def _over_limit(index: int, name: str, problem: str, key: str):
@@ -535,6 +544,7 @@ class PyFuncVideoClassifier:
         self.classifier = classifier
         self.allow_paths = allow_paths
         self.limits = limits or RequestLimits()
+        classifier.max_frames = self.limits.max_frames
 
     def predict(self, model_input, params: dict | None = None):
         """One row per video. params: top_k (default 5); timeline (default false); window_s, stride_s (seconds,
@@ -569,6 +579,9 @@ class PyFuncVideoClassifier:
             sources = [model_input]
         else:
             sources = list(model_input)
+        if len(sources) > self.limits.max_videos:
+            raise _invalid(f"{len(sources)} videos in one request > max_videos {self.limits.max_videos}: send them in "
+                           "several requests, or raise the model_config key 'max_videos' when the model is loaded")
         rows = []
         for i, value in enumerate(sources):
             source = _as_source(value, i, self.allow_paths, self.limits.max_video_bytes)
@@ -581,6 +594,9 @@ class PyFuncVideoClassifier:
                 else:
                     rows += self.classifier.predict([source], top_k=top_k, names=[name])
             except VideoDecodeError as exc:
+                if exc.reason == TOO_MANY_FRAMES:  # the budget of this server, not a fault of the video
+                    raise _over_limit(i, name, f"more than max_frames {self.limits.max_frames:,} frames to decode",
+                                      "max_frames") from None
                 # A client's bad upload is a 400 naming the video, not a 500 with the server's traceback.
                 raise _invalid(f"video {i} ({name}): {exc}") from None
             except TimelineLimitError as exc:

@@ -70,9 +70,10 @@ class ClipSpec:
         """The Slow pathway's frames, as indices into a view's alpha*T Fast frames (T,)."""
         return slow_indices(self.alpha, self.T)
 
-    def open(self, source: Source, name: str | None = None) -> VideoReader:
-        """The video as serving reads it: frames up to DCI 4K, one decode thread (callers decode one video per core)."""
-        return VideoReader(source, name=name, max_pixels=DEFAULT_MAX_PIXELS, threads=1)
+    def open(self, source: Source, name: str | None = None, max_frames: int | None = None) -> VideoReader:
+        """The video as serving reads it: frames up to DCI 4K, one decode thread (callers decode one video per core),
+        at most `max_frames` decoded (None: no budget)."""
+        return VideoReader(source, name=name, max_pixels=DEFAULT_MAX_PIXELS, threads=1, max_frames=max_frames)
 
     def plan(self, num_frames: int, *, test_views: bool = True, windows: bool = False, window_s: float | None = None,
              stride_s: float | None = None, limits: TimelineLimits | None = None) -> VideoPlan:
@@ -133,6 +134,7 @@ class VideoClassifier:
         self.spec = spec
         self.device = torch.device(device)
         self.batch_views = batch_views
+        self.max_frames: int | None = None  # frames decoded per video at most (a served model's budget); None: any
 
     def views(self, source: Source, name: str | None = None, *, plans=None) -> tuple[np.ndarray, np.ndarray]:
         """`ClipSpec.cut_views` of this model's spec."""
@@ -171,7 +173,7 @@ class VideoClassifier:
 
     def probabilities(self, source: Source, name: str | None = None) -> np.ndarray:
         """Softmax over classes, averaged over the video's views (the reference test protocol)."""
-        with self.spec.open(source, name) as reader:
+        with self.spec.open(source, name, self.max_frames) as reader:
             plan = self.spec.plan(reader.info.frames_at(self.spec.target_fps))
             (probs,) = window_means(self.iter_scores(reader, plan.plans), [len(plan.test) * self.spec.spatial_crops])
         return probs
@@ -198,7 +200,7 @@ class VideoClassifier:
         `TimelineLimits()`) is refused (`TimelineLimitError`) once the video's header is read, before any decoding;
         the views are cut and scored `chunk_clips` clips at a time, keeping only each window's probabilities."""
         crops = self.spec.spatial_crops
-        with self.spec.open(source, name) as reader:
+        with self.spec.open(source, name, self.max_frames) as reader:
             windows = self.spec.plan(reader.info.frames_at(self.spec.target_fps), test_views=False, windows=True,
                                      window_s=window_s, stride_s=stride_s, limits=limits).windows
             probs = window_means(self.iter_scores(reader, [p for w in windows for p in w.plans]),

@@ -393,6 +393,6 @@ def test_corrupt_bytes_mid_stream_are_a_decode_error(good_mp4):
 
 def test_reasons_are_exported():
     assert set(dec.REASONS) == {"missing_file", "zero_bytes", "truncated", "not_a_video",
-                                "no_video_stream", "frame_too_large", "decode_error"}
+                                "no_video_stream", "frame_too_large", "too_many_frames", "decode_error"}
     with pytest.raises(ValueError):
         VideoDecodeError("x.mp4", "gremlins")

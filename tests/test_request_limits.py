@@ -174,6 +174,15 @@ def test_the_pyfunc_refuses_videos_over_its_size_and_duration_before_decoding(lo
         load(logged, max_video_s=1.5).predict([data])
     assert len(load(logged, max_video_s=2.5).predict([data])["labels"][0]) == 3
 
+    # Frames decoded are counted whatever the header says (the 2 s video has 60), and videos per request.
+    with pytest.raises(MlflowException, match=r"video 0 \(.*\): more than max_frames 20 frames to decode; the limit is "
+                                              r"the model_config key 'max_frames'"):
+        load(logged, max_frames=20).predict([data])
+    with pytest.raises(MlflowException, match=r"^3 videos in one request > max_videos 2: send them in several requests, "
+                                              r"or raise the model_config key 'max_videos'"):
+        load(logged, max_videos=2).predict([data] * 3)
+    assert len(load(logged, max_videos=2).predict([data] * 2)) == 2
+
 
 def test_scoring_in_chunks_gives_the_figures_of_scoring_every_view_at_once(logged, nine_seconds):
     """The timeline as it was scored before chunks (every window's views cut, then one `score`, then the window

@@ -244,3 +244,57 @@ def test_a_raw_elementary_stream_is_refused_by_name(tmp_path):
     with pytest.raises(VideoDecodeError, match="container format 'h264' is not accepted") as caught:
         VideoReader(video.path)
     assert caught.value.reason == dec.NOT_A_VIDEO
+
+
+def _one_keyframe_h264(frames: int, rate: int, size=(64, 48)) -> bytes:
+    """An MP4 of `frames` near-empty frames after one keyframe: tiny on disk, every frame decoded to reach the last."""
+    import numpy as np
+
+    buf = io.BytesIO()
+    with av.open(buf, "w", format="mp4") as out:
+        stream = out.add_stream("libx264", rate=rate, options={"preset": "ultrafast", "crf": "51",
+                                                               "x264-params": "keyint=infinite:scenecut=0:bframes=0"})
+        stream.width, stream.height, stream.pix_fmt = *size, "yuv420p"
+        frame = av.VideoFrame.from_ndarray(np.full((size[1], size[0], 3), 100, np.uint8), format="rgb24")
+        for i in range(frames):
+            frame.pts = i
+            out.mux(stream.encode(frame))
+        out.mux(stream.encode())
+    return buf.getvalue()
+
+
+def test_a_frame_budget_bounds_what_a_short_declared_duration_hides():
+    """2,000 frames declared as 1 s (2,000 fps): the duration bounds nothing, max_frames does, as it decodes."""
+    data = _one_keyframe_h264(2000, rate=2000)
+    with VideoReader(data) as reader:
+        assert reader.info.duration_sec == pytest.approx(1.0, abs=0.01)
+        assert len(list(reader.decode_stream([0.999]))) == 1 and reader.stats.frames_decoded >= 1998
+    with VideoReader(data, max_frames=500) as reader:
+        with pytest.raises(VideoDecodeError) as refused:
+            list(reader.decode_stream([0.999]))
+        assert reader.stats.frames_decoded == 501
+    assert refused.value.reason == dec.TOO_MANY_FRAMES
+    assert "more frames than allowed (over max_frames 500); raise max_frames to accept it" in str(refused.value)
+
+
+@pytest.mark.parametrize("tag", ["00:00:inf", "00:00:nan", "-1:00:00", "00:00:00", "0:0:1e308", "99999999:00:00"])
+def test_a_matroska_duration_tag_that_cannot_be_one_is_ignored(tag):
+    """A DURATION tag of inf, nan, a negative or zero is no duration: the stream's own timestamps are used (it used
+    to raise OverflowError, which stopped every preprocess run)."""
+    import numpy as np
+
+    buf = io.BytesIO()
+    with av.open(buf, "w", format="matroska") as out:
+        stream = out.add_stream("mpeg4", rate=25)
+        stream.width, stream.height, stream.pix_fmt = 64, 48, "yuv420p"
+        for i in range(50):
+            frame = av.VideoFrame.from_ndarray(np.full((48, 64, 3), i * 5, np.uint8), format="rgb24")
+            frame.pts = i
+            out.mux(stream.encode(frame))
+        out.mux(stream.encode())
+    data = buf.getvalue()
+    written = data.index(b"00:00:02.000000000")
+    crafted = data[:written] + tag.encode().ljust(18) + data[written + 18:]
+    with VideoReader(crafted) as reader:
+        assert reader.info.duration_sec == pytest.approx(2.0, abs=0.05)
+        assert reader.info.num_frames == 50

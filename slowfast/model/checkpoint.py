@@ -547,6 +547,9 @@ def build_from_checkpoint(source) -> tuple[SlowFast, LoadedCheckpoint]:
         cfg = SlowFastConfig.model_validate(obj["config"])
     except pydantic.ValidationError as err:
         raise CheckpointError(f"{origin}: its model config is invalid: {err.errors()[0]['msg']}") from None
+    # Shapes first, on the meta device: a config of a few bytes (num_classes=10**8) must not allocate the network
+    # before the weights it holds are found not to fit it.
+    _plan(_skeleton(cfg), obj, origin, "strict", None, None)
     net = SlowFast(cfg)
     return net, _apply(net, _plan(net, obj, origin, "strict", None, None))
 

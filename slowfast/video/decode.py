@@ -34,6 +34,8 @@ from slowfast.video.sampling import num_target_frames
 # - no_video_stream: a valid container without a video stream (cover art does not count).
 # - frame_too_large: width * height over max_pixels, from the stream header before any frame is
 #   decoded, and again on every decoded frame (the size can change mid-stream).
+# - too_many_frames: more frames decoded than the reader's max_frames (a caller's budget, e.g. a served
+#   model's: a header may claim 1 s over a million tiny frames, so the duration alone bounds nothing).
 # - decode_error: the demuxer or decoder raises while decoding the requested windows and the
 #   file is not truncated. Damage the decoder conceals (it usually does for a few bad bytes in
 #   H.264) gives a plausible picture and is not an error; damage outside the decoded windows is
@@ -44,6 +46,7 @@ TRUNCATED = "truncated"
 NOT_A_VIDEO = "not_a_video"
 NO_VIDEO_STREAM = "no_video_stream"
 FRAME_TOO_LARGE = "frame_too_large"
+TOO_MANY_FRAMES = "too_many_frames"
 DECODE_ERROR = "decode_error"
 REASONS = (
     MISSING_FILE,
@@ -52,6 +55,7 @@ REASONS = (
     NOT_A_VIDEO,
     NO_VIDEO_STREAM,
     FRAME_TOO_LARGE,
+    TOO_MANY_FRAMES,
     DECODE_ERROR,
 )
 _REASON_TEXT = {
@@ -61,6 +65,7 @@ _REASON_TEXT = {
     NOT_A_VIDEO: "not a video file",
     NO_VIDEO_STREAM: "no video stream",
     FRAME_TOO_LARGE: "frame size over the limit",
+    TOO_MANY_FRAMES: "more frames than allowed",
     DECODE_ERROR: "decode error mid-stream",
 }
 
@@ -77,6 +82,7 @@ SEEK_COST_FRAMES = 4
 _MAX_AUTO_THREADS = 16  # FFmpeg's cap on the threads it picks itself
 _EPS = 1e-6  # seconds; far below any real time base step (1/90000 s)
 _TRUNCATION_SLACK_SEC = 0.5
+_MAX_DECLARED_SEC = 1e7  # 115 days: a header declaring more is lying; the stream's timestamps are used instead
 
 Source = Union[str, os.PathLike, bytes, bytearray, memoryview, BinaryIO]
 
@@ -154,6 +160,7 @@ class VideoReader:
         threads: int | None = None,
         reseek_gap_sec: float = DEFAULT_RESEEK_GAP_SEC,
         seek_cost_frames: float | None = None,
+        max_frames: int | None = None,
     ):
         self.name = name or _source_name(source)
         self.max_pixels = max_pixels
@@ -165,6 +172,7 @@ class VideoReader:
         self.stats = DecodeStats()
         self._file, self._owns_file = _open_source(source, self.name)
         self.container = None
+        self.max_frames = max_frames
         try:
             self._open(threads)
         except BaseException:
@@ -222,18 +230,18 @@ class VideoReader:
         self._turns = (rotation // 90) % 4 if rotation % 90 == 0 else 0
         declared = None
         if stream.duration:
-            declared = stream.duration * self._time_base
+            declared = _plausible(stream.duration * self._time_base)
         elif "DURATION" in stream.metadata:  # Matroska writes the track duration as a tag
             declared = _parse_clock(stream.metadata["DURATION"])
         elif len(container.streams) == 1 and container.duration:
-            declared = container.duration / av.time_base  # the container's is the video's
+            declared = _plausible(container.duration / av.time_base)  # the container's is the video's
         self._declared_sec = declared
         rate = stream.average_rate or stream.guessed_rate or stream.base_rate
         duration = declared
         if duration is None and container.duration:
-            duration = container.duration / av.time_base
+            duration = _plausible(container.duration / av.time_base)
         if duration is None and rate and stream.frames:
-            duration = stream.frames / float(rate)
+            duration = _plausible(stream.frames / float(rate))
         if duration is None:
             duration = self._scan_duration()
         fps = float(rate) if rate else (stream.frames / duration if stream.frames else 30.0)
@@ -286,7 +294,10 @@ class VideoReader:
     def _open_container(self):
         """The container from the start of the file, by an accepted demuxer only."""
         self._file.seek(0)
-        return av.open(self._file, "r", metadata_errors="replace", options=_DEMUXER_OPTIONS)
+        # max_pixels reaches the stream-info probe's decoders too: a 16000x16000 header is refused before
+        # av.open has decoded (and allocated) frames of that size, not after.
+        options = {**_DEMUXER_OPTIONS, "max_pixels": str(self.max_pixels)}
+        return av.open(self._file, "r", metadata_errors="replace", options=options)
 
     def _keyframe_index(self) -> list[float] | None:
         """Keyframe times (seconds, estimated) from the demuxer's index, if it has one.
@@ -440,6 +451,9 @@ class VideoReader:
         except (av.FFmpegError, ValueError) as e:
             raise self._decode_failure(e) from e
         self.stats.frames_decoded += 1
+        if self.max_frames is not None and self.stats.frames_decoded > self.max_frames:
+            raise self._error(TOO_MANY_FRAMES, f"over max_frames {self.max_frames:,}",
+                              "raise max_frames to accept it")
         self._check_size(frame.width, frame.height, "decoded frame")
         if frame.pts is None:
             # No timestamp: one average frame after the previous frame.
@@ -725,7 +739,10 @@ def _ffmpeg_probe():
         return None
     if not paths:
         return None
-    probe_format = ctypes.CDLL(paths[0]).av_probe_input_format3
+    try:
+        probe_format = ctypes.CDLL(paths[0]).av_probe_input_format3
+    except (OSError, AttributeError):  # a library file gone since it was mapped, or another build
+        return None
     probe_format.restype = ctypes.POINTER(ctypes.c_char_p)
     probe_format.argtypes = [ctypes.POINTER(_AVProbeData), ctypes.c_int,
                              ctypes.POINTER(ctypes.c_int)]
@@ -752,12 +769,18 @@ def _rotation(frame, stream) -> int:
 
 
 def _parse_clock(text: str) -> float | None:
-    """'HH:MM:SS.fffffffff' -> seconds."""
+    """'HH:MM:SS.fffffffff' -> seconds; None for anything else (inf and nan included)."""
     try:
         h, m, s = text.split(":")
-        return int(h) * 3600 + int(m) * 60 + float(s)
+        return _plausible(int(h) * 3600 + int(m) * 60 + float(s))
     except ValueError:
         return None
+
+
+def _plausible(seconds: float | None) -> float | None:
+    """A duration a header declares, if it can be one: > 0 and under _MAX_DECLARED_SEC (a file may say anything:
+    inf, nan, 1e308)."""
+    return seconds if seconds is not None and 0 < seconds < _MAX_DECLARED_SEC else None
 
 
 def _ffmpeg_message(e: Exception) -> str:
