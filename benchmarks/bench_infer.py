@@ -56,7 +56,8 @@ if str(_ROOT) not in sys.path:  # run as a script or loaded by path: make `bench
 from benchmarks._common import CoreUse, environment, format_table, ratio, write_json  # noqa: E402
 from pipelines import tracking  # noqa: E402
 from pipelines.config import PipelineConfig  # noqa: E402
-from pipelines.infer import MANIFESTS, Job, run_infer  # noqa: E402
+from pipelines.infer import run_infer  # noqa: E402
+from pipelines.infer_out import MANIFESTS, Job  # noqa: E402
 from pipelines.ray_runtime import init_ray  # noqa: E402
 from pipelines.storage import S3Options, Storage  # noqa: E402
 from slowfast.model import PRESETS, SlowFast  # noqa: E402

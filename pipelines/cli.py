@@ -177,11 +177,11 @@ def cmd_predict(args: argparse.Namespace, config: PipelineConfig | None) -> int:
     except tracking.TrackingError as exc:
         print(f"pipelines predict: {exc}", file=sys.stderr)
         return EXIT_FAILED
+    from pipelines.infer_out import LIMIT_FLAGS
     from slowfast.video.clips import TimelineLimitError, TimelineLimits
     from slowfast.video.decode import VideoDecodeError
 
     limits = TimelineLimits(max_windows=args.max_windows, max_clips=args.max_clips)
-    flags = {"max_windows": "--max-windows", "max_clips": "--max-clips"}
     failed, results = 0, []
     for video in args.videos:
         try:
@@ -195,7 +195,7 @@ def cmd_predict(args: argparse.Namespace, config: PipelineConfig | None) -> int:
             failed += 1
             continue
         except TimelineLimitError as exc:
-            print(f"pipelines predict: {video}: {exc.problem}; raise {flags[exc.key]} to allow it", file=sys.stderr)
+            print(f"pipelines predict: {video}: {exc.problem}; raise {LIMIT_FLAGS[exc.key]} to allow it", file=sys.stderr)
             failed += 1
             continue
         except OSError as exc:  # the file is there but cannot be read (permissions, I/O)
@@ -234,11 +234,12 @@ def cmd_predict(args: argparse.Namespace, config: PipelineConfig | None) -> int:
 
 
 def cmd_infer(args: argparse.Namespace, config: PipelineConfig) -> int:
-    from pipelines.infer import Job, run_infer
+    from pipelines.infer import run_infer
+    from pipelines.infer_out import Job
 
     uri = args.model_uri or f"models:/{config.mlflow.model_name}@champion"
     job = Job(top_k=args.top_k, windows=args.windows, window_s=args.window_s, stride_s=args.stride_s,
-              embeddings=args.embeddings)
+              embeddings=args.embeddings, max_windows=args.max_windows, max_clips=args.max_clips)
     s = run_infer(config, uri, args.videos, args.out, job)
     unread = ", ".join(f"{k} {v}" for k, v in s["unread_reasons"].items())
     print(f"summary: {s['scored_now']} videos scored now ({s['views_now']} views, {s['videos_per_s']} videos/s), "
@@ -427,7 +428,7 @@ def build_parser() -> argparse.ArgumentParser:
                             "(path or s3:// URI) per line")
     infer.add_argument("--out", metavar="DIR|s3://PREFIX", required=True,
                        help="where the Parquet results, manifests and quarantine.csv go (one model per --out, one "
-                            "run at a time); read the results with pipelines.infer.read_predictions")
+                            "run at a time); read the results with pipelines.infer_out.read_predictions")
     infer.add_argument("--top-k", metavar="K", type=int, default=5, help="classes kept per video (and window)")
     infer.add_argument("--windows", action="store_true", help="also a timeline: top-k per window along each video")
     infer.add_argument("--window-s", metavar="S", type=float, help="window length in seconds (default: one clip)")
@@ -435,6 +436,11 @@ def build_parser() -> argparse.ArgumentParser:
     infer.add_argument("--embeddings", action="store_true",
                        help="also each video's embedding: the pooled features before the classifier, averaged "
                             "over its test views")
+    infer.add_argument("--max-windows", metavar="N", type=int, default=MAX_WINDOWS,
+                       help=f"with --windows: windows per video at most (default {MAX_WINDOWS}); a longer timeline "
+                            "is refused before decoding and its video committed as timeline_limit")
+    infer.add_argument("--max-clips", metavar="N", type=int, default=MAX_CLIPS,
+                       help=f"with --windows: clips per video at most, over all its windows (default {MAX_CLIPS})")
     export = command("export", "a registered model as one TorchScript or ONNX graph (dynamic batch), checked "
                                "against PyTorch; logged under export/ of the version's run, or written to --out",
                      config="optional", handler=cmd_export)

@@ -292,7 +292,12 @@ class InferSection(Section):
     use_gpu: bool = Field(False, description="one GPU per scoring actor")
     cpus_per_worker: float = Field(1.0, gt=0, description="CPUs of a scoring actor (its torch threads, rounded up)")
     decode_cpus: float = Field(1.0, gt=0, description="CPUs of a decode task (one video at a time, PyAV 1 thread)")
-    batch_videos: int = Field(4, ge=1, description="videos per scoring call")
+    batch_videos: int = Field(4, ge=1, description="videos per scoring call (a video in chunks: chunks)")
+    chunk_clips: int = Field(
+        10, ge=1, description="clips a decode task cuts and an actor scores at a time, so that memory does not grow "
+                              "with a timeline's windows: 10 clips at crop 224, 3 crops, 32 Fast frames are 138 MiB "
+                              "of uint8 views (a decode task holds them about twice: the chunk and its output "
+                              "block), and the paper's 10-clip test protocol is one chunk, one scoring batch")
     mixed_precision: bool = Field(False, description="bf16 autocast (GPU, or CPUs with bf16) in the scoring actors "
                                                      "of infer and of evaluate (the evaluate step, promote); "
                                                      "training's per-epoch validation follows train.mixed_precision")

@@ -1,92 +1,48 @@
 """Batch inference on Ray Data: score a folder, an s3:// prefix or a list of videos with a registered model.
 
-CPU tasks open each video and cut its test views (and a timeline's windows) through the one clip path
-(`ClipSpec.cut_views`); an actor pool (a GPU per actor, or CPUs) runs the network and aggregates each
-video's views; the driver writes Parquet parts and commits a manifest at least every `infer.commit_every_s`.
+CPU tasks open each video and cut its test views (and a timeline's windows) through the one clip path, `chunk_clips`
+clips at a time (`ClipSpec.iter_views`), so memory does not grow with a video's windows; an actor pool (a GPU per
+actor, or CPUs) scores each chunk's views; the driver gathers a video's chunks, averages its views as predict does
+(`window_means`) and hands the video's row to the --out folder's `Writer` (pipelines/infer_out.py), which commits
+Parquet parts by manifest at least every `infer.commit_every_s`.
 
-Exactly once, as a reader sees it: `read_predictions` / `read_windows` return each video's latest committed row,
-one per video, at any moment (a run going on, a crashed one, videos scored again). A re-run into the same --out
-scores exactly the videos with no current committed record (new, changed, not committed by an interrupted run,
-or not read), deletes the parts no manifest names, and rewrites the parts holding superseded rows. One run at a
-time holds --out (`RunLock`). A video's own faults are committed with preprocess's reasons (quarantine.csv) and
-not retried until the file changes; a video the storage failed to deliver, or whose cut failed unexpectedly, is
-not committed: it is counted as unread, the run fails past `infer.max_unread`, and the next run scores it.
-
---out holds, per committed batch `part-<id>`: predictions/part-<id>.parquet (video, labels, scores, views,
-embedding if asked) and windows/part-<id>.parquet (one row per timeline window, if asked); the manifests/
-commit log; lock/ (the run writing there); quarantine.csv; infer.json (the model and options the folder's
-results come from: another model or other options need another --out).
+A re-run into the same --out scores exactly the videos with no current committed record (new, changed, not committed
+by an interrupted run, or not read). A video's own faults are committed with preprocess's reasons (quarantine.csv),
+as is a timeline over the job's limits (`timeline_limit`), and not retried until the file changes; a video the storage
+failed to deliver, or whose cut failed unexpectedly, is not committed: it is counted as unread, the run fails past
+`infer.max_unread`, and the next run scores it. So is a video whose chunks were not all scored when the run died.
 """
 from __future__ import annotations
 
-import csv
-import hashlib
-import io
 import json
 import math
 import os
-import posixpath
-import socket
-import tempfile
-import threading
 import time
 import uuid
 from collections import Counter
-from dataclasses import asdict, dataclass, replace
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import NamedTuple
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.compute as pc
-import pyarrow.parquet as pq
 import torch
 
-from slowfast.serving import ClipSpec, VideoClassifier, window_probabilities
+from slowfast.serving import ClipSpec, VideoClassifier, window_means
 from slowfast.shards import manifest
-from slowfast.video.clips import positive_seconds
-from slowfast.video.decode import VideoDecodeError
+from slowfast.video.clips import TimelineLimitError
+from slowfast.video.decode import DECODE_ERROR, VideoDecodeError
 
 from . import tracking
 from .config import InferSection, PipelineConfig
-from .errors import PipelineError
+from .infer_out import (LIMIT_FLAGS, MANIFESTS, PREDICTIONS, READ_FAILED, UNEXPECTED, UNREAD, WINDOWS, InferError, Job,
+                        RunLock, Writer, check_out, compact, drop_uncommitted, holder, identity, write_quarantine)
 from .ingest import MISSING_FILE, ZERO_BYTES, video_paths
 from .storage import (_NOT_FOUND, ReadFailed, S3Options, Storage, StorageError, VideoSource, is_s3, s3_options,
                       split_s3)
 
-MANIFESTS, PREDICTIONS, WINDOWS, LOCKS = "manifests", "predictions", "windows", "lock"
 DECODE_RETRIES = 3
-# Why a video was not read: not its fault, so never committed (the next run scores it), unlike a quarantine reason.
-READ_FAILED = "read_failed"  # the storage did not deliver it (after its retries), or a HEAD of it failed
-UNEXPECTED = "unexpected_error"  # its cut raised something else than VideoDecodeError: a bug, an infrastructure fault
-UNREAD = (READ_FAILED, UNEXPECTED)
-LOCK_HEARTBEAT_S = 30.0  # a run rewrites its lock this often, and before each commit
-LOCK_STALE_S = 600.0  # a lock not rewritten for this long is a dead run's (the hosts' clocks agreeing within a minute)
-READ_TRIES = 5  # a reader starts over when a part it was to read has been compacted away
-
-
-class InferError(PipelineError, ValueError):
-    """Inference that cannot start or finish: names the input (model, videos, --out) and the fix."""
-
-
-@dataclass(frozen=True)
-class Job:
-    """What to compute per video."""
-
-    top_k: int = 5
-    windows: bool = False  # per-window rows along each video (a timeline)
-    window_s: float | None = None  # None: one clip's span
-    stride_s: float | None = None  # None: window_s
-    embeddings: bool = False  # the pooled features before the classifier, averaged over the test views
-
-    def check(self) -> None:
-        if self.top_k < 1:
-            raise InferError(f"--top-k {self.top_k}: must be 1 or more")
-        for flag, value in (("--window-s", self.window_s), ("--stride-s", self.stride_s)):
-            if value is not None and not positive_seconds(value):
-                raise InferError(f"{flag} {value}: must be a positive number of seconds")
-            if value is not None and not self.windows:
-                raise InferError(f"{flag} is for timeline windows: add --windows")
+TIMELINE_LIMIT = "timeline_limit"  # committed: the video is fine, its timeline asks for more than the job's limits
 
 
 @dataclass(frozen=True)
@@ -190,91 +146,97 @@ def local_inputs(videos: str, tasks: list[VideoTask], bad: list[Unscored]) -> di
 
 # --- the Ray Data stages -------------------------------------------------------------------------
 
-def cut_views(batch: dict, spec: dict, job: dict, s3: S3Options) -> dict:
-    """Ray Data task (decode tasks scale with the CPUs, unlike a fixed actor pool): videos in, their views out
-    (fast frames as raw uint8 bytes plus shape), or why not: a quarantine reason, or one of UNREAD."""
+def cut_views(batch: dict, spec: dict, job: dict, s3: S3Options, chunk_clips: int) -> Iterator[dict]:
+    """Ray Data task (decode tasks scale with the CPUs, unlike a fixed actor pool), a generator: per video, a row per
+    chunk of at most `chunk_clips` clips' views (fast frames as raw uint8 bytes plus shape), cut in one pass over the
+    video; or a row saying why not: a quarantine reason, TIMELINE_LIMIT, or one of UNREAD (also after some chunks,
+    when the video fails part way: the driver drops them). Chunk 0 also carries the video's windows."""
     spec, job = ClipSpec(**spec), Job(**job)
-    out = {k: [] for k in ("video", "size", "etag", "views", "shape", "slow_index", "test_views", "windows",
-                           "reason", "detail", "cut_cpu_s")}
     for i in range(len(batch["video"])):
         task = VideoTask(**{k: _scalar(batch[k][i]) for k in ("video", "root", "rel", "size", "etag")})
-        # "" rather than None: a column of nulls does not come back from Arrow as strings
-        fast, slow, test_views, windows, reason, detail = None, None, 0, [], "", ""
         started = time.process_time()  # the codec's threads included
         try:
-            fast, slow, test_views, windows = _cut(VideoSource(task.root, s3), task, spec, job)
+            for chunk in _chunks(VideoSource(task.root, s3), task, spec, job, chunk_clips):
+                yield _cut_row(task, **chunk, cut_cpu_s=time.process_time() - started)
+                started = time.process_time()
+            continue
         except VideoDecodeError as exc:  # the video's own fault: quarantined
             reason, detail = exc.reason, exc.detail
+        except TimelineLimitError as exc:  # the request's: committed too, another --out with higher limits scores it
+            reason, detail = TIMELINE_LIMIT, f"{exc.problem}; raise {LIMIT_FLAGS[exc.key]} to allow it"
         except ReadFailed as exc:  # the storage's, after its retries: read again by the next run
             reason, detail = READ_FAILED, exc.detail
-        except Exception as exc:  # noqa: BLE001 - neither the video's known fault nor the storage's: not committed
+        except (OSError, MemoryError) as exc:  # a local disk's I/O error, this worker's memory: not committed
             reason, detail = UNEXPECTED, f"{type(exc).__name__}: {exc}"
-        out["video"].append(task.video)
-        out["size"].append(task.size)
-        out["etag"].append(task.etag)
-        out["views"].append(b"" if fast is None else fast.tobytes())
-        out["shape"].append([] if fast is None else list(fast.shape))
-        out["slow_index"].append([] if slow is None else slow.tolist())
-        out["test_views"].append(test_views)
-        out["windows"].append(json.dumps(windows))
-        out["reason"].append(reason)
-        out["detail"].append(detail)
-        out["cut_cpu_s"].append(time.process_time() - started)
-    return out
+        except Exception as exc:  # noqa: BLE001 - its bytes were read and broke the decoder in a way it does not
+            # name: committed as decode_error, as preprocess does (a bug must not fail every later run)
+            reason, detail = DECODE_ERROR, f"unexpected {type(exc).__name__}: {exc}"
+        yield _cut_row(task, reason=reason, detail=detail, cut_cpu_s=time.process_time() - started)
 
 
-def _cut(source: VideoSource, task: VideoTask, spec: ClipSpec, job: Job):
-    """The test views, then (with a timeline) every window's, cut in one pass over the video."""
-    fast, slow, test_views, found = spec.cut_timeline(source.open(task.rel), task.video, windows=job.windows,
-                                                      window_s=job.window_s, stride_s=job.stride_s)
-    windows = [{"start_s": w.start_s, "end_s": w.end_s, "clips": len(w.plans)} for w in found]
-    return fast, slow, test_views, windows
+def _chunks(source: VideoSource, task: VideoTask, spec: ClipSpec, job: Job, chunk_clips: int) -> Iterator[dict]:
+    """The test views, then (with a timeline) every window's, `chunk_clips` clips at a time; each chunk's number, the
+    video's chunk count and how many of its views are test views. Two passes over the video: a chunk holds the frames
+    its own clips span, and the test views span the whole video where the windows' chunks follow each other."""
+    with spec.open(source.open(task.rel), task.video) as reader:
+        plan = spec.plan(reader.info.frames_at(spec.target_fps), windows=job.windows, window_s=job.window_s,
+                         stride_s=job.stride_s, limits=job.limits)
+        window_plans = [p for w in plan.windows for p in w.plans]
+        passes = [(plan.test, True)] + ([(window_plans, False)] if window_plans else [])
+        count = sum(math.ceil(len(plans) / chunk_clips) for plans, _ in passes)
+        windows = [{"start_s": w.start_s, "end_s": w.end_s, "clips": len(w.plans)} for w in plan.windows]
+        k = 0
+        for plans, test in passes:
+            for fast in spec.iter_views(reader, plans, chunk_clips):
+                yield {"chunk": k, "chunks": count, "fast": fast, "test_views": len(fast) if test else 0,
+                       "windows": windows if k == 0 else []}
+                k += 1
+
+
+def _cut_row(task: VideoTask, *, chunk: int = 0, chunks: int = 0, fast: np.ndarray | None = None,
+             test_views: int = 0, windows: list | None = None, reason: str = "", detail: str = "",
+             cut_cpu_s: float) -> dict:
+    """One output batch of `cut_views`: one row. "" rather than None: a column of nulls does not come back from Arrow
+    as strings."""
+    row = {"video": task.video, "size": task.size, "etag": task.etag, "chunk": chunk, "chunks": chunks,
+           "views": b"" if fast is None else fast.tobytes(), "shape": [] if fast is None else list(fast.shape),
+           "test_views": test_views, "windows": json.dumps(windows or []), "reason": reason, "detail": detail,
+           "cut_cpu_s": cut_cpu_s}
+    return {k: [v] for k, v in row.items()}
 
 
 class Score:
-    """Ray Data actor: a batch of videos' views in, per video its top-k (and embedding, windows) out."""
+    """Ray Data actor: chunks of views in; out, per chunk, each view's class probabilities (float32 bytes, views x
+    classes) and, with --embeddings, its test views' pooled features: what the driver averages (`Gatherer`)."""
+
+    PASSED = ("video", "size", "etag", "chunk", "chunks", "test_views", "windows", "reason", "detail", "cut_cpu_s")
 
     def __init__(self, model: list, job: dict, use_gpu: bool, threads: int, mixed_precision: bool):
         net, packed = unpack_model(model, threads)
         self.classifier = VideoClassifier(net, packed["class_names"], ClipSpec(**packed["spec"]),
                                           device="cuda" if use_gpu else "cpu", batch_views=packed["batch_views"],
                                           mixed_precision=mixed_precision)
-        self.job = Job(**job)
+        self.embeddings = Job(**job).embeddings
 
     def __call__(self, batch: dict) -> dict:
-        out = {k: [] for k in ("video", "size", "etag", "reason", "detail", "views", "labels", "scores", "embedding",
-                               "windows", "cut_cpu_s", "score_cpu_s")}
+        out = {k: [] for k in (*self.PASSED, "probs", "features", "score_cpu_s")}
         for i in range(len(batch["video"])):
-            reason = _scalar(batch["reason"][i])
-            row = {"video": _scalar(batch["video"][i]), "size": int(batch["size"][i]), "etag": _scalar(batch["etag"][i]),
-                   "reason": reason, "detail": _scalar(batch["detail"][i]), "views": 0, "labels": "[]",
-                   "scores": "[]", "embedding": b"", "windows": "[]", "cut_cpu_s": float(batch["cut_cpu_s"][i]),
-                   "score_cpu_s": 0.0}
-            if not reason:
+            row = {k: _scalar(batch[k][i]) for k in self.PASSED}
+            row.update(probs=b"", features=b"", score_cpu_s=0.0)
+            if not row["reason"]:
                 started = time.process_time()  # torch's threads included
-                row.update(self.score(batch, i))
+                # A writable copy: torch refuses to wrap read-only memory without a warning.
+                fast = np.frombuffer(batch["views"][i], np.uint8).reshape([int(n) for n in batch["shape"][i]]).copy()
+                test = int(row["test_views"])
+                probs, feats = self.classifier.score(fast, self.classifier.spec.slow_index,
+                                                     features=self.embeddings and test > 0)
+                row["probs"] = probs.tobytes()
+                if feats is not None:
+                    row["features"] = feats[:test].tobytes()
                 row["score_cpu_s"] = time.process_time() - started
             for k, v in row.items():
                 out[k].append(v)
         return out
-
-    def score(self, batch: dict, i: int) -> dict:
-        c, job = self.classifier, self.job
-        # A writable copy: torch refuses to wrap read-only memory without a warning.
-        fast = np.frombuffer(batch["views"][i], np.uint8).reshape([int(n) for n in batch["shape"][i]]).copy()
-        slow = np.array(batch["slow_index"][i], np.int64)
-        n = int(batch["test_views"][i])
-        probs, feats = c.score(fast, slow, features=job.embeddings)
-        top = c.top(probs[:n].astype(np.float64).mean(0), job.top_k)
-        row = {"views": n, "labels": json.dumps(top["labels"]), "scores": json.dumps(top["scores"])}
-        if job.embeddings:
-            row["embedding"] = feats[:n].mean(0).astype(np.float32).tobytes()
-        windows = json.loads(_scalar(batch["windows"][i]))
-        if windows:
-            per_window = window_probabilities(probs[n:], [w["clips"] for w in windows], c.spec.spatial_crops)
-            row["windows"] = json.dumps([{"start_s": round(w["start_s"], 3), "end_s": round(w["end_s"], 3),
-                                          **c.top(p, job.top_k)} for w, p in zip(windows, per_window)])
-        return row
 
 
 def pack_model(net: torch.nn.Module, **extra) -> dict:
@@ -327,42 +289,6 @@ def _scalar(value):
 
 
 # --- the driver ----------------------------------------------------------------------------------
-
-def identity(loaded: VideoClassifier, job: Job, model_uri: str) -> dict:
-    """What an --out folder's results come from: the weights (by digest, whatever the URI said), the
-    classes, the views and the job."""
-    digest = hashlib.sha256()
-    for key, value in sorted(loaded.model.state_dict().items()):
-        digest.update(key.encode())
-        digest.update(value.detach().cpu().contiguous().numpy().tobytes())
-    return {"model_uri": model_uri, "weights_sha256": digest.hexdigest(), "class_names": loaded.class_names,
-            "spec": asdict(loaded.spec), "job": asdict(job)}
-
-
-def check_out(out: Storage, ident: dict) -> None:
-    """An --out folder holds the results of one model and job: refuse to mix in others."""
-    if not out.exists("infer.json"):
-        out.write_bytes("infer.json", json.dumps(ident, indent=1).encode())
-        return
-    held = json.loads(out.read_bytes("infer.json"))
-    differ = [k for k in ("weights_sha256", "class_names", "spec", "job") if held.get(k) != ident[k]]
-    if differ:
-        raise InferError(f"--out {out.uri()}: holds results of {held.get('model_uri')} with other "
-                         f"{', '.join(differ)} than this run ({ident['model_uri']}); give another --out "
-                         "(or delete that folder to start over)")
-
-
-def drop_uncommitted(out: Storage, state: manifest.DatasetState) -> int:
-    """Delete the parts that no manifest names (an interrupted run's: the lock is held, no other run writes), and
-    those a compaction retired but did not get to delete; returns how many."""
-    dropped = 0
-    for folder in (PREDICTIONS, WINDOWS):
-        for rel in out.list(folder, suffix=".parquet"):
-            if state.shards.get(posixpath.basename(rel).removesuffix(".parquet"), {}).get("rows", 0) == 0:
-                out.delete(rel)
-                dropped += 1
-    return dropped
-
 
 def pool_size(cfg: InferSection) -> int:
     """Scoring actors at most: infer.workers, else what the cluster has room for."""
@@ -454,14 +380,17 @@ def _infer(cfg: PipelineConfig, model_uri: str, videos: str, job: Job, *, out: S
         # Decode tasks retry on their own (a lost worker's video is cut again); their remote args differ
         # from the actors', which also keeps Ray Data from fusing decoding into the scoring actors: tasks
         # scale with the CPUs, the pool with the workers, and a GPU actor never waits on PyAV.
-        ds = decode_tasks(ds, cut_views, cfg, fn_kwargs=dict(spec=asdict(loaded.spec), job=asdict(job), s3=out.s3))
+        ds = decode_tasks(ds, cut_views, cfg, fn_kwargs=dict(spec=asdict(loaded.spec), job=asdict(job), s3=out.s3,
+                                                             chunk_clips=cfg.infer.chunk_clips))
         ds = ds.map_batches(Score, batch_size=cfg.infer.batch_videos, batch_format="numpy", **scoring_actors(cfg),
                             fn_constructor_kwargs=dict(model=[ray.put(packed)], job=asdict(job),
                                                        use_gpu=cfg.infer.use_gpu, threads=threads,
                                                        mixed_precision=cfg.infer.mixed_precision))
+        gatherer = Gatherer(loaded, job)
         with stops_when_stalled(cfg, "infer's decode tasks and scoring actors", InferError):
             for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
-                writer.add([{k: _scalar(batch[k][i]) for k in batch} for i in range(len(batch["video"]))])
+                writer.add(gatherer.add([{k: _scalar(batch[k][i]) for k in batch} for i in range(len(batch["video"]))]))
+        writer.add(gatherer.unfinished())
     writer.flush()
     compacted = compact(out, manifest.DatasetState.load(out, MANIFESTS), job, lock)
     state = manifest.DatasetState.load(out, MANIFESTS)
@@ -483,310 +412,70 @@ def _infer(cfg: PipelineConfig, model_uri: str, videos: str, job: Job, *, out: S
     return summary
 
 
-class Writer:
-    """The driver's end: results into Parquet parts, committed with a manifest every so often; unread videos
-    are counted, never committed."""
+class Gatherer:
+    """The driver's side of the chunks: a video's scored chunks, arriving in any order and between other videos',
+    held until all are in; then the video's row for the Writer: the mean of its test views' probabilities and its
+    top-k, embedding and per-window top-k, averaged by `window_means` as predict averages them. A video whose cut
+    failed, even part way, is its failure row; one whose chunks are not all in when the run dies is never handed on
+    (the next run scores it)."""
 
-    def __init__(self, out: Storage, job: Job, lock: RunLock, *, every_s: float, log, total: int):
-        self.out, self.job, self.lock, self.every_s, self.log, self.total = out, job, lock, every_s, log, total
-        self.pending: list[dict] = []
-        self.unread: list[dict] = []
-        self.last = time.time()
-        self.scored = self.quarantined = self.views = 0
-        self.cpu_s = {"cut": 0.0, "score": 0.0}  # CPU seconds the decode tasks and scoring actors spent
+    def __init__(self, classifier: VideoClassifier, job: Job):
+        self.classifier, self.job = classifier, job
+        self.held: dict[str, dict[int, dict]] = {}  # video -> chunk number -> its scored row
+        self.finished: set[str] = set()  # videos handed on: a chunk of theirs arriving later is dropped
 
-    def add(self, rows: list[dict]) -> None:
+    def add(self, rows: list[dict]) -> list[dict]:
+        """The rows of the videos that these scored chunk rows complete (or fail)."""
+        done = []
         for row in rows:
-            (self.unread if row["reason"] in UNREAD else self.pending).append(row)
-        if time.time() - self.last >= self.every_s:
-            self.flush()
-
-    def flush(self) -> None:
-        if not self.pending:
-            return
-        part = f"part-{uuid.uuid4().hex}"
-        good = [r for r in self.pending if not r["reason"]]
-        if good:
-            pq.write_table(predictions_table(good, self.job), self.out.path(PREDICTIONS, f"{part}.parquet"),
-                           filesystem=self.out.fs)
-            if self.job.windows:
-                pq.write_table(windows_table(good), self.out.path(WINDOWS, f"{part}.parquet"), filesystem=self.out.fs)
-        records = [manifest.VideoRecord(r["video"], r["video"], int(r["size"]), r["etag"],
-                                        shard=None if r["reason"] else part, clips=int(r["views"]),
-                                        reason=r["reason"] or None, detail=r["detail"] or None) for r in self.pending]
-        self.lock.refresh()  # still ours: a run taken over (it looked dead) commits nothing more
-        manifest.commit(self.out, MANIFESTS, self.lock.run_id, records,
-                        [{"path": part, "rows": len(good)}] if good else [])
-        self.scored += len(good)
-        self.quarantined += len(self.pending) - len(good)
-        self.views += sum(int(r["views"]) for r in good)
-        for step in self.cpu_s:
-            self.cpu_s[step] += sum(float(r.get(f"{step}_cpu_s", 0.0)) for r in self.pending)
-        self.pending.clear()
-        self.last = time.time()
-        self.log(f"  infer: {self.scored + self.quarantined}/{self.total} videos committed "
-                 f"({self.quarantined} unreadable" + (f", {len(self.unread)} not read" if self.unread else "") + ")")
-
-
-def predictions_table(rows: list[dict], job: Job) -> pa.Table:
-    columns = {"video": pa.array([r["video"] for r in rows], pa.string()),
-               "labels": pa.array([json.loads(r["labels"]) for r in rows], pa.list_(pa.string())),
-               "scores": pa.array([json.loads(r["scores"]) for r in rows], pa.list_(pa.float32())),
-               "views": pa.array([int(r["views"]) for r in rows], pa.int32())}
-    if job.embeddings:
-        flat = np.concatenate([np.frombuffer(r["embedding"], np.float32) for r in rows])
-        columns["embedding"] = pa.FixedSizeListArray.from_arrays(pa.array(flat), len(flat) // len(rows))
-    return pa.table(columns)
-
-
-def windows_table(rows: list[dict]) -> pa.Table:
-    flat = [(r["video"], k, w) for r in rows for k, w in enumerate(json.loads(r["windows"]))]
-    return pa.table({"video": pa.array([v for v, _, _ in flat], pa.string()),
-                     "window": pa.array([k for _, k, _ in flat], pa.int32()),
-                     "start_s": pa.array([w["start_s"] for _, _, w in flat], pa.float64()),
-                     "end_s": pa.array([w["end_s"] for _, _, w in flat], pa.float64()),
-                     "labels": pa.array([w["labels"] for _, _, w in flat], pa.list_(pa.string())),
-                     "scores": pa.array([w["scores"] for _, _, w in flat], pa.list_(pa.float32()))})
-
-
-def write_quarantine(out: Storage, state: manifest.DatasetState) -> str:
-    """video, reason, detail of every video committed as unreadable, as CSV."""
-    text = io.StringIO()
-    writer = csv.writer(text)
-    writer.writerow(["video", "reason", "detail"])
-    for rec in sorted(state.videos.values(), key=lambda r: r.video_id):
-        if rec.quarantined:
-            writer.writerow([rec.video_id, rec.reason, rec.detail])
-    out.write_bytes("quarantine.csv", text.getvalue().encode())
-    return out.uri("quarantine.csv")
-
-
-def current_parts(state: manifest.DatasetState) -> dict[str, set[str]]:
-    """part -> the videos whose latest committed record is a score in it."""
-    parts: dict[str, set[str]] = {}
-    for video, rec in state.videos.items():
-        if rec.shard and not rec.quarantined:
-            parts.setdefault(rec.shard, set()).add(video)
-    return parts
-
-
-def compact(out: Storage, state: manifest.DatasetState, job: Job, lock: RunLock) -> int:
-    """Retire the committed parts that hold rows no longer a video's latest (scored again since, or quarantined
-    after its file changed), so that predictions/ read as a plain Parquet folder holds one row per video once a run
-    has ended. Parts never change in place: their current rows go to one new part, a commit points those videos
-    there and retires the old parts (rows 0), then their files are deleted (a crash before: the next run's
-    `drop_uncommitted` deletes them). A reader still on the older state finds a part gone and reads again.
-    Returns how many parts were retired."""
-    current = current_parts(state)
-    stale = sorted(part for part, shard in state.shards.items() if shard["rows"] > len(current.get(part, ())))
-    if not stale:
-        return 0
-    kept = sorted(video for part in stale for video in current.get(part, ()))
-    records, shards = [], [{"path": part, "rows": 0} for part in stale]
-    if kept:
-        merged = f"part-{uuid.uuid4().hex}"
-        for folder in _folders(job):
-            rows = pa.concat_tables([_rows_of(out, folder, part, current[part]) for part in stale if part in current])
-            pq.write_table(rows, out.path(folder, f"{merged}.parquet"), filesystem=out.fs)
-        records = [replace(state.videos[video], shard=merged) for video in kept]
-        shards.append({"path": merged, "rows": len(kept)})
-    lock.refresh()
-    manifest.commit(out, MANIFESTS, lock.run_id, records, shards)
-    for part in stale:
-        for folder in _folders(job):
-            if out.exists(f"{folder}/{part}.parquet"):  # gone already: deleted by an older --out's re-runs
-                out.delete(f"{folder}/{part}.parquet")
-    return len(stale)
-
-
-def _folders(job: Job) -> tuple[str, ...]:
-    return (PREDICTIONS, WINDOWS) if job.windows else (PREDICTIONS,)
-
-
-# --- one run at a time -----------------------------------------------------------------------------
-
-class RunLock:
-    """One infer run at a time per --out. lock/<n>.json names the run holding it: run id, host, pid, started_at
-    and heartbeat_at (rewritten every LOCK_HEARTBEAT_S and before each commit). The newest n holds; a run takes
-    the lock by creating the next n, which only one of two racing runs can (O_EXCL on a local or NFS folder, a
-    conditional PUT `If-None-Match: *` on S3). The newest lock is free once its run released it or died: on this
-    host its pid is gone, from any host its heartbeat is older than LOCK_STALE_S. A run whose lock was taken over
-    (it looked dead) finds a newer n at its next commit and stops there, so its parts are never committed after
-    the new holder dropped them."""
-
-    def __init__(self, out: Storage, run_id: str):
-        self.out, self.run_id = out, run_id
-        self.number = 0  # the lock/<n>.json held, once acquired
-        self.body = {"run_id": run_id, "host": socket.gethostname(), "pid": os.getpid(), "started_at": time.time()}
-        self._mutex = threading.Lock()  # the heartbeat thread and the commits both refresh
-        self._stop = threading.Event()
-        self._beat = threading.Thread(target=self._heartbeat, name="infer-lock-heartbeat", daemon=True)
-
-    def acquire(self) -> dict | None:
-        """Take the lock, or raise InferError naming its holder; returns the dead run's lock taken over, if any."""
-        for _ in range(3):  # losing a race to create the next lock: that run holds it
-            number, held = self._newest()
-            if held and not held.get("released") and not _dead(held):
-                raise InferError(f"--out {self.out.uri()}: another infer run is writing there (run {held['run_id']}, "
-                                 f"{holder(held)}); wait for it to end, or give another --out. A lock whose run died "
-                                 f"is taken over: on its host once its pid is gone, from another after "
-                                 f"{LOCK_STALE_S:g} s without a heartbeat")
-            if self._create(number + 1):
-                self.number = number + 1
-                for older in self.out.list(LOCKS, suffix=".json"):
-                    if _lock_number(older) < self.number:
-                        self.out.delete(older)
-                self._beat.start()
-                return held if held and not held.get("released") else None
-        raise InferError(f"--out {self.out.uri()}: other infer runs keep taking its lock; run one at a time")
-
-    def refresh(self) -> None:
-        """Rewrite the heartbeat; raise InferError if another run has taken the lock over."""
-        with self._mutex:
-            number, held = self._newest()
-            if number != self.number:
-                raise InferError(f"--out {self.out.uri()}: run {held['run_id']} ({holder(held)}) took this run's lock "
-                                 f"over, judging it dead (its pid gone, or no heartbeat for {LOCK_STALE_S:g} s): this "
-                                 "run stops; what it committed stays")
-            self.out.write_bytes(self._name(self.number), self._encode())
-
-    def release(self) -> None:
-        """Mark the lock free (when it is still ours)."""
-        self._stop.set()
-        if self._beat.is_alive():
-            self._beat.join()
-        with self._mutex:
-            try:
-                if self.number and self._newest()[0] == self.number:
-                    self.out.write_bytes(self._name(self.number), self._encode(released=True))
-            except OSError:  # --out unreachable: the next run takes the lock over once this pid is gone
-                pass
-
-    def _heartbeat(self) -> None:
-        while not self._stop.wait(LOCK_HEARTBEAT_S):
-            try:
-                self.refresh()
-            except InferError:  # taken over: the next commit's refresh says so
-                return
-            except OSError:  # a failed write: the next beat tries again (stale only after LOCK_STALE_S)
+            video = row["video"]
+            if video in self.finished:  # a chunk cut before its video failed part way, or a retried task's repeat
                 continue
+            if row["reason"]:
+                earlier = list(self.held.pop(video, {}).values())
+                done.append(self._video_row(row, [*earlier, row], reason=row["reason"], detail=row["detail"]))
+            else:
+                chunks = self.held.setdefault(video, {})
+                chunks[int(row["chunk"])] = row
+                if len(chunks) < int(row["chunks"]):
+                    continue
+                done.append(self._scores(self.held.pop(video)))
+            self.finished.add(video)
+        return done
 
-    def _newest(self) -> tuple[int, dict | None]:
-        while True:
-            names = self.out.list(LOCKS, suffix=".json")
-            if not names:
-                return 0, None
-            try:
-                return _lock_number(names[-1]), json.loads(self.out.read_bytes(names[-1]))
-            except FileNotFoundError:  # a newer one was taken since the listing, and this one deleted
-                continue
+    def unfinished(self) -> list[dict]:
+        """The videos with chunks still missing once the stream has ended (a chunk lost: never committed)."""
+        rows = []
+        for chunks in self.held.values():
+            some = list(chunks.values())
+            rows.append(self._video_row(some[0], some, reason=UNEXPECTED,
+                                        detail=f"{len(some)} of {some[0]['chunks']} chunks scored"))
+        self.held.clear()
+        return rows
 
-    def _create(self, number: int) -> bool:
-        """Create lock/<number>.json holding this run, unless it exists (another run won it)."""
-        data = self._encode()
-        if self.out.is_s3:
-            from botocore.exceptions import ClientError
-
-            bucket, prefix = split_s3(self.out.root)
-            try:
-                VideoSource(self.out.root, self.out.s3).client.put_object(
-                    Bucket=bucket, Key=posixpath.join(prefix, self._name(number)), Body=data, IfNoneMatch="*")
-            except ClientError as exc:
-                if exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode") in (409, 412):
-                    return False  # 412: it exists; 409: another conditional write of it is under way
-                raise InferError(f"--out {self.out.uri()}: cannot write its lock ({exc})") from exc
-            return True
-        target = self.out.path(self._name(number))
-        os.makedirs(os.path.dirname(target), exist_ok=True)
-        # Written whole, then linked into place: link fails if the name exists, and no reader sees a part-written lock.
-        fd, tmp = tempfile.mkstemp(dir=os.path.dirname(target), prefix=".tmp-")
-        try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-            os.link(tmp, target)
-            return True
-        except FileExistsError:
-            return False
-        finally:
-            os.unlink(tmp)
-
-    def _encode(self, released: bool = False) -> bytes:
-        return json.dumps({**self.body, "heartbeat_at": time.time(), "released": released}).encode()
+    def _scores(self, chunks: dict[int, dict]) -> dict:
+        c, job = self.classifier, self.job
+        rows = [chunks[k] for k in range(len(chunks))]
+        test = sum(int(r["test_views"]) for r in rows)
+        windows = json.loads(rows[0]["windows"])
+        probs = (np.frombuffer(r["probs"], np.float32).reshape(-1, len(c.class_names)) for r in rows)
+        means = window_means(probs, [test] + [w["clips"] * c.spec.spatial_crops for w in windows])
+        top = c.top(means[0], job.top_k)
+        out = self._video_row(rows[0], rows, views=test, labels=json.dumps(top["labels"]),
+                              scores=json.dumps(top["scores"]))
+        if job.embeddings:
+            feats = np.frombuffer(b"".join(r["features"] for r in rows), np.float32).reshape(test, -1)
+            out["embedding"] = feats.mean(0).astype(np.float32).tobytes()
+        if windows:
+            out["windows"] = json.dumps([{"start_s": round(w["start_s"], 3), "end_s": round(w["end_s"], 3),
+                                          **c.top(p, job.top_k)} for w, p in zip(windows, means[1:])])
+        return out
 
     @staticmethod
-    def _name(number: int) -> str:
-        return f"{LOCKS}/{number:010d}.json"
-
-
-def _lock_number(rel: str) -> int:
-    return int(posixpath.basename(rel).removesuffix(".json"))
-
-
-def holder(lock: dict) -> str:
-    """Who holds a lock, for a message: host, pid, when it started and last beat."""
-    now = time.time()
-    return (f"host {lock['host']}, pid {lock['pid']}, started {now - lock['started_at']:.0f} s ago, last heartbeat "
-            f"{now - lock['heartbeat_at']:.0f} s ago")
-
-
-def _dead(lock: dict) -> bool:
-    """Whether a held lock's run is gone: its pid, when it ran on this host; else its heartbeat's age."""
-    if lock["host"] == socket.gethostname() and not _pid_alive(lock["pid"]):
-        return True
-    return time.time() - lock["heartbeat_at"] > LOCK_STALE_S
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # another user's process
-        return True
-    return True
-
-
-# --- reading --out -----------------------------------------------------------------------------------
-
-def read_predictions(out_uri: str, s3: S3Options | None = None) -> pa.Table:
-    """The predictions in an --out folder: each video's latest committed row, exactly one per video, sorted by
-    video; right at any moment (a run writing there, one that crashed, videos scored again). Read --out through
-    this rather than as a Parquet folder: predictions/ also holds the parts a running or crashed run has not
-    committed, and a re-scored video's superseded row until the run that re-scored it ends."""
-    return read_committed(Storage(out_uri, s3), PREDICTIONS)
-
-
-def read_windows(out_uri: str, s3: S3Options | None = None) -> pa.Table:
-    """The timeline windows (`--windows`) of each video's latest committed result, sorted by video and window."""
-    return read_committed(Storage(out_uri, s3), WINDOWS)
-
-
-def read_committed(out: Storage, folder: str) -> pa.Table:
-    """The rows of `folder` (predictions or windows) whose video's latest committed record names their part, as of
-    the manifests read first: parts never change once written, so the read is that moment's state, unless a
-    compaction deleted a part meanwhile; then it starts over."""
-    if not out.exists("infer.json"):
-        raise InferError(f"{out.uri()}: no infer results there (no infer.json)")
-    job = Job(**json.loads(out.read_bytes("infer.json"))["job"])
-    if folder == WINDOWS and not job.windows:
-        raise InferError(f"{out.uri()}: scored without --windows: it holds no windows")
-    for _ in range(READ_TRIES):
-        parts = current_parts(manifest.DatasetState.load(out, MANIFESTS))
-        try:
-            tables = [_rows_of(out, folder, part, videos) for part, videos in sorted(parts.items())]
-        except FileNotFoundError:  # retired by a compaction since the manifests were read
-            continue
-        if not tables:  # no video scored yet: the columns, no rows
-            return predictions_table([], Job()) if folder == PREDICTIONS else windows_table([])
-        table = pa.concat_tables(tables)
-        return table.sort_by([("video", "ascending")] + ([("window", "ascending")] if folder == WINDOWS else []))
-    raise InferError(f"{out.uri()}: parts were compacted away while being read, {READ_TRIES} times; read again")
-
-
-def _rows_of(out: Storage, folder: str, part: str, videos: set[str]) -> pa.Table:
-    """The rows of `videos` in a part, its file read in one go: a deletion meanwhile is FileNotFoundError, never
-    half a file."""
-    table = pq.read_table(pa.BufferReader(out.read_bytes(f"{folder}/{part}.parquet")))
-    return table.filter(pc.is_in(table["video"], value_set=pa.array(sorted(videos), pa.string())))
+    def _video_row(first: dict, chunks: list[dict], **fields) -> dict:
+        """A video's row as the Writer takes it, with its chunks' CPU time summed."""
+        row = {"video": first["video"], "size": int(first["size"]), "etag": first["etag"], "reason": "", "detail": "",
+               "views": 0, "labels": "[]", "scores": "[]", "embedding": b"", "windows": "[]",
+               "cut_cpu_s": sum(float(r["cut_cpu_s"]) for r in chunks),
+               "score_cpu_s": sum(float(r["score_cpu_s"]) for r in chunks)}
+        return {**row, **fields}

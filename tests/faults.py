@@ -22,11 +22,13 @@ class FaultProxy:
     """Forwards every request to `upstream`. A GET of an object whose key ends with one of `suffixes` is a video
     GET: the n-th GET of each video key (n from 0) gets `faults[n]` if there is one, and passes after that;
     `faults` may also be a function of the key's number (in order of first GET) giving that key's faults. With
-    `down` set every video GET is reset. `injected` counts the faults by kind, `gets` the GETs per key."""
+    `down` set every video GET is reset. `injected` counts the faults by kind, `gets` the GETs per key.
+    `drop_headers`: request headers left out on the way (e.g. If-None-Match, as a store without conditional writes)."""
 
     def __init__(self, upstream: str, faults: tuple[str, ...] | Callable[[int], tuple[str, ...]] = (),
-                 suffixes: tuple[str, ...] = (".mp4",)):
+                 suffixes: tuple[str, ...] = (".mp4",), drop_headers: tuple[str, ...] = ()):
         self.upstream = urlparse(upstream)
+        self.drop_headers = {h.lower() for h in drop_headers}
         self.faults, self.suffixes = faults, suffixes
         self.keys: dict[str, tuple[str, ...]] = {}  # video key -> its faults
         self.down = False
@@ -98,7 +100,8 @@ class _Handler(BaseHTTPRequestHandler):
             return
         up = http.client.HTTPConnection(self.owner.upstream.hostname, self.owner.upstream.port, timeout=60)
         try:
-            headers = {k: v for k, v in self.headers.items() if k.lower() not in _HOP_BY_HOP}
+            dropped = _HOP_BY_HOP | self.owner.drop_headers
+            headers = {k: v for k, v in self.headers.items() if k.lower() not in dropped}
             if body is not None:
                 headers["Content-Length"] = str(len(body))
             up.request(self.command, self.path, body=body, headers=headers)

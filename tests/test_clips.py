@@ -126,6 +126,10 @@ def test_clips_store_each_frame_once_and_match_decode_windows(gop_videos):
         np.testing.assert_array_equal(np.stack([encoded[k] for k in clips.items(i)]), window)
     assert clips.slow_index.tolist() == [0, 4, 8, 13, 17, 22, 26, 31]
     assert [round(clips.start_sec(i), 4) for i in (0, 9)] == [0.0, round(236 * 9 / 10 / TARGET_FPS, 4)]
+    # Frames are told apart by the source frame, not by what encode returns: the same object for every frame
+    # (bench data's decode-only pass returns None) still counts each distinct frame.
+    with VideoReader(video.path, threads=1) as reader:
+        assert len(cut_clips(reader, sampling, encode=lambda frame: None).frames) == len(distinct)
 
 
 def test_preprocess_and_serving_cut_the_same_fast_frames(tmp_path):

@@ -26,8 +26,8 @@ from conftest import REPO, free_port
 from faults import FaultProxy
 from pipelines import tracking
 from pipelines.cli import main
-from pipelines.infer import (InferError, Job, RunLock, list_videos, local_inputs, read_predictions, read_windows,
-                             run_infer)
+from pipelines.infer import list_videos, local_inputs, run_infer
+from pipelines.infer_out import InferError, Job, RunLock, read_predictions, read_windows
 from pipelines.storage import S3Options, Storage
 from stop_hook import stop_after, wait_stopped
 from test_infer import registered, videos_of  # noqa: F401 - registered is a fixture
@@ -197,6 +197,32 @@ def test_of_runs_racing_for_an_out_one_takes_the_lock(where, s3_endpoint, tmp_pa
     late = RunLock(out, "late")
     assert late.acquire() is None  # a released lock: nothing taken over
     late.release()
+
+
+def test_a_store_without_conditional_writes_is_refused_and_a_live_lock_in_another_process_space_is_kept(
+        s3_endpoint, tmp_path):
+    """An S3 endpoint that ignores If-None-Match (here: a proxy that drops the header) could let two runs hold the
+    lock: refused. A lock whose pid is not alive here, written with this host's name from another boot or pid
+    namespace (a container on the host's network), is a live run's while its heartbeat is fresh."""
+    boto3.client("s3", endpoint_url=s3_endpoint).create_bucket(Bucket="unconditional")
+    with FaultProxy(s3_endpoint, drop_headers=("If-None-Match",)) as proxy:
+        with pytest.raises(InferError, match="does not honour conditional writes"):
+            RunLock(Storage("s3://unconditional/out", S3Options(proxy.url)), "run").acquire()
+
+    out = Storage(str(tmp_path / "out"))
+    first = RunLock(out, "first")
+    first.acquire()
+    first._stop.set()  # no heartbeat from here on: the lock stays as the test writes it
+    path = Path(out.path(RunLock._name(first.number)))
+    lock = json.loads(path.read_text())
+    lock["pid"] = 2**22 + 7  # above Linux's pid_max: no process here has it
+    path.write_text(json.dumps({**lock, "processes": "another-boot pid:[4026531836]"}))
+    with pytest.raises(InferError, match="another infer run is writing there"):
+        RunLock(out, "second").acquire()
+    path.write_text(json.dumps(lock))  # the same process space: its pid is gone, the run is dead
+    second = RunLock(out, "second")
+    assert second.acquire()["run_id"] == "first"
+    second.release()
 
 
 class Endpoint:

@@ -13,7 +13,7 @@ from conftest import pipeline_config
 from faults import CUT, FAULTS, RESET, SLOWDOWN, FaultProxy
 from pipelines import cli
 from pipelines.data import run_preprocess, storage_of
-from pipelines.storage import ReadFailed, S3Options, VideoSource
+from pipelines.storage import ReadFailed, S3Options, Storage, VideoSource
 from slowfast.shards import manifest
 from slowfast.video.decode import MISSING_FILE, VideoDecodeError
 
@@ -131,3 +131,35 @@ def test_retry_quarantined_decodes_those_videos_again(ray_local, synth_set, tmp_
                            retry_quarantined=frozenset({"decode_error"}))["splits"]["val"]
     assert (again["decoded_now"], again["processed"], again["quarantined"]) == (1, 4, 0)
     assert not manifest.DatasetState.load(store, folder).videos[first].quarantined
+
+
+def test_infer_through_a_flaky_network_scores_every_video_exactly_once(ray_local, s3_endpoint, bucket, synth_set,
+                                                                       tmp_path):
+    from test_infer import MODEL
+
+    from pipelines import tracking
+    from pipelines.infer import run_infer
+    from pipelines.infer_out import Job
+    from slowfast.model import SlowFast
+    from slowfast.serving import ClipSpec
+
+    schedule = ((CUT,), (SLOWDOWN,), (RESET,), (CUT, RESET))
+    with FaultProxy(s3_endpoint, faults=lambda n: schedule[n % len(schedule)]) as proxy:
+        cfg = config_via(proxy, tmp_path, synth_set, bucket,
+                         mlflow={"tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}", "model_name": MODEL},
+                         infer={"commit_every_s": 0.0, "batch_videos": 2})
+        net = SlowFast(cfg.model.to_slowfast_config(num_classes=4))
+        run_id = tracking.client(cfg).create_run(tracking.experiment_id(cfg, log=lambda *_: None)).info.run_id
+        spec = ClipSpec(T=4, tau=4, alpha=4, target_fps=30.0, short_side=48, crop=32, temporal_views=2,
+                        spatial_crops=1)
+        version = tracking.log_model(cfg, run_id, net=net, class_names=["a", "b", "c", "d"], spec=spec, metadata={})
+        out = tmp_path / "scores"
+        s = run_infer(cfg, f"models:/{MODEL}/{version}", f"{bucket}/val", str(out), Job(top_k=1),
+                      log=lambda *_: None)
+
+    assert set(proxy.injected) == set(FAULTS) and sum(proxy.injected.values()) == 4 + 1  # 4 val videos; 1 twice
+    assert (s["scored_now"], s["quarantined_now"], s["unread_now"]) == (4, 0, 0), s
+    records = [v for c in manifest.load_commits(Storage(str(out)), "manifests") for v in c.videos]
+    assert sorted(r.video_id for r in records) == sorted(f"{bucket}/val/{p.relative_to(synth_set / 'val')}"
+                                                         for p in (synth_set / "val").rglob("*.mp4"))
+    assert not any(r.quarantined for r in records)

@@ -243,20 +243,26 @@ def iter_clips(reader: VideoReader, sampling: ClipSampling, groups: Sequence[Seq
     order = sorted(last_group)
     times = [j / sampling.target_fps for j in order]  # ClipPlan.times' arithmetic
     decoded = zip(order, reader.decode_stream(times, short_side=sampling.short_side))
-    held: dict[int, Any] = {}  # frame index -> the frame (or its encoding), one object per distinct frame
+    # frame index -> (which distinct source frame, the frame or its encoding): an encoding may be any object, even
+    # the same one for two frames (None), so frames are told apart by number, not by what `encode` returned
+    held: dict[int, tuple[int, Any]] = {}
     previous = item = None
+    source = 0
     height, width = reader.frame_size(sampling.short_side)
     for k, (plans, frames) in enumerate(zip(groups, wanted)):
         while frames and frames[-1] not in held:
             j, rgb = next(decoded)
             if rgb is not previous:  # the same array: the same source frame shown at both times
                 item, previous = (rgb if encode is None else encode(rgb)), rgb
-            held[j] = item
+                source += 1
+            held[j] = (source, item)
         items: list = []
         position: dict[int, int] = {}
+        shown = None
         for j in frames:
-            if not items or held[j] is not items[-1]:
-                items.append(held[j])
+            if held[j][0] != shown:
+                shown = held[j][0]
+                items.append(held[j][1])
             position[j] = len(items) - 1
         rows = [np.array([position[int(j)] for j in p.indices], np.int64) for p in plans]
         for j in frames:
