@@ -10,7 +10,6 @@ import json
 import os
 import posixpath
 import socket
-import tempfile
 import threading
 import time
 import uuid
@@ -26,7 +25,7 @@ from slowfast.shards import manifest
 from slowfast.video.clips import MAX_CLIPS, MAX_WINDOWS, TimelineLimits, positive_seconds
 
 from .errors import PipelineError
-from .storage import S3Options, Storage, VideoSource, split_s3
+from .storage import S3Options, Storage, StorageError
 
 # --out holds, per committed batch `part-<id>`: predictions/part-<id>.parquet (video, labels, scores, views, embedding
 # if asked) and windows/part-<id>.parquet (one row per timeline window, if asked); the manifests/ commit log; lock/
@@ -334,55 +333,24 @@ class RunLock:
     def _check_conditional_writes(self) -> None:
         """Refuse an S3 endpoint that does not honour If-None-Match (a second conditional PUT of one key must fail):
         without it two runs could both take the lock."""
-        from botocore.exceptions import ClientError
-
-        bucket, prefix = split_s3(self.out.root)
-        key = posixpath.join(prefix, LOCKS, f".probe-{self.run_id}")
-        client = VideoSource(self.out.root, self.out.s3).client
+        probe = f"{LOCKS}/.probe-{self.run_id}"
         try:
-            for attempt in (1, 2):
-                try:
-                    client.put_object(Bucket=bucket, Key=key, Body=b"probe", IfNoneMatch="*")
-                except ClientError as exc:
-                    if attempt == 2 and exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode") == 412:
-                        return
-                    raise InferError(f"--out {self.out.uri()}: cannot write its lock ({exc})") from exc
+            first = self.out.create_bytes(probe, b"probe")
+            second = self.out.create_bytes(probe, b"probe")
+            self.out.delete(probe)
+        except (StorageError, OSError) as exc:  # pyarrow's errors are OSErrors
+            raise InferError(f"--out {self.out.uri()}: cannot write its lock ({exc})") from exc
+        if first and second:
             raise InferError(f"--out {self.out.uri()}: this S3 endpoint does not honour conditional writes "
                              "(If-None-Match), so one run per --out cannot be guaranteed there; give an --out on a "
                              "store that does (AWS S3 since 2024, a local or shared folder)")
-        finally:
-            client.delete_object(Bucket=bucket, Key=key)
 
     def _create(self, number: int) -> bool:
         """Create lock/<number>.json holding this run, unless it exists (another run won it)."""
-        data = self._encode()
-        if self.out.is_s3:
-            from botocore.exceptions import ClientError
-
-            bucket, prefix = split_s3(self.out.root)
-            try:
-                VideoSource(self.out.root, self.out.s3).client.put_object(
-                    Bucket=bucket, Key=posixpath.join(prefix, self._name(number)), Body=data, IfNoneMatch="*")
-            except ClientError as exc:
-                if exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode") in (409, 412):
-                    return False  # 412: it exists; 409: another conditional write of it is under way
-                raise InferError(f"--out {self.out.uri()}: cannot write its lock ({exc})") from exc
-            return True
-        target = self.out.path(self._name(number))
-        os.makedirs(os.path.dirname(target), exist_ok=True)
-        # Written whole, then linked into place: link fails if the name exists, and no reader sees a part-written lock.
-        fd, tmp = tempfile.mkstemp(dir=os.path.dirname(target), prefix=".tmp-")
         try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-            os.link(tmp, target)
-            return True
-        except FileExistsError:
-            return False
-        finally:
-            os.unlink(tmp)
+            return self.out.create_bytes(self._name(number), self._encode())
+        except StorageError as exc:
+            raise InferError(f"--out {self.out.uri()}: cannot write its lock ({exc})") from exc
 
     def _encode(self, released: bool = False) -> bytes:
         return json.dumps({**self.body, "heartbeat_at": time.time(), "released": released}).encode()

@@ -146,6 +146,37 @@ class Storage:
         os.replace(tmp, target)
         return target
 
+    def create_bytes(self, rel: str, data: bytes) -> bool:
+        """Write `data` whole at rel unless something is there already; False when it is (another writer won).
+        Locally the file is linked into place, which fails if the name exists; on S3 a conditional PUT
+        (If-None-Match: *), which only one of two writers gets (StorageError when the store answers otherwise)."""
+        if self.is_s3:
+            from botocore.exceptions import ClientError
+
+            bucket, prefix = split_s3(self.root)
+            try:
+                VideoSource(self.root, self.s3).client.put_object(
+                    Bucket=bucket, Key=posixpath.join(prefix, rel), Body=data, IfNoneMatch="*")
+            except ClientError as exc:
+                if exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode") in (409, 412):
+                    return False  # 412: it exists; 409: another conditional write of it is under way
+                raise StorageError(f"{self.uri(rel)}: cannot write ({exc})") from exc
+            return True
+        target = self.path(rel)
+        os.makedirs(os.path.dirname(target), exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=os.path.dirname(target), prefix=".tmp-")
+        try:
+            with os.fdopen(fd, "wb") as out:
+                out.write(data)
+                out.flush()
+                os.fsync(out.fileno())
+            os.link(tmp, target)  # no reader ever sees a part-written file
+            return True
+        except FileExistsError:
+            return False
+        finally:
+            os.unlink(tmp)
+
     def read_bytes(self, rel: str) -> bytes:
         with self.fs.open_input_stream(self.path(rel)) as f:
             return f.read()

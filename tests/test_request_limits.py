@@ -12,7 +12,6 @@ import weakref
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import mlflow
 import numpy as np
