@@ -110,18 +110,6 @@ class ClipSpec:
             clips = cut_clips(reader, self.sampling, plans=plans)
         return self.views_of(clips), self.slow_index
 
-    def cut_timeline(self, source: Source, name: str | None = None, *, test_views: bool = True,
-                     windows: bool = True, window_s: float | None = None, stride_s: float | None = None,
-                     limits: TimelineLimits | None = None) -> tuple[np.ndarray, np.ndarray, int, list[Window]]:
-        """In one pass over the video: the test views (with `test_views`), then every timeline window's
-        (with `windows`, `ClipSampling.windows`, within ``limits``), all in memory. Returns the views and slow
-        indices as `cut_views` does, how many of the views are test views, and the windows."""
-        with self.open(source, name) as reader:
-            plan = self.plan(reader.info.frames_at(self.target_fps), test_views=test_views, windows=windows,
-                             window_s=window_s, stride_s=stride_s, limits=limits)
-            clips = cut_clips(reader, self.sampling, plans=plan.plans)
-        return self.views_of(clips), self.slow_index, len(plan.test) * self.spatial_crops, plan.windows
-
 
 class VideoClassifier:
     """A SlowFast network, its class names and its ClipSpec: video in, class probabilities out."""
@@ -212,11 +200,6 @@ class VideoClassifier:
             out["clamped"] = (f"window_s {windows[0].clamped_from_s:g} s is longer than the video "
                               f"({windows[0].end_s:.3f} s): one window, the whole video")
         return out
-
-
-def window_probabilities(view_probs: np.ndarray, clips_per_window: Sequence[int], spatial_crops: int) -> np.ndarray:
-    """Per window, the mean softmax of its clips' views (views in `ClipSpec.cut_views` order)."""
-    return window_means([view_probs], [clips * spatial_crops for clips in clips_per_window])
 
 
 def window_means(chunks: Iterable[np.ndarray], views_per_window: Sequence[int]) -> np.ndarray:

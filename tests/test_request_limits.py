@@ -22,7 +22,7 @@ from mlflow.exceptions import MlflowException
 from conftest import REPO, pipeline_config
 from pipelines import tracking
 from slowfast.model import build
-from slowfast.serving import ClipSpec, VideoClassifier, window_probabilities
+from slowfast.serving import ClipSpec, VideoClassifier, window_means
 from slowfast.video import synth
 from slowfast.video.clips import MAX_CLIPS, MAX_WINDOWS, TimelineLimitError, TimelineLimits, iter_clips
 
@@ -183,6 +183,18 @@ def test_the_pyfunc_refuses_videos_over_its_size_and_duration_before_decoding(lo
     assert len(load(logged, max_videos=2).predict([data] * 2)) == 2
 
 
+def all_at_once(spec: ClipSpec, video, **timeline):
+    """Every timeline window's views cut in one go, as before chunks: the views, the slow indices, the windows."""
+    found = []
+
+    def plans(num_frames: int):
+        found.extend(spec.plan(num_frames, test_views=False, windows=True, **timeline).windows)
+        return [p for w in found for p in w.plans]
+
+    fast, slow_index = spec.cut_views(video, plans=plans)
+    return fast, slow_index, found
+
+
 def test_scoring_in_chunks_gives_the_figures_of_scoring_every_view_at_once(logged, nine_seconds):
     """The timeline as it was scored before chunks (every window's views cut, then one `score`, then the window
     means) against the chunked one, with batches that do not divide the windows' views."""
@@ -192,9 +204,8 @@ def test_scoring_in_chunks_gives_the_figures_of_scoring_every_view_at_once(logge
                         spatial_crops=crops)
         classifier = VideoClassifier(net, CLASSES, spec, batch_views=batch_views)
         for window_s, stride_s in ((None, 0.3), (2.5, 0.7)):
-            fast, slow_index, _, windows = spec.cut_timeline(video, test_views=False, window_s=window_s,
-                                                             stride_s=stride_s)
-            whole = window_probabilities(classifier.score(fast, slow_index)[0], [len(w.plans) for w in windows], crops)
+            fast, slow_index, windows = all_at_once(spec, video, window_s=window_s, stride_s=stride_s)
+            whole = window_means([classifier.score(fast, slow_index)[0]], [len(w.plans) * crops for w in windows])
             chunked = classifier.timeline(video, window_s=window_s, stride_s=stride_s, top_k=3)
             assert len(chunked["windows"]) == len(windows) > 2 * classifier.chunk_clips
             assert [(w["start_s"], w["end_s"]) for w in chunked["windows"]] == \
@@ -208,7 +219,7 @@ def test_scoring_in_chunks_gives_the_figures_of_scoring_every_view_at_once(logge
                               stride_s=0.3).plans
             chunks = list(spec.iter_views(reader, plans, 7))
         assert [len(c) for c in chunks[:-1]] == [7 * crops] * (len(chunks) - 1)
-        assert np.array_equal(np.concatenate(chunks), spec.cut_timeline(video, test_views=False, stride_s=0.3)[0])
+        assert np.array_equal(np.concatenate(chunks), all_at_once(spec, video, stride_s=0.3)[0])
         # predict: the test views, chunked, average as one score of them all.
         fast, slow_index = spec.cut_views(video)
         np.testing.assert_allclose(classifier.probabilities(video),
