@@ -155,7 +155,7 @@ class Storage:
 
             bucket, prefix = split_s3(self.root)
             try:
-                VideoSource(self.root, self.s3).client.put_object(
+                _boto3_client(self.s3).put_object(
                     Bucket=bucket, Key=posixpath.join(prefix, rel), Body=data, IfNoneMatch="*")
             except ClientError as exc:
                 if exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode") in (409, 412):
