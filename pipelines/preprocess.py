@@ -112,11 +112,11 @@ class ClipWriter:
         if rows:
             rel = f"{self.folder}/part-{uuid.uuid4().hex}.parquet"
             written = write_shard(clips_to_table(rows, self.meta), self.store.path(rel), filesystem=self.store.fs)
+            held = [r for r, why in zip(records, unread) if not r.quarantined and not why]  # the videos it holds
             shard = {"path": rel, "rows": written["rows"], "bytes": written["bytes"],
-                     "videos": sorted({r.video_id for r in records if not r.quarantined})}
-            for r in records:
-                if not r.quarantined:
-                    r.shard = rel
+                     "videos": sorted({r.video_id for r in held})}
+            for r in held:
+                r.shard = rel
         return {"record": [json.dumps(asdict(r)) for r in records],
                 "shard": [json.dumps(shard)] * len(records), "unread": unread}
 
