@@ -1,4 +1,5 @@
 """Helpers every benchmark shares: interleaved timing, a Markdown table, the run's environment, JSON output."""
+
 from __future__ import annotations
 
 import contextlib
@@ -43,8 +44,9 @@ class Timing:
         return 1e3 * statistics.median(self.cpu)
 
 
-def time_interleaved(cases: Mapping[str, Callable[[], object]], repeats: int, warmup: int = 1,
-                     sync: Callable[[], None] | None = None) -> dict[str, Timing]:
+def time_interleaved(
+    cases: Mapping[str, Callable[[], object]], repeats: int, warmup: int = 1, sync: Callable[[], None] | None = None
+) -> dict[str, Timing]:
     """Time each case `repeats` times, the cases taking turns, after `warmup` untimed calls each.
 
     Alternating the cases within each repetition (and reversing the order every other one)
@@ -60,7 +62,7 @@ def time_interleaved(cases: Mapping[str, Callable[[], object]], repeats: int, wa
     sync()
     timings = {name: Timing() for name in names}
     for rep in range(repeats):
-        for name in (names if rep % 2 == 0 else names[::-1]):
+        for name in names if rep % 2 == 0 else names[::-1]:
             sync()
             wall, cpu = time.perf_counter(), time.process_time()
             cases[name]()
@@ -80,10 +82,17 @@ def format_table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> st
     widths = [max([len(h)] + [len(row[i]) for row in cells]) for i, h in enumerate(headers)]
 
     def line(values: Sequence[str]) -> str:
-        return "| " + " | ".join(v.rjust(w) if num else v.ljust(w)
-                                 for v, w, num in zip(values, widths, numeric)) + " |"
+        return (
+            "| "
+            + " | ".join(v.rjust(w) if num else v.ljust(w) for v, w, num in zip(values, widths, numeric, strict=True))
+            + " |"
+        )
 
-    rule = "|" + "|".join("-" * (w + 1) + ":" if num else "-" * (w + 2) for w, num in zip(widths, numeric)) + "|"
+    rule = (
+        "|"
+        + "|".join("-" * (w + 1) + ":" if num else "-" * (w + 2) for w, num in zip(widths, numeric, strict=True))
+        + "|"
+    )
     return "\n".join([line(headers), rule] + [line(row) for row in cells])
 
 
@@ -125,8 +134,9 @@ def write_json(path: str | Path, payload: Mapping[str, object]) -> None:
     path.write_text(json.dumps(payload, indent=2) + "\n")
 
 
-def publish_summary(summary: Mapping[str, object], table: str, summary_path: Path, where: str,
-            json_path: str | None = None) -> None:
+def publish_summary(
+    summary: Mapping[str, object], table: str, summary_path: Path, where: str, json_path: str | None = None
+) -> None:
     """A study's end: its summary.json, the table and where everything went on stdout, and the summary
     also at --json when given."""
     write_json(summary_path, summary)
@@ -221,7 +231,7 @@ class CoreUse:
         """How many processes of `role` were seen."""
         return sum(1 for r, _ in self._cpu.values() if r == role) if self.available else None
 
-    def __enter__(self) -> "CoreUse":
+    def __enter__(self) -> CoreUse:
         if self.available:
             if self.only_new:
                 self._sweep()
@@ -245,8 +255,9 @@ class CoreUse:
         if not before or not after:
             return {}
         a, b = before[-1], after[0]
-        out = {f"{role}_cores": round((b.role_cpu_s[role] - a.role_cpu_s[role]) / (b.at - a.at), 2)
-               for role in self.ROLES}
+        out = {
+            f"{role}_cores": round((b.role_cpu_s[role] - a.role_cpu_s[role]) / (b.at - a.at), 2) for role in self.ROLES
+        }
         busy = (b.busy_ticks - a.busy_ticks) / max(b.total_ticks - a.total_ticks, 1)
         out["machine_busy_cores"] = round(busy * (os.cpu_count() or 1), 2)
         return out

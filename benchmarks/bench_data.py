@@ -33,6 +33,7 @@ time of the process: the figures are per core, and other work on the machine inf
 it does wall-clock time (shared caches and memory bandwidth still leave run-to-run spreads of ~10-20% on
 a busy machine; the ratios, timed alternately in one run, move less).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -56,13 +57,19 @@ if _ROOT not in sys.path:  # run as a script or loaded by path: make `benchmarks
     sys.path.insert(0, _ROOT)
 
 import av  # noqa: E402
-from av.video.reformatter import VideoReformatter  # noqa: E402
 import pyarrow as pa  # noqa: E402
 import pyarrow.parquet as pq  # noqa: E402
 import simplejpeg  # noqa: E402
+from av.video.reformatter import VideoReformatter  # noqa: E402
 
-from benchmarks._common import (CoreUse, environment, format_table, ratio, time_interleaved,  # noqa: E402
-                               write_json)
+from benchmarks._common import (
+    CoreUse,
+    environment,
+    format_table,
+    ratio,
+    time_interleaved,  # noqa: E402
+    write_json,
+)
 from pipelines.ingest import Task  # noqa: E402
 from pipelines.preprocess import decode_video  # noqa: E402
 from slowfast.shards.reader import ClipTransform, iter_clips  # noqa: E402
@@ -110,8 +117,9 @@ def log(msg: str) -> None:
 # -- the videos ----------------------------------------------------------------------------------------------
 
 
-def make_videos(folder: Path, width: int, height: int, count: int, seconds: float, keyint: int,
-                grain: float) -> list[Path]:
+def make_videos(
+    folder: Path, width: int, height: int, count: int, seconds: float, keyint: int, grain: float
+) -> list[Path]:
     """`count` H.264 videos at width x height, rendered by the synth module; reused when already there."""
     folder.mkdir(parents=True, exist_ok=True)
     paths = []
@@ -160,15 +168,25 @@ def video_task(path: Path, label: int = 0) -> Task:
 
 
 def shard_meta(frame_format: str) -> ShardMeta:
-    return ShardMeta(dataset="bench", split="train", class_names=[c.label for c in CLASSES], T=T, alpha=ALPHA,
-                     tau=TAU, target_fps=TARGET_FPS, short_side=SHORT_SIDE, frame_format=frame_format,
-                     jpeg_quality=JPEG_QUALITY)
+    return ShardMeta(
+        dataset="bench",
+        split="train",
+        class_names=[c.label for c in CLASSES],
+        T=T,
+        alpha=ALPHA,
+        tau=TAU,
+        target_fps=TARGET_FPS,
+        short_side=SHORT_SIDE,
+        frame_format=frame_format,
+        jpeg_quality=JPEG_QUALITY,
+    )
 
 
 def preprocess_one(path: Path, meta: ShardMeta, mode: str, num_clips: int, out: Path | None) -> pa.Table:
     """One video through the preprocess code path: decode_video (VideoReader, one thread) -> table -> shard."""
-    rows, _ = decode_video(str(path), video_task(path), meta, mode=mode, num_clips=num_clips, seed=SEED,
-                           max_pixels=DEFAULT_MAX_PIXELS)
+    rows, _ = decode_video(
+        str(path), video_task(path), meta, mode=mode, num_clips=num_clips, seed=SEED, max_pixels=DEFAULT_MAX_PIXELS
+    )
     table = clips_to_table(rows, meta)
     if out is not None:
         write_shard(table, str(out))
@@ -196,8 +214,7 @@ class ShardLoader:
     def __init__(self, path: Path, clips: int, calls: int, batch: int, inputs: bool = False):
         self.batches = clips // batch
         self.inputs = inputs
-        self.stream = iter_clips([str(path)] * (calls + 1), mode="train", batch_size=batch, crop=CROP,
-                                 jitter=JITTER)
+        self.stream = iter_clips([str(path)] * (calls + 1), mode="train", batch_size=batch, crop=CROP, jitter=JITTER)
 
     def __call__(self) -> int:
         clips = 0
@@ -241,11 +258,28 @@ class OnTheFly:
         for c in range(self.clips):
             path = self.videos[c % len(self.videos)]
             with VideoReader(path, threads=1) as reader:
-                plan, = plan_clips(reader.info.frames_at(TARGET_FPS), T=T, tau=TAU, alpha=ALPHA, mode="train",
-                                   num_clips=1, seed=int(self.rng.integers(2 ** 63)), video_id=path)
-                frames, = reader.decode_windows([plan.times(TARGET_FPS)], short_side=SHORT_SIDE)
-            self.transform({"video_id": [path], "label": [0], "clip_index": [0], "height": [frames.shape[1]],
-                            "width": [frames.shape[2]], "frames": [frames], "slow_index": [self.slow_index]})
+                (plan,) = plan_clips(
+                    reader.info.frames_at(TARGET_FPS),
+                    T=T,
+                    tau=TAU,
+                    alpha=ALPHA,
+                    mode="train",
+                    num_clips=1,
+                    seed=int(self.rng.integers(2**63)),
+                    video_id=path,
+                )
+                (frames,) = reader.decode_windows([plan.times(TARGET_FPS)], short_side=SHORT_SIDE)
+            self.transform(
+                {
+                    "video_id": [path],
+                    "label": [0],
+                    "clip_index": [0],
+                    "height": [frames.shape[1]],
+                    "width": [frames.shape[2]],
+                    "frames": [frames],
+                    "slow_index": [self.slow_index],
+                }
+            )
         return self.clips
 
 
@@ -300,7 +334,7 @@ class PySlowFast:
             frames = F.interpolate(frames, size=(new_h, new_w), mode="bilinear", align_corners=False)
             y = int(self.rng.integers(0, new_h - CROP)) if new_h > CROP else 0  # random_crop
             x = int(self.rng.integers(0, new_w - CROP)) if new_w > CROP else 0
-            frames = frames[:, :, y:y + CROP, x:x + CROP]
+            frames = frames[:, :, y : y + CROP, x : x + CROP]
             if self.rng.uniform() < 0.5:  # horizontal_flip
                 frames = frames.flip(-1)
             index = torch.linspace(0, frames.shape[1] - 1, frames.shape[1] // ALPHA).long()  # pack_pathway
@@ -334,8 +368,12 @@ def bench_loader(args, videos: list[Path], shards: dict[str, Path]) -> dict:
 
 def _per_second(timing, items: int) -> dict:
     cpu, wall = statistics.median(timing.cpu), statistics.median(timing.wall)
-    return {"per_s_cpu": items / cpu, "per_s_wall": items / wall, "cpu_s": [round(t, 4) for t in timing.cpu],
-            "wall_s": [round(t, 4) for t in timing.wall]}
+    return {
+        "per_s_cpu": items / cpu,
+        "per_s_wall": items / wall,
+        "cpu_s": [round(t, 4) for t in timing.cpu],
+        "wall_s": [round(t, 4) for t in timing.wall],
+    }
 
 
 # -- b. preprocess -------------------------------------------------------------------------------------------
@@ -367,8 +405,16 @@ def decode_eval_views(path: Path) -> int:
     pass costs against a full decode from what encoding the views' distinct frames adds. Each frame
     is dropped once converted, as preprocess drops it once encoded (holding all of them would time
     the page faults of ~250 fresh frames too)."""
-    sampling = ClipSampling(T=T, tau=TAU, alpha=ALPHA, target_fps=TARGET_FPS, short_side=SHORT_SIDE, mode="eval",
-                            num_clips=EVAL_VIEWS, seed=SEED)
+    sampling = ClipSampling(
+        T=T,
+        tau=TAU,
+        alpha=ALPHA,
+        target_fps=TARGET_FPS,
+        short_side=SHORT_SIDE,
+        mode="eval",
+        num_clips=EVAL_VIEWS,
+        seed=SEED,
+    )
     with VideoReader(str(path), max_pixels=DEFAULT_MAX_PIXELS, threads=1) as reader:
         return len(cut_clips(reader, sampling, encode=lambda rgb: None).frames)
 
@@ -378,23 +424,28 @@ def bench_preprocess(args, videos: list[Path], scratch: Path) -> dict:
     scratch.mkdir(parents=True, exist_ok=True)
 
     def ours(mode: str, num_clips: int):
-        return lambda: [preprocess_one(v, meta, mode, num_clips, scratch / f"{mode}-{v.stem}.parquet")
-                        for v in videos]
+        return lambda: [preprocess_one(v, meta, mode, num_clips, scratch / f"{mode}-{v.stem}.parquet") for v in videos]
 
     distinct: dict[Path, int] = {}  # each video's distinct eval frames, as the timed passes count them
 
     def eval_decode():
         distinct.update((v, decode_eval_views(v)) for v in videos)
 
-    cases = {"train": ours("train", TRAIN_CLIPS), "eval": ours("eval", EVAL_VIEWS),
-             "decode_all": lambda: [decode_all(v) for v in videos], "eval_decode": eval_decode,
-             "decode_all_kept": lambda: [decode_all(v, rgb="kept") for v in videos],
-             "decode_only": lambda: [decode_all(v, rgb=None) for v in videos]}
+    cases = {
+        "train": ours("train", TRAIN_CLIPS),
+        "eval": ours("eval", EVAL_VIEWS),
+        "decode_all": lambda: [decode_all(v) for v in videos],
+        "eval_decode": eval_decode,
+        "decode_all_kept": lambda: [decode_all(v, rgb="kept") for v in videos],
+        "decode_only": lambda: [decode_all(v, rgb=None) for v in videos],
+    }
     timings = time_interleaved(cases, repeats=args.repeats, warmup=1)
     out = {}
     for name, timing in timings.items():
-        out[name] = {"s_per_video_cpu": statistics.median(timing.cpu) / len(videos),
-                     "s_per_video_wall": statistics.median(timing.wall) / len(videos)}
+        out[name] = {
+            "s_per_video_cpu": statistics.median(timing.cpu) / len(videos),
+            "s_per_video_wall": statistics.median(timing.wall) / len(videos),
+        }
     out["eval_decode"]["distinct_frames_per_video"] = statistics.mean(distinct.values())
     return out
 
@@ -435,16 +486,30 @@ def ray_dataset(folder: Path, videos: list[Path], count: int) -> Path:
 def ray_config(root: Path, storage: Path, videos_per_shard: int):
     from pipelines.config import PipelineConfig
 
-    return PipelineConfig.model_validate({
-        "name": "bench-data", "storage_root": str(storage),
-        "data": {"dataset": "bench", "format": "kinetics_csv", "video_root": str(root),
-                 "annotations": {"train": str(root / "annotations/train.csv"),
-                                 "val": str(root / "annotations/val.csv")}},
-        "preprocess": {"target_fps": TARGET_FPS, "short_side": SHORT_SIDE, "clips_per_video": TRAIN_CLIPS,
-                       "eval_views": EVAL_VIEWS, "frame_format": "jpeg", "jpeg_quality": JPEG_QUALITY,
-                       "rows_per_shard": TRAIN_CLIPS * videos_per_shard, "commit_every": 1, "seed": SEED},
-        "model": {"preset": "slowfast_8x8_r50"},
-    })
+    return PipelineConfig.model_validate(
+        {
+            "name": "bench-data",
+            "storage_root": str(storage),
+            "data": {
+                "dataset": "bench",
+                "format": "kinetics_csv",
+                "video_root": str(root),
+                "annotations": {"train": str(root / "annotations/train.csv"), "val": str(root / "annotations/val.csv")},
+            },
+            "preprocess": {
+                "target_fps": TARGET_FPS,
+                "short_side": SHORT_SIDE,
+                "clips_per_video": TRAIN_CLIPS,
+                "eval_views": EVAL_VIEWS,
+                "frame_format": "jpeg",
+                "jpeg_quality": JPEG_QUALITY,
+                "rows_per_shard": TRAIN_CLIPS * videos_per_shard,
+                "commit_every": 1,
+                "seed": SEED,
+            },
+            "model": {"preset": "slowfast_8x8_r50"},
+        }
+    )
 
 
 def bench_ray(args, videos: list[Path], workdir: Path) -> dict:
@@ -456,6 +521,7 @@ def bench_ray(args, videos: list[Path], workdir: Path) -> dict:
     commits, and calls `log`, as records arrive, which times them without touching the job.
     """
     import ray
+
     from pipelines.data import run_ingest, storage_of
     from pipelines.preprocess import preprocess_split
 
@@ -470,37 +536,58 @@ def bench_ray(args, videos: list[Path], workdir: Path) -> dict:
         arrivals: list[float] = []
         load = os.getloadavg()[0]
         with _quiet_ray(), ActorCores(0.1, only_new=True, clock=time.perf_counter) as actor_cpu:
-            ray.init(address="local", num_cpus=workers, include_dashboard=False, logging_level=logging.ERROR,
-                     log_to_driver=False)
+            ray.init(
+                address="local",
+                num_cpus=workers,
+                include_dashboard=False,
+                logging_level=logging.ERROR,
+                log_to_driver=False,
+            )
             try:
                 ray.data.DataContext.get_current().enable_progress_bars = False
                 logging.getLogger("ray.data").setLevel(logging.ERROR)
                 plan = run_ingest(cfg, log=lambda *_: None)
                 started = time.perf_counter()
-                split = preprocess_split(cfg, storage_of(cfg), plan, "train", run_id=f"bench-{workers}",
-                                         log=lambda *_: arrivals.append(time.perf_counter()))
+                split = preprocess_split(
+                    cfg,
+                    storage_of(cfg),
+                    plan,
+                    "train",
+                    run_id=f"bench-{workers}",
+                    log=lambda *_, arrivals=arrivals: arrivals.append(time.perf_counter()),
+                )
                 wall = time.perf_counter() - started
             finally:
                 ray.shutdown()
         if split["processed"] != args.ray_videos:
-            raise RuntimeError(f"ray, {workers} worker(s): {split['processed']} of {args.ray_videos} videos "
-                               f"processed ({split['quarantine_reasons']})")
+            raise RuntimeError(
+                f"ray, {workers} worker(s): {split['processed']} of {args.ray_videos} videos "
+                f"processed ({split['quarantine_reasons']})"
+            )
         # The workers start together, so the first `workers` batches were decoded before the first arrival
         # (give or take); everything after it came in between the first and the last arrival.
         after_first = args.ray_videos - workers * per_shard
         span = arrivals[-1] - arrivals[0] if arrivals else 0.0
         # Fewer than 4 batches after the first ones (a --quick run) say nothing about a steady state.
         steady = after_first / span if after_first >= 4 * per_shard and span > 0 else None
-        out[workers] = {"wall_s": round(wall, 2), "videos_per_s": args.ray_videos / wall,
-                        "steady_videos_per_s": steady, "first_arrival_s": round(arrivals[0] - started, 2),
-                        "arrivals_s": [round(t - started, 2) for t in arrivals], "clips": split["clips"],
-                        "actors": actor_cpu.processes("actor"), "load_average_before": round(load, 2),
-                        "actor_started_s": sorted(round(t - started, 2) for t in actor_cpu.first_seen.values())}
+        out[workers] = {
+            "wall_s": round(wall, 2),
+            "videos_per_s": args.ray_videos / wall,
+            "steady_videos_per_s": steady,
+            "first_arrival_s": round(arrivals[0] - started, 2),
+            "arrivals_s": [round(t - started, 2) for t in arrivals],
+            "clips": split["clips"],
+            "actors": actor_cpu.processes("actor"),
+            "load_average_before": round(load, 2),
+            "actor_started_s": sorted(round(t - started, 2) for t in actor_cpu.first_seen.values()),
+        }
         # Between the first and the last arrival: the cores the actors got, and how busy the machine was.
         out[workers].update(actor_cpu.between(arrivals[0], arrivals[-1]) if arrivals else {})
-        log(f"  ray {workers} worker(s): {args.ray_videos} videos in {wall:.1f}s, the first back after "
+        log(
+            f"  ray {workers} worker(s): {args.ray_videos} videos in {wall:.1f}s, the first back after "
             f"{arrivals[0] - started:.1f}s; then {actor_cpu.processes('actor')} actor(s) on "
-            f"{out[workers].get('actor_cores')} cores, the machine on {out[workers].get('machine_busy_cores')}")
+            f"{out[workers].get('actor_cores')} cores, the machine on {out[workers].get('machine_busy_cores')}"
+        )
     return out
 
 
@@ -545,51 +632,131 @@ def summary_rows(results: dict) -> list[list]:
     goals = {"340x256": ">= 2.5x", "640x360": ">= 5x"}
     for size, r in loader.items():
         base = r["on_the_fly"]["per_s_cpu"]
-        rows.append(["a. loader clips/s/core, JPEG shards vs on the fly", size, _f(r["ours_jpeg"]["per_s_cpu"]),
-                     _f(base), _x(ratio(r["ours_jpeg"]["per_s_cpu"], base)), goals.get(size)])
+        rows.append(
+            [
+                "a. loader clips/s/core, JPEG shards vs on the fly",
+                size,
+                _f(r["ours_jpeg"]["per_s_cpu"]),
+                _f(base),
+                _x(ratio(r["ours_jpeg"]["per_s_cpu"], base)),
+                goals.get(size),
+            ]
+        )
     for size, r in loader.items():
         base = r["on_the_fly"]["per_s_cpu"]
-        rows.append(["a. loader clips/s/core, raw shards vs on the fly", size, _f(r["ours_raw"]["per_s_cpu"]),
-                     _f(base), _x(ratio(r["ours_raw"]["per_s_cpu"], base)), None])
+        rows.append(
+            [
+                "a. loader clips/s/core, raw shards vs on the fly",
+                size,
+                _f(r["ours_raw"]["per_s_cpu"]),
+                _f(base),
+                _x(ratio(r["ours_raw"]["per_s_cpu"], base)),
+                None,
+            ]
+        )
     for size, r in loader.items():
         base, ours = r["pyslowfast"]["per_s_cpu"], r["ours_jpeg_inputs"]["per_s_cpu"]
-        rows.append(["a. loader + clip_inputs clips/s/core, JPEG shards vs PySlowFast's steps", size, _f(ours),
-                     _f(base), _x(ratio(ours, base)), None])
+        rows.append(
+            [
+                "a. loader + clip_inputs clips/s/core, JPEG shards vs PySlowFast's steps",
+                size,
+                _f(ours),
+                _f(base),
+                _x(ratio(ours, base)),
+                None,
+            ]
+        )
     for size, r in loader.items():
         bound = r["jpeg_bound"]["per_s_cpu"]
-        rows.append(["a. JPEG loader vs JPEG-decode bound (fraction reached)", size,
-                     _f(r["ours_jpeg"]["per_s_cpu"]), _f(bound), _f(ratio(r["ours_jpeg"]["per_s_cpu"], bound), 2),
-                     ">= 0.80"])
+        rows.append(
+            [
+                "a. JPEG loader vs JPEG-decode bound (fraction reached)",
+                size,
+                _f(r["ours_jpeg"]["per_s_cpu"]),
+                _f(bound),
+                _f(ratio(r["ours_jpeg"]["per_s_cpu"], bound), 2),
+                ">= 0.80",
+            ]
+        )
     for size, r in loader.items():
         bound = r["jpeg_bound"]["per_s_cpu"]
         ours = r["ours_jpeg_inputs"]["per_s_cpu"]
-        rows.append(["a. JPEG loader + clip_inputs on this CPU vs JPEG-decode bound", size, _f(ours), _f(bound),
-                     _f(ratio(ours, bound), 2), None])
+        rows.append(
+            [
+                "a. JPEG loader + clip_inputs on this CPU vs JPEG-decode bound",
+                size,
+                _f(ours),
+                _f(bound),
+                _f(ratio(ours, bound), 2),
+                None,
+            ]
+        )
     for size, r in results.get("preprocess", {}).items():
-        for key, baseline in (("decode_all_kept", "a full decode to RGB (kept swscale context)"),
-                              ("decode_all", "PyAV's plain to_ndarray decode")):
+        for key, baseline in (
+            ("decode_all_kept", "a full decode to RGB (kept swscale context)"),
+            ("decode_all", "PyAV's plain to_ndarray decode"),
+        ):
             base = r[key]["s_per_video_cpu"] * 1e3
             for mode, what in (("train", f"train, K = {TRAIN_CLIPS}"), ("eval", f"eval, {EVAL_VIEWS} views")):
                 ours = r[mode]["s_per_video_cpu"] * 1e3
-                rows.append([f"b. preprocess ms/video/core, {what}, vs {baseline}", size, _f(ours, 0), _f(base, 0),
-                             _f(ratio(ours, base), 2), "<= 1.0" if key == "decode_all_kept" else None])
+                rows.append(
+                    [
+                        f"b. preprocess ms/video/core, {what}, vs {baseline}",
+                        size,
+                        _f(ours, 0),
+                        _f(base, 0),
+                        _f(ratio(ours, base), 2),
+                        "<= 1.0" if key == "decode_all_kept" else None,
+                    ]
+                )
         if "eval_decode" in r:
             ours, base = r["eval_decode"]["s_per_video_cpu"] * 1e3, r["decode_all_kept"]["s_per_video_cpu"] * 1e3
-            rows.append([f"b. eval, {EVAL_VIEWS} views: their decoding alone (no JPEG encode) vs a full decode to "
-                         "RGB (kept)", size, _f(ours, 0), _f(base, 0), _f(ratio(ours, base), 2), None])
+            rows.append(
+                [
+                    f"b. eval, {EVAL_VIEWS} views: their decoding alone (no JPEG encode) vs a full decode to "
+                    "RGB (kept)",
+                    size,
+                    _f(ours, 0),
+                    _f(base, 0),
+                    _f(ratio(ours, base), 2),
+                    None,
+                ]
+            )
     for size, r in results.get("bytes", {}).items():
         jpeg, raw = r["jpeg"]["bytes_per_clip"] / 1e3, r["raw"]["bytes_per_clip"] / 1e3
-        rows.append([f"c. kB/clip, JPEG q{JPEG_QUALITY} vs raw", size, _f(jpeg, 0), _f(raw, 0),
-                     _f(ratio(jpeg, raw, 4), 3), None])
+        rows.append(
+            [
+                f"c. kB/clip, JPEG q{JPEG_QUALITY} vs raw",
+                size,
+                _f(jpeg, 0),
+                _f(raw, 0),
+                _f(ratio(jpeg, raw, 4), 3),
+                None,
+            ]
+        )
     ray_result = results.get("ray")
     if ray_result:
         one, two = ray_result[1], ray_result[2]
-        rows.append(["d. Ray Data preprocess videos/s, steady state, 2 workers vs 1", "both",
-                     _f(two["steady_videos_per_s"], 2), _f(one["steady_videos_per_s"], 2),
-                     _x(ratio(two["steady_videos_per_s"], one["steady_videos_per_s"])), None])
-        rows.append(["d. Ray Data preprocess videos/s, end to end, 2 workers vs 1", "both",
-                     _f(two["videos_per_s"], 2), _f(one["videos_per_s"], 2),
-                     _x(ratio(two["videos_per_s"], one["videos_per_s"])), None])
+        rows.append(
+            [
+                "d. Ray Data preprocess videos/s, steady state, 2 workers vs 1",
+                "both",
+                _f(two["steady_videos_per_s"], 2),
+                _f(one["steady_videos_per_s"], 2),
+                _x(ratio(two["steady_videos_per_s"], one["steady_videos_per_s"])),
+                None,
+            ]
+        )
+        rows.append(
+            [
+                "d. Ray Data preprocess videos/s, end to end, 2 workers vs 1",
+                "both",
+                _f(two["videos_per_s"], 2),
+                _f(one["videos_per_s"], 2),
+                _x(ratio(two["videos_per_s"], one["videos_per_s"])),
+                None,
+            ]
+        )
     return rows
 
 
@@ -598,49 +765,65 @@ def notes(results: dict, args) -> str:
     if "videos" in results:
         desc = ", ".join(f"{size} {v['kbit_per_s']} kbit/s" for size, v in results["videos"].items())
         caps = ", ".join(f"{_size(s)} {k}" for s, k in MAX_KBPS.items())
-        lines.append(f"Videos: {args.videos} per size, {args.seconds:g} s at {FPS} fps, H.264 (x264 veryfast crf 18 "
-                     f"capped at {caps} kbit/s, a keyframe every {args.keyint} frames),\nGaussian grain of "
-                     f"{args.grain:g} levels before encoding; as written: {desc}.")
-    lines.append(f"Clips: T {T}, tau {TAU}, alpha {ALPHA} ({FAST} frames over {T * TAU}), short side {SHORT_SIDE}, "
-                 f"train crop {CROP} from [{JITTER[0]}, {JITTER[1]}] with flips; out: uint8 fast frames (THWC "
-                 "crop boxes, not yet\nresized) and the slow indices, as the trainer reads them. clip_inputs (flip "
-                 "and resize of the box, slow pathway by index, normalise,\nchannels_last_3d) is the device's share: "
-                 "with it the figure is what a CPU trainer's core does; on a GPU it runs there.")
+        lines.append(
+            f"Videos: {args.videos} per size, {args.seconds:g} s at {FPS} fps, H.264 (x264 veryfast crf 18 "
+            f"capped at {caps} kbit/s, a keyframe every {args.keyint} frames),\nGaussian grain of "
+            f"{args.grain:g} levels before encoding; as written: {desc}."
+        )
+    lines.append(
+        f"Clips: T {T}, tau {TAU}, alpha {ALPHA} ({FAST} frames over {T * TAU}), short side {SHORT_SIDE}, "
+        f"train crop {CROP} from [{JITTER[0]}, {JITTER[1]}] with flips; out: uint8 fast frames (THWC "
+        "crop boxes, not yet\nresized) and the slow indices, as the trainer reads them. clip_inputs (flip "
+        "and resize of the box, slow pathway by index, normalise,\nchannels_last_3d) is the device's share: "
+        "with it the figure is what a CPU trainer's core does; on a GPU it runs there."
+    )
     for size, r in results.get("loader", {}).items():
         ms = {name: 1e3 / r[name]["per_s_cpu"] for name in ("jpeg_bound", "ours_jpeg", "ours_jpeg_inputs")}
-        lines.append(f"  {size}, CPU ms per clip: JPEG decodes {ms['jpeg_bound']:.1f}, loader {ms['ours_jpeg']:.1f} "
-                     f"(the box's copy, Arrow and the rest: {ms['ours_jpeg'] - ms['jpeg_bound']:.1f}), "
-                     f"clip_inputs on this CPU {ms['ours_jpeg_inputs'] - ms['ours_jpeg']:.1f}.")
+        lines.append(
+            f"  {size}, CPU ms per clip: JPEG decodes {ms['jpeg_bound']:.1f}, loader {ms['ours_jpeg']:.1f} "
+            f"(the box's copy, Arrow and the rest: {ms['ours_jpeg'] - ms['jpeg_bound']:.1f}), "
+            f"clip_inputs on this CPU {ms['ours_jpeg_inputs'] - ms['ours_jpeg']:.1f}."
+        )
     for size, r in results.get("preprocess", {}).items():
         if "eval_decode" not in r:
             continue
         ms = {k: r[k]["s_per_video_cpu"] * 1e3 for k in ("eval", "eval_decode", "decode_all_kept")}
         frames = r["eval_decode"]["distinct_frames_per_video"]
-        lines.append(f"  {size}, eval views, CPU ms per video: the one decoding pass {ms['eval_decode']:.0f} (a full "
-                     f"decode {ms['decode_all_kept']:.0f}); the JPEG encodes of its {frames:.0f} distinct frames "
-                     f"and the rows {ms['eval'] - ms['eval_decode']:.0f}, "
-                     f"{(ms['eval'] - ms['eval_decode']) / frames:.2f} a frame.")
+        lines.append(
+            f"  {size}, eval views, CPU ms per video: the one decoding pass {ms['eval_decode']:.0f} (a full "
+            f"decode {ms['decode_all_kept']:.0f}); the JPEG encodes of its {frames:.0f} distinct frames "
+            f"and the rows {ms['eval'] - ms['eval_decode']:.0f}, "
+            f"{(ms['eval'] - ms['eval_decode']) / frames:.2f} a frame."
+        )
         if "decode_only" in r:
             # The floor of any eval preprocessing that reads the whole video and JPEG-encodes the views' frames as
             # these encodes do: the decoder alone (every conversion free) plus the encodes.
             alone = r["decode_only"]["s_per_video_cpu"] * 1e3
             floor = (alone + ms["eval"] - ms["eval_decode"]) / ms["decode_all_kept"]
-            lines.append(f"  {size}, the decoder alone (no conversion) {alone:.0f} ms: with conversions free, the "
-                         f"decoder and these encodes would still be {floor:.2f}x the full decode.")
-    lines.append("Per core: one thread everywhere, CPU seconds of the process (wall-clock figures are in the JSON). "
-                 "On the fly: VideoReader\n+ the shard path's transforms per clip; PySlowFast's steps: its pyav "
-                 "decoder and spatial_sampling, re-implemented step for step.")
+            lines.append(
+                f"  {size}, the decoder alone (no conversion) {alone:.0f} ms: with conversions free, the "
+                f"decoder and these encodes would still be {floor:.2f}x the full decode."
+            )
+    lines.append(
+        "Per core: one thread everywhere, CPU seconds of the process (wall-clock figures are in the JSON). "
+        "On the fly: VideoReader\n+ the shard path's transforms per clip; PySlowFast's steps: its pyav "
+        "decoder and spatial_sampling, re-implemented step for step."
+    )
     if "ray" in results:
         r = results["ray"]
-        lines.append(f"Ray: {r['videos']} videos (both sizes), {r['videos_per_shard']} per actor batch, train K = "
-                     f"{TRAIN_CLIPS}, on a fresh local Ray with num_cpus 1, then 2. End to end: preprocess_split's "
-                     "wall time;\nsteady state: videos/s from the first record back to the last.")
+        lines.append(
+            f"Ray: {r['videos']} videos (both sizes), {r['videos_per_shard']} per actor batch, train K = "
+            f"{TRAIN_CLIPS}, on a fresh local Ray with num_cpus 1, then 2. End to end: preprocess_split's "
+            "wall time;\nsteady state: videos/s from the first record back to the last."
+        )
         for workers in (1, 2):
             w = r[workers]
-            lines.append(f"  {workers} worker(s): first record after {w['first_arrival_s']} s, actors started at "
-                         f"{', '.join(f'{t:g}' for t in w['actor_started_s']) or '?'} s; from the first record on, the "
-                         f"actors got {w.get('actor_cores', '?')} cores, the machine was busy on "
-                         f"{w.get('machine_busy_cores', '?')} of {os.cpu_count()}.")
+            lines.append(
+                f"  {workers} worker(s): first record after {w['first_arrival_s']} s, actors started at "
+                f"{', '.join(f'{t:g}' for t in w['actor_started_s']) or '?'} s; from the first record on, the "
+                f"actors got {w.get('actor_cores', '?')} cores, the machine was busy on "
+                f"{w.get('machine_busy_cores', '?')} of {os.cpu_count()}."
+            )
     return "\n".join(lines)
 
 
@@ -648,13 +831,18 @@ def notes(results: dict, args) -> str:
 
 
 def parse_args(argv):
-    parser = argparse.ArgumentParser(prog="bench data", description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="bench data", description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--only", default="a,b,c,d", help="which parts to run, comma separated (default a,b,c,d)")
     parser.add_argument("--quick", action="store_true", help="fewest videos and repeats: a smoke test")
     parser.add_argument("--json", metavar="PATH", help="also write the results as JSON to PATH")
-    parser.add_argument("--workdir", type=Path, default=Path(tempfile.gettempdir()) / "slowfast-bench-data",
-                        help="videos (kept between runs) and shards (rewritten) go here")
+    parser.add_argument(
+        "--workdir",
+        type=Path,
+        default=Path(tempfile.gettempdir()) / "slowfast-bench-data",
+        help="videos (kept between runs) and shards (rewritten) go here",
+    )
     parser.add_argument("--videos", type=int, default=None, help="videos per size (default 4, quick 1)")
     parser.add_argument("--seconds", type=float, default=None, help="video length (default 10, quick 4)")
     parser.add_argument("--keyint", type=int, default=KEYINT, help=f"frames between keyframes (default {KEYINT})")
@@ -672,8 +860,7 @@ def parse_args(argv):
     args.repeats = args.repeats or (1 if quick else 5)
     args.ray_videos = args.ray_videos or (8 if quick else 64)
     if args.seconds * FPS < T * TAU:
-        parser.error(f"--seconds {args.seconds:g}: a clip spans {T * TAU} frames, so at least "
-                     f"{T * TAU / FPS:.2f} s")
+        parser.error(f"--seconds {args.seconds:g}: a clip spans {T * TAU} frames, so at least {T * TAU / FPS:.2f} s")
     if min(args.videos, args.repeats, args.ray_videos, args.ray_videos_per_shard, args.keyint) < 1:
         parser.error("--videos, --repeats, --ray-videos, --ray-videos-per-shard and --keyint must be at least 1")
     return args
@@ -689,15 +876,18 @@ def main(argv: list[str] | None = None) -> int:
     results: dict = {}
 
     log(f"bench data: videos in {workdir / 'videos'}")
-    videos = {_size(s): make_videos(workdir / "videos", *s, args.videos, args.seconds, args.keyint, args.grain)
-              for s in SIZES}
+    videos = {
+        _size(s): make_videos(workdir / "videos", *s, args.videos, args.seconds, args.keyint, args.grain) for s in SIZES
+    }
     results["videos"] = {size: describe_videos(paths) for size, paths in videos.items()}
 
     if args.only & {"a", "c"}:
         shards = {}
         for size, paths in videos.items():
-            shards[size] = {fmt: write_loader_shard(paths, fmt, workdir / "shards" / f"{size}-{fmt}.parquet")
-                            for fmt in ("jpeg", "raw")}
+            shards[size] = {
+                fmt: write_loader_shard(paths, fmt, workdir / "shards" / f"{size}-{fmt}.parquet")
+                for fmt in ("jpeg", "raw")
+            }
         if "c" in args.only:
             results["bytes"] = {size: {fmt: shard_bytes(p) for fmt, p in s.items()} for size, s in shards.items()}
         if "a" in args.only:
@@ -712,24 +902,34 @@ def main(argv: list[str] | None = None) -> int:
             results["preprocess"][size] = bench_preprocess(args, paths, workdir / "scratch")
     if "d" in args.only:
         log("d. Ray Data")
-        mixed = [v for pair in zip(*videos.values()) for v in pair]
+        mixed = [v for pair in zip(*videos.values(), strict=False) for v in pair]
         results["ray"] = bench_ray(args, mixed, workdir)
 
     load = max(load_before, os.getloadavg()[0])
-    title = (f"Data path: {_size(SIZES[0])} and {_size(SIZES[1])} H.264 sources, slowfast_8x8_r50 clips; "
-             f"{args.repeats} timed passes per case, alternating, after 1 warm-up")
+    title = (
+        f"Data path: {_size(SIZES[0])} and {_size(SIZES[1])} H.264 sources, slowfast_8x8_r50 clips; "
+        f"{args.repeats} timed passes per case, alternating, after 1 warm-up"
+    )
     table = format_table(["figure", "source", "ours", "baseline", "ratio", "goal"], summary_rows(results))
     note = notes(results, args)
     if load > 1.5:
-        note += (f"\nLoad average {load:.1f} on {os.cpu_count()} cores: other work shared the machine. CPU-time "
-                 "figures (a, b) suffer less than wall-clock ones (d) but still\nspread by ~10-20% from run to run; "
-                 "ratios less, as each pair is timed alternately in one run.")
+        note += (
+            f"\nLoad average {load:.1f} on {os.cpu_count()} cores: other work shared the machine. CPU-time "
+            "figures (a, b) suffer less than wall-clock ones (d) but still\nspread by ~10-20% from run to run; "
+            "ratios less, as each pair is timed alternately in one run."
+        )
     print(title + "\n" + table + "\n" + note)
     log(f"bench data: {time.perf_counter() - started:.0f}s")
     if args.json:
-        payload = {"benchmark": "data", "environment": environment("cpu"), "args": {
-            k: (sorted(v) if isinstance(v, set) else str(v) if isinstance(v, Path) else v)
-            for k, v in vars(args).items()}, "load_average_max": round(load, 2)}
+        payload = {
+            "benchmark": "data",
+            "environment": environment("cpu"),
+            "args": {
+                k: (sorted(v) if isinstance(v, set) else str(v) if isinstance(v, Path) else v)
+                for k, v in vars(args).items()
+            },
+            "load_average_max": round(load, 2),
+        }
         payload.update(_jsonable(results))
         write_json(args.json, payload)
         print(f"results written to {args.json}")

@@ -34,6 +34,7 @@ infer: `pipelines.infer.run_infer` itself, into a fresh folder each, with infer.
   started), giving views per scoring CPU-second; the decode tasks time their own CPU per video (they run ahead of
   scoring, so the window's share is their CPU per view times its views), giving views per CPU-second in all.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -82,8 +83,10 @@ class Pool:
 
     @property
     def label(self) -> str:
-        return (f"{self.workers} worker{'s' * (self.workers > 1)} x {self.cpus_per_worker:g} CPU, "
-                f"decode tasks {self.decode_cpus:g} CPU")
+        return (
+            f"{self.workers} worker{'s' * (self.workers > 1)} x {self.cpus_per_worker:g} CPU, "
+            f"decode tasks {self.decode_cpus:g} CPU"
+        )
 
 
 RUNS = {"infer_1": Pool(1, 1.0, 1.0), "infer_2": Pool(2, 0.75, 0.25)}
@@ -115,8 +118,9 @@ def make_videos(out: Path, args) -> Path:
     partial.mkdir(parents=True, exist_ok=True)
     folder.mkdir(parents=True, exist_ok=True)
     for i in missing:
-        spec = sample_video(0, i % len(CLASSES), i, width=args.width, height=args.height, fps=TARGET_FPS,
-                            seconds=args.seconds)
+        spec = sample_video(
+            0, i % len(CLASSES), i, width=args.width, height=args.height, fps=TARGET_FPS, seconds=args.seconds
+        )
         encode_video(partial / f"video-{i:03d}.mp4", iter_frames(spec), spec.fps)
         os.replace(partial / f"video-{i:03d}.mp4", folder / f"video-{i:03d}.mp4")
     return folder
@@ -124,23 +128,36 @@ def make_videos(out: Path, args) -> Path:
 
 def bench_config(out: Path, videos: Path, preset: str) -> PipelineConfig:
     """A pipeline config for infer alone: a fresh MLflow store under --out (the data section is not read)."""
-    return PipelineConfig.model_validate({
-        "name": MODEL_NAME, "storage_root": str(out / "storage"),
-        "data": {"dataset": "bench_infer", "format": "folder", "video_root": str(videos)},
-        "model": {"preset": preset},
-        "mlflow": {"tracking_uri": f"sqlite:///{out / 'mlflow.db'}", "experiment": MODEL_NAME,
-                   "model_name": MODEL_NAME},
-        # One video per scoring call and a commit after each: the commit log times every video.
-        "infer": {"batch_videos": 1, "commit_every_s": 0.0},
-    })
+    return PipelineConfig.model_validate(
+        {
+            "name": MODEL_NAME,
+            "storage_root": str(out / "storage"),
+            "data": {"dataset": "bench_infer", "format": "folder", "video_root": str(videos)},
+            "model": {"preset": preset},
+            "mlflow": {
+                "tracking_uri": f"sqlite:///{out / 'mlflow.db'}",
+                "experiment": MODEL_NAME,
+                "model_name": MODEL_NAME,
+            },
+            # One video per scoring call and a commit after each: the commit log times every video.
+            "infer": {"batch_videos": 1, "commit_every_s": 0.0},
+        }
+    )
 
 
 def clip_spec(args) -> ClipSpec:
     """The preset's sampling at --crop, short side in the paper's proportion (224 from 256)."""
     model = PRESETS[args.preset]
-    return ClipSpec(T=model.T, tau=model.tau, alpha=model.alpha, target_fps=TARGET_FPS,
-                    short_side=2 * math.ceil(args.crop * 8 / 7 / 2), crop=args.crop,
-                    temporal_views=args.temporal_views, spatial_crops=args.spatial_crops)
+    return ClipSpec(
+        T=model.T,
+        tau=model.tau,
+        alpha=model.alpha,
+        target_fps=TARGET_FPS,
+        short_side=2 * math.ceil(args.crop * 8 / 7 / 2),
+        crop=args.crop,
+        temporal_views=args.temporal_views,
+        spatial_crops=args.spatial_crops,
+    )
 
 
 def register(cfg: PipelineConfig, spec: ClipSpec) -> str:
@@ -183,12 +200,16 @@ def baseline_figures(views: int, cut_cpu: list[float], before: tuple[list, list]
     wall, cpu = before[0] + after[0], before[1] + after[1]
     per_video = views / len(wall)
     return {
-        "videos": len(wall), "views": views, "views_per_s": views / sum(wall),
-        "views_per_cpu_s_scoring": views / sum(cpu), "views_per_cpu_s_all": views / (sum(cpu) + sum(cut_cpu)),
+        "videos": len(wall),
+        "views": views,
+        "views_per_s": views / sum(wall),
+        "views_per_cpu_s_scoring": views / sum(cpu),
+        "views_per_cpu_s_all": views / (sum(cpu) + sum(cut_cpu)),
         "before_views_per_s": per_video * len(before[0]) / sum(before[0]),
         "after_views_per_s": per_video * len(after[0]) / sum(after[0]),
         "cores": sum(cpu) / sum(wall),
-        "score_cpu_s_per_video": statistics.mean(cpu), "cut_cpu_s_per_video": statistics.mean(cut_cpu),
+        "score_cpu_s_per_video": statistics.mean(cpu),
+        "cut_cpu_s_per_video": statistics.mean(cut_cpu),
         "score_s": [round(s, 3) for s in wall],
     }
 
@@ -205,8 +226,9 @@ def scoring_window(commits: list[tuple[float, int]]) -> tuple[float, float, int]
     return commits[0][0], commits[-2][0], sum(v for _, v in commits[1:-1])
 
 
-def infer_case(cfg: PipelineConfig, uri: str, videos: Path, out: Path, pool: Pool, expected_videos: int,
-               expected_views: int) -> dict:
+def infer_case(
+    cfg: PipelineConfig, uri: str, videos: Path, out: Path, pool: Pool, expected_videos: int, expected_views: int
+) -> dict:
     """run_infer into a fresh `out` with `pool`'s CPU split: the scoring phase's views/s and CPU use."""
     shutil.rmtree(out, ignore_errors=True)
     run_cfg = cfg.model_copy(update={"infer": cfg.infer.model_copy(update=asdict(pool))})
@@ -217,11 +239,15 @@ def infer_case(cfg: PipelineConfig, uri: str, videos: Path, out: Path, pool: Poo
     # The runs and the baseline compare only over the same work: every video, every view.
     scored = (summary["scored_now"], summary["quarantined_now"], summary["views_now"])
     if scored != (expected_videos, 0, expected_views):
-        raise RuntimeError(f"bench infer: the run with {pool.label} scored {scored[0]} of {expected_videos} videos "
-                           f"({scored[1]} quarantined, see {summary['quarantine_report']}), {scored[2]} of "
-                           f"{expected_views} views")
-    commits = sorted((c.committed_at, sum(v.clips for v in c.videos if not v.quarantined))
-                     for c in manifest.load_commits(Storage(str(out), S3Options()), MANIFESTS))
+        raise RuntimeError(
+            f"bench infer: the run with {pool.label} scored {scored[0]} of {expected_videos} videos "
+            f"({scored[1]} quarantined, see {summary['quarantine_report']}), {scored[2]} of "
+            f"{expected_views} views"
+        )
+    commits = sorted(
+        (c.committed_at, sum(v.clips for v in c.videos if not v.quarantined))
+        for c in manifest.load_commits(Storage(str(out), S3Options()), MANIFESTS)
+    )
     opens, closes, views = scoring_window(commits)
     span = closes - opens
     used = cores.between(opens, closes)
@@ -232,14 +258,23 @@ def infer_case(cfg: PipelineConfig, uri: str, videos: Path, out: Path, pool: Poo
     all_cpu = scoring_cpu + cut_cpu_per_view * views if used else None
     rate = views / span
     return {
-        **asdict(pool), "videos": summary["scored_now"], "quarantined": summary["quarantined_now"],
-        "views": summary["views_now"], "commits": len(commits), "window_views": views, "window_s": span,
-        "window_opens_after_s": opens - started, "run_wall_s": summary["wall_s"],
-        "views_per_s": rate, "views_per_s_per_scoring_core": rate / pool.workers,
+        **asdict(pool),
+        "videos": summary["scored_now"],
+        "quarantined": summary["quarantined_now"],
+        "views": summary["views_now"],
+        "commits": len(commits),
+        "window_views": views,
+        "window_s": span,
+        "window_opens_after_s": opens - started,
+        "run_wall_s": summary["wall_s"],
+        "views_per_s": rate,
+        "views_per_s_per_scoring_core": rate / pool.workers,
         "views_per_cpu_s_scoring": views / scoring_cpu if scoring_cpu else None,
         "views_per_cpu_s_all": views / all_cpu if all_cpu else None,
-        "cut_cpu_s_per_view": cut_cpu_per_view, "score_cpu_s_per_view": summary["score_cpu_s"] / summary["views_now"],
-        "cores": used, "commit_times_s": [round(t - started, 2) for t, _ in commits],
+        "cut_cpu_s_per_view": cut_cpu_per_view,
+        "score_cpu_s_per_view": summary["score_cpu_s"] / summary["views_now"],
+        "cores": used,
+        "commit_times_s": [round(t - started, 2) for t, _ in commits],
     }
 
 
@@ -273,35 +308,68 @@ def figures(results: dict) -> dict:
         room = (os.cpu_count() or 1) - used["decode_cores"] - rest
         out["two_workers_other_cores"] = round(rest, 3)
         out["two_workers_over_one_reachable"] = round(
-            room / one["cores"]["scoring_cores"] * out["two_workers_over_one_per_cpu_s"], 3)
+            room / one["cores"]["scoring_cores"] * out["two_workers_over_one_per_cpu_s"], 3
+        )
     return out
 
 
 def table(results: dict) -> str:
     base, runs = results["baseline"], results["runs"]
-    rows = [["baseline: VideoClassifier.score on views cut beforehand, 1 thread", _f(base["views_per_s"]),
-             _f(base["views_per_s"]), "1.000", None, _f(base["views_per_cpu_s_scoring"]), "1.000",
-             _f(base["views_per_cpu_s_all"]), None]]
-    for name, goal in (("infer_1", f"per core / baseline >= {GOAL_PER_CORE}"),
-                       ("infer_2", f"/ 1 worker >= {GOAL_SCALING}")):
+    rows = [
+        [
+            "baseline: VideoClassifier.score on views cut beforehand, 1 thread",
+            _f(base["views_per_s"]),
+            _f(base["views_per_s"]),
+            "1.000",
+            None,
+            _f(base["views_per_cpu_s_scoring"]),
+            "1.000",
+            _f(base["views_per_cpu_s_all"]),
+            None,
+        ]
+    ]
+    for name, goal in (
+        ("infer_1", f"per core / baseline >= {GOAL_PER_CORE}"),
+        ("infer_2", f"/ 1 worker >= {GOAL_SCALING}"),
+    ):
         run = runs[name]
-        rows.append([f"infer: {Pool(run['workers'], run['cpus_per_worker'], run['decode_cpus']).label}",
-                     _f(run["views_per_s"]), _f(run["views_per_s_per_scoring_core"]),
-                     _f(ratio(run["views_per_s_per_scoring_core"], base["views_per_s"]), 3),
-                     _f(ratio(run["views_per_s"], runs["infer_1"]["views_per_s"]), 3),
-                     _f(run["views_per_cpu_s_scoring"]),
-                     _f(ratio(run["views_per_cpu_s_scoring"], base["views_per_cpu_s_scoring"]), 3),
-                     _f(run["views_per_cpu_s_all"]), goal])
-    return format_table(["case", "views/s", "views/s per scoring core", "per core / baseline", "/ 1 worker",
-                         "views per scoring CPU-s", "per CPU-s / baseline", "views per CPU-s (all)", "goal"], rows)
+        rows.append(
+            [
+                f"infer: {Pool(run['workers'], run['cpus_per_worker'], run['decode_cpus']).label}",
+                _f(run["views_per_s"]),
+                _f(run["views_per_s_per_scoring_core"]),
+                _f(ratio(run["views_per_s_per_scoring_core"], base["views_per_s"]), 3),
+                _f(ratio(run["views_per_s"], runs["infer_1"]["views_per_s"]), 3),
+                _f(run["views_per_cpu_s_scoring"]),
+                _f(ratio(run["views_per_cpu_s_scoring"], base["views_per_cpu_s_scoring"]), 3),
+                _f(run["views_per_cpu_s_all"]),
+                goal,
+            ]
+        )
+    return format_table(
+        [
+            "case",
+            "views/s",
+            "views/s per scoring core",
+            "per core / baseline",
+            "/ 1 worker",
+            "views per scoring CPU-s",
+            "per CPU-s / baseline",
+            "views per CPU-s (all)",
+            "goal",
+        ],
+        rows,
+    )
 
 
 def report(results: dict, args, command: str) -> str:
     base, runs, ratios, spec = results["baseline"], results["runs"], results["ratios"], results["spec"]
-    title = (f"Inference throughput: {args.preset}, crop {spec['crop']} (short side {spec['short_side']}), "
-             f"{spec['temporal_views']} temporal x {spec['spatial_crops']} spatial view(s) per video, "
-             f"{args.videos} videos {args.width}x{args.height} {args.seconds:g} s (H.264), CPU, fp32, 1 torch "
-             f"thread per scoring worker")
+    title = (
+        f"Inference throughput: {args.preset}, crop {spec['crop']} (short side {spec['short_side']}), "
+        f"{spec['temporal_views']} temporal x {spec['spatial_crops']} spatial view(s) per video, "
+        f"{args.videos} videos {args.width}x{args.height} {args.seconds:g} s (H.264), CPU, fp32, 1 torch "
+        f"thread per scoring worker"
+    )
     notes = [
         "views/s of infer: from the first commit (one per video) to the second-to-last, which mark the arrival of the "
         "second result and of the last (Ray Data hands the driver a result once the next one has arrived); Ray "
@@ -318,29 +386,39 @@ def report(results: dict, args, command: str) -> str:
     ]
     one, two = runs["infer_1"], runs["infer_2"]
     if one["cores"] and two["cores"]:
-        notes.append(f"2 workers / 1: {ratios['two_workers_over_one']:.3f}x views/s, with the scoring actors on "
-                     f"{two['cores']['scoring_cores']:.2f} cores in the window against "
-                     f"{one['cores']['scoring_cores']:.2f}; per scoring CPU-s "
-                     f"{ratios['two_workers_over_one_per_cpu_s']:.3f}x.")
+        notes.append(
+            f"2 workers / 1: {ratios['two_workers_over_one']:.3f}x views/s, with the scoring actors on "
+            f"{two['cores']['scoring_cores']:.2f} cores in the window against "
+            f"{one['cores']['scoring_cores']:.2f}; per scoring CPU-s "
+            f"{ratios['two_workers_over_one_per_cpu_s']:.3f}x."
+        )
         used = two["cores"]
-        notes.append(f"In the 2-worker window, everything else (Ray's own processes, the driver, other work) took "
-                     f"{ratios['two_workers_other_cores']:.2f} cores and the decode tasks "
-                     f"{used['decode_cores']:.2f}; at the actors' per-CPU-s ratio, the cores left to them allow "
-                     f"at most {ratios['two_workers_over_one_reachable']:.3f}x one worker on this machine.")
+        notes.append(
+            f"In the 2-worker window, everything else (Ray's own processes, the driver, other work) took "
+            f"{ratios['two_workers_other_cores']:.2f} cores and the decode tasks "
+            f"{used['decode_cores']:.2f}; at the actors' per-CPU-s ratio, the cores left to them allow "
+            f"at most {ratios['two_workers_over_one_reachable']:.3f}x one worker on this machine."
+        )
     for name, run in runs.items():
         cores = run["cores"]
         notes.append(
             f"{name}: scored {run['videos']}/{args.videos} videos ({run['views']} views, {run['quarantined']} "
             f"quarantined) in {run['run_wall_s']:.1f} s all told; the window opened {run['window_opens_after_s']:.1f} "
             f"s after the start and held {run['window_views']} views over {run['window_s']:.1f} s"
-            + (f"; in it the scoring actors used {cores['scoring_cores']:.2f} cores, the decode tasks "
-               f"{cores['decode_cores']:.2f}, the machine was busy on {cores['machine_busy_cores']:.2f} of "
-               f"{os.cpu_count()}." if cores else "; CPU use not sampled (no /proc, or a Ray this process did not "
-                                                  "start)."))
+            + (
+                f"; in it the scoring actors used {cores['scoring_cores']:.2f} cores, the decode tasks "
+                f"{cores['decode_cores']:.2f}, the machine was busy on {cores['machine_busy_cores']:.2f} of "
+                f"{os.cpu_count()}."
+                if cores
+                else "; CPU use not sampled (no /proc, or a Ray this process did not start)."
+            )
+        )
     load, machine_cores = results["load_average_max"], os.cpu_count() or 1
     if load > machine_cores - 0.5:
-        notes.append(f"Load average up to {load:.1f} on {machine_cores} cores: other work shared the machine, the "
-                     "wall-clock figures suffer from it (the per-CPU-second ones less).")
+        notes.append(
+            f"Load average up to {load:.1f} on {machine_cores} cores: other work shared the machine, the "
+            "wall-clock figures suffer from it (the per-CPU-second ones less)."
+        )
     return "\n".join([title, "", table(results), "", *notes, "", f"    {command}"])
 
 
@@ -348,22 +426,28 @@ def report(results: dict, args, command: str) -> str:
 
 
 def parse_args(argv):
-    parser = argparse.ArgumentParser(prog="bench infer", description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="bench infer", description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--preset", choices=sorted(PRESETS), help=f"model preset (default {DEFAULTS['preset']})")
     parser.add_argument("--crop", type=int, help=f"test crop (default {DEFAULTS['crop']})")
     parser.add_argument("--temporal-views", type=int, default=1, help="temporal views per video (default 1)")
-    parser.add_argument("--spatial-crops", type=int, default=1, choices=(1, 3), help="spatial crops per view "
-                                                                                      "(default 1)")
+    parser.add_argument(
+        "--spatial-crops", type=int, default=1, choices=(1, 3), help="spatial crops per view (default 1)"
+    )
     parser.add_argument("--videos", type=int, help=f"synthetic videos (default {DEFAULTS['videos']})")
     parser.add_argument("--width", type=int, help=f"video width (default {DEFAULTS['width']})")
     parser.add_argument("--height", type=int, help=f"video height (default {DEFAULTS['height']})")
     parser.add_argument("--seconds", type=float, help=f"video length (default {DEFAULTS['seconds']})")
-    parser.add_argument("--out", type=Path, default=Path("storage/bench-infer"),
-                        help="videos, MLflow store, infer outputs, bench_infer.md and .json (default "
-                             "storage/bench-infer)")
-    parser.add_argument("--quick", action="store_true",
-                        help="smoke test: " + ", ".join(f"{k} {v}" for k, v in QUICK.items()))
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=Path("storage/bench-infer"),
+        help="videos, MLflow store, infer outputs, bench_infer.md and .json (default storage/bench-infer)",
+    )
+    parser.add_argument(
+        "--quick", action="store_true", help="smoke test: " + ", ".join(f"{k} {v}" for k, v in QUICK.items())
+    )
     args = parser.parse_args(argv)
     for name, value in DEFAULTS.items():
         if getattr(args, name) is None:
@@ -432,23 +516,43 @@ def main(argv: list[str] | None = None) -> int:
     log(f"bench infer: baseline, scoring {len(views) - half} videos")
     after = score_all(classifier, views[half:])
     load.append(os.getloadavg()[0])
-    results = {"baseline": baseline_figures(len(views) * spec.views, cut_cpu, before, after), "runs": runs,
-               "spec": asdict(spec), "load_average_max": max(load)}
+    results = {
+        "baseline": baseline_figures(len(views) * spec.views, cut_cpu, before, after),
+        "runs": runs,
+        "spec": asdict(spec),
+        "load_average_max": max(load),
+    }
     results["ratios"] = figures(results)
     text = report(results, args, command)
     (out / "bench_infer.md").write_text(text + "\n")
-    write_json(out / "bench_infer.json", {
-        "benchmark": "infer", "command": command, "environment": environment("cpu"),
-        "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
-        "config": {"preset": args.preset, "model_uri": uri, "spec": asdict(spec), "videos": len(paths),
-                   "views_per_video": spec.views, "size": [args.width, args.height], "seconds": args.seconds,
-                   "batch_videos": cfg.infer.batch_videos, "commit_every_s": cfg.infer.commit_every_s},
-        "baseline": results["baseline"], "runs": runs, "ratios": results["ratios"],
-        "goals": {"one_worker_per_core_over_baseline": GOAL_PER_CORE, "two_workers_over_one": GOAL_SCALING},
-        "every_video_scored": all(r["videos"] == len(paths) and r["views"] == len(paths) * spec.views
-                                  for r in runs.values()),
-        "load_average_max": round(max(load), 2),
-    })
+    write_json(
+        out / "bench_infer.json",
+        {
+            "benchmark": "infer",
+            "command": command,
+            "environment": environment("cpu"),
+            "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+            "config": {
+                "preset": args.preset,
+                "model_uri": uri,
+                "spec": asdict(spec),
+                "videos": len(paths),
+                "views_per_video": spec.views,
+                "size": [args.width, args.height],
+                "seconds": args.seconds,
+                "batch_videos": cfg.infer.batch_videos,
+                "commit_every_s": cfg.infer.commit_every_s,
+            },
+            "baseline": results["baseline"],
+            "runs": runs,
+            "ratios": results["ratios"],
+            "goals": {"one_worker_per_core_over_baseline": GOAL_PER_CORE, "two_workers_over_one": GOAL_SCALING},
+            "every_video_scored": all(
+                r["videos"] == len(paths) and r["views"] == len(paths) * spec.views for r in runs.values()
+            ),
+            "load_average_max": round(max(load), 2),
+        },
+    )
     print(text)
     print(f"\nresults written to {out / 'bench_infer.md'} and {out / 'bench_infer.json'}")
     return 0

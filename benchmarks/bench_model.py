@@ -13,6 +13,7 @@ machine; there `train.mixed_precision` keeps fp32 (slowfast.train.optim.cpu_bf16
 
 `python -m pipelines bench model [options]` runs the same `main`.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -28,8 +29,14 @@ _ROOT = str(Path(__file__).resolve().parents[1])
 if _ROOT not in sys.path:  # run as a script or loaded by path: make `benchmarks` and `slowfast` importable
     sys.path.insert(0, _ROOT)
 
-from benchmarks._common import (environment, format_table, ratio, time_interleaved, torchvision_stub,  # noqa: E402
-                                write_json)
+from benchmarks._common import (
+    environment,
+    format_table,
+    ratio,
+    time_interleaved,
+    torchvision_stub,  # noqa: E402
+    write_json,
+)
 from slowfast.model import build, count_flops, count_params, example_inputs  # noqa: E402
 from slowfast.model.flops import gflops  # noqa: E402
 from slowfast.train import memory_format  # noqa: E402
@@ -69,17 +76,48 @@ def size_table() -> tuple[str, list[dict]]:
             params = count_params(build(preset, num_classes=400))
         total, conv_fc = gflops(preset, size=256), gflops(preset, size=256, batch_norm=False)
         zoo = ZOO_CONV_FC_GFLOPS.get(preset)
-        results.append({"preset": preset, "params": params, "reference_params": ref_params,
-                        "gflops": round(total, 3), "reference_gflops": ref_gflops,
-                        "gflops_conv_fc": round(conv_fc, 3), "zoo_gflops_conv_fc": zoo})
-        rows.append([preset, f"{params:,}", f"{ref_params:,}", _fmt(ratio(params, ref_params), 3),
-                     f"{total:.2f}", _fmt(ref_gflops, 1), _fmt(ratio(total, ref_gflops), 3),
-                     f"{conv_fc:.2f}", _fmt(zoo, 2), _fmt(ratio(conv_fc, zoo), 3)])
-    headers = ["preset", "params", "reference", "ratio", "GFLOPs", "reference", "ratio",
-               "GFLOPs conv+fc", "model zoo", "ratio"]
-    note = ("GFLOPs at 256x256, batch 1, one multiply-add = one FLOP: convolutions, linear layers and eval-mode\n"
-            "batch norm (2 per element), as fvcore counts them. 'conv+fc' leaves batch norm out, as pytorchvideo's\n"
-            "model zoo did for slowfast_r50 and slow_r50; reference params and GFLOPs: DESIGN.md.")
+        results.append(
+            {
+                "preset": preset,
+                "params": params,
+                "reference_params": ref_params,
+                "gflops": round(total, 3),
+                "reference_gflops": ref_gflops,
+                "gflops_conv_fc": round(conv_fc, 3),
+                "zoo_gflops_conv_fc": zoo,
+            }
+        )
+        rows.append(
+            [
+                preset,
+                f"{params:,}",
+                f"{ref_params:,}",
+                _fmt(ratio(params, ref_params), 3),
+                f"{total:.2f}",
+                _fmt(ref_gflops, 1),
+                _fmt(ratio(total, ref_gflops), 3),
+                f"{conv_fc:.2f}",
+                _fmt(zoo, 2),
+                _fmt(ratio(conv_fc, zoo), 3),
+            ]
+        )
+    headers = [
+        "preset",
+        "params",
+        "reference",
+        "ratio",
+        "GFLOPs",
+        "reference",
+        "ratio",
+        "GFLOPs conv+fc",
+        "model zoo",
+        "ratio",
+    ]
+    note = (
+        "GFLOPs at 256x256, batch 1, one multiply-add = one FLOP: convolutions, linear layers and eval-mode\n"
+        "batch norm (2 per element), as fvcore counts them. 'conv+fc' leaves batch norm out, as pytorchvideo's\n"
+        "model zoo did for slowfast_r50 and slow_r50; reference params and GFLOPs: DESIGN.md."
+    )
     return format_table(headers, rows) + "\n" + note, results
 
 
@@ -90,8 +128,9 @@ def reference_slowfast_r50(num_classes: int, size: int = 224) -> nn.Module:
     side = size
     for _ in range(5):  # stem conv, stem pool, res3, res4, res5 each halve, rounding up
         side = (side + 1) // 2
-    return slowfast_r50(pretrained=False, model_num_class=num_classes,
-                        head_pool_kernel_sizes=((8, side, side), (32, side, side)))
+    return slowfast_r50(
+        pretrained=False, model_num_class=num_classes, head_pool_kernel_sizes=((8, side, side), (32, side, side))
+    )
 
 
 def train_step(model: nn.Module, inputs: list[torch.Tensor], labels: torch.Tensor, amp: bool):
@@ -137,29 +176,61 @@ def precision_table(args) -> tuple[str, list[dict]]:
         model = build(preset, num_classes=400).to(device, memory_format=fmt)
         inputs = [x.to(device, memory_format=fmt) for x in example_inputs(model.cfg, batch, size)]
         labels = torch.randint(0, 400, (batch,), device=device)
-        cases = {"forward fp32": forward(model, inputs, amp=False), "forward bf16": forward(model, inputs, amp=True),
-                 "step fp32": train_step(model, inputs, labels, amp=False),
-                 "step bf16": train_step(model, inputs, labels, amp=True)}
-        t = time_interleaved(cases, repeats=args.steps, warmup=args.warmup,
-                             sync=torch.cuda.synchronize if cuda else None)
+        cases = {
+            "forward fp32": forward(model, inputs, amp=False),
+            "forward bf16": forward(model, inputs, amp=True),
+            "step fp32": train_step(model, inputs, labels, amp=False),
+            "step bf16": train_step(model, inputs, labels, amp=True),
+        }
+        t = time_interleaved(
+            cases, repeats=args.steps, warmup=args.warmup, sync=torch.cuda.synchronize if cuda else None
+        )
         # Each repetition ran fp32 and bf16 back to back: the median of their ratios is the figure least
         # disturbed by other work on the machine.
-        paired = {kind: statistics.median(b / f for f, b in zip(t[f"{kind} fp32"].wall, t[f"{kind} bf16"].wall))
-                  for kind in ("forward", "step")}
-        results.append({"preset": preset, "size": size, "batch": batch,
-                        "median_ms": {name: round(timing.median_ms, 1) for name, timing in t.items()},
-                        "cpu_median_ms": {name: round(timing.cpu_median_ms, 1) for name, timing in t.items()},
-                        "paired_ratio_bf16_over_fp32": {kind: round(r, 3) for kind, r in paired.items()}})
-        rows.append([preset, size, batch] + [f"{t[name].median_ms:.1f}" for name in ("forward fp32", "forward bf16")]
-                    + [f"{paired['forward']:.3f}"]
-                    + [f"{t[name].median_ms:.1f}" for name in ("step fp32", "step bf16")] + [f"{paired['step']:.3f}"])
-    title = (f"bf16 autocast against fp32: eval forward (no gradients) and train step (forward + backward + SGD), "
-             f"400 classes, {device.type} channels_last_3d, {torch.get_num_threads()} threads; {args.steps} steps "
-             f"each, alternating, after {args.warmup} warm-up")
-    table = format_table(["preset", "crop", "batch", "fp32 forward ms", "bf16 forward ms", "bf16 / fp32",
-                          "fp32 step ms", "bf16 step ms", "bf16 / fp32"], rows)
-    note = (f"ms: medians; bf16 / fp32: median of the paired ratios. train.mixed_precision here: "
-            f"{describe_precision(device.type, True)}.")
+        paired = {
+            kind: statistics.median(b / f for f, b in zip(t[f"{kind} fp32"].wall, t[f"{kind} bf16"].wall, strict=True))
+            for kind in ("forward", "step")
+        }
+        results.append(
+            {
+                "preset": preset,
+                "size": size,
+                "batch": batch,
+                "median_ms": {name: round(timing.median_ms, 1) for name, timing in t.items()},
+                "cpu_median_ms": {name: round(timing.cpu_median_ms, 1) for name, timing in t.items()},
+                "paired_ratio_bf16_over_fp32": {kind: round(r, 3) for kind, r in paired.items()},
+            }
+        )
+        rows.append(
+            [preset, size, batch]
+            + [f"{t[name].median_ms:.1f}" for name in ("forward fp32", "forward bf16")]
+            + [f"{paired['forward']:.3f}"]
+            + [f"{t[name].median_ms:.1f}" for name in ("step fp32", "step bf16")]
+            + [f"{paired['step']:.3f}"]
+        )
+    title = (
+        f"bf16 autocast against fp32: eval forward (no gradients) and train step (forward + backward + SGD), "
+        f"400 classes, {device.type} channels_last_3d, {torch.get_num_threads()} threads; {args.steps} steps "
+        f"each, alternating, after {args.warmup} warm-up"
+    )
+    table = format_table(
+        [
+            "preset",
+            "crop",
+            "batch",
+            "fp32 forward ms",
+            "bf16 forward ms",
+            "bf16 / fp32",
+            "fp32 step ms",
+            "bf16 step ms",
+            "bf16 / fp32",
+        ],
+        rows,
+    )
+    note = (
+        f"ms: medians; bf16 / fp32: median of the paired ratios. train.mixed_precision here: "
+        f"{describe_precision(device.type, True)}."
+    )
     return title + "\n" + table + "\n" + note, results
 
 
@@ -182,66 +253,99 @@ def speed_table(args) -> tuple[str, dict]:
         torch.backends.cudnn.benchmark = True
     load_before = os.getloadavg()[0]
     timings = time_interleaved(
-        {"ours": train_step(ours, inputs, labels, amp=cuda),
-         "pytorchvideo": train_step(reference, inputs, labels, amp=cuda)},
-        repeats=args.steps, warmup=args.warmup, sync=torch.cuda.synchronize if cuda else None)
+        {
+            "ours": train_step(ours, inputs, labels, amp=cuda),
+            "pytorchvideo": train_step(reference, inputs, labels, amp=cuda),
+        },
+        repeats=args.steps,
+        warmup=args.warmup,
+        sync=torch.cuda.synchronize if cuda else None,
+    )
 
     load = max(load_before, os.getloadavg()[0])
     a, b = timings["ours"], timings["pytorchvideo"]
     # The two steps of one repetition ran back to back, under the same load: their ratio is the
     # comparison least disturbed by other work on the machine.
-    paired = statistics.median(x / y for x, y in zip(a.wall, b.wall))
+    paired = statistics.median(x / y for x, y in zip(a.wall, b.wall, strict=True))
     rows = [
         ["median ms / step", a.median_ms, b.median_ms, a.median_ms / b.median_ms],
         ["fastest ms / step", a.min_ms, b.min_ms, a.min_ms / b.min_ms],
         ["median CPU ms / step", a.cpu_median_ms, b.cpu_median_ms, a.cpu_median_ms / b.cpu_median_ms],
         ["median of paired ratios", None, None, paired],
-        ["clips / s (median)", args.batch / a.median_ms * 1e3, args.batch / b.median_ms * 1e3,
-         b.median_ms / a.median_ms],
+        [
+            "clips / s (median)",
+            args.batch / a.median_ms * 1e3,
+            args.batch / b.median_ms * 1e3,
+            b.median_ms / a.median_ms,
+        ],
     ]
-    rows = [[name, _fmt(x, 1 if x and x >= 10 else 3), _fmt(y, 1 if y and y >= 10 else 3), _fmt(r, 3)]
-            for name, x, y, r in rows]
+    rows = [
+        [name, _fmt(x, 1 if x and x >= 10 else 3), _fmt(y, 1 if y and y >= 10 else 3), _fmt(r, 3)]
+        for name, x, y, r in rows
+    ]
     precision = "bf16 autocast, channels_last_3d" if cuda else "fp32, channels_last_3d"
-    title = (f"Train step: {TIMED_PRESET}, batch {args.batch}, {args.size}x{args.size}, 400 classes, forward + "
-             f"backward + SGD, {device.type} {precision}, {torch.get_num_threads()} threads; {args.steps} steps "
-             f"per model, alternating, after {args.warmup} warm-up")
+    title = (
+        f"Train step: {TIMED_PRESET}, batch {args.batch}, {args.size}x{args.size}, 400 classes, forward + "
+        f"backward + SGD, {device.type} {precision}, {torch.get_num_threads()} threads; {args.steps} steps "
+        f"per model, alternating, after {args.warmup} warm-up"
+    )
     table = format_table(["train step", "ours", "pytorchvideo slowfast_r50", "ours / pytorchvideo"], rows)
-    result = {"preset": TIMED_PRESET, "batch": args.batch, "size": args.size, "device": device.type,
-              "precision": precision, "threads": torch.get_num_threads(), "steps": args.steps,
-              "warmup": args.warmup, "models": sizes,
-              "median_ms": {"ours": round(a.median_ms, 2), "pytorchvideo": round(b.median_ms, 2)},
-              "ratio_ours_over_reference": ratio(a.median_ms, b.median_ms),
-              "cpu_ratio_ours_over_reference": ratio(a.cpu_median_ms, b.cpu_median_ms),
-              "paired_ratio_ours_over_reference": round(paired, 3),
-              "load_average_max": round(load, 2),
-              "step_ms": {name: [round(1e3 * t, 1) for t in timing.wall] for name, timing in timings.items()},
-              "step_cpu_ms": {name: [round(1e3 * t, 1) for t in timing.cpu] for name, timing in timings.items()}}
-    note = ("Goal: ours / pytorchvideo <= 1.0 in ms. CPU ms: the process's CPU time over the same steps, which "
-            "leaves out\ntime other processes held the cores. Paired: each repetition's two steps, run back to back, "
-            "compared.")
+    result = {
+        "preset": TIMED_PRESET,
+        "batch": args.batch,
+        "size": args.size,
+        "device": device.type,
+        "precision": precision,
+        "threads": torch.get_num_threads(),
+        "steps": args.steps,
+        "warmup": args.warmup,
+        "models": sizes,
+        "median_ms": {"ours": round(a.median_ms, 2), "pytorchvideo": round(b.median_ms, 2)},
+        "ratio_ours_over_reference": ratio(a.median_ms, b.median_ms),
+        "cpu_ratio_ours_over_reference": ratio(a.cpu_median_ms, b.cpu_median_ms),
+        "paired_ratio_ours_over_reference": round(paired, 3),
+        "load_average_max": round(load, 2),
+        "step_ms": {name: [round(1e3 * t, 1) for t in timing.wall] for name, timing in timings.items()},
+        "step_cpu_ms": {name: [round(1e3 * t, 1) for t in timing.cpu] for name, timing in timings.items()},
+    }
+    note = (
+        "Goal: ours / pytorchvideo <= 1.0 in ms. CPU ms: the process's CPU time over the same steps, which "
+        "leaves out\ntime other processes held the cores. Paired: each repetition's two steps, run back to back, "
+        "compared."
+    )
     own_threads = 1 if cuda else torch.get_num_threads()
     if load - own_threads > 0.5:  # the 1-minute load average counts this process's threads too
-        note += (f"\nWarning: load average {load:.1f} on {os.cpu_count()} cores while {own_threads} thread(s) of "
-                 "this run worked: other work shared the machine.")
+        note += (
+            f"\nWarning: load average {load:.1f} on {os.cpu_count()} cores while {own_threads} thread(s) of "
+            "this run worked: other work shared the machine."
+        )
         if own_threads > 1:
-            note += (" Wall-clock figures are unreliable: each thread waits\nfor the others at every operation. "
-                     "CPU ms with --threads 1 holds up best.")
+            note += (
+                " Wall-clock figures are unreliable: each thread waits\nfor the others at every operation. "
+                "CPU ms with --threads 1 holds up best."
+            )
     return title + "\n" + table + "\n" + note, result
 
 
 def parse_args(argv):
-    parser = argparse.ArgumentParser(prog="bench model", description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"),
-                        help="cuda trains with bf16 autocast and channels_last_3d clips")
+    parser = argparse.ArgumentParser(
+        prog="bench model", description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--device",
+        default="cpu",
+        choices=("cpu", "cuda"),
+        help="cuda trains with bf16 autocast and channels_last_3d clips",
+    )
     parser.add_argument("--steps", type=int, default=None, help="timed train steps per model (default 8, quick 2)")
     parser.add_argument("--warmup", type=int, default=None, help="untimed steps per model first (default 1; cuda 3)")
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--size", type=int, default=224, help="crop size of the timed clips")
     parser.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice)")
     parser.add_argument("--quick", action="store_true", help="fewest steps: a smoke test, not a measurement")
-    parser.add_argument("--tables", default=",".join(TABLES),
-                        help=f"comma-separated, of {', '.join(TABLES)} (default: all)")
+    parser.add_argument(
+        "--tables", default=",".join(TABLES), help=f"comma-separated, of {', '.join(TABLES)} (default: all)"
+    )
     parser.add_argument("--json", metavar="PATH", help="also write the results as JSON to PATH")
     args = parser.parse_args(argv)
     if args.steps is None:
@@ -260,16 +364,21 @@ def parse_args(argv):
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
-        print("bench model: --device cuda but CUDA is not available on this machine; run without it for CPU",
-              file=sys.stderr)
+        print(
+            "bench model: --device cuda but CUDA is not available on this machine; run without it for CPU",
+            file=sys.stderr,
+        )
         return 2
     threads = torch.get_num_threads()
     if args.threads:
         torch.set_num_threads(args.threads)
     results = {}
     try:
-        for name, make in (("sizes", size_table), ("reference", lambda: speed_table(args)),
-                           ("precision", lambda: precision_table(args))):
+        for name, make in (
+            ("sizes", size_table),
+            ("reference", lambda: speed_table(args)),
+            ("precision", lambda: precision_table(args)),
+        ):
             if name in args.tables:
                 text, results[name] = make()
                 print(text + "\n", flush=True)
@@ -277,8 +386,10 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         torch.set_num_threads(threads)  # main() may run inside the CLI's process
     if args.json:
-        write_json(args.json, {"benchmark": "model", "environment": env,
-                               **{JSON_KEYS[name]: result for name, result in results.items()}})
+        write_json(
+            args.json,
+            {"benchmark": "model", "environment": env, **{JSON_KEYS[name]: result for name, result in results.items()}},
+        )
         print(f"results written to {args.json}")
     return 0
 

@@ -33,6 +33,7 @@ memory: the same slowfast.train.train_step (clip_inputs: the crop box's flip and
 Per CPU second: clips per CPU second of the process that runs the step (the train worker, the memory task), and for
   the shards case also of the train worker and the Ray Data workers together: the whole CPU cost of a clip.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -58,8 +59,8 @@ if str(_ROOT) not in sys.path:  # run as a script or loaded by path: make `bench
 from benchmarks._common import CoreUse, environment, format_table, ratio, write_json  # noqa: E402
 from pipelines.config import PipelineConfig, load_config  # noqa: E402
 from pipelines.data import ensure_videos, storage_of  # noqa: E402
-from pipelines.train import TrainData, prepare_data, train  # noqa: E402
 from pipelines.ray_runtime import init_ray  # noqa: E402
+from pipelines.train import TrainData, prepare_data, train  # noqa: E402
 from pipelines.train_input import TRAIN_COLUMNS, data_cpu_split  # noqa: E402
 from slowfast.model import PRESETS, SlowFast  # noqa: E402
 from slowfast.train import LRSchedule, build_optimizer, memory_format, scaled_lr, topk_correct, train_step  # noqa: E402
@@ -102,22 +103,32 @@ def bench_config(args, clips_per_video: int | None = None) -> PipelineConfig:
     clips = clips_per_video or demo.preprocess.clips_per_video
     videos = args.workdir / f"videos-{video_size}px-{seconds:g}s-{classes}x{per_class}"
     cuda = args.device == "cuda"
-    data_cpus = args.data_cpus if args.data_cpus is not None else (
-        max(1, (os.cpu_count() or 2) - 2) if cuda else 1)
+    data_cpus = args.data_cpus if args.data_cpus is not None else (max(1, (os.cpu_count() or 2) - 2) if cuda else 1)
     overrides = {
-        "name": "bench-train", "storage_root": args.workdir / "storage",
+        "name": "bench-train",
+        "storage_root": args.workdir / "storage",
         "data.dataset": f"synth_{video_size}px_{seconds:g}s_{classes}x{per_class}",
-        "data.video_root": videos, "data.annotations.train": videos / "annotations/train.csv",
+        "data.video_root": videos,
+        "data.annotations.train": videos / "annotations/train.csv",
         "data.annotations.val": videos / "annotations/val.csv",
-        "data.synth.classes": classes, "data.synth.videos_per_class": per_class,
-        "data.synth.size": video_size, "data.synth.seconds": seconds,
-        "preprocess.short_side": short, "preprocess.clips_per_video": clips,
+        "data.synth.classes": classes,
+        "data.synth.videos_per_class": per_class,
+        "data.synth.size": video_size,
+        "data.synth.seconds": seconds,
+        "preprocess.short_side": short,
+        "preprocess.clips_per_video": clips,
         "model.preset": args.preset,
-        "train.epochs": 1, "train.warmup_epochs": 0, "train.batch_size": args.batch_size,
-        "train.crop_size": args.crop, "train.scale_jitter": f"[{jitter[0]}, {jitter[1]}]",
-        "train.num_workers": 1, "train.cpus_per_worker": 1, "train.threads_per_worker": args.threads,
+        "train.epochs": 1,
+        "train.warmup_epochs": 0,
+        "train.batch_size": args.batch_size,
+        "train.crop_size": args.crop,
+        "train.scale_jitter": f"[{jitter[0]}, {jitter[1]}]",
+        "train.num_workers": 1,
+        "train.cpus_per_worker": 1,
+        "train.threads_per_worker": args.threads,
         "train.use_gpu": str(cuda).lower(),
-        "mlflow.tracking_uri": f"sqlite:///{args.workdir / 'mlflow.db'}", "mlflow.experiment": "bench-train",
+        "mlflow.tracking_uri": f"sqlite:///{args.workdir / 'mlflow.db'}",
+        "mlflow.experiment": "bench-train",
         "ray.data_cpus": data_cpus,
     }
     return load_config(DEMO_CONFIG, [f"{k}={v}" for k, v in overrides.items()])
@@ -155,15 +166,24 @@ def one_batch(cfg: PipelineConfig, data: TrainData, device: torch.device) -> dic
     t = cfg.train
     store = storage_of(cfg)
     shards = [(store.path(p), skip) for p, skip in data.train_shards]
-    batches = iter_clips(shards, mode="train", batch_size=t.batch_size, crop=t.crop_size,
-                         meta=data.train_meta, filesystem=store.fs, jitter=t.scale_jitter, seed=t.seed,
-                         drop_last=True)
+    batches = iter_clips(
+        shards,
+        mode="train",
+        batch_size=t.batch_size,
+        crop=t.crop_size,
+        meta=data.train_meta,
+        filesystem=store.fs,
+        jitter=t.scale_jitter,
+        seed=t.seed,
+        drop_last=True,
+    )
     batch = next(iter(batches))
     return {k: batch[k].to(device) for k in TRAIN_COLUMNS}
 
 
-def memory_case(cfg: PipelineConfig, data: TrainData, device: torch.device, steps: int,
-                warmup: int) -> tuple[list[float], list[float]]:
+def memory_case(
+    cfg: PipelineConfig, data: TrainData, device: torch.device, steps: int, warmup: int
+) -> tuple[list[float], list[float]]:
     """Seconds per step of train_func's step body on one in-memory batch, after `warmup` untimed steps: wall
     clock, and CPU time of the process. Run it with run_memory_case, in a Ray worker process like the train
     worker's."""
@@ -183,8 +203,9 @@ def memory_case(cfg: PipelineConfig, data: TrainData, device: torch.device, step
     for step in range(total):
         start, start_cpu = time.perf_counter(), time.process_time()
         schedule.step(optimizer, 0, step, total)
-        out = train_step(model, optimizer, batch, fmt=fmt, mixed_precision=t.mixed_precision,
-                         grad_clip=t.grad_clip, clipped=net)
+        out = train_step(
+            model, optimizer, batch, fmt=fmt, mixed_precision=t.mixed_precision, grad_clip=t.grad_clip, clipped=net
+        )
         out.loss.item()  # waits for the device: the step is done
         topk_correct(out.logits.detach(), batch["label"], (1,))
         if step >= warmup:
@@ -196,8 +217,9 @@ def memory_case(cfg: PipelineConfig, data: TrainData, device: torch.device, step
     return wall, cpu
 
 
-def run_memory_case(cfg: PipelineConfig, data: TrainData, device: torch.device, steps: int,
-                    warmup: int) -> tuple[list[float], list[float]]:
+def run_memory_case(
+    cfg: PipelineConfig, data: TrainData, device: torch.device, steps: int, warmup: int
+) -> tuple[list[float], list[float]]:
     """memory_case in a fresh Ray worker process holding the train worker's resources: the same kind of process
     as the train worker (Ray's threads in it included, so per-CPU-second figures compare like with like), and
     not the driver, whose own Ray threads would be charged to the step."""
@@ -206,8 +228,7 @@ def run_memory_case(cfg: PipelineConfig, data: TrainData, device: torch.device, 
     # By its package name, which Ray's workers (started in the checkout) can import: loaded by path, as
     # `pipelines bench` and the tests load it, this module's own name means nothing to them.
     case = importlib.import_module("benchmarks.bench_train").memory_case
-    task = ray.remote(num_cpus=cfg.train.cpus_per_worker, num_gpus=1 if device.type == "cuda" else 0,
-                      max_calls=1)(case)
+    task = ray.remote(num_cpus=cfg.train.cpus_per_worker, num_gpus=1 if device.type == "cuda" else 0, max_calls=1)(case)
     return ray.get(task.remote(cfg, data, device, steps, warmup))
 
 
@@ -228,19 +249,23 @@ def shards_case(cfg: PipelineConfig, steps: int, warmup: int) -> dict:
         shutil.rmtree(store.path("checkpoints", run_name), ignore_errors=True)  # a benchmark's model is not kept
     wall = time.perf_counter() - started
     client = MlflowClient(out["tracking_uri"])
-    history = {key: sorted(client.get_metric_history(out["mlflow_run_id"], key), key=lambda m: m.step)
-               for key in ("clips_per_s", "data_wait")}
+    history = {
+        key: sorted(client.get_metric_history(out["mlflow_run_id"], key), key=lambda m: m.step)
+        for key in ("clips_per_s", "data_wait")
+    }
     logged = len(history["clips_per_s"])
     if logged < 2:
         raise RuntimeError(f"bench train: the trainer logged {logged} step(s); it needs at least 2")
     if logged < warmup + steps:
-        log(f"bench train: the epoch had {logged} steps, fewer than --warmup {warmup} + --steps {steps}; "
-            f"timing the last {logged - min(warmup, logged - 1)}")
+        log(
+            f"bench train: the epoch had {logged} steps, fewer than --warmup {warmup} + --steps {steps}; "
+            f"timing the last {logged - min(warmup, logged - 1)}"
+        )
     warmup = min(warmup, logged - 1)
     chosen = slice(warmup, min(logged, warmup + steps))
     batch = cfg.train.batch_size * cfg.train.workers_range[1]
     step_s = [batch / m.value for m in history["clips_per_s"]]
-    waited = [w.value * s for w, s in zip(history["data_wait"], step_s)]
+    waited = [w.value * s for w, s in zip(history["data_wait"], step_s, strict=True)]
     timed, timed_wait = step_s[chosen], waited[chosen]
     # MLflow timestamps (ms) of the timed steps' logs: the whole period per step, the log write included.
     stamps = [m.timestamp for m in history["clips_per_s"]]
@@ -250,22 +275,30 @@ def shards_case(cfg: PipelineConfig, steps: int, warmup: int) -> dict:
     wall_rate = len(timed) * batch / span_s if span_s > 0 else None
     metrics = out["metrics"]
     return {
-        "run_name": run_name, "steps": len(timed), "warmup": warmup, "steps_in_epoch": logged,
+        "run_name": run_name,
+        "steps": len(timed),
+        "warmup": warmup,
+        "steps_in_epoch": logged,
         "clips_per_s": len(timed) * batch / sum(timed),
         "data_wait": sum(timed_wait) / sum(timed),
         "median_step_ms": 1e3 * statistics.median(timed),
         "wall_clips_per_s": wall_rate,
         # Per CPU second of the train worker process (its torch threads and Ray's iterator threads in it), and of
         # the worker and the Ray Data workers together.
-        "clips_per_cpu_s": wall_rate / used["train_worker_cores"] if wall_rate and used.get("train_worker_cores")
+        "clips_per_cpu_s": wall_rate / used["train_worker_cores"]
+        if wall_rate and used.get("train_worker_cores")
         else None,
         "clips_per_cpu_s_with_data": wall_rate / (used["train_worker_cores"] + used["data_workers_cores"])
-        if wall_rate and used.get("train_worker_cores") else None,
+        if wall_rate and used.get("train_worker_cores")
+        else None,
         "first_step_wait_s": waited[0],
-        "epoch_s": metrics.get("epoch_s"), "epoch_clips_per_s": metrics.get("epoch_clips_per_s"),
+        "epoch_s": metrics.get("epoch_s"),
+        "epoch_clips_per_s": metrics.get("epoch_clips_per_s"),
         "epoch_data_wait": metrics.get("epoch_data_wait"),
         "untimed_s_per_step": (metrics["epoch_s"] - sum(step_s)) / logged if "epoch_s" in metrics else None,
-        "cores": used, "train_wall_s": wall, "step_ms": [round(1e3 * s, 1) for s in step_s],
+        "cores": used,
+        "train_wall_s": wall,
+        "step_ms": [round(1e3 * s, 1) for s in step_s],
         "data_wait_ms": [round(1e3 * w, 1) for w in waited],
     }
 
@@ -292,15 +325,39 @@ def table_rows(runs: dict) -> list[list]:
         shards, memory = run["shards"], run["memory"]
         base, base_cpu = memory["clips_per_s"], memory["clips_per_cpu_s"]
         rows += [
-            [name, "shards: Ray Data -> TorchTrainer, as train_func logs it", _f(shards["clips_per_s"]),
-             _f(shards["clips_per_cpu_s"]), _f(shards["median_step_ms"]), _pct(shards["data_wait"]),
-             _f(ratio(shards["clips_per_s"], base), 3), _f(ratio(shards["clips_per_cpu_s"], base_cpu), 3),
-             f">= {GOAL} ({'met' if goal_met(run) else 'not met'})"],
-            [name, "shards: wall clock (MLflow timestamps); CPU: worker + Ray Data", _f(shards["wall_clips_per_s"]),
-             _f(shards["clips_per_cpu_s_with_data"]), None, None, _f(ratio(shards["wall_clips_per_s"], base), 3),
-             _f(ratio(shards["clips_per_cpu_s_with_data"], base_cpu), 3), None],
-            [name, "memory: the same train_step on one pre-built batch", _f(base), _f(base_cpu),
-             _f(memory["median_step_ms"]), _pct(0.0), "1.000", "1.000", None],
+            [
+                name,
+                "shards: Ray Data -> TorchTrainer, as train_func logs it",
+                _f(shards["clips_per_s"]),
+                _f(shards["clips_per_cpu_s"]),
+                _f(shards["median_step_ms"]),
+                _pct(shards["data_wait"]),
+                _f(ratio(shards["clips_per_s"], base), 3),
+                _f(ratio(shards["clips_per_cpu_s"], base_cpu), 3),
+                f">= {GOAL} ({'met' if goal_met(run) else 'not met'})",
+            ],
+            [
+                name,
+                "shards: wall clock (MLflow timestamps); CPU: worker + Ray Data",
+                _f(shards["wall_clips_per_s"]),
+                _f(shards["clips_per_cpu_s_with_data"]),
+                None,
+                None,
+                _f(ratio(shards["wall_clips_per_s"], base), 3),
+                _f(ratio(shards["clips_per_cpu_s_with_data"], base_cpu), 3),
+                None,
+            ],
+            [
+                name,
+                "memory: the same train_step on one pre-built batch",
+                _f(base),
+                _f(base_cpu),
+                _f(memory["median_step_ms"]),
+                _pct(0.0),
+                "1.000",
+                "1.000",
+                None,
+            ],
         ]
     return rows
 
@@ -309,12 +366,26 @@ def report(cfg: PipelineConfig, args, results: dict) -> str:
     runs = results["runs"]
     t = cfg.train
     first = next(iter(runs.values()))["shards"]
-    title = (f"Train throughput: {args.preset}, batch {t.batch_size}, crop {t.crop_size} (short side "
-             f"{cfg.preprocess.short_side}, jitter {list(t.scale_jitter)}), {args.device}, channels_last_3d, "
-             f"{t.threads_per_worker} torch thread(s); {first['steps']} timed steps per case after "
-             f"{first['warmup']} warm-up")
-    table = format_table(["precision", "case", "clips/s", "clips/CPU-s", "median ms/step", "data wait",
-                          "ratio to memory", "ratio per CPU-s", "goal"], table_rows(runs))
+    title = (
+        f"Train throughput: {args.preset}, batch {t.batch_size}, crop {t.crop_size} (short side "
+        f"{cfg.preprocess.short_side}, jitter {list(t.scale_jitter)}), {args.device}, channels_last_3d, "
+        f"{t.threads_per_worker} torch thread(s); {first['steps']} timed steps per case after "
+        f"{first['warmup']} warm-up"
+    )
+    table = format_table(
+        [
+            "precision",
+            "case",
+            "clips/s",
+            "clips/CPU-s",
+            "median ms/step",
+            "data wait",
+            "ratio to memory",
+            "ratio per CPU-s",
+            "goal",
+        ],
+        table_rows(runs),
+    )
     cores = os.cpu_count()
     notes = [
         f"Cores: {cores}. The train worker reserves train.cpus_per_worker {t.cpus_per_worker:g} CPU and runs "
@@ -333,22 +404,31 @@ def report(cfg: PipelineConfig, args, results: dict) -> str:
             f"wait {_pct(shards['epoch_data_wait'])}, {_f(_ms(shards['untimed_s_per_step']))} ms/step outside the "
             f"step timer.\n  Memory halves (before / after the shards case): {_f(memory['before_clips_per_s'])} / "
             f"{_f(memory['after_clips_per_s'])} clips/s on {memory['cores']:.2f} cores (CPU time / wall time)."
-            + (f" During the timed shards steps the train worker got {shards['cores']['train_worker_cores']:.2f} "
-               f"cores, the Ray Data workers {shards['cores']['data_workers_cores']:.2f}, the machine was busy on "
-               f"{shards['cores']['machine_busy_cores']:.2f} of {cores}." if shards["cores"] else ""))
+            + (
+                f" During the timed shards steps the train worker got {shards['cores']['train_worker_cores']:.2f} "
+                f"cores, the Ray Data workers {shards['cores']['data_workers_cores']:.2f}, the machine was busy on "
+                f"{shards['cores']['machine_busy_cores']:.2f} of {cores}."
+                if shards["cores"]
+                else ""
+            )
+        )
     if len(runs) == 2:
         step = runs["bf16"]["memory"]["median_step_ms"] / runs["fp32"]["memory"]["median_step_ms"]
         notes.append(f"bf16 / fp32 step time, memory case: {step:.2f}x.")
     for name, why in results["skipped"].items():
         notes.append(f"{name}: {why}.")
     if args.device == "cpu" and cores and cores <= 2:
-        notes.append("On 2 cores the train step and Ray Data compete for the cores (and for memory bandwidth); the "
-                     "memory case has them to itself.")
+        notes.append(
+            "On 2 cores the train step and Ray Data compete for the cores (and for memory bandwidth); the "
+            "memory case has them to itself."
+        )
     load = results["load_average_max"]
     if load > (cores or 1) - 0.5:
-        notes.append(f"Load average up to {load:.1f} on {cores} cores: other work shared the machine during the run. "
-                     "The wall-clock rates suffer, and the cases\nran one after the other, not interleaved; the "
-                     "per-CPU-second rates suffer less.")
+        notes.append(
+            f"Load average up to {load:.1f} on {cores} cores: other work shared the machine during the run. "
+            "The wall-clock rates suffer, and the cases\nran one after the other, not interleaved; the "
+            "per-CPU-second rates suffer less."
+        )
     return title + "\n" + table + "\n" + "\n".join(notes)
 
 
@@ -360,28 +440,43 @@ def _ms(seconds: float | None) -> float | None:
 
 
 def parse_args(argv):
-    parser = argparse.ArgumentParser(prog="bench train", description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="bench train", description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--preset", default="slowfast_tiny", choices=sorted(PRESETS), help="model preset")
-    parser.add_argument("--crop", type=int, default=None,
-                        help=f"train crop (default {DEMO_CROP} for the tiny presets, as the demo; {PAPER_CROP} "
-                             "otherwise)")
+    parser.add_argument(
+        "--crop",
+        type=int,
+        default=None,
+        help=f"train crop (default {DEMO_CROP} for the tiny presets, as the demo; {PAPER_CROP} otherwise)",
+    )
     parser.add_argument("--batch-size", type=int, default=None, help="clips per step (default: the demo's, 16)")
     parser.add_argument("--steps", type=int, default=40, help="timed steps per case (default 40)")
     parser.add_argument("--warmup", type=int, default=5, help="untimed steps first, per case (default 5)")
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
-    parser.add_argument("--precision", default="fp32,bf16",
-                        help="comma separated, among fp32 and bf16 (train.mixed_precision: bf16 autocast where "
-                             "slowfast.train.autocast gives it); default both")
-    parser.add_argument("--threads", type=int, default=None,
-                        help="torch threads of the train worker and of the memory case (train.threads_per_worker; "
-                             "default: the demo's)")
-    parser.add_argument("--data-cpus", type=float, default=None,
-                        help="ray.data_cpus (default 1; with cuda, all cores but 2)")
+    parser.add_argument(
+        "--precision",
+        default="fp32,bf16",
+        help="comma separated, among fp32 and bf16 (train.mixed_precision: bf16 autocast where "
+        "slowfast.train.autocast gives it); default both",
+    )
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch threads of the train worker and of the memory case (train.threads_per_worker; default: the demo's)",
+    )
+    parser.add_argument(
+        "--data-cpus", type=float, default=None, help="ray.data_cpus (default 1; with cuda, all cores but 2)"
+    )
     parser.add_argument("--classes", type=int, default=None, help="synthetic classes (default: the demo's, 6)")
     parser.add_argument("--videos-per-class", type=int, default=None, help="synthetic videos per class (default 24)")
-    parser.add_argument("--workdir", type=Path, default=Path(tempfile.gettempdir()) / "slowfast-bench-train",
-                        help="videos, shards and the MLflow db go here, and are reused by later runs")
+    parser.add_argument(
+        "--workdir",
+        type=Path,
+        default=Path(tempfile.gettempdir()) / "slowfast-bench-train",
+        help="videos, shards and the MLflow db go here, and are reused by later runs",
+    )
     parser.add_argument("--json", metavar="PATH", help="also write the results as JSON to PATH")
     args = parser.parse_args(argv)
     demo = load_config(DEMO_CONFIG)
@@ -392,12 +487,16 @@ def parse_args(argv):
     args.threads = args.threads or demo.train.threads_per_worker or max(1, math.ceil(demo.train.cpus_per_worker))
     args.workdir = args.workdir.resolve()
     args.precision = [p.strip() for p in args.precision.split(",") if p.strip()]
-    if not args.precision or not set(args.precision) <= set(PRECISIONS) or len(set(args.precision)) < len(
-            args.precision):
+    if (
+        not args.precision
+        or not set(args.precision) <= set(PRECISIONS)
+        or len(set(args.precision)) < len(args.precision)
+    ):
         parser.error(f"--precision takes fp32 and/or bf16, each once; got {','.join(args.precision) or 'nothing'}")
     if min(args.steps, args.batch_size, args.threads) < 1 or args.warmup < 1:
-        parser.error("--steps, --batch-size, --threads and --warmup must be at least 1 (the first step waits for "
-                     "the pipeline)")
+        parser.error(
+            "--steps, --batch-size, --threads and --warmup must be at least 1 (the first step waits for the pipeline)"
+        )
     if args.crop < 16 or args.classes < 2 or args.videos_per_class < 2:
         parser.error("--crop must be at least 16, --classes and --videos-per-class at least 2")
     return args
@@ -417,28 +516,41 @@ def measure(cfg: PipelineConfig, data: TrainData, device: torch.device, args, lo
     shards = shards_case(cfg, args.steps, args.warmup)
     load.append(os.getloadavg()[0])
     log(f"bench train: memory, {args.steps - half} steps")
-    after, after_cpu = (run_memory_case(cfg, data, device, args.steps - half, args.warmup) if args.steps > half
-                        else ([], []))
+    after, after_cpu = (
+        run_memory_case(cfg, data, device, args.steps - half, args.warmup) if args.steps > half else ([], [])
+    )
     load.append(os.getloadavg()[0])
     batch = cfg.train.batch_size
     times, cpu = before + after, before_cpu + after_cpu
-    memory = {"steps": len(times), "warmup": args.warmup, "clips_per_s": len(times) * batch / sum(times),
-              "median_step_ms": 1e3 * statistics.median(times), "clips_per_cpu_s": len(times) * batch / sum(cpu),
-              "cores": round(sum(cpu) / sum(times), 2),
-              "before_clips_per_s": len(before) * batch / sum(before),
-              "after_clips_per_s": len(after) * batch / sum(after) if after else None,
-              "data_wait": 0.0, "step_ms": [round(1e3 * s, 1) for s in times],
-              "step_cpu_ms": [round(1e3 * s, 1) for s in cpu]}
+    memory = {
+        "steps": len(times),
+        "warmup": args.warmup,
+        "clips_per_s": len(times) * batch / sum(times),
+        "median_step_ms": 1e3 * statistics.median(times),
+        "clips_per_cpu_s": len(times) * batch / sum(cpu),
+        "cores": round(sum(cpu) / sum(times), 2),
+        "before_clips_per_s": len(before) * batch / sum(before),
+        "after_clips_per_s": len(after) * batch / sum(after) if after else None,
+        "data_wait": 0.0,
+        "step_ms": [round(1e3 * s, 1) for s in times],
+        "step_cpu_ms": [round(1e3 * s, 1) for s in cpu],
+    }
     mixed = cfg.train.mixed_precision
-    return {"precision": describe_precision(device.type, mixed), "shards": shards, "memory": memory,
-            "autocast": not isinstance(autocast(device.type, mixed), contextlib.nullcontext)}
+    return {
+        "precision": describe_precision(device.type, mixed),
+        "shards": shards,
+        "memory": memory,
+        "autocast": not isinstance(autocast(device.type, mixed), contextlib.nullcontext),
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
-        print("bench train: --device cuda but CUDA is not available on this machine; run without it for CPU",
-              file=sys.stderr)
+        print(
+            "bench train: --device cuda but CUDA is not available on this machine; run without it for CPU",
+            file=sys.stderr,
+        )
         return 2
     import ray
 
@@ -465,28 +577,48 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         if started_ray and ray.is_initialized():
             ray.shutdown()
-    results = {"runs": runs, "skipped": skipped, "load_average_max": max(load),
-               "data_actors": data_cpu_split(cfg.ray.data_cpus)[1]}
+    results = {
+        "runs": runs,
+        "skipped": skipped,
+        "load_average_max": max(load),
+        "data_actors": data_cpu_split(cfg.ray.data_cpus)[1],
+    }
     print(report(cfg, args, results))
     if args.json:
         payload = {
-            "benchmark": "train", "environment": env,
+            "benchmark": "train",
+            "environment": env,
             "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
-            "config": {"preset": args.preset, "batch_size": cfg.train.batch_size, "crop": cfg.train.crop_size,
-                       "short_side": cfg.preprocess.short_side, "scale_jitter": list(cfg.train.scale_jitter),
-                       "clips_per_video": cfg.preprocess.clips_per_video, "train_clips": data.train_clips,
-                       "cpus_per_worker": cfg.train.cpus_per_worker, "threads": cfg.train.threads_per_worker,
-                       "data_cpus": cfg.ray.data_cpus, "device": args.device},
-            "precisions": {name: {
-                "mixed_precision": PRECISIONS[name], "precision": run["precision"], "autocast": run["autocast"],
-                "cases": {"shards": _rounded(run["shards"]), "memory": _rounded(run["memory"])},
-                "ratio_shards_over_memory": ratio(run["shards"]["clips_per_s"], run["memory"]["clips_per_s"]),
-                "goal_met": goal_met(run),
-                "ratio_wall_over_memory": ratio(run["shards"]["wall_clips_per_s"], run["memory"]["clips_per_s"]),
-                "ratio_per_cpu_s": ratio(run["shards"]["clips_per_cpu_s"], run["memory"]["clips_per_cpu_s"]),
-                "data_wait": round(run["shards"]["data_wait"], 4),
-            } for name, run in runs.items()},
-            "skipped": skipped, "goal_ratio": GOAL, "load_average_max": round(max(load), 2),
+            "config": {
+                "preset": args.preset,
+                "batch_size": cfg.train.batch_size,
+                "crop": cfg.train.crop_size,
+                "short_side": cfg.preprocess.short_side,
+                "scale_jitter": list(cfg.train.scale_jitter),
+                "clips_per_video": cfg.preprocess.clips_per_video,
+                "train_clips": data.train_clips,
+                "cpus_per_worker": cfg.train.cpus_per_worker,
+                "threads": cfg.train.threads_per_worker,
+                "data_cpus": cfg.ray.data_cpus,
+                "device": args.device,
+            },
+            "precisions": {
+                name: {
+                    "mixed_precision": PRECISIONS[name],
+                    "precision": run["precision"],
+                    "autocast": run["autocast"],
+                    "cases": {"shards": _rounded(run["shards"]), "memory": _rounded(run["memory"])},
+                    "ratio_shards_over_memory": ratio(run["shards"]["clips_per_s"], run["memory"]["clips_per_s"]),
+                    "goal_met": goal_met(run),
+                    "ratio_wall_over_memory": ratio(run["shards"]["wall_clips_per_s"], run["memory"]["clips_per_s"]),
+                    "ratio_per_cpu_s": ratio(run["shards"]["clips_per_cpu_s"], run["memory"]["clips_per_cpu_s"]),
+                    "data_wait": round(run["shards"]["data_wait"], 4),
+                }
+                for name, run in runs.items()
+            },
+            "skipped": skipped,
+            "goal_ratio": GOAL,
+            "load_average_max": round(max(load), 2),
         }
         write_json(args.json, payload)
         print(f"results written to {args.json}")

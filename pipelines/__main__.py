@@ -1,4 +1,5 @@
 """`python -m pipelines`: see pipelines/cli.py."""
+
 from pipelines.cli import main
 
 raise SystemExit(main())

@@ -3,6 +3,7 @@
 Training writes storage_root/checkpoints/<run-name>/epoch-NNNN/model.pt; evaluation, registration and
 fine-tuning read them back through here, or a models:/ / runs:/ URI through `tracking`.
 """
+
 from __future__ import annotations
 
 import io
@@ -70,8 +71,9 @@ def best_checkpoint_of_latest_run(store: Storage) -> str | None:
     from ray.train import Result
 
     files = store.fs.get_file_info(pafs.FileSelector(store.path("checkpoints"), recursive=True, allow_not_found=True))
-    newest = max((f for f in files if f.path.endswith("/" + CHECKPOINT_FILE)), key=lambda f: f.mtime_ns or 0,
-                 default=None)
+    newest = max(
+        (f for f in files if f.path.endswith("/" + CHECKPOINT_FILE)), key=lambda f: f.mtime_ns or 0, default=None
+    )
     if newest is None:
         return None
     run_dir = posixpath.dirname(posixpath.dirname(newest.path))
@@ -86,8 +88,10 @@ def load_model(cfg: PipelineConfig, store: Storage, model_uri: str | None) -> Lo
     if model_uri is None:
         model_uri = best_checkpoint_of_latest_run(store)
         if model_uri is None:
-            raise ModelNotFound(f"no checkpoint under {store.uri('checkpoints')}: run `python -m pipelines train "
-                                "--config ...` first, or pass --model-uri")
+            raise ModelNotFound(
+                f"no checkpoint under {store.uri('checkpoints')}: run `python -m pipelines train "
+                "--config ...` first, or pass --model-uri"
+            )
     if model_uri.startswith(("models:/", "runs:/")):
         try:
             classifier = tracking.load_registered(cfg, model_uri)
@@ -107,8 +111,10 @@ def read_checkpoint(store: Storage, uri: str, key: str = "--model-uri") -> tuple
         path = f"{path.rstrip('/')}/{CHECKPOINT_FILE}"
         info = fs.get_file_info(path)
     if info.type != pafs.FileType.File:
-        raise ModelNotFound(f"{key} {uri}: no checkpoint there (expected a checkpoint file, a folder holding "
-                            f"{CHECKPOINT_FILE}, or models:/NAME@ALIAS)")
+        raise ModelNotFound(
+            f"{key} {uri}: no checkpoint there (expected a checkpoint file, a folder holding "
+            f"{CHECKPOINT_FILE}, or models:/NAME@ALIAS)"
+        )
     with fs.open_input_file(path) as f:
         data = io.BytesIO(f.read())
     data.name = uri
@@ -124,7 +130,6 @@ def load_from_checkpoint(store: Storage, uri: str) -> LoadedModel:
     except CheckpointError as exc:  # its message starts with the location
         raise ModelNotFound(f"--model-uri {exc}") from None
     if "class_names" not in report.extra:
-        raise ModelNotFound(f"--model-uri {uri}: not a checkpoint written by `pipelines train` (no class names in "
-                            "it)")
+        raise ModelNotFound(f"--model-uri {uri}: not a checkpoint written by `pipelines train` (no class names in it)")
     run = Path(path).parent.parent.name if Path(path).parent.name.startswith("epoch-") else None
     return LoadedModel(net, list(report.extra["class_names"]), uri, run)

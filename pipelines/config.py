@@ -2,6 +2,7 @@
 
 Every problem is reported at once, by key path, with what is allowed, before any work starts.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -39,8 +40,12 @@ class S3Section(Section):
 
     endpoint_url: str | None = Field(None, description="S3-compatible endpoint (MinIO, moto); None = AWS")
     region: str | None = Field(None, description="bucket region; None = the environment's default")
-    max_attempts: int = Field(5, ge=1, description="tries per S3 call (botocore's standard retries: throttling, "
-                                                   "5xx, resets, timeouts) and per video body read cut short")
+    max_attempts: int = Field(
+        5,
+        ge=1,
+        description="tries per S3 call (botocore's standard retries: throttling, "
+        "5xx, resets, timeouts) and per video body read cut short",
+    )
 
 
 class SynthSection(Section):
@@ -59,21 +64,30 @@ class DataSection(Section):
 
     dataset: str = Field(pattern=_NAME, description="dataset name; shards and manifests are filed under it")
     format: Literal["kinetics_csv", "path_label", "folder"] = Field(
-        "kinetics_csv", description="annotation format: Kinetics CSV (label,youtube_id,time_start,time_end,split), "
-                                    "lines of '<path relative to video_root> <label>', or folder: no annotation "
-                                    "files, video_root/<label>/... or video_root/<split>/<label>/...")
+        "kinetics_csv",
+        description="annotation format: Kinetics CSV (label,youtube_id,time_start,time_end,split), "
+        "lines of '<path relative to video_root> <label>', or folder: no annotation "
+        "files, video_root/<label>/... or video_root/<split>/<label>/...",
+    )
     video_root: str = Field(description="folder or s3:// prefix holding the videos")
     annotations: dict[str, str] = Field(
-        default_factory=dict, validate_default=True,
-        description="split name -> annotation file (local path or s3://); not with format folder")
+        default_factory=dict,
+        validate_default=True,
+        description="split name -> annotation file (local path or s3://); not with format folder",
+    )
     train_split: str = Field("train", description="the split to train on (format folder: its folder name)")
     val_split: str = Field("val", description="the split to evaluate and promote on (format folder: its folder name)")
     val_fraction: float = Field(
-        0.2, gt=0, lt=1, description="format folder without split folders: the share of videos that a hash of "
-                                     "their path puts in val_split; adding videos never moves existing ones, "
-                                     "raising it only moves videos from train to val")
+        0.2,
+        gt=0,
+        lt=1,
+        description="format folder without split folders: the share of videos that a hash of "
+        "their path puts in val_split; adding videos never moves existing ones, "
+        "raising it only moves videos from train to val",
+    )
     synth: SynthSection | None = Field(
-        None, description="generate a synthetic dataset into video_root when it is empty; None = never")
+        None, description="generate a synthetic dataset into video_root when it is empty; None = never"
+    )
 
     @field_validator("video_root")
     @classmethod
@@ -87,20 +101,25 @@ class DataSection(Section):
     def _annotations_fit_format(cls, value: dict[str, str], info: ValidationInfo) -> dict[str, str]:
         fmt = info.data.get("format")  # absent when format itself failed; that error is reported at data.format
         if fmt == "folder" and value:
-            raise ValueError("format folder takes labels from the folder names and splits from split folders "
-                             "or data.val_fraction, not from annotation files; remove data.annotations "
-                             "(--set data.annotations={}) or set data.format to kinetics_csv or path_label")
+            raise ValueError(
+                "format folder takes labels from the folder names and splits from split folders "
+                "or data.val_fraction, not from annotation files; remove data.annotations "
+                "(--set data.annotations={}) or set data.format to kinetics_csv or path_label"
+            )
         if fmt in ("kinetics_csv", "path_label") and not value:
-            raise ValueError(f"format {fmt} needs an annotation file per split (data.annotations.train, "
-                             "data.annotations.val); for a folder per class set data.format: folder")
+            raise ValueError(
+                f"format {fmt} needs an annotation file per split (data.annotations.train, "
+                "data.annotations.val); for a folder per class set data.format: folder"
+            )
         return value
 
     @model_validator(mode="after")
-    def _splits_annotated(self) -> "DataSection":
+    def _splits_annotated(self) -> DataSection:
         for split in (self.train_split, self.val_split):
             if self.annotations and split not in self.annotations:
-                raise ValueError(f"split {split!r} has no annotation file; annotations has: "
-                                 f"{', '.join(self.annotations)}")
+                raise ValueError(
+                    f"split {split!r} has no annotation file; annotations has: {', '.join(self.annotations)}"
+                )
         return self
 
 
@@ -114,14 +133,19 @@ class PreprocessSection(Section):
     frame_format: Literal["jpeg", "raw"] = Field("jpeg", description="how frames are stored in the shards")
     jpeg_quality: int = Field(90, ge=1, le=100, description="JPEG quality when frame_format is jpeg")
     max_frame_pixels: int = Field(
-        DEFAULT_MAX_PIXELS, ge=1, description="videos with larger frames are quarantined instead of decoded")
+        DEFAULT_MAX_PIXELS, ge=1, description="videos with larger frames are quarantined instead of decoded"
+    )
     rows_per_shard: int = Field(128, ge=1, description="clips per Parquet file")
     commit_every: int = Field(
-        8, ge=1, description="shards per manifest commit: after a crash, at most this many are decoded again")
+        8, ge=1, description="shards per manifest commit: after a crash, at most this many are decoded again"
+    )
     seed: int = Field(0, description="seed of the clip start times; same seed, same shards")
     max_unread: int = Field(
-        0, ge=0, description="videos a storage fault left unread (after retries) that still let the step succeed; "
-                             "unread videos are never committed, and the next run reads them")
+        0,
+        ge=0,
+        description="videos a storage fault left unread (after retries) that still let the step succeed; "
+        "unread videos are never committed, and the next run reads them",
+    )
 
 
 class ModelSection(SlowFastConfig):
@@ -161,8 +185,11 @@ class TrainSection(Section):
     epochs: int = Field(196, ge=1, description="training epochs (the paper: 196 from scratch)")
     batch_size: int = Field(8, ge=1, description="clips per worker per step")
     base_lr: float = Field(
-        0.1, gt=0, description=f"learning rate for {LR_REFERENCE_BATCH} clips per step, scaled linearly "
-                               "with the global batch (batch_size * num_workers)")
+        0.1,
+        gt=0,
+        description=f"learning rate for {LR_REFERENCE_BATCH} clips per step, scaled linearly "
+        "with the global batch (batch_size * num_workers)",
+    )
     warmup_epochs: float = Field(34.0, ge=0, description="linear warm-up length before the cosine schedule")
     weight_decay: float = Field(1e-4, ge=0)
     momentum: float = Field(0.9, ge=0, lt=1)
@@ -170,44 +197,64 @@ class TrainSection(Section):
     grad_clip: float | None = Field(None, gt=0, description="max global gradient norm; None = no clipping")
     crop_size: int = Field(224, ge=16, description="square training crop, pixels")
     scale_jitter: tuple[int, int] = Field(
-        (256, 320), description="short side is resized to a random size in [low, high] before cropping")
+        (256, 320), description="short side is resized to a random size in [low, high] before cropping"
+    )
     num_workers: int | tuple[int, int] = Field(
-        1, description="Ray Train workers (DDP processes); [min, max] = elastic: the run starts with as many as the "
-                       "cluster has room for, goes on with fewer when a node is lost (down to min) and grows back "
-                       "up to max; the global batch and the learning rate follow the workers actually running")
+        1,
+        description="Ray Train workers (DDP processes); [min, max] = elastic: the run starts with as many as the "
+        "cluster has room for, goes on with fewer when a node is lost (down to min) and grows back "
+        "up to max; the global batch and the learning rate follow the workers actually running",
+    )
     use_gpu: bool = Field(False, description="one GPU per worker")
     cpus_per_worker: float = Field(1.0, gt=0, description="CPUs reserved by each train worker")
     resources_per_worker: dict[str, float] = Field(
-        default_factory=dict, description="more Ray resources each train worker asks for, e.g. {train_slot: 1} that "
-                                          "only train nodes declare (ray start --resources). Elastic training needs "
-                                          "one on CPU-only train nodes: Ray 2.60 counts the workers that fit from "
-                                          "the resources asked for, not from node labels (GPU workers need none: "
-                                          "only GPU nodes have GPUs)")
+        default_factory=dict,
+        description="more Ray resources each train worker asks for, e.g. {train_slot: 1} that "
+        "only train nodes declare (ray start --resources). Elastic training needs "
+        "one on CPU-only train nodes: Ray 2.60 counts the workers that fit from "
+        "the resources asked for, not from node labels (GPU workers need none: "
+        "only GPU nodes have GPUs)",
+    )
     threads_per_worker: int | None = Field(
-        None, ge=1, description="torch CPU threads per worker; None = cpus_per_worker rounded up (Ray's default "
-                                "rounds down, which leaves a 1.5-CPU worker one thread)")
+        None,
+        ge=1,
+        description="torch CPU threads per worker; None = cpus_per_worker rounded up (Ray's default "
+        "rounds down, which leaves a 1.5-CPU worker one thread)",
+    )
     max_failures: int = Field(3, ge=-1, description="restarts from the last checkpoint after worker loss; -1 = always")
     keep_checkpoints: int = Field(2, ge=1, description="checkpoints kept per run, newest first")
     mixed_precision: bool = Field(False, description="bf16 autocast on GPU and on CPUs with avx512_bf16/amx_bf16/bf16")
     seed: int = 0
     init_from: str = Field(
-        "scratch", description="scratch: random initialisation; champion: the registered champion's weights (same "
-                               "classes and architecture), e.g. for scheduled retraining; or a checkpoint to "
-                               "fine-tune: a path, s3://..., models:/NAME/N, models:/NAME@ALIAS or runs:/ID/model, "
-                               "in this project's, PySlowFast's (.pyth, Caffe2 .pkl), pytorchvideo's or "
-                               "mmaction2's format (the head is re-initialised when the classes differ)")
+        "scratch",
+        description="scratch: random initialisation; champion: the registered champion's weights (same "
+        "classes and architecture), e.g. for scheduled retraining; or a checkpoint to "
+        "fine-tune: a path, s3://..., models:/NAME/N, models:/NAME@ALIAS or runs:/ID/model, "
+        "in this project's, PySlowFast's (.pyth, Caffe2 .pkl), pytorchvideo's or "
+        "mmaction2's format (the head is re-initialised when the classes differ)",
+    )
     init_head: Literal["auto", "reinit"] = Field(
-        "auto", description="fine-tuning from a checkpoint: auto = keep its classifier when it has as many classes "
-                            "and the names (where the checkpoint has them) match, else a new head keeping the rows "
-                            "of shared class names; reinit = always a new head (e.g. a foreign checkpoint, which "
-                            "names no classes, with exactly as many classes as your data)")
+        "auto",
+        description="fine-tuning from a checkpoint: auto = keep its classifier when it has as many classes "
+        "and the names (where the checkpoint has them) match, else a new head keeping the rows "
+        "of shared class names; reinit = always a new head (e.g. a foreign checkpoint, which "
+        "names no classes, with exactly as many classes as your data)",
+    )
     freeze_up_to: Literal["none", "stem", "res2", "res3", "res4", "res5"] = Field(
-        "none", description="fine-tuning: freeze the stem and every stage up to this one (both pathways and their "
-                            "lateral connections): no gradient, no weight decay, batch norm statistics fixed")
-    freeze_bn: bool = Field(False, description="fine-tuning: every batch norm keeps its statistics and affine "
-                                               "parameters (PySlowFast's BN freeze)")
-    head_lr_mult: float = Field(1.0, gt=0, description="the classifier head's learning rate relative to the "
-                                                       "backbone's (e.g. 10 for a new head on a pretrained backbone)")
+        "none",
+        description="fine-tuning: freeze the stem and every stage up to this one (both pathways and their "
+        "lateral connections): no gradient, no weight decay, batch norm statistics fixed",
+    )
+    freeze_bn: bool = Field(
+        False,
+        description="fine-tuning: every batch norm keeps its statistics and affine parameters (PySlowFast's BN freeze)",
+    )
+    head_lr_mult: float = Field(
+        1.0,
+        gt=0,
+        description="the classifier head's learning rate relative to the "
+        "backbone's (e.g. 10 for a new head on a pretrained backbone)",
+    )
 
     @field_validator("init_from")
     @classmethod
@@ -215,8 +262,10 @@ class TrainSection(Section):
         if value in ("scratch", "champion") or value.startswith(("s3://", "models:/", "runs:/")):
             return value
         if "://" in value:
-            raise ValueError(f"{value!r}: expected scratch, champion, a local path, s3://..., models:/NAME/N, "
-                             "models:/NAME@ALIAS or runs:/ID/model")
+            raise ValueError(
+                f"{value!r}: expected scratch, champion, a local path, s3://..., models:/NAME/N, "
+                "models:/NAME@ALIAS or runs:/ID/model"
+            )
         return value
 
     @field_validator("num_workers")
@@ -234,13 +283,15 @@ class TrainSection(Section):
         return (n, n) if isinstance(n, int) else (n[0], n[1])
 
     @model_validator(mode="after")
-    def _crop_fits(self) -> "TrainSection":
+    def _crop_fits(self) -> TrainSection:
         low, high = self.scale_jitter
         if low > high:
             raise ValueError(f"scale_jitter must be [low, high] with low <= high, got [{low}, {high}]")
         if self.crop_size > low:
-            raise ValueError(f"crop_size {self.crop_size} is larger than the smallest jittered "
-                             f"short side {low}; lower crop_size or raise scale_jitter")
+            raise ValueError(
+                f"crop_size {self.crop_size} is larger than the smallest jittered "
+                f"short side {low}; lower crop_size or raise scale_jitter"
+            )
         return self
 
 
@@ -258,54 +309,82 @@ class MlflowSection(Section):
     experiment: str | None = Field(None, description="experiment name; None = the pipeline name")
     model_name: str | None = Field(None, description="registered model name; None = the pipeline name")
     promote_margin: float = Field(
-        0.0, ge=0, description="a challenger becomes champion only if its val top-1 beats the champion's "
-                               "by more than this (0.005 = half a point)")
+        0.0,
+        ge=0,
+        description="a challenger becomes champion only if its val top-1 beats the champion's "
+        "by more than this (0.005 = half a point)",
+    )
 
 
 class RaySection(Section):
     """Where Ray runs and how the CPUs are shared."""
 
     address: str | None = Field(
-        None, description="None = start a private local Ray (under `ray job submit`: the job's cluster); "
-                   "'auto' or ray://host:port = join a cluster")
+        None,
+        description="None = start a private local Ray (under `ray job submit`: the job's cluster); "
+        "'auto' or ray://host:port = join a cluster",
+    )
     data_cpus: float = Field(
-        1.0, ge=0, description="CPUs left to Ray Data while training, so decoding never waits on train workers")
+        1.0, ge=0, description="CPUs left to Ray Data while training, so decoding never waits on train workers"
+    )
     train_nodes: dict[str, str] = Field(
-        default_factory=dict, description="node roles: Ray node labels that train workers (and the scoring actors of "
-                                          "evaluate and infer) require, e.g. {node-role: train}; {} = any node")
+        default_factory=dict,
+        description="node roles: Ray node labels that train workers (and the scoring actors of "
+        "evaluate and infer) require, e.g. {node-role: train}; {} = any node",
+    )
     data_nodes: dict[str, str] = Field(
-        default_factory=dict, description="node roles: Ray node labels that Ray Data's decoding and transforms "
-                                          "(preprocess, the training input, infer's decode tasks) require, e.g. "
-                                          "{node-role: data}; {} = any node")
+        default_factory=dict,
+        description="node roles: Ray node labels that Ray Data's decoding and transforms "
+        "(preprocess, the training input, infer's decode tasks) require, e.g. "
+        "{node-role: data}; {} = any node",
+    )
     data_wait_timeout_s: float = Field(
-        600.0, gt=0, description="a step whose Ray Data work makes no progress this long (no CPU it may use, no "
-                                 "autoscaler to add one) stops with an error saying what it waited for; the same "
-                                 "command resumes once the cluster has room")
+        600.0,
+        gt=0,
+        description="a step whose Ray Data work makes no progress this long (no CPU it may use, no "
+        "autoscaler to add one) stops with an error saying what it waited for; the same "
+        "command resumes once the cluster has room",
+    )
 
 
 class InferSection(Section):
     """Batch inference (`pipelines infer`): CPU tasks decode and cut the views, an actor pool scores them."""
 
     workers: int | None = Field(
-        None, ge=1, description="scoring actors at most (the pool grows to it while videos wait); None = one per "
-                                "GPU of the cluster with use_gpu, else one per cpus_per_worker + decode_cpus CPUs")
+        None,
+        ge=1,
+        description="scoring actors at most (the pool grows to it while videos wait); None = one per "
+        "GPU of the cluster with use_gpu, else one per cpus_per_worker + decode_cpus CPUs",
+    )
     use_gpu: bool = Field(False, description="one GPU per scoring actor")
     cpus_per_worker: float = Field(1.0, gt=0, description="CPUs of a scoring actor (its torch threads, rounded up)")
     decode_cpus: float = Field(1.0, gt=0, description="CPUs of a decode task (one video at a time, PyAV 1 thread)")
     batch_videos: int = Field(4, ge=1, description="videos per scoring call (a video in chunks: chunks)")
     chunk_clips: int = Field(
-        10, ge=1, description="clips a decode task cuts and an actor scores at a time, so that memory does not grow "
-                              "with a timeline's windows: 10 clips at crop 224, 3 crops, 32 Fast frames are 138 MiB "
-                              "of uint8 views (a decode task holds them about twice: the chunk and its output "
-                              "block), and the paper's 10-clip test protocol is one chunk, one scoring batch")
-    mixed_precision: bool = Field(False, description="bf16 autocast (GPU, or CPUs with bf16) in the scoring actors "
-                                                     "of infer and of evaluate (the evaluate step, promote); "
-                                                     "training's per-epoch validation follows train.mixed_precision")
-    commit_every_s: float = Field(30.0, ge=0, description="results are committed (visible, never redone) at "
-                                                          "least this often; 0 = after every batch")
+        10,
+        ge=1,
+        description="clips a decode task cuts and an actor scores at a time, so that memory does not grow "
+        "with a timeline's windows: 10 clips at crop 224, 3 crops, 32 Fast frames are 138 MiB "
+        "of uint8 views (a decode task holds them about twice: the chunk and its output "
+        "block), and the paper's 10-clip test protocol is one chunk, one scoring batch",
+    )
+    mixed_precision: bool = Field(
+        False,
+        description="bf16 autocast (GPU, or CPUs with bf16) in the scoring actors "
+        "of infer and of evaluate (the evaluate step, promote); "
+        "training's per-epoch validation follows train.mixed_precision",
+    )
+    commit_every_s: float = Field(
+        30.0,
+        ge=0,
+        description="results are committed (visible, never redone) at least this often; 0 = after every batch",
+    )
     max_unread: int = Field(
-        0, ge=0, description="videos a storage fault left unread (after retries) that still let infer succeed; "
-                             "unread videos are never committed, and the next run scores them")
+        0,
+        ge=0,
+        description="videos a storage fault left unread (after retries) that still let infer succeed; "
+        "unread videos are never committed, and the next run scores them",
+    )
 
 
 class PipelineConfig(Section):
@@ -313,10 +392,13 @@ class PipelineConfig(Section):
 
     name: str = Field(pattern=_NAME, description="pipeline name: run records, checkpoints and MLflow names use it")
     storage_root: str = Field(
-        "./storage", description="where everything the pipeline writes goes: a folder or s3://bucket/prefix")
+        "./storage", description="where everything the pipeline writes goes: a folder or s3://bucket/prefix"
+    )
     shared_filesystem: bool = Field(
-        False, description="storage_root (and a local data.video_root) is a filesystem every node mounts at the same "
-                           "path (NFS, EFS, Lustre); without it a cluster of more than one node refuses a local path")
+        False,
+        description="storage_root (and a local data.video_root) is a filesystem every node mounts at the same "
+        "path (NFS, EFS, Lustre); without it a cluster of more than one node refuses a local path",
+    )
     s3: S3Section = Field(default_factory=S3Section)
     data: DataSection
     preprocess: PreprocessSection = Field(default_factory=PreprocessSection)
@@ -335,12 +417,14 @@ class PipelineConfig(Section):
         return value
 
     @model_validator(mode="after")
-    def _across_sections(self) -> "PipelineConfig":
+    def _across_sections(self) -> PipelineConfig:
         # Errors raised here have no location of their own, so each message starts with its key.
         if self.evaluate.temporal_views > self.preprocess.eval_views:
-            raise ValueError(f"evaluate.temporal_views: {self.evaluate.temporal_views} views but only "
-                             f"preprocess.eval_views={self.preprocess.eval_views} are pre-sampled; "
-                             "lower one or raise the other")
+            raise ValueError(
+                f"evaluate.temporal_views: {self.evaluate.temporal_views} views but only "
+                f"preprocess.eval_views={self.preprocess.eval_views} are pre-sampled; "
+                "lower one or raise the other"
+            )
         if self.mlflow.experiment is None:
             self.mlflow.experiment = self.name
         if self.mlflow.model_name is None:
@@ -400,8 +484,7 @@ class _StrictLoader(yaml.SafeLoader):
         for key_node, _ in node.value:
             key = self.construct_object(key_node, deep=deep)
             if key in seen:
-                raise yaml.constructor.ConstructorError(
-                    None, None, f"duplicate key {key!r}", key_node.start_mark)
+                raise yaml.constructor.ConstructorError(None, None, f"duplicate key {key!r}", key_node.start_mark)
             seen.add(key)
         return super().construct_mapping(node, deep=deep)
 
@@ -410,8 +493,9 @@ def _read_yaml(path: Path) -> dict[str, Any]:
     try:
         text = path.read_text()
     except FileNotFoundError:
-        raise ConfigError(f"{path}: no such file; pass --config with the path of a pipeline YAML "
-                          "(configs/demo.yaml is an example)") from None
+        raise ConfigError(
+            f"{path}: no such file; pass --config with the path of a pipeline YAML (configs/demo.yaml is an example)"
+        ) from None
     except OSError as exc:
         raise ConfigError(f"{path}: cannot read: {exc.strerror}") from None
     try:
@@ -419,15 +503,19 @@ def _read_yaml(path: Path) -> dict[str, Any]:
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        raise ConfigError(f"{path}: YAML syntax error{where}: {exc.problem or exc.context}; "
-                          "fix the file (indent with spaces, 'key: value')") from None
+        raise ConfigError(
+            f"{path}: YAML syntax error{where}: {exc.problem or exc.context}; "
+            "fix the file (indent with spaces, 'key: value')"
+        ) from None
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path}: YAML syntax error: {exc}") from None
     if data is None:
         raise ConfigError(f"{path}: the file is empty; it needs at least name, data and model sections")
     if not isinstance(data, dict):
-        raise ConfigError(f"{path}: the top level must be a mapping of sections "
-                          f"({', '.join(PipelineConfig.model_fields)}), got a {type(data).__name__}")
+        raise ConfigError(
+            f"{path}: the top level must be a mapping of sections "
+            f"({', '.join(PipelineConfig.model_fields)}), got a {type(data).__name__}"
+        )
     return data
 
 
@@ -447,8 +535,9 @@ def _apply_override(data: dict[str, Any], override: str) -> None:
             child = node[part] = {}
         if not isinstance(child, dict):
             here = ".".join(parts[: depth + 1])
-            raise ValueError(f"{here}: is a value ({child!r}), not a section; cannot set {key.strip()!r}"
-                             f"  [from --set {override}]")
+            raise ValueError(
+                f"{here}: is a value ({child!r}), not a section; cannot set {key.strip()!r}  [from --set {override}]"
+            )
         node = child
     node[parts[-1]] = value
 

@@ -1,4 +1,5 @@
 """The data steps as the CLI and the workflow call them: synth (when asked), ingest, preprocess."""
+
 from __future__ import annotations
 
 import time
@@ -14,8 +15,17 @@ def storage_of(cfg: PipelineConfig) -> Storage:
     return Storage(cfg.storage_root, s3_options(cfg.s3))
 
 
-def synthesize(out: str, classes: int, videos_per_class: int, seed: int, *, size: int = 96, seconds: float = 2.0,
-               val_fraction: float = 0.25, log=print) -> dict:
+def synthesize(
+    out: str,
+    classes: int,
+    videos_per_class: int,
+    seed: int,
+    *,
+    size: int = 96,
+    seconds: float = 2.0,
+    val_fraction: float = 0.25,
+    log=print,
+) -> dict:
     from slowfast.video.synth import write_dataset
 
     width = (size * 4 // 3) // 2 * 2  # Kinetics-like 4:3 landscape frames; even for yuv420p
@@ -26,10 +36,21 @@ def synthesize(out: str, classes: int, videos_per_class: int, seed: int, *, size
             last[0] = time.time()
             log(f"  synth: {done}/{total} videos")
 
-    summary = write_dataset(out, classes, videos_per_class, seed, width=width, height=size - size % 2,
-                            seconds=seconds, val_fraction=val_fraction, progress=progress)
-    log(f"synth: {sum(summary['videos'].values())} videos ({summary['videos']}) of {len(summary['classes'])} "
-        f"classes in {summary['elapsed_s']:.1f}s -> {out}; annotations: {', '.join(summary['annotations'].values())}")
+    summary = write_dataset(
+        out,
+        classes,
+        videos_per_class,
+        seed,
+        width=width,
+        height=size - size % 2,
+        seconds=seconds,
+        val_fraction=val_fraction,
+        progress=progress,
+    )
+    log(
+        f"synth: {sum(summary['videos'].values())} videos ({summary['videos']}) of {len(summary['classes'])} "
+        f"classes in {summary['elapsed_s']:.1f}s -> {out}; annotations: {', '.join(summary['annotations'].values())}"
+    )
     return summary
 
 
@@ -40,8 +61,16 @@ def ensure_videos(cfg: PipelineConfig, log=print) -> dict | None:
     if synth is None or is_s3(root) or (Path(root).is_dir() and any(Path(root).iterdir())):
         return None
     log(f"synth: {root} is empty; generating the synthetic motion dataset (data.synth)")
-    return synthesize(root, synth.classes, synth.videos_per_class, synth.seed, size=synth.size,
-                      seconds=synth.seconds, val_fraction=synth.val_fraction, log=log)
+    return synthesize(
+        root,
+        synth.classes,
+        synth.videos_per_class,
+        synth.seed,
+        size=synth.size,
+        seconds=synth.seconds,
+        val_fraction=synth.val_fraction,
+        log=log,
+    )
 
 
 def run_ingest(cfg: PipelineConfig, log=print, retry_quarantined: frozenset[str] = frozenset()) -> ingest.Plan:
@@ -49,8 +78,10 @@ def run_ingest(cfg: PipelineConfig, log=print, retry_quarantined: frozenset[str]
     plan = ingest.plan(cfg, storage_of(cfg), retry_quarantined=retry_quarantined)
     for sp in plan.splits.values():
         q = sp.summary()["quarantined_at_plan"]
-        log(f"ingest {sp.split}: {sp.rows_read} rows, {len(sp.todo)} to decode, {sp.done} already committed, "
-            f"{len(sp.quarantined)} quarantined{' ' + str(q) if q else ''} (prep {sp.prep_hash})")
+        log(
+            f"ingest {sp.split}: {sp.rows_read} rows, {len(sp.todo)} to decode, {sp.done} already committed, "
+            f"{len(sp.quarantined)} quarantined{' ' + str(q) if q else ''} (prep {sp.prep_hash})"
+        )
     summary = plan.summary()
     if plan.layout:
         log(f"ingest: {cfg.data.video_root}: {plan.layout}")
@@ -59,8 +90,14 @@ def run_ingest(cfg: PipelineConfig, log=print, retry_quarantined: frozenset[str]
     return plan
 
 
-def run_preprocess(cfg: PipelineConfig, splits: list[str] | None = None, run_id: str | None = None,
-                   log=print, plan: ingest.Plan | None = None, retry_quarantined: frozenset[str] = frozenset()) -> dict:
+def run_preprocess(
+    cfg: PipelineConfig,
+    splits: list[str] | None = None,
+    run_id: str | None = None,
+    log=print,
+    plan: ingest.Plan | None = None,
+    retry_quarantined: frozenset[str] = frozenset(),
+) -> dict:
     """Decode what `plan` (default: a fresh ingest, which plans the quarantined videos with a reason in
     `retry_quarantined` again) has to do; returns per-split summaries and the plan."""
     from .preprocess import preprocess_split
@@ -79,10 +116,12 @@ def run_preprocess(cfg: PipelineConfig, splits: list[str] | None = None, run_id:
         s = preprocess_split(cfg, store, plan, split, run_id, log=log)
         out["splits"][split] = s
         reasons = ", ".join(f"{k} {v}" for k, v in sorted(s["quarantine_reasons"].items())) or "none"
-        log(f"preprocess {split}: {s['rows_read']} rows = {s['processed']} processed + {s['quarantined']} "
+        log(
+            f"preprocess {split}: {s['rows_read']} rows = {s['processed']} processed + {s['quarantined']} "
             f"quarantined ({reasons}){unread_note(s)}; decoded now {s['decoded_now']}, {s['clips']} clips, "
             f"{s['short_videos']} short videos, {s['wall_s']}s\n  shards:     {s['shards']}\n"
-            f"  quarantine: {s['quarantine_report']}")
+            f"  quarantine: {s['quarantine_report']}"
+        )
     return out
 
 

@@ -1,5 +1,6 @@
 """The base of every error a user can fix: the CLI prints its message (which names the input and the
 fix) and exits 1, without a traceback."""
+
 from __future__ import annotations
 
 

@@ -8,6 +8,7 @@ storage_root/evaluations/<id>/, and to the training run's MLflow run when the mo
 The eval set's identity (`eval_set`: a digest of its committed shard listing and the view protocol) is
 what promotion compares on: two models are ranked only on the same set.
 """
+
 from __future__ import annotations
 
 import csv
@@ -63,30 +64,60 @@ def eval_set(cfg: PipelineConfig, store: Storage, log=print, preprocessed: dict 
     state = manifest.DatasetState.load(store, manifest.manifest_dir(cfg.data.dataset, split, s["prep_hash"]))
     shards = state.readable(out["plan"].splits[split].annotated_ids)
     if not shards:
-        raise EvaluateError(f"{split} split: no processed videos (quarantined: {s['quarantine_reasons'] or 'none'}); "
-                            f"see {s['quarantine_report']}")
+        raise EvaluateError(
+            f"{split} split: no processed videos (quarantined: {s['quarantine_reasons'] or 'none'}); "
+            f"see {s['quarantine_report']}"
+        )
     meta = read_meta(store.path(shards[0][0]), store.fs)
     e = cfg.evaluate
     views = choose_views(cfg.preprocess.eval_views, e.temporal_views)
-    listing = {"dataset": cfg.data.dataset, "split": split, "prep_hash": s["prep_hash"], "classes": out["classes"],
-               "shards": [(p, sorted(skip)) for p, skip in shards], "clip_indices": views,
-               "spatial_crops": e.spatial_crops, "crop": cfg.train.crop_size}
+    listing = {
+        "dataset": cfg.data.dataset,
+        "split": split,
+        "prep_hash": s["prep_hash"],
+        "classes": out["classes"],
+        "shards": [(p, sorted(skip)) for p, skip in shards],
+        "clip_indices": views,
+        "spatial_crops": e.spatial_crops,
+        "crop": cfg.train.crop_size,
+    }
     identity = hashlib.sha256(json.dumps(listing, sort_keys=True).encode()).hexdigest()
-    return EvalSet(list(out["classes"]), meta, [(store.path(p), skip) for p, skip in shards], views, e.spatial_crops,
-                   cfg.train.crop_size, identity)
+    return EvalSet(
+        list(out["classes"]),
+        meta,
+        [(store.path(p), skip) for p, skip in shards],
+        views,
+        e.spatial_crops,
+        cfg.train.crop_size,
+        identity,
+    )
 
 
 # --- scoring ---------------------------------------------------------------------------------------
 
 
-def score(net: torch.nn.Module, es: EvalSet, store: Storage, batch_size: int = 8, device: str | None = None,
-          mixed_precision: bool = False) -> dict:
+def score(
+    net: torch.nn.Module,
+    es: EvalSet,
+    store: Storage,
+    batch_size: int = 8,
+    device: str | None = None,
+    mixed_precision: bool = False,
+) -> dict:
     """Video-level results of `net` over the eval set's chosen views (see VideoAggregator.results)."""
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     fmt = memory_format(device.type)
     net = net.to(device, memory_format=fmt)
-    batches = iter_clips(es.shards, mode="eval", batch_size=batch_size, crop=es.crop, meta=es.meta,
-                         filesystem=store.fs, spatial_crops=es.spatial_crops, views=es.clip_indices)
+    batches = iter_clips(
+        es.shards,
+        mode="eval",
+        batch_size=batch_size,
+        crop=es.crop,
+        meta=es.meta,
+        filesystem=store.fs,
+        spatial_crops=es.spatial_crops,
+        views=es.clip_indices,
+    )
     totals = score_views(net, batches, device=device, fmt=fmt, mixed_precision=mixed_precision)
     return totals.videos.results(len(es.classes), es.classes)
 
@@ -102,22 +133,40 @@ def score_on_ray(cfg: PipelineConfig, net: torch.nn.Module, es: EvalSet, store: 
     from .ray_runtime import init_ray, stops_when_stalled
 
     init_ray(cfg)
-    ds = ray.data.from_items([{"path": p, "skip": sorted(skip)} for p, skip in es.shards],
-                             override_num_blocks=len(es.shards))
-    ds = decode_tasks(ds, read_views, cfg, fn_kwargs=dict(store=store, meta_json=es.meta.model_dump_json(),
-                                                          crop=es.crop, spatial_crops=es.spatial_crops,
-                                                          views=es.clip_indices))
-    ds = ds.map_batches(ScoreViews, batch_size=cfg.train.batch_size * es.spatial_crops, batch_format="numpy",
-                        **scoring_actors(cfg),
-                        fn_constructor_kwargs=dict(model=[ray.put(pack_model(net))], use_gpu=cfg.infer.use_gpu,
-                                                   threads=max(1, math.ceil(cfg.infer.cpus_per_worker)),
-                                                   mixed_precision=cfg.infer.mixed_precision))
+    ds = ray.data.from_items(
+        [{"path": p, "skip": sorted(skip)} for p, skip in es.shards], override_num_blocks=len(es.shards)
+    )
+    ds = decode_tasks(
+        ds,
+        read_views,
+        cfg,
+        fn_kwargs=dict(
+            store=store,
+            meta_json=es.meta.model_dump_json(),
+            crop=es.crop,
+            spatial_crops=es.spatial_crops,
+            views=es.clip_indices,
+        ),
+    )
+    ds = ds.map_batches(
+        ScoreViews,
+        batch_size=cfg.train.batch_size * es.spatial_crops,
+        batch_format="numpy",
+        **scoring_actors(cfg),
+        fn_constructor_kwargs=dict(
+            model=[ray.put(pack_model(net))],
+            use_gpu=cfg.infer.use_gpu,
+            threads=max(1, math.ceil(cfg.infer.cpus_per_worker)),
+            mixed_precision=cfg.infer.mixed_precision,
+        ),
+    )
     states = []
     with stops_when_stalled(cfg, "evaluate's view readers and scoring actors", EvaluateError):
         for row in ds.iter_rows():
             state = json.loads(row["state"])
             state["videos"]["score_sum"] = np.asarray(state["videos"]["score_sum"], np.float64).reshape(
-                len(state["videos"]["video_ids"]), -1)
+                len(state["videos"]["video_ids"]), -1
+            )
             states.append(state)
     return EvalTotals.merged(states).videos.results(len(es.classes), es.classes)
 
@@ -128,9 +177,20 @@ EVAL_COLUMNS = ("fast", "slow_index", "label", "clip_index", "spatial_index")
 def read_views(batch: dict, store: Storage, meta_json: str, crop: int, spatial_crops: int, views: list[int]) -> dict:
     """Ray Data task: one eval shard's chosen views, decoded and cropped as `score` reads them."""
     meta = ShardMeta.model_validate_json(meta_json)
-    parts = [b for i in range(len(batch["path"]))
-             for b in iter_clips([(str(batch["path"][i]), set(batch["skip"][i]))], mode="eval", batch_size=64,
-                                 crop=crop, meta=meta, filesystem=store.fs, spatial_crops=spatial_crops, views=views)]
+    parts = [
+        b
+        for i in range(len(batch["path"]))
+        for b in iter_clips(
+            [(str(batch["path"][i]), set(batch["skip"][i]))],
+            mode="eval",
+            batch_size=64,
+            crop=crop,
+            meta=meta,
+            filesystem=store.fs,
+            spatial_crops=spatial_crops,
+            views=views,
+        )
+    ]
     if not parts:
         return {"video_id": np.zeros(0, object), **{k: np.zeros(0, np.int64) for k in EVAL_COLUMNS}}
     out = {k: np.concatenate([b[k].numpy() for b in parts]) for k in EVAL_COLUMNS}
@@ -166,8 +226,13 @@ def evaluation_id(model_uri: str, es: EvalSet) -> str:
     return hashlib.sha256(f"{model_uri}\n{es.identity}".encode()).hexdigest()[:16]
 
 
-def evaluate(cfg: PipelineConfig, model_uri: str | None = None, log=print, es: EvalSet | None = None,
-             model: LoadedModel | None = None) -> dict:
+def evaluate(
+    cfg: PipelineConfig,
+    model_uri: str | None = None,
+    log=print,
+    es: EvalSet | None = None,
+    model: LoadedModel | None = None,
+) -> dict:
     """Evaluate a model (`model`, already loaded, or the one at `model_uri`) on the config's eval set (or
     `es`); returns the figures and where the artifacts went."""
     started = time.time()
@@ -175,31 +240,48 @@ def evaluate(cfg: PipelineConfig, model_uri: str | None = None, log=print, es: E
     model = model or load_model(cfg, store, model_uri)  # first: a wrong model URI costs no preprocessing
     es = es or eval_set(cfg, store, log)
     if model.class_names != es.classes:
-        raise EvaluateError(f"{model.uri}: trained on {len(model.class_names)} classes {model.class_names[:8]}, the "
-                            f"eval set has {len(es.classes)}: {es.classes[:8]}; evaluate it with the config it was "
-                            "trained with")
+        raise EvaluateError(
+            f"{model.uri}: trained on {len(model.class_names)} classes {model.class_names[:8]}, the "
+            f"eval set has {len(es.classes)}: {es.classes[:8]}; evaluate it with the config it was "
+            "trained with"
+        )
     views = len(es.clip_indices) * es.spatial_crops
-    log(f"evaluate {model.uri}: {len(es.shards)} shard(s) of {cfg.data.val_split}, {len(es.clip_indices)} temporal x "
-        f"{es.spatial_crops} spatial views per video")
+    log(
+        f"evaluate {model.uri}: {len(es.shards)} shard(s) of {cfg.data.val_split}, {len(es.clip_indices)} temporal x "
+        f"{es.spatial_crops} spatial views per video"
+    )
     res = score_on_ray(cfg, model.net, es, store)
     eval_id = evaluation_id(model.uri, es)
     folder = store.uri("evaluations", eval_id)
     result = {
-        "model_uri": model.uri, "train_run": model.train_run, "eval_set": es.identity, "split": cfg.data.val_split,
-        "top1": res["top1"], "top5": res["top5"], "mean_class_accuracy": res["mean_class_accuracy"],
-        "num_videos": res["num_videos"], "views_per_video": views, "per_class": res["per_class"],
-        "confusion": res["confusion"], "artifacts": folder, "wall_s": round(time.time() - started, 1),
+        "model_uri": model.uri,
+        "train_run": model.train_run,
+        "eval_set": es.identity,
+        "split": cfg.data.val_split,
+        "top1": res["top1"],
+        "top5": res["top5"],
+        "mean_class_accuracy": res["mean_class_accuracy"],
+        "num_videos": res["num_videos"],
+        "views_per_video": views,
+        "per_class": res["per_class"],
+        "confusion": res["confusion"],
+        "artifacts": folder,
+        "wall_s": round(time.time() - started, 1),
     }
     if res["views_per_video"]["min"] != views:
-        log(f"  warning: some videos have {res['views_per_video']['min']} views, not {views} (short videos or "
-            "missing clips)")
+        log(
+            f"  warning: some videos have {res['views_per_video']['min']} views, not {views} (short videos or "
+            "missing clips)"
+        )
     _write_artifacts(store, ("evaluations", eval_id), result, es.classes)
     if model.train_run:
         _log_to_train_run(cfg, store, model.train_run, result, ("evaluations", eval_id))
     # Last: its presence marks the evaluation done (see `recorded`).
     store.write_bytes(f"evaluations/{eval_id}/result.json", json.dumps(result, indent=1).encode())
-    log(f"evaluate: top-1 {result['top1']:.3f}, top-5 {result['top5']:.3f}, mean class accuracy "
-        f"{result['mean_class_accuracy']:.3f} on {result['num_videos']} videos; {folder}")
+    log(
+        f"evaluate: top-1 {result['top1']:.3f}, top-5 {result['top5']:.3f}, mean class accuracy "
+        f"{result['mean_class_accuracy']:.3f} on {result['num_videos']} videos; {folder}"
+    )
     return result
 
 

@@ -1,6 +1,7 @@
 """`python -m pipelines export`: a registered (or logged) model as one TorchScript or ONNX file, checked against
 PyTorch on a real clip before it is kept, then logged under export/ of the version's run (models:/ URIs) or
 written to --out."""
+
 from __future__ import annotations
 
 import math
@@ -70,8 +71,10 @@ def export_model(config: PipelineConfig | None, uri: str, fmt: str, out: str | N
         diff = max(max_difference(net, fmt, path, [x[:n] for x in clip]) for n in (1, 3))
         log(f"{fmt}: max abs difference from PyTorch on the example clip (batch 1 and 3): {diff:.3g}")
         if not math.isfinite(diff) or diff > TOLERANCE:
-            raise ExportError(f"{uri}: the {fmt} graph's logits differ from PyTorch's by {diff:.3g} "
-                              f"(> {TOLERANCE}); the file is not kept")
+            raise ExportError(
+                f"{uri}: the {fmt} graph's logits differ from PyTorch's by {diff:.3g} "
+                f"(> {TOLERANCE}); the file is not kept"
+            )
         if out:
             Path(out).parent.mkdir(parents=True, exist_ok=True)
             shutil.move(path, out)

@@ -12,6 +12,7 @@ as is a timeline over the job's limits (`timeline_limit`), and not retried until
 failed to deliver, or whose cut failed unexpectedly, is not committed: it is counted as unread, the run fails past
 `infer.max_unread`, and the next run scores it. So is a video whose chunks were not all scored when the run died.
 """
+
 from __future__ import annotations
 
 import json
@@ -35,11 +36,27 @@ from slowfast.video.decode import DECODE_ERROR, VideoDecodeError
 
 from . import tracking
 from .config import InferSection, PipelineConfig
-from .infer_out import (LIMIT_FLAGS, MANIFESTS, PREDICTIONS, READ_FAILED, UNEXPECTED, UNREAD, WINDOWS, InferError, Job,
-                        RunLock, Writer, check_out, compact, drop_uncommitted, holder, identity, write_quarantine)
+from .infer_out import (
+    LIMIT_FLAGS,
+    MANIFESTS,
+    PREDICTIONS,
+    READ_FAILED,
+    UNEXPECTED,
+    UNREAD,
+    WINDOWS,
+    InferError,
+    Job,
+    RunLock,
+    Writer,
+    check_out,
+    compact,
+    drop_uncommitted,
+    holder,
+    identity,
+    write_quarantine,
+)
 from .ingest import MISSING_FILE, ZERO_BYTES, video_paths
-from .storage import (_NOT_FOUND, ReadFailed, S3Options, Storage, StorageError, VideoSource, is_s3, s3_options,
-                      split_s3)
+from .storage import _NOT_FOUND, ReadFailed, S3Options, Storage, StorageError, VideoSource, is_s3, s3_options, split_s3
 
 DECODE_RETRIES = 3
 TIMELINE_LIMIT = "timeline_limit"  # committed: the video is fine, its timeline asks for more than the job's limits
@@ -66,6 +83,7 @@ class Unscored(NamedTuple):
 
 # --- listing -------------------------------------------------------------------------------------
 
+
 def list_videos(videos: str, s3: S3Options) -> tuple[list[VideoTask], list[Unscored]]:
     """The videos --videos names (a folder, an s3:// prefix, or a text file listing one video per line),
     and those that cannot be scored: missing, empty, not a video file, or not checked (a failed HEAD)."""
@@ -80,8 +98,10 @@ def list_videos(videos: str, s3: S3Options) -> tuple[list[VideoTask], list[Unsco
         task = VideoTask(source.uri(f.rel), source.root, f.rel, f.size, f.etag)
         (bad.append(Unscored(task.video, ZERO_BYTES, "the file is empty")) if f.size == 0 else tasks.append(task))
     if not tasks and not bad:
-        raise InferError(f"--videos {videos}: no video files there ({len(ignored)} other files); give a folder or "
-                         "s3:// prefix holding videos, or a text file listing them")
+        raise InferError(
+            f"--videos {videos}: no video files there ({len(ignored)} other files); give a folder or "
+            "s3:// prefix holding videos, or a text file listing them"
+        )
     return tasks, bad
 
 
@@ -137,14 +157,16 @@ def local_inputs(videos: str, tasks: list[VideoTask], bad: list[Unscored]) -> di
         return {}
     if not Path(videos).is_file():
         return {"--videos": videos}
-    local = [os.path.join(t.root, t.rel) for t in tasks if not is_s3(t.root)] + \
-            [b.video for b in bad if not is_s3(b.video)]
+    local = [os.path.join(t.root, t.rel) for t in tasks if not is_s3(t.root)] + [
+        b.video for b in bad if not is_s3(b.video)
+    ]
     if not local:
         return {}
     return {f"--videos {videos} names {len(local)} local file{'s' * (len(local) != 1)}, e.g.": local[0]}
 
 
 # --- the Ray Data stages -------------------------------------------------------------------------
+
 
 def cut_views(batch: dict, spec: dict, job: dict, s3: S3Options, chunk_clips: int) -> Iterator[dict]:
     """Ray Data task (decode tasks scale with the CPUs, unlike a fixed actor pool), a generator: per video, a row per
@@ -179,8 +201,13 @@ def _chunks(source: VideoSource, task: VideoTask, spec: ClipSpec, job: Job, chun
     video's chunk count and how many of its views are test views. Two passes over the video: a chunk holds the frames
     its own clips span, and the test views span the whole video where the windows' chunks follow each other."""
     with spec.open(source.open(task.rel), task.video) as reader:
-        plan = spec.plan(reader.info.frames_at(spec.target_fps), windows=job.windows, window_s=job.window_s,
-                         stride_s=job.stride_s, limits=job.limits)
+        plan = spec.plan(
+            reader.info.frames_at(spec.target_fps),
+            windows=job.windows,
+            window_s=job.window_s,
+            stride_s=job.stride_s,
+            limits=job.limits,
+        )
         window_plans = [p for w in plan.windows for p in w.plans]
         passes = [(plan.test, True)] + ([(window_plans, False)] if window_plans else [])
         count = sum(math.ceil(len(plans) / chunk_clips) for plans, _ in passes)
@@ -188,20 +215,44 @@ def _chunks(source: VideoSource, task: VideoTask, spec: ClipSpec, job: Job, chun
         k = 0
         for plans, test in passes:
             for fast in spec.iter_views(reader, plans, chunk_clips):
-                yield {"chunk": k, "chunks": count, "fast": fast, "test_views": len(fast) if test else 0,
-                       "windows": windows if k == 0 else []}
+                yield {
+                    "chunk": k,
+                    "chunks": count,
+                    "fast": fast,
+                    "test_views": len(fast) if test else 0,
+                    "windows": windows if k == 0 else [],
+                }
                 k += 1
 
 
-def _cut_row(task: VideoTask, *, chunk: int = 0, chunks: int = 0, fast: np.ndarray | None = None,
-             test_views: int = 0, windows: list | None = None, reason: str = "", detail: str = "",
-             cut_cpu_s: float) -> dict:
+def _cut_row(
+    task: VideoTask,
+    *,
+    chunk: int = 0,
+    chunks: int = 0,
+    fast: np.ndarray | None = None,
+    test_views: int = 0,
+    windows: list | None = None,
+    reason: str = "",
+    detail: str = "",
+    cut_cpu_s: float,
+) -> dict:
     """One output batch of `cut_views`: one row. "" rather than None: a column of nulls does not come back from Arrow
     as strings."""
-    row = {"video": task.video, "size": task.size, "etag": task.etag, "chunk": chunk, "chunks": chunks,
-           "views": b"" if fast is None else fast.tobytes(), "shape": [] if fast is None else list(fast.shape),
-           "test_views": test_views, "windows": json.dumps(windows or []), "reason": reason, "detail": detail,
-           "cut_cpu_s": cut_cpu_s}
+    row = {
+        "video": task.video,
+        "size": task.size,
+        "etag": task.etag,
+        "chunk": chunk,
+        "chunks": chunks,
+        "views": b"" if fast is None else fast.tobytes(),
+        "shape": [] if fast is None else list(fast.shape),
+        "test_views": test_views,
+        "windows": json.dumps(windows or []),
+        "reason": reason,
+        "detail": detail,
+        "cut_cpu_s": cut_cpu_s,
+    }
     return {k: [v] for k, v in row.items()}
 
 
@@ -213,9 +264,14 @@ class Score:
 
     def __init__(self, model: list, job: dict, use_gpu: bool, threads: int, mixed_precision: bool):
         net, packed = unpack_model(model, threads)
-        self.classifier = VideoClassifier(net, packed["class_names"], ClipSpec(**packed["spec"]),
-                                          device="cuda" if use_gpu else "cpu", batch_views=packed["batch_views"],
-                                          mixed_precision=mixed_precision)
+        self.classifier = VideoClassifier(
+            net,
+            packed["class_names"],
+            ClipSpec(**packed["spec"]),
+            device="cuda" if use_gpu else "cpu",
+            batch_views=packed["batch_views"],
+            mixed_precision=mixed_precision,
+        )
         self.embeddings = Job(**job).embeddings
 
     def __call__(self, batch: dict) -> dict:
@@ -228,8 +284,9 @@ class Score:
                 # A writable copy: torch refuses to wrap read-only memory without a warning.
                 fast = np.frombuffer(batch["views"][i], np.uint8).reshape([int(n) for n in batch["shape"][i]]).copy()
                 test = int(row["test_views"])
-                probs, feats = self.classifier.score(fast, self.classifier.spec.slow_index,
-                                                     features=self.embeddings and test > 0)
+                probs, feats = self.classifier.score(
+                    fast, self.classifier.spec.slow_index, features=self.embeddings and test > 0
+                )
                 row["probs"] = probs.tobytes()
                 if feats is not None:
                     row["features"] = feats[:test].tobytes()
@@ -269,8 +326,15 @@ def decode_tasks(ds, fn, cfg: PipelineConfig, fn_kwargs: dict):
 
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="`ray_remote_args` is deprecated")
-        return ds.map_batches(fn, batch_size=1, batch_format="numpy", num_cpus=cfg.infer.decode_cpus,
-                              max_retries=DECODE_RETRIES, fn_kwargs=fn_kwargs, **data_nodes(cfg))
+        return ds.map_batches(
+            fn,
+            batch_size=1,
+            batch_format="numpy",
+            num_cpus=cfg.infer.decode_cpus,
+            max_retries=DECODE_RETRIES,
+            fn_kwargs=fn_kwargs,
+            **data_nodes(cfg),
+        )
 
 
 def scoring_actors(cfg: PipelineConfig) -> dict:
@@ -280,8 +344,12 @@ def scoring_actors(cfg: PipelineConfig) -> dict:
 
     from .ray_runtime import train_nodes
 
-    return dict(num_cpus=cfg.infer.cpus_per_worker, num_gpus=1 if cfg.infer.use_gpu else 0,
-                compute=ActorPoolStrategy(min_size=1, max_size=pool_size(cfg.infer)), **train_nodes(cfg))
+    return dict(
+        num_cpus=cfg.infer.cpus_per_worker,
+        num_gpus=1 if cfg.infer.use_gpu else 0,
+        compute=ActorPoolStrategy(min_size=1, max_size=pool_size(cfg.infer)),
+        **train_nodes(cfg),
+    )
 
 
 def _scalar(value):
@@ -289,6 +357,7 @@ def _scalar(value):
 
 
 # --- the driver ----------------------------------------------------------------------------------
+
 
 def pool_size(cfg: InferSection) -> int:
     """Scoring actors at most: infer.workers, else what the cluster has room for."""
@@ -326,9 +395,11 @@ def run_infer(cfg: PipelineConfig, model_uri: str, videos: str, out_uri: str, jo
     n = summary["unread_now"]
     if n > cfg.infer.max_unread:
         why = ", ".join(f"{k} {v}" for k, v in summary["unread_reasons"].items())
-        raise InferError(f"{n} video{'s' * (n != 1)} not read ({why}; e.g. {summary['unread_examples'][0]}): "
-                         f"nothing was committed for them, everything else was; run the same command again to score "
-                         f"them (infer.max_unread: {cfg.infer.max_unread} allowed)")
+        raise InferError(
+            f"{n} video{'s' * (n != 1)} not read ({why}; e.g. {summary['unread_examples'][0]}): "
+            f"nothing was committed for them, everything else was; run the same command again to score "
+            f"them (infer.max_unread: {cfg.infer.max_unread} allowed)"
+        )
     return summary
 
 
@@ -356,36 +427,53 @@ def _infer(cfg: PipelineConfig, model_uri: str, videos: str, job: Job, *, out: S
     todo = [t for t in tasks if not state.is_current(t.video, t.size, t.etag)]
     bad = [b for b in bad if b.reason in UNREAD or b.video not in state.videos]
     unchecked = sum(b.reason in UNREAD for b in bad)
-    log(f"infer: {len(tasks) + len(bad)} videos listed in {videos}: {len(todo)} to score, "
+    log(
+        f"infer: {len(tasks) + len(bad)} videos listed in {videos}: {len(todo)} to score, "
         f"{len(tasks) - len(todo)} already scored in {out.uri()}"
         + (f", {len(bad) - unchecked} unreadable" if len(bad) > unchecked else "")
         + (f", {unchecked} not checked (a failed HEAD)" if unchecked else "")
-        + (f" ({dropped} uncommitted files of an interrupted run removed)" if dropped else ""))
+        + (f" ({dropped} uncommitted files of an interrupted run removed)" if dropped else "")
+    )
     if todo or (bad and joins_cluster(cfg)):
         # Before anything is committed: the decode tasks open the videos on whichever node they run, so what of
         # --videos is local must be on every node.
         init_ray(cfg, shared=local_inputs(videos, tasks, bad))
     writer = Writer(out, job, lock, every_s=cfg.infer.commit_every_s, log=log, total=len(todo) + len(bad))
     if bad:
-        writer.add([{"video": b.video, "size": 0, "etag": "", "reason": b.reason, "detail": b.detail, "views": 0}
-                    for b in bad])
+        writer.add(
+            [{"video": b.video, "size": 0, "etag": "", "reason": b.reason, "detail": b.detail, "views": 0} for b in bad]
+        )
     if todo:
         workers = pool_size(cfg.infer)
-        packed = pack_model(loaded.model, class_names=loaded.class_names, spec=asdict(loaded.spec),
-                            batch_views=loaded.spec.views)
+        packed = pack_model(
+            loaded.model, class_names=loaded.class_names, spec=asdict(loaded.spec), batch_views=loaded.spec.views
+        )
         threads = max(1, math.ceil(cfg.infer.cpus_per_worker))
-        log(f"infer: {workers} scoring actor(s) ({'1 GPU' if cfg.infer.use_gpu else f'{cfg.infer.cpus_per_worker:g} CPU'}"
-            f" each), decode tasks of {cfg.infer.decode_cpus:g} CPU")
+        per_actor = "1 GPU" if cfg.infer.use_gpu else f"{cfg.infer.cpus_per_worker:g} CPU"
+        log(f"infer: {workers} scoring actor(s) ({per_actor} each), decode tasks of {cfg.infer.decode_cpus:g} CPU")
         ds = ray.data.from_items([asdict(t) for t in todo], override_num_blocks=len(todo))
         # Decode tasks retry on their own (a lost worker's video is cut again); their remote args differ
         # from the actors', which also keeps Ray Data from fusing decoding into the scoring actors: tasks
         # scale with the CPUs, the pool with the workers, and a GPU actor never waits on PyAV.
-        ds = decode_tasks(ds, cut_views, cfg, fn_kwargs=dict(spec=asdict(loaded.spec), job=asdict(job), s3=out.s3,
-                                                             chunk_clips=cfg.infer.chunk_clips))
-        ds = ds.map_batches(Score, batch_size=cfg.infer.batch_videos, batch_format="numpy", **scoring_actors(cfg),
-                            fn_constructor_kwargs=dict(model=[ray.put(packed)], job=asdict(job),
-                                                       use_gpu=cfg.infer.use_gpu, threads=threads,
-                                                       mixed_precision=cfg.infer.mixed_precision))
+        ds = decode_tasks(
+            ds,
+            cut_views,
+            cfg,
+            fn_kwargs=dict(spec=asdict(loaded.spec), job=asdict(job), s3=out.s3, chunk_clips=cfg.infer.chunk_clips),
+        )
+        ds = ds.map_batches(
+            Score,
+            batch_size=cfg.infer.batch_videos,
+            batch_format="numpy",
+            **scoring_actors(cfg),
+            fn_constructor_kwargs=dict(
+                model=[ray.put(packed)],
+                job=asdict(job),
+                use_gpu=cfg.infer.use_gpu,
+                threads=threads,
+                mixed_precision=cfg.infer.mixed_precision,
+            ),
+        )
         gatherer = Gatherer(loaded, job)
         with stops_when_stalled(cfg, "infer's decode tasks and scoring actors", InferError):
             for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
@@ -398,16 +486,28 @@ def _infer(cfg: PipelineConfig, model_uri: str, videos: str, job: Job, *, out: S
     scored = sum(1 for v in state.videos.values() if not v.quarantined)
     wall = time.time() - started
     unread = writer.unread
-    summary = {"model_uri": model_uri, "videos": videos, "out": out.uri(), "listed": len(tasks) + len(bad),
-               "scored_now": writer.scored, "quarantined_now": writer.quarantined, "unread_now": len(unread),
-               "unread_reasons": dict(Counter(r["reason"] for r in unread)),
-               "unread_examples": [f"{r['video']}: {r['reason']}: {r['detail']}" for r in unread[:3]],
-               "scored_total": scored, "quarantined_total": len(state.videos) - scored, "views_now": writer.views,
-               "parts_compacted": compacted,
-               "cut_cpu_s": round(writer.cpu_s["cut"], 3), "score_cpu_s": round(writer.cpu_s["score"], 3),
-               "wall_s": round(wall, 2), "videos_per_s": round(writer.scored / wall, 3) if writer.scored else 0.0,
-               "quarantine_report": report, "predictions": out.uri(PREDICTIONS),
-               "windows": out.uri(WINDOWS) if job.windows else None}
+    summary = {
+        "model_uri": model_uri,
+        "videos": videos,
+        "out": out.uri(),
+        "listed": len(tasks) + len(bad),
+        "scored_now": writer.scored,
+        "quarantined_now": writer.quarantined,
+        "unread_now": len(unread),
+        "unread_reasons": dict(Counter(r["reason"] for r in unread)),
+        "unread_examples": [f"{r['video']}: {r['reason']}: {r['detail']}" for r in unread[:3]],
+        "scored_total": scored,
+        "quarantined_total": len(state.videos) - scored,
+        "views_now": writer.views,
+        "parts_compacted": compacted,
+        "cut_cpu_s": round(writer.cpu_s["cut"], 3),
+        "score_cpu_s": round(writer.cpu_s["score"], 3),
+        "wall_s": round(wall, 2),
+        "videos_per_s": round(writer.scored / wall, 3) if writer.scored else 0.0,
+        "quarantine_report": report,
+        "predictions": out.uri(PREDICTIONS),
+        "windows": out.uri(WINDOWS) if job.windows else None,
+    }
     out.write_bytes("summary.json", json.dumps(summary, indent=1).encode())
     return summary
 
@@ -448,8 +548,11 @@ class Gatherer:
         rows = []
         for chunks in self.held.values():
             some = list(chunks.values())
-            rows.append(self._video_row(some[0], some, reason=UNEXPECTED,
-                                        detail=f"{len(some)} of {some[0]['chunks']} chunks scored"))
+            rows.append(
+                self._video_row(
+                    some[0], some, reason=UNEXPECTED, detail=f"{len(some)} of {some[0]['chunks']} chunks scored"
+                )
+            )
         self.held.clear()
         return rows
 
@@ -461,21 +564,36 @@ class Gatherer:
         probs = (np.frombuffer(r["probs"], np.float32).reshape(-1, len(c.class_names)) for r in rows)
         means = window_means(probs, [test] + [w["clips"] * c.spec.spatial_crops for w in windows])
         top = c.top(means[0], job.top_k)
-        out = self._video_row(rows[0], rows, views=test, labels=json.dumps(top["labels"]),
-                              scores=json.dumps(top["scores"]))
+        out = self._video_row(
+            rows[0], rows, views=test, labels=json.dumps(top["labels"]), scores=json.dumps(top["scores"])
+        )
         if job.embeddings:
             feats = np.frombuffer(b"".join(r["features"] for r in rows), np.float32).reshape(test, -1)
             out["embedding"] = feats.mean(0).astype(np.float32).tobytes()
         if windows:
-            out["windows"] = json.dumps([{"start_s": round(w["start_s"], 3), "end_s": round(w["end_s"], 3),
-                                          **c.top(p, job.top_k)} for w, p in zip(windows, means[1:])])
+            out["windows"] = json.dumps(
+                [
+                    {"start_s": round(w["start_s"], 3), "end_s": round(w["end_s"], 3), **c.top(p, job.top_k)}
+                    for w, p in zip(windows, means[1:], strict=True)
+                ]
+            )
         return out
 
     @staticmethod
     def _video_row(first: dict, chunks: list[dict], **fields) -> dict:
         """A video's row as the Writer takes it, with its chunks' CPU time summed."""
-        row = {"video": first["video"], "size": int(first["size"]), "etag": first["etag"], "reason": "", "detail": "",
-               "views": 0, "labels": "[]", "scores": "[]", "embedding": b"", "windows": "[]",
-               "cut_cpu_s": sum(float(r["cut_cpu_s"]) for r in chunks),
-               "score_cpu_s": sum(float(r["score_cpu_s"]) for r in chunks)}
+        row = {
+            "video": first["video"],
+            "size": int(first["size"]),
+            "etag": first["etag"],
+            "reason": "",
+            "detail": "",
+            "views": 0,
+            "labels": "[]",
+            "scores": "[]",
+            "embedding": b"",
+            "windows": "[]",
+            "cut_cpu_s": sum(float(r["cut_cpu_s"]) for r in chunks),
+            "score_cpu_s": sum(float(r["score_cpu_s"]) for r in chunks),
+        }
         return {**row, **fields}

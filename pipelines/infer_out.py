@@ -1,6 +1,7 @@
 """The --out folder of `pipelines infer`: what its results come from (infer.json), the one run writing there
 (`RunLock`), Parquet parts committed by manifest (`Writer`) and compacted, and each video's latest committed row
 read back (`read_predictions`, `read_windows`): exactly once, as a reader sees it."""
+
 from __future__ import annotations
 
 import csv
@@ -74,12 +75,13 @@ class Job:
             if getattr(self, key) != getattr(TimelineLimits(), key) and not self.windows:
                 raise InferError(f"{flag} is for timeline windows: add --windows")
         try:
-            self.limits
+            _ = self.limits  # TimelineLimits checks its values as it is built
         except ValueError as exc:
             raise InferError(f"--max-windows {self.max_windows}, --max-clips {self.max_clips}: {exc}") from None
 
 
 # --- what the results come from ----------------------------------------------------------------------
+
 
 def identity(loaded: VideoClassifier, job: Job, model_uri: str) -> dict:
     """What an --out folder's results come from: the weights (by digest, whatever the URI said), the
@@ -88,8 +90,13 @@ def identity(loaded: VideoClassifier, job: Job, model_uri: str) -> dict:
     for key, value in sorted(loaded.model.state_dict().items()):
         digest.update(key.encode())
         digest.update(value.detach().cpu().contiguous().numpy().tobytes())
-    return {"model_uri": model_uri, "weights_sha256": digest.hexdigest(), "class_names": loaded.class_names,
-            "spec": asdict(loaded.spec), "job": asdict(job)}
+    return {
+        "model_uri": model_uri,
+        "weights_sha256": digest.hexdigest(),
+        "class_names": loaded.class_names,
+        "spec": asdict(loaded.spec),
+        "job": asdict(job),
+    }
 
 
 def check_out(out: Storage, ident: dict) -> None:
@@ -102,12 +109,15 @@ def check_out(out: Storage, ident: dict) -> None:
     held["job"] = {**asdict(Job()), **held.get("job", {})}
     differ = [k for k in ("weights_sha256", "class_names", "spec", "job") if held.get(k) != ident[k]]
     if differ:
-        raise InferError(f"--out {out.uri()}: holds results of {held.get('model_uri')} with other "
-                         f"{', '.join(differ)} than this run ({ident['model_uri']}); give another --out "
-                         "(or delete that folder to start over)")
+        raise InferError(
+            f"--out {out.uri()}: holds results of {held.get('model_uri')} with other "
+            f"{', '.join(differ)} than this run ({ident['model_uri']}); give another --out "
+            "(or delete that folder to start over)"
+        )
 
 
 # --- writing -------------------------------------------------------------------------------------------
+
 
 class Writer:
     """The driver's end: results into Parquet parts, committed with a manifest every so often; unread videos
@@ -133,16 +143,28 @@ class Writer:
         part = f"part-{uuid.uuid4().hex}"
         good = [r for r in self.pending if not r["reason"]]
         if good:
-            pq.write_table(predictions_table(good, self.job), self.out.path(PREDICTIONS, f"{part}.parquet"),
-                           filesystem=self.out.fs)
+            pq.write_table(
+                predictions_table(good, self.job), self.out.path(PREDICTIONS, f"{part}.parquet"), filesystem=self.out.fs
+            )
             if self.job.windows:
                 pq.write_table(windows_table(good), self.out.path(WINDOWS, f"{part}.parquet"), filesystem=self.out.fs)
-        records = [manifest.VideoRecord(r["video"], r["video"], int(r["size"]), r["etag"],
-                                        shard=None if r["reason"] else part, clips=int(r["views"]),
-                                        reason=r["reason"] or None, detail=r["detail"] or None) for r in self.pending]
+        records = [
+            manifest.VideoRecord(
+                r["video"],
+                r["video"],
+                int(r["size"]),
+                r["etag"],
+                shard=None if r["reason"] else part,
+                clips=int(r["views"]),
+                reason=r["reason"] or None,
+                detail=r["detail"] or None,
+            )
+            for r in self.pending
+        ]
         self.lock.refresh()  # still ours: a run taken over (it looked dead) commits nothing more
-        manifest.commit(self.out, MANIFESTS, self.lock.run_id, records,
-                        [{"path": part, "rows": len(good)}] if good else [])
+        manifest.commit(
+            self.out, MANIFESTS, self.lock.run_id, records, [{"path": part, "rows": len(good)}] if good else []
+        )
         self.scored += len(good)
         self.quarantined += len(self.pending) - len(good)
         self.views += sum(int(r["views"]) for r in good)
@@ -150,15 +172,19 @@ class Writer:
             self.cpu_s[step] += sum(float(r.get(f"{step}_cpu_s", 0.0)) for r in self.pending)
         self.pending.clear()
         self.last = time.time()
-        self.log(f"  infer: {self.scored + self.quarantined}/{self.total} videos committed "
-                 f"({self.quarantined} unreadable" + (f", {len(self.unread)} not read" if self.unread else "") + ")")
+        self.log(
+            f"  infer: {self.scored + self.quarantined}/{self.total} videos committed "
+            f"({self.quarantined} unreadable" + (f", {len(self.unread)} not read" if self.unread else "") + ")"
+        )
 
 
 def predictions_table(rows: list[dict], job: Job) -> pa.Table:
-    columns = {"video": pa.array([r["video"] for r in rows], pa.string()),
-               "labels": pa.array([json.loads(r["labels"]) for r in rows], pa.list_(pa.string())),
-               "scores": pa.array([json.loads(r["scores"]) for r in rows], pa.list_(pa.float32())),
-               "views": pa.array([int(r["views"]) for r in rows], pa.int32())}
+    columns = {
+        "video": pa.array([r["video"] for r in rows], pa.string()),
+        "labels": pa.array([json.loads(r["labels"]) for r in rows], pa.list_(pa.string())),
+        "scores": pa.array([json.loads(r["scores"]) for r in rows], pa.list_(pa.float32())),
+        "views": pa.array([int(r["views"]) for r in rows], pa.int32()),
+    }
     if job.embeddings:
         flat = np.concatenate([np.frombuffer(r["embedding"], np.float32) for r in rows])
         columns["embedding"] = pa.FixedSizeListArray.from_arrays(pa.array(flat), len(flat) // len(rows))
@@ -167,12 +193,16 @@ def predictions_table(rows: list[dict], job: Job) -> pa.Table:
 
 def windows_table(rows: list[dict]) -> pa.Table:
     flat = [(r["video"], k, w) for r in rows for k, w in enumerate(json.loads(r["windows"]))]
-    return pa.table({"video": pa.array([v for v, _, _ in flat], pa.string()),
-                     "window": pa.array([k for _, k, _ in flat], pa.int32()),
-                     "start_s": pa.array([w["start_s"] for _, _, w in flat], pa.float64()),
-                     "end_s": pa.array([w["end_s"] for _, _, w in flat], pa.float64()),
-                     "labels": pa.array([w["labels"] for _, _, w in flat], pa.list_(pa.string())),
-                     "scores": pa.array([w["scores"] for _, _, w in flat], pa.list_(pa.float32()))})
+    return pa.table(
+        {
+            "video": pa.array([v for v, _, _ in flat], pa.string()),
+            "window": pa.array([k for _, k, _ in flat], pa.int32()),
+            "start_s": pa.array([w["start_s"] for _, _, w in flat], pa.float64()),
+            "end_s": pa.array([w["end_s"] for _, _, w in flat], pa.float64()),
+            "labels": pa.array([w["labels"] for _, _, w in flat], pa.list_(pa.string())),
+            "scores": pa.array([w["scores"] for _, _, w in flat], pa.list_(pa.float32())),
+        }
+    )
 
 
 def write_quarantine(out: Storage, state: manifest.DatasetState) -> str:
@@ -243,6 +273,7 @@ def drop_uncommitted(out: Storage, state: manifest.DatasetState) -> int:
 
 # --- one run at a time -----------------------------------------------------------------------------
 
+
 class RunLock:
     """One infer run at a time per --out. lock/<n>.json names the run holding it: run id, host, pid, started_at
     and heartbeat_at (rewritten every LOCK_HEARTBEAT_S and before each commit). The newest n holds; a run takes
@@ -255,8 +286,13 @@ class RunLock:
     def __init__(self, out: Storage, run_id: str):
         self.out, self.run_id = out, run_id
         self.number = 0  # the lock/<n>.json held, once acquired
-        self.body = {"run_id": run_id, "host": socket.gethostname(), "processes": _process_space(), "pid": os.getpid(),
-                     "started_at": time.time()}
+        self.body = {
+            "run_id": run_id,
+            "host": socket.gethostname(),
+            "processes": _process_space(),
+            "pid": os.getpid(),
+            "started_at": time.time(),
+        }
         self._mutex = threading.Lock()  # the heartbeat thread and the commits both refresh
         self._stop = threading.Event()
         self._beat = threading.Thread(target=self._heartbeat, name="infer-lock-heartbeat", daemon=True)
@@ -268,10 +304,12 @@ class RunLock:
         for _ in range(3):  # losing a race to create the next lock: that run holds it
             number, held = self._newest()
             if held and not held.get("released") and not _dead(held):
-                raise InferError(f"--out {self.out.uri()}: another infer run is writing there (run {held['run_id']}, "
-                                 f"{holder(held)}); wait for it to end, or give another --out. A lock whose run died "
-                                 f"is taken over: on its host once its pid is gone, from another after "
-                                 f"{LOCK_STALE_S:g} s without a heartbeat")
+                raise InferError(
+                    f"--out {self.out.uri()}: another infer run is writing there (run {held['run_id']}, "
+                    f"{holder(held)}); wait for it to end, or give another --out. A lock whose run died "
+                    f"is taken over: on its host once its pid is gone, from another after "
+                    f"{LOCK_STALE_S:g} s without a heartbeat"
+                )
             if self._create(number + 1):
                 self.number = number + 1
                 self._check_ours()
@@ -287,9 +325,11 @@ class RunLock:
         with self._mutex:
             number, held = self._newest()
             if number != self.number or held["run_id"] != self.run_id:
-                raise InferError(f"--out {self.out.uri()}: run {held['run_id']} ({holder(held)}) took this run's lock "
-                                 f"over, judging it dead (its pid gone, or no heartbeat for {LOCK_STALE_S:g} s): this "
-                                 "run stops; what it committed stays")
+                raise InferError(
+                    f"--out {self.out.uri()}: run {held['run_id']} ({holder(held)}) took this run's lock "
+                    f"over, judging it dead (its pid gone, or no heartbeat for {LOCK_STALE_S:g} s): this "
+                    "run stops; what it committed stays"
+                )
             self.out.write_bytes(self._name(self.number), self._encode())
 
     def release(self) -> None:
@@ -327,8 +367,10 @@ class RunLock:
         """The lock just created holds this run: a store that let a second writer replace it is refused."""
         number, held = self._newest()
         if number != self.number or held["run_id"] != self.run_id:
-            raise InferError(f"--out {self.out.uri()}: run {held['run_id']} ({holder(held)}) wrote lock {number} as this "
-                             "run took it: one run at a time, wait for it to end or give another --out")
+            raise InferError(
+                f"--out {self.out.uri()}: run {held['run_id']} ({holder(held)}) wrote lock {number} as this "
+                "run took it: one run at a time, wait for it to end or give another --out"
+            )
 
     def _check_conditional_writes(self) -> None:
         """Refuse an S3 endpoint that does not honour If-None-Match (a second conditional PUT of one key must fail):
@@ -341,9 +383,11 @@ class RunLock:
         except (StorageError, OSError) as exc:  # pyarrow's errors are OSErrors
             raise InferError(f"--out {self.out.uri()}: cannot write its lock ({exc})") from exc
         if first and second:
-            raise InferError(f"--out {self.out.uri()}: this S3 endpoint does not honour conditional writes "
-                             "(If-None-Match), so one run per --out cannot be guaranteed there; give an --out on a "
-                             "store that does (AWS S3 since 2024, a local or shared folder)")
+            raise InferError(
+                f"--out {self.out.uri()}: this S3 endpoint does not honour conditional writes "
+                "(If-None-Match), so one run per --out cannot be guaranteed there; give an --out on a "
+                "store that does (AWS S3 since 2024, a local or shared folder)"
+            )
 
     def _create(self, number: int) -> bool:
         """Create lock/<number>.json holding this run, unless it exists (another run won it)."""
@@ -367,8 +411,10 @@ def _lock_number(rel: str) -> int:
 def holder(lock: dict) -> str:
     """Who holds a lock, for a message: host, pid, when it started and last beat."""
     now = time.time()
-    return (f"host {lock['host']}, pid {lock['pid']}, started {now - lock['started_at']:.0f} s ago, last heartbeat "
-            f"{now - lock['heartbeat_at']:.0f} s ago")
+    return (
+        f"host {lock['host']}, pid {lock['pid']}, started {now - lock['started_at']:.0f} s ago, last heartbeat "
+        f"{now - lock['heartbeat_at']:.0f} s ago"
+    )
 
 
 def _dead(lock: dict) -> bool:
@@ -401,6 +447,7 @@ def _pid_alive(pid: int) -> bool:
 
 
 # --- reading --out -----------------------------------------------------------------------------------
+
 
 def read_predictions(out_uri: str, s3: S3Options | None = None) -> pa.Table:
     """The predictions in an --out folder: each video's latest committed row, exactly one per video, sorted by

@@ -5,6 +5,7 @@ Every annotation row (with data.format folder: every video found) ends in exactl
 committed, to be decoded now, or quarantined here with a reason (unknown label, path outside the video
 root, duplicate row, missing file, zero bytes). Decode-time reasons are added by preprocess.
 """
+
 from __future__ import annotations
 
 import csv
@@ -31,14 +32,29 @@ ZERO_BYTES = "zero_bytes"
 
 # Containers FFmpeg (and so PyAV) reads; with data.format folder, files with other extensions are
 # listed in Plan.ignored rather than decoded.
-VIDEO_EXTENSIONS = (".mp4", ".m4v", ".mov", ".mkv", ".webm", ".avi", ".mpg", ".mpeg", ".flv", ".wmv", ".3gp",
-                    ".ogv", ".ts", ".mts", ".m2ts")
+VIDEO_EXTENSIONS = (
+    ".mp4",
+    ".m4v",
+    ".mov",
+    ".mkv",
+    ".webm",
+    ".avi",
+    ".mpg",
+    ".mpeg",
+    ".flv",
+    ".wmv",
+    ".3gp",
+    ".ogv",
+    ".ts",
+    ".mts",
+    ".m2ts",
+)
 
 # Why a file under a folder-format video root is not a video of the dataset.
-HIDDEN = "hidden"                          # a dot-file or inside a dot-folder (.DS_Store, ._clip.mp4, .cache/)
+HIDDEN = "hidden"  # a dot-file or inside a dot-folder (.DS_Store, ._clip.mp4, .cache/)
 NOT_A_VIDEO = "not_a_video_extension"
-NO_LABEL_FOLDER = "no_label_folder"        # directly under video_root (or under a split folder)
-OUTSIDE_SPLITS = "outside_split_folders"   # the root has split folders, this file is in none of them
+NO_LABEL_FOLDER = "no_label_folder"  # directly under video_root (or under a split folder)
+OUTSIDE_SPLITS = "outside_split_folders"  # the root has split folders, this file is in none of them
 
 
 class AnnotationError(PipelineError, ValueError):
@@ -69,18 +85,22 @@ class Task:
 @dataclass
 class SplitPlan:
     split: str
-    mode: str                 # "train" (random clips) or "eval" (uniform views)
+    mode: str  # "train" (random clips) or "eval" (uniform views)
     prep_hash: str
     rows_read: int
     todo: list[Task] = field(default_factory=list)
-    done: int = 0             # committed earlier from the same bytes (processed or quarantined)
+    done: int = 0  # committed earlier from the same bytes (processed or quarantined)
     quarantined: list[manifest.VideoRecord] = field(default_factory=list)
     annotated_ids: set[str] = field(default_factory=set)
 
     def summary(self) -> dict:
-        return {"split": self.split, "rows_read": self.rows_read, "to_decode": len(self.todo),
-                "already_committed": self.done,
-                "quarantined_at_plan": dict(Counter(q.reason for q in self.quarantined))}
+        return {
+            "split": self.split,
+            "rows_read": self.rows_read,
+            "to_decode": len(self.todo),
+            "already_committed": self.done,
+            "quarantined_at_plan": dict(Counter(q.reason for q in self.quarantined)),
+        }
 
 
 def read_text(location: str, s3: S3Options) -> str:
@@ -92,8 +112,10 @@ def read_text(location: str, s3: S3Options) -> str:
         with open(location, encoding="utf-8-sig") as f:
             return f.read()
     except FileNotFoundError:
-        raise AnnotationError(f"{location}: annotation file not found; set data.annotations.<split> "
-                              "to a Kinetics CSV or a 'path label' list") from None
+        raise AnnotationError(
+            f"{location}: annotation file not found; set data.annotations.<split> "
+            "to a Kinetics CSV or a 'path label' list"
+        ) from None
 
 
 def parse_kinetics_csv(text: str, source: str) -> list[Row]:
@@ -101,9 +123,11 @@ def parse_kinetics_csv(text: str, source: str) -> list[Row]:
     reader = csv.DictReader(io.StringIO(text))
     needed = {"youtube_id", "time_start", "time_end"}
     if not reader.fieldnames or not needed <= set(reader.fieldnames):
-        raise AnnotationError(f"{source}: not a Kinetics CSV: header {reader.fieldnames}, expected "
-                              "label,youtube_id,time_start,time_end,split; for '<path> <label>' lists set "
-                              "data.format: path_label")
+        raise AnnotationError(
+            f"{source}: not a Kinetics CSV: header {reader.fieldnames}, expected "
+            "label,youtube_id,time_start,time_end,split; for '<path> <label>' lists set "
+            "data.format: path_label"
+        )
     rows = []
     for i, rec in enumerate(reader, start=2):
         try:
@@ -169,7 +193,7 @@ class Listing:
 def hash_position(rel: str) -> float:
     """Where a path falls in [0, 1): from the path alone, so no other file, run or machine changes it."""
     digest = hashlib.sha256(rel.encode("utf-8")).digest()
-    return int.from_bytes(digest[:8], "big") / 2.0 ** 64
+    return int.from_bytes(digest[:8], "big") / 2.0**64
 
 
 def hash_split(rel: str, data: DataSection) -> str:
@@ -221,7 +245,8 @@ def read_folder(files: dict[str, SourceFile], data: DataSection) -> Listing:
                 f"{data.video_root}: has split folders (data.format folder) but no videos under "
                 f"{', '.join(f'{m}/<label>/' for m in missing)}; folders with videos: {', '.join(tops)}. Add them, "
                 "set data.train_split / data.val_split to your folders' names, or drop the split folders "
-                "(<label>/<video>) to split by path hash with data.val_fraction")
+                "(<label>/<video>) to split by path hash with data.val_fraction"
+            )
         layout = f"split folders {data.train_split}/, {data.val_split}/"
         labelled = rows[data.train_split]  # as with annotations, the training split defines the classes
     else:
@@ -233,7 +258,8 @@ def read_folder(files: dict[str, SourceFile], data: DataSection) -> Listing:
             f"{data.video_root}: no videos in label folders (data.format folder expects <label>/<video> or "
             f"<{data.train_split}>/<label>/<video>, videos named *{', *'.join(VIDEO_EXTENSIONS)}); "
             f"{len(files)} files found, {len(ignored)} passed over "
-            f"({', '.join(f'{k} {n}' for k, n in Counter(i.reason for i in ignored).items())})")
+            f"({', '.join(f'{k} {n}' for k, n in Counter(i.reason for i in ignored).items())})"
+        )
     return Listing(classes, rows, layout, ignored)
 
 
@@ -242,18 +268,31 @@ def read_annotations(cfg: PipelineConfig, splits: list[str]) -> Listing:
     rows = {split: read_rows(cfg, split) for split in dict.fromkeys([cfg.data.train_split, *splits])}
     classes = class_names(rows[cfg.data.train_split])
     if not classes:
-        raise AnnotationError(f"{cfg.data.annotations[cfg.data.train_split]}: no labelled rows in the training "
-                              "split; the class list comes from it")
+        raise AnnotationError(
+            f"{cfg.data.annotations[cfg.data.train_split]}: no labelled rows in the training "
+            "split; the class list comes from it"
+        )
     return Listing(classes, rows, f"annotations ({cfg.data.format})")
 
 
 def prep_hash(cfg: PipelineConfig, classes: list[str], mode: str) -> str:
     """Everything that changes the clips in a shard; new hash, new shard folder."""
     p, m = cfg.preprocess, cfg.model
-    key = {"format": FORMAT_VERSION, "mode": mode, "classes": classes, "T": m.T, "tau": m.tau, "alpha": m.alpha,
-           "target_fps": p.target_fps, "short_side": p.short_side, "frame_format": p.frame_format,
-           "jpeg_quality": p.jpeg_quality if p.frame_format == "jpeg" else None, "seed": p.seed,
-           "clips": p.clips_per_video if mode == "train" else p.eval_views, "max_frame_pixels": p.max_frame_pixels}
+    key = {
+        "format": FORMAT_VERSION,
+        "mode": mode,
+        "classes": classes,
+        "T": m.T,
+        "tau": m.tau,
+        "alpha": m.alpha,
+        "target_fps": p.target_fps,
+        "short_side": p.short_side,
+        "frame_format": p.frame_format,
+        "jpeg_quality": p.jpeg_quality if p.frame_format == "jpeg" else None,
+        "seed": p.seed,
+        "clips": p.clips_per_video if mode == "train" else p.eval_views,
+        "max_frame_pixels": p.max_frame_pixels,
+    }
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -267,8 +306,15 @@ def _index_by_stem(files: dict[str, SourceFile]) -> dict[str, list[SourceFile]]:
     return index
 
 
-def plan_split(cfg: PipelineConfig, split: str, rows: list[Row], classes: list[str], files: dict[str, SourceFile],
-               store: Storage, retry_quarantined: frozenset[str] = frozenset()) -> SplitPlan:
+def plan_split(
+    cfg: PipelineConfig,
+    split: str,
+    rows: list[Row],
+    classes: list[str],
+    files: dict[str, SourceFile],
+    store: Storage,
+    retry_quarantined: frozenset[str] = frozenset(),
+) -> SplitPlan:
     mode = "train" if split == cfg.data.train_split else "eval"
     phash = prep_hash(cfg, classes, mode)
     state = manifest.DatasetState.load(store, manifest.manifest_dir(cfg.data.dataset, split, phash))
@@ -279,9 +325,16 @@ def plan_split(cfg: PipelineConfig, split: str, rows: list[Row], classes: list[s
 
     def quarantine(row: Row, reason: str, detail: str, f: SourceFile | None = None):
         where = split if row.line is None else f"{split} row {row.line}"
-        plan.quarantined.append(manifest.VideoRecord(
-            video_id=row.video_id, source=f.rel if f else (row.path or ""), size=f.size if f else 0,
-            etag=f.etag if f else "", reason=reason, detail=f"{where}: {detail}"))
+        plan.quarantined.append(
+            manifest.VideoRecord(
+                video_id=row.video_id,
+                source=f.rel if f else (row.path or ""),
+                size=f.size if f else 0,
+                etag=f.etag if f else "",
+                reason=reason,
+                detail=f"{where}: {detail}",
+            )
+        )
 
     for row in rows:
         if row.video_id in seen:
@@ -308,8 +361,10 @@ def plan_split(cfg: PipelineConfig, split: str, rows: list[Row], classes: list[s
             quarantine(row, ZERO_BYTES, f"{found.rel} is empty (0 bytes)", found)
             continue
         plan.annotated_ids.add(row.video_id)
-        if state.is_current(row.video_id, found.size, found.etag) and \
-                state.videos[row.video_id].reason not in retry_quarantined:
+        if (
+            state.is_current(row.video_id, found.size, found.etag)
+            and state.videos[row.video_id].reason not in retry_quarantined
+        ):
             plan.done += 1
             continue
         plan.todo.append(Task(row.video_id, class_index[row.label], found.rel, found.size, found.etag))
@@ -324,16 +379,23 @@ class Plan:
     ignored: list[Ignored] = field(default_factory=list)
 
     def summary(self) -> dict:
-        out = {"classes": len(self.classes), "layout": self.layout,
-               "splits": {s: p.summary() for s, p in self.splits.items()}}
+        out = {
+            "classes": len(self.classes),
+            "layout": self.layout,
+            "splits": {s: p.summary() for s, p in self.splits.items()},
+        }
         if self.ignored:
             out["ignored"] = dict(Counter(i.reason for i in self.ignored))
             out["ignored_examples"] = [i.rel for i in self.ignored[:5]]
         return out
 
 
-def plan(cfg: PipelineConfig, store: Storage, splits: list[str] | None = None,
-         retry_quarantined: frozenset[str] = frozenset()) -> Plan:
+def plan(
+    cfg: PipelineConfig,
+    store: Storage,
+    splits: list[str] | None = None,
+    retry_quarantined: frozenset[str] = frozenset(),
+) -> Plan:
     """What preprocess has to do for each split, given the committed manifests. Videos committed as quarantined
     with a reason in `retry_quarantined` are decoded again (e.g. after a decoder upgrade)."""
     source = VideoSource(cfg.data.video_root, s3_options(cfg.s3))
@@ -343,9 +405,15 @@ def plan(cfg: PipelineConfig, store: Storage, splits: list[str] | None = None,
         listing = read_folder(files, cfg.data)
         unknown = [s for s in splits if s not in listing.rows]
         if unknown:
-            raise AnnotationError(f"split {', '.join(unknown)}: data.format folder has only the splits "
-                                  f"{cfg.data.train_split} and {cfg.data.val_split} (data.train_split, data.val_split)")
+            raise AnnotationError(
+                f"split {', '.join(unknown)}: data.format folder has only the splits "
+                f"{cfg.data.train_split} and {cfg.data.val_split} (data.train_split, data.val_split)"
+            )
     else:
         listing = read_annotations(cfg, splits)
-    return Plan(listing.classes, {s: plan_split(cfg, s, listing.rows[s], listing.classes, files, store,
-                                             retry_quarantined) for s in splits}, listing.layout, listing.ignored)
+    return Plan(
+        listing.classes,
+        {s: plan_split(cfg, s, listing.rows[s], listing.classes, files, store, retry_quarantined) for s in splits},
+        listing.layout,
+        listing.ignored,
+    )

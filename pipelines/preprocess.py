@@ -8,6 +8,7 @@ re-run decodes exactly those videos again (same seeds, same clips). A video's ow
 as quarantined; a video the storage failed to deliver (after retries) is never committed: the step says
 how many and why, fails unless preprocess.max_unread allows them, and the next run reads them.
 """
+
 from __future__ import annotations
 
 import csv
@@ -40,20 +41,40 @@ class PreprocessError(PipelineError, RuntimeError):
 
 def shard_meta(cfg: PipelineConfig, plan: Plan, sp: SplitPlan) -> ShardMeta:
     p, m = cfg.preprocess, cfg.model
-    return ShardMeta(dataset=cfg.data.dataset, split=sp.split, class_names=plan.classes, T=m.T, alpha=m.alpha,
-                     tau=m.tau, frames_per_clip=m.alpha * m.T, target_fps=p.target_fps, short_side=p.short_side,
-                     frame_format=p.frame_format, jpeg_quality=p.jpeg_quality, prep_hash=sp.prep_hash)
+    return ShardMeta(
+        dataset=cfg.data.dataset,
+        split=sp.split,
+        class_names=plan.classes,
+        T=m.T,
+        alpha=m.alpha,
+        tau=m.tau,
+        frames_per_clip=m.alpha * m.T,
+        target_fps=p.target_fps,
+        short_side=p.short_side,
+        frame_format=p.frame_format,
+        jpeg_quality=p.jpeg_quality,
+        prep_hash=sp.prep_hash,
+    )
 
 
-def decode_video(src, task: Task, meta: ShardMeta, *, mode: str, num_clips: int, seed: int,
-                 max_pixels: int) -> tuple[list[dict], bool]:
+def decode_video(
+    src, task: Task, meta: ShardMeta, *, mode: str, num_clips: int, seed: int, max_pixels: int
+) -> tuple[list[dict], bool]:
     """The clips of one video as shard rows, and whether it was shorter than one clip.
 
     Each distinct frame is encoded as it is decoded and only its bytes are kept: overlapping eval
     views share frames, which are encoded once, and no clip is ever stacked as a whole.
     """
-    sampling = ClipSampling(T=meta.T, tau=meta.tau, alpha=meta.alpha, target_fps=meta.target_fps,
-                            short_side=meta.short_side, mode=mode, num_clips=num_clips, seed=seed)
+    sampling = ClipSampling(
+        T=meta.T,
+        tau=meta.tau,
+        alpha=meta.alpha,
+        target_fps=meta.target_fps,
+        short_side=meta.short_side,
+        mode=mode,
+        num_clips=num_clips,
+        seed=seed,
+    )
     jpeg = meta.frame_format == "jpeg"
 
     def encode(frame: np.ndarray) -> bytes:
@@ -67,17 +88,27 @@ def decode_video(src, task: Task, meta: ShardMeta, *, mode: str, num_clips: int,
     for i, plan in enumerate(clips.plans):
         # A list of one JPEG per frame, or the raw bytes of the whole (N, H, W, 3) clip.
         frames = clips.items(i) if jpeg else b"".join(clips.items(i))
-        rows.append({"video_id": task.video_id, "label": task.label, "clip_index": plan.clip_index,
-                     "start_sec": clips.start_sec(i), "height": clips.height, "width": clips.width,
-                     "frames": frames, "slow_index": slow})
+        rows.append(
+            {
+                "video_id": task.video_id,
+                "label": task.label,
+                "clip_index": plan.clip_index,
+                "start_sec": clips.start_sec(i),
+                "height": clips.height,
+                "width": clips.width,
+                "frames": frames,
+                "slow_index": slow,
+            }
+        )
     return rows, clips.short
 
 
 class ClipWriter:
     """Ray Data actor: a batch of videos in, one shard written, one record per video out."""
 
-    def __init__(self, store: Storage, source: VideoSource, meta_json: str, mode: str, num_clips: int, seed: int,
-                 max_pixels: int):
+    def __init__(
+        self, store: Storage, source: VideoSource, meta_json: str, mode: str, num_clips: int, seed: int, max_pixels: int
+    ):
         self.store, self.source = store, source
         self.meta = ShardMeta.model_validate_json(meta_json)
         self.mode, self.num_clips, self.seed, self.max_pixels = mode, num_clips, seed, max_pixels
@@ -86,13 +117,24 @@ class ClipWriter:
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list]:
         rows, records, unread = [], [], []
         for i in range(len(batch["video_id"])):
-            task = Task(**{k: batch[k][i].item() if hasattr(batch[k][i], "item") else batch[k][i]
-                           for k in ("video_id", "label", "rel", "size", "etag")})
+            task = Task(
+                **{
+                    k: batch[k][i].item() if hasattr(batch[k][i], "item") else batch[k][i]
+                    for k in ("video_id", "label", "rel", "size", "etag")
+                }
+            )
             record = manifest.VideoRecord(task.video_id, task.rel, task.size, task.etag, label=task.label)
             why_unread = ""
             try:
-                clips, short = decode_video(self.source.open(task.rel), task, self.meta, mode=self.mode,
-                                            num_clips=self.num_clips, seed=self.seed, max_pixels=self.max_pixels)
+                clips, short = decode_video(
+                    self.source.open(task.rel),
+                    task,
+                    self.meta,
+                    mode=self.mode,
+                    num_clips=self.num_clips,
+                    seed=self.seed,
+                    max_pixels=self.max_pixels,
+                )
             except VideoDecodeError as exc:  # the video's own fault: quarantined with its reason
                 record.reason, record.detail = exc.reason, exc.detail
             except ReadFailed as exc:  # the storage's, after its retries: left for the next run
@@ -112,13 +154,22 @@ class ClipWriter:
         if rows:
             rel = f"{self.folder}/part-{uuid.uuid4().hex}.parquet"
             written = write_shard(clips_to_table(rows, self.meta), self.store.path(rel), filesystem=self.store.fs)
-            held = [r for r, why in zip(records, unread) if not r.quarantined and not why]  # the videos it holds
-            shard = {"path": rel, "rows": written["rows"], "bytes": written["bytes"],
-                     "videos": sorted({r.video_id for r in held})}
+            held = [
+                r for r, why in zip(records, unread, strict=True) if not r.quarantined and not why
+            ]  # the videos it holds
+            shard = {
+                "path": rel,
+                "rows": written["rows"],
+                "bytes": written["bytes"],
+                "videos": sorted({r.video_id for r in held}),
+            }
             for r in held:
                 r.shard = rel
-        return {"record": [json.dumps(asdict(r)) for r in records],
-                "shard": [json.dumps(shard)] * len(records), "unread": unread}
+        return {
+            "record": [json.dumps(asdict(r)) for r in records],
+            "shard": [json.dumps(shard)] * len(records),
+            "unread": unread,
+        }
 
 
 def _ray_data_run(cfg: PipelineConfig, store: Storage, sp: SplitPlan, meta: ShardMeta):
@@ -142,10 +193,22 @@ def _ray_data_run(cfg: PipelineConfig, store: Storage, sp: SplitPlan, meta: Shar
         random.Random(p.seed).shuffle(tasks)
     ds = ray.data.from_items([asdict(t) for t in tasks], override_num_blocks=batches)
     ds = ds.map_batches(
-        ClipWriter, batch_size=videos_per_shard, batch_format="numpy", num_cpus=1, **data_nodes(cfg),
+        ClipWriter,
+        batch_size=videos_per_shard,
+        batch_format="numpy",
+        num_cpus=1,
+        **data_nodes(cfg),
         compute=ActorPoolStrategy(min_size=1, max_size=batches, initial_size=initial),
-        fn_constructor_kwargs=dict(store=store, source=source, meta_json=meta.model_dump_json(), mode=sp.mode,
-                                   num_clips=num_clips, seed=p.seed, max_pixels=p.max_frame_pixels))
+        fn_constructor_kwargs=dict(
+            store=store,
+            source=source,
+            meta_json=meta.model_dump_json(),
+            mode=sp.mode,
+            num_clips=num_clips,
+            seed=p.seed,
+            max_pixels=p.max_frame_pixels,
+        ),
+    )
     for row in ds.iter_rows():
         yield manifest.VideoRecord(**json.loads(row["record"])), json.loads(row["shard"]), row["unread"]
 
@@ -155,8 +218,13 @@ def data_node_cpus(cfg: PipelineConfig) -> int:
     import ray
 
     want = cfg.ray.data_nodes.items()
-    return int(sum(n.get("Resources", {}).get("CPU", 0) for n in ray.nodes()
-                   if n.get("Alive") and all(n.get("Labels", {}).get(k) == v for k, v in want)))
+    return int(
+        sum(
+            n.get("Resources", {}).get("CPU", 0)
+            for n in ray.nodes()
+            if n.get("Alive") and all(n.get("Labels", {}).get(k) == v for k, v in want)
+        )
+    )
 
 
 def preprocess_split(cfg: PipelineConfig, store: Storage, plan: Plan, split: str, run_id: str, log=print) -> dict:
@@ -207,25 +275,37 @@ def preprocess_split(cfg: PipelineConfig, store: Storage, plan: Plan, split: str
     reasons.update(q.reason for q in sp.quarantined)
     processed = sum(1 for v in state.videos.values() if not v.quarantined and v.video_id in counted)
     summary = {
-        "split": split, "mode": sp.mode, "prep_hash": sp.prep_hash, "rows_read": sp.rows_read,
-        "decoded_now": decoded["processed"] + decoded["quarantined"], "already_committed": sp.done,
-        "processed": processed, "quarantined": sum(reasons.values()), "quarantine_reasons": dict(reasons),
-        "unread": len(unread), "unread_examples": list(unread.values())[:3],
+        "split": split,
+        "mode": sp.mode,
+        "prep_hash": sp.prep_hash,
+        "rows_read": sp.rows_read,
+        "decoded_now": decoded["processed"] + decoded["quarantined"],
+        "already_committed": sp.done,
+        "processed": processed,
+        "quarantined": sum(reasons.values()),
+        "quarantine_reasons": dict(reasons),
+        "unread": len(unread),
+        "unread_examples": list(unread.values())[:3],
         "clips": sum(v.clips for v in state.videos.values() if v.video_id in counted and not v.quarantined),
         "short_videos": sum(1 for v in state.videos.values() if v.short and v.video_id in counted),
         "shards": store.uri(manifest.shard_dir(cfg.data.dataset, split, sp.prep_hash)),
-        "manifests": store.uri(folder), "quarantine_report": report, "wall_s": round(time.time() - started, 2),
+        "manifests": store.uri(folder),
+        "quarantine_report": report,
+        "wall_s": round(time.time() - started, 2),
     }
     if summary["processed"] + summary["quarantined"] + summary["unread"] != summary["rows_read"]:
-        raise PreprocessError(f"{split}: accounting broke: {summary['processed']} processed + "
-                              f"{summary['quarantined']} quarantined + {summary['unread']} unread != "
-                              f"{summary['rows_read']} rows read; this is a bug: please report it with "
-                              f"{summary['manifests']}")
+        raise PreprocessError(
+            f"{split}: accounting broke: {summary['processed']} processed + "
+            f"{summary['quarantined']} quarantined + {summary['unread']} unread != "
+            f"{summary['rows_read']} rows read; this is a bug: please report it with "
+            f"{summary['manifests']}"
+        )
     if len(unread) > cfg.preprocess.max_unread:
         raise PreprocessError(
             f"{split}: {len(unread)} of {len(sp.todo)} videos not read: the storage failed to deliver them after "
             f"retries ({'; '.join(summary['unread_examples'])}). Nothing was committed for them; run the same "
-            f"command again to read them (preprocess.max_unread: {cfg.preprocess.max_unread} allowed)")
+            f"command again to read them (preprocess.max_unread: {cfg.preprocess.max_unread} allowed)"
+        )
     return summary
 
 

@@ -1,5 +1,6 @@
 """Starting or joining Ray: one place, so every step sees the same cluster, and the user sees the
 pipeline's own progress lines and Ray's warnings, not Ray's INFO logs (`--verbose` shows those too)."""
+
 from __future__ import annotations
 
 import contextlib
@@ -102,12 +103,22 @@ def init_ray(cfg: PipelineConfig, shared: dict[str, str] | None = None, dashboar
         env["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"
     if env:
         runtime_env["env_vars"] = env
-    ray.init(address=address, logging_level=logging.INFO if _verbose else logging.WARNING, log_to_driver=True,
-             runtime_env=runtime_env or None, ignore_reinit_error=True, **local)
+    ray.init(
+        address=address,
+        logging_level=logging.INFO if _verbose else logging.WARNING,
+        log_to_driver=True,
+        runtime_env=runtime_env or None,
+        ignore_reinit_error=True,
+        **local,
+    )
     if address != "local":
         try:
-            check_shared_paths(cfg, shared if shared is not None else {
-                "storage_root": cfg.storage_root, "data.video_root": cfg.data.video_root})
+            check_shared_paths(
+                cfg,
+                shared
+                if shared is not None
+                else {"storage_root": cfg.storage_root, "data.video_root": cfg.data.video_root},
+            )
         except BaseException:
             ray.shutdown()
             raise
@@ -137,7 +148,8 @@ def check_shared_paths(cfg: PipelineConfig, paths: dict[str, str]) -> None:
         f"{listed}: a local path, and this Ray cluster has {where}: each node would read and write its own "
         "disk (shards, checkpoints and manifests scattered, videos missing). Use an s3:// location "
         "(--set storage_root=s3://BUCKET/PREFIX), or, if every node mounts this path at the same place (NFS, EFS, "
-        "Lustre), say so with --set shared_filesystem=true")
+        "Lustre), say so with --set shared_filesystem=true"
+    )
 
 
 def data_nodes(cfg: PipelineConfig) -> dict:
@@ -183,13 +195,18 @@ def waiting_for(cfg: PipelineConfig, what: str, train_cpus: float | None = None)
     total, free = ray.cluster_resources(), ray.available_resources()
     nodes = [n for n in ray.nodes() if n.get("Alive")]
     roles = f" on nodes labelled {cfg.ray.data_nodes}" if cfg.ray.data_nodes else ""
-    held = (f"the train workers held {train_cpus:g} of them" if train_cpus is not None
-            else f"{free.get('CPU', 0):g} free now")
-    return (f"Ray Data made no progress for {cfg.ray.data_wait_timeout_s:g} s (ray.data_wait_timeout_s): {what} "
-            f"wait for CPUs{roles}; the cluster has {len(nodes)} node(s) with {total.get('CPU', 0):g} CPU(s) in all, "
-            f"{held}. Add a node (or let the autoscaler add one), or free CPUs "
-            "(fewer train.num_workers or train.cpus_per_worker), then run the same command again: it resumes "
-            "where it stopped.")
+    held = (
+        f"the train workers held {train_cpus:g} of them"
+        if train_cpus is not None
+        else f"{free.get('CPU', 0):g} free now"
+    )
+    return (
+        f"Ray Data made no progress for {cfg.ray.data_wait_timeout_s:g} s (ray.data_wait_timeout_s): {what} "
+        f"wait for CPUs{roles}; the cluster has {len(nodes)} node(s) with {total.get('CPU', 0):g} CPU(s) in all, "
+        f"{held}. Add a node (or let the autoscaler add one), or free CPUs "
+        "(fewer train.num_workers or train.cpus_per_worker), then run the same command again: it resumes "
+        "where it stopped."
+    )
 
 
 def _free_port() -> int:

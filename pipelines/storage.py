@@ -5,6 +5,7 @@ configurable for S3-compatible stores; credentials always from the standard AWS 
 A storage fault while reading a video (a reset, a timeout, throttling, a body cut short) is retried and
 then raised as `ReadFailed`: the infrastructure's fault, never the video's, so callers leave it uncommitted.
 """
+
 from __future__ import annotations
 
 import io
@@ -71,14 +72,15 @@ def _boto3_client(opts: S3Options):
     import boto3  # imported lazily: plain local runs never need it
     from botocore.config import Config
 
-    retries = Config(retries={"mode": "standard", "max_attempts": opts.max_attempts}, connect_timeout=10,
-                     read_timeout=60)
+    retries = Config(
+        retries={"mode": "standard", "max_attempts": opts.max_attempts}, connect_timeout=10, read_timeout=60
+    )
     return boto3.client("s3", endpoint_url=opts.endpoint_url, region_name=opts.region, config=retries)
 
 
 def backoff_s(attempt: int) -> float:
     """Seconds to wait before try `attempt + 1`: exponential with full jitter (attempt counts from 1)."""
-    return random.uniform(0, min(BACKOFF_MAX_S, BACKOFF_S * 2 ** attempt))
+    return random.uniform(0, min(BACKOFF_MAX_S, BACKOFF_S * 2**attempt))
 
 
 class Storage:
@@ -156,7 +158,8 @@ class Storage:
             bucket, prefix = split_s3(self.root)
             try:
                 _boto3_client(self.s3).put_object(
-                    Bucket=bucket, Key=posixpath.join(prefix, rel), Body=data, IfNoneMatch="*")
+                    Bucket=bucket, Key=posixpath.join(prefix, rel), Body=data, IfNoneMatch="*"
+                )
             except ClientError as exc:
                 if exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode") in (409, 412):
                     return False  # 412: it exists; 409: another conditional write of it is under way
@@ -189,9 +192,13 @@ class Storage:
         base = self.path(rel)
         info = self.fs.get_file_info(pafs.FileSelector(base, recursive=True, allow_not_found=True))
         root = self.path()
-        return sorted(posixpath.relpath(i.path, root) for i in info
-                      if i.type == pafs.FileType.File and i.path.endswith(suffix)
-                      and not posixpath.basename(i.path).startswith(".tmp-"))
+        return sorted(
+            posixpath.relpath(i.path, root)
+            for i in info
+            if i.type == pafs.FileType.File
+            and i.path.endswith(suffix)
+            and not posixpath.basename(i.path).startswith(".tmp-")
+        )
 
     def delete(self, rel: str) -> None:
         self.fs.delete_file(self.path(rel))
@@ -207,10 +214,12 @@ class Storage:
             self.write_bytes(probe, b"ok")
             self.delete(probe)
         except Exception as exc:  # noqa: BLE001 - re-raised with the location and the fix
-            hint = ("check the bucket exists, s3.endpoint_url, and AWS credentials (standard chain)"
-                    if self.is_s3 else "check the folder's permissions and free space")
-            raise StorageError(f"{what} {self.root}: not writable ({type(exc).__name__}: {exc}); {hint}") \
-                from exc
+            hint = (
+                "check the bucket exists, s3.endpoint_url, and AWS credentials (standard chain)"
+                if self.is_s3
+                else "check the folder's permissions and free space"
+            )
+            raise StorageError(f"{what} {self.root}: not writable ({type(exc).__name__}: {exc}); {hint}") from exc
 
 
 @dataclass(frozen=True)
@@ -262,14 +271,17 @@ class VideoSource:
         files = {}
         try:
             pages = self.client.get_paginator("list_objects_v2").paginate(
-                Bucket=bucket, Prefix=f"{prefix}/" if prefix else "")
+                Bucket=bucket, Prefix=f"{prefix}/" if prefix else ""
+            )
             for page in pages:
                 for obj in page.get("Contents", []):
-                    rel = obj["Key"][len(prefix) + 1:] if prefix else obj["Key"]
+                    rel = obj["Key"][len(prefix) + 1 :] if prefix else obj["Key"]
                     files[rel] = SourceFile(rel, obj["Size"], obj["ETag"].strip('"'))
         except Exception as exc:  # noqa: BLE001 - botocore raises many types; all mean "cannot list"
-            raise StorageError(f"video_root {self.root}: cannot list ({type(exc).__name__}: {exc}); "
-                               "check the bucket, s3.endpoint_url and AWS credentials") from exc
+            raise StorageError(
+                f"video_root {self.root}: cannot list ({type(exc).__name__}: {exc}); "
+                "check the bucket, s3.endpoint_url and AWS credentials"
+            ) from exc
         return files
 
     def open(self, rel: str):

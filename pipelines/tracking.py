@@ -5,6 +5,7 @@ The rest of `pipelines` asks this module for MLflow objects and never imports ml
 `slowfast/` never sees MLflow: the flavor wraps `slowfast.serving.VideoClassifier`. Artifacts (the
 models behind every registry version) go under storage_root unless the tracking server decides.
 """
+
 from __future__ import annotations
 
 import base64
@@ -61,8 +62,8 @@ class TrackingError(PipelineError, RuntimeError):
 def absolute_tracking_uri(uri: str) -> str:
     """sqlite:///relative.db -> sqlite:////abs/relative.db: workers do not share the driver's cwd."""
     prefix = "sqlite:///"
-    if uri.startswith(prefix) and not uri[len(prefix):].startswith("/"):
-        return prefix + str(Path(uri[len(prefix):]).resolve())
+    if uri.startswith(prefix) and not uri[len(prefix) :].startswith("/"):
+        return prefix + str(Path(uri[len(prefix) :]).resolve())
     return uri
 
 
@@ -125,9 +126,11 @@ def experiment_id(cfg: PipelineConfig, name: str | None = None, log=print) -> st
         location = f"{wanted}/{_safe(name)}" if wanted else None
         return c.create_experiment(name, artifact_location=location)
     if wanted and not exp.artifact_location.startswith(wanted):
-        log(f"MLflow experiment {name!r} keeps its artifacts (the models of its registry versions) at "
+        log(
+            f"MLflow experiment {name!r} keeps its artifacts (the models of its registry versions) at "
             f"{exp.artifact_location}, outside storage_root {cfg.storage_root}; set mlflow.experiment to a new "
-            "name to keep new ones under storage_root")
+            "name to keep new ones under storage_root"
+        )
     return exp.experiment_id
 
 
@@ -144,20 +147,24 @@ def run_by_name(cfg: PipelineConfig, run_name: str) -> str | None:
     exp = c.get_experiment_by_name(cfg.mlflow.experiment)
     if exp is None:
         return None
-    found = c.search_runs([exp.experiment_id], filter_string=f"tags.`{RUN_NAME_TAG}` = '{run_name}'",
-                          max_results=1, order_by=["attributes.start_time DESC"])
+    found = c.search_runs(
+        [exp.experiment_id],
+        filter_string=f"tags.`{RUN_NAME_TAG}` = '{run_name}'",
+        max_results=1,
+        order_by=["attributes.start_time DESC"],
+    )
     return found[0].info.run_id if found else None
 
 
-def open_run(cfg: PipelineConfig, run_name: str, *, reopen: bool = True, tags: dict[str, str] | None = None,
-             log=print) -> str:
+def open_run(
+    cfg: PipelineConfig, run_name: str, *, reopen: bool = True, tags: dict[str, str] | None = None, log=print
+) -> str:
     """The MLflow run of this training run: the one a previous attempt started (marked running again
     when `reopen`), or a new one; `tags` are set on it either way."""
     c = client(cfg)
     run_id = run_by_name(cfg, run_name)
     if run_id is None:
-        run_id = c.create_run(experiment_id(cfg, log=log), run_name=run_name,
-                              tags={RUN_NAME_TAG: run_name}).info.run_id
+        run_id = c.create_run(experiment_id(cfg, log=log), run_name=run_name, tags={RUN_NAME_TAG: run_name}).info.run_id
     elif reopen:
         c.update_run(run_id, status="RUNNING")
     for k, v in (tags or {}).items():
@@ -209,8 +216,9 @@ class RunTracker:
         if enabled:
             from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
 
-            self.system = SystemMetricsMonitor(run_id, sampling_interval=SYSTEM_METRICS_S, resume_logging=True,
-                                               tracking_uri=tracking_uri)
+            self.system = SystemMetricsMonitor(
+                run_id, sampling_interval=SYSTEM_METRICS_S, resume_logging=True, tracking_uri=tracking_uri
+            )
             self.system.start()
 
     def close(self) -> None:
@@ -246,11 +254,12 @@ class RunTracker:
         values = {k: str(v)[:6000] for k, v in sorted(params.items())}
         changed = [f"{k}: {logged[k]} -> {v}" for k, v in values.items() if k in logged and logged[k] != v]
         if changed:
-            _log.warning(f"MLflow run {self.run_id} keeps the params it was started with; "
-                         f"now different: {'; '.join(changed)}")
+            _log.warning(
+                f"MLflow run {self.run_id} keeps the params it was started with; now different: {'; '.join(changed)}"
+            )
         items = [Param(k, v) for k, v in values.items() if k not in logged]
         for i in range(0, len(items), 100):  # MLflow takes at most 100 params per batch
-            self.client.log_batch(self.run_id, params=items[i:i + 100])
+            self.client.log_batch(self.run_id, params=items[i : i + 100])
 
     def tags(self, tags: dict[str, str]) -> None:
         if self.client is not None:
@@ -268,9 +277,13 @@ class RunTracker:
         if wait:
             mlflow.flush_async_logging()
         now = int(time.time() * 1000)
-        self.client.log_batch(self.run_id, metrics=[Metric(k, float(v), now, step) for k, v in values.items()
-                                                    if v is not None and math.isfinite(float(v))],
-                              synchronous=wait)
+        self.client.log_batch(
+            self.run_id,
+            metrics=[
+                Metric(k, float(v), now, step) for k, v in values.items() if v is not None and math.isfinite(float(v))
+            ],
+            synchronous=wait,
+        )
 
 
 # --- the registry -------------------------------------------------------------------------------------
@@ -302,8 +315,11 @@ def model_version(cfg: PipelineConfig, name: str, version: str | int | None):
     what = f"models:/{name}@{CHALLENGER}" if version is None else f"models:/{name}/{version}"
     try:
         c = client(cfg)
-        return c.get_model_version_by_alias(name, CHALLENGER) if version is None else c.get_model_version(
-            name, str(version))
+        return (
+            c.get_model_version_by_alias(name, CHALLENGER)
+            if version is None
+            else c.get_model_version(name, str(version))
+        )
     except MlflowException as exc:
         raise TrackingError(describe_missing(cfg, what, exc)) from None
 
@@ -313,20 +329,24 @@ def describe_missing(cfg: PipelineConfig, uri: str, exc: Exception) -> str:
     from mlflow.exceptions import MlflowException
 
     c = client(cfg)
-    name = uri[len("models:/"):].split("@")[0].split("/")[0] if uri.startswith("models:/") else None
+    name = uri[len("models:/") :].split("@")[0].split("/")[0] if uri.startswith("models:/") else None
     known = [m.name for m in c.search_registered_models(max_results=50)]
     if name and name not in known:
-        return (f"{uri}: no registered model {name!r} in {tracking_uri(cfg)} (registered: "
-                f"{', '.join(known) or 'none'}); run `python -m pipelines run --config ...` to train and register "
-                "one, or check mlflow.tracking_uri")
+        return (
+            f"{uri}: no registered model {name!r} in {tracking_uri(cfg)} (registered: "
+            f"{', '.join(known) or 'none'}); run `python -m pipelines run --config ...` to train and register "
+            "one, or check mlflow.tracking_uri"
+        )
     if name:
         try:
             aliases = sorted(c.get_registered_model(name).aliases)
         except MlflowException:
             aliases = []
         versions = sorted(int(v.version) for v in c.search_model_versions(f"name='{name}'"))
-        return (f"{uri}: not found in {tracking_uri(cfg)}: model {name!r} has versions {versions or 'none'} and "
-                f"aliases {aliases or 'none'} ({exc.message if hasattr(exc, 'message') else exc})")
+        return (
+            f"{uri}: not found in {tracking_uri(cfg)}: model {name!r} has versions {versions or 'none'} and "
+            f"aliases {aliases or 'none'} ({exc.message if hasattr(exc, 'message') else exc})"
+        )
     return f"{uri}: cannot load ({exc})"
 
 
@@ -343,8 +363,10 @@ def load_registered(cfg: PipelineConfig | None, uri: str, device: str = "cpu") -
         except MlflowException as exc:
             if cfg is not None:
                 raise TrackingError(describe_missing(cfg, uri, exc)) from None
-            raise TrackingError(f"{uri}: not found in {mlflow.get_tracking_uri()} ({exc.message}); pass --config "
-                                "(its mlflow.tracking_uri) or set MLFLOW_TRACKING_URI") from None
+            raise TrackingError(
+                f"{uri}: not found in {mlflow.get_tracking_uri()} ({exc.message}); pass --config "
+                "(its mlflow.tracking_uri) or set MLFLOW_TRACKING_URI"
+            ) from None
 
 
 def log_export(cfg: PipelineConfig | None, uri: str, path: Path) -> str:
@@ -362,8 +384,15 @@ def log_export(cfg: PipelineConfig | None, uri: str, path: Path) -> str:
         return f"{c.get_run(version.run_id).info.artifact_uri.rstrip('/')}/export/{Path(path).name}"
 
 
-def log_model(cfg: PipelineConfig, run_id: str, *, net: torch.nn.Module, class_names: Sequence[str],
-              spec: ClipSpec, metadata: dict) -> str:
+def log_model(
+    cfg: PipelineConfig,
+    run_id: str,
+    *,
+    net: torch.nn.Module,
+    class_names: Sequence[str],
+    spec: ClipSpec,
+    metadata: dict,
+) -> str:
     """Log the network as this project's flavor in `run_id`, registered under mlflow.model_name; returns
     the new version."""
     import mlflow
@@ -373,10 +402,19 @@ def log_model(cfg: PipelineConfig, run_id: str, *, net: torch.nn.Module, class_n
         # MLflow 3 files a logged model under the active experiment, not its run's: without this, experiment
         # 0 ("Default"), whose artifacts are ./mlruns of whatever the working directory is.
         mlflow.set_experiment(experiment_id=client(cfg).get_run(run_id).info.experiment_id)
-        info = Model.log(None, flavor=sys.modules[__name__], name="model", run_id=run_id,
-                         registered_model_name=cfg.mlflow.model_name, pytorch_model=net, class_names=class_names,
-                         spec=spec, input_example=example_video(), pip_requirements=_requirements(),
-                         metadata=metadata)
+        info = Model.log(
+            None,
+            flavor=sys.modules[__name__],
+            name="model",
+            run_id=run_id,
+            registered_model_name=cfg.mlflow.model_name,
+            pytorch_model=net,
+            class_names=class_names,
+            spec=spec,
+            input_example=example_video(),
+            pip_requirements=_requirements(),
+            metadata=metadata,
+        )
     return str(info.registered_model_version)
 
 
@@ -384,10 +422,16 @@ def git_commit() -> str:
     """The source checkout's commit (with -dirty), or 'unknown' outside a git checkout."""
     root = Path(__file__).resolve().parents[1]
     try:
-        commit = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True,
-                                timeout=10, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
-                               capture_output=True, text=True, timeout=10, check=False).stdout.strip()
+        commit = subprocess.run(
+            ["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10, check=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=False,
+        ).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         return "unknown"
     return commit + ("-dirty" if dirty else "")
@@ -405,8 +449,10 @@ def example_video() -> bytes:
 def _requirements() -> list[str]:
     from importlib.metadata import version
 
-    return [f"{p}=={version(p)}" for p in ("torch", "av", "numpy", "pydantic", "pandas", "mlflow", "PyYAML",
-                                           "pyarrow", "simplejpeg")]
+    return [
+        f"{p}=={version(p)}"
+        for p in ("torch", "av", "numpy", "pydantic", "pandas", "mlflow", "PyYAML", "pyarrow", "simplejpeg")
+    ]
 
 
 # --- the model flavor ---------------------------------------------------------------------------------
@@ -417,9 +463,18 @@ def _requirements() -> list[str]:
 # project is not installed.
 
 
-def save_model(path: str, mlflow_model, *, pytorch_model: torch.nn.Module, class_names: Sequence[str],
-               spec: ClipSpec, input_example: bytes, metadata: dict | None = None,
-               pip_requirements: Sequence[str] | None = None, **kwargs) -> None:
+def save_model(
+    path: str,
+    mlflow_model,
+    *,
+    pytorch_model: torch.nn.Module,
+    class_names: Sequence[str],
+    spec: ClipSpec,
+    input_example: bytes,
+    metadata: dict | None = None,
+    pip_requirements: Sequence[str] | None = None,
+    **kwargs,
+) -> None:
     """Save as the PyTorch flavor (pickled module, so any batch size loads), with the python_function
     flavor pointing at this module: pyfunc input is a `video` column of video bytes (paths by opt-in). The
     weights also go to CHECKPOINT (this project's checkpoint: no pickled code), which is what this project
@@ -440,10 +495,18 @@ def save_model(path: str, mlflow_model, *, pytorch_model: torch.nn.Module, class
     quiet = logging.getLogger("mlflow.pytorch")
     level, quiet.level = quiet.level, logging.ERROR
     try:
-        mlflow.pytorch.save_model(pytorch_model.cpu().eval(), path, mlflow_model=mlflow_model,
-                                  serialization_format="pickle", signature=signature(), metadata=meta,
-                                  input_example=[input_example], code_paths=code,
-                                  pip_requirements=list(pip_requirements) if pip_requirements else None, **kwargs)
+        mlflow.pytorch.save_model(
+            pytorch_model.cpu().eval(),
+            path,
+            mlflow_model=mlflow_model,
+            serialization_format="pickle",
+            signature=signature(),
+            metadata=meta,
+            input_example=[input_example],
+            code_paths=code,
+            pip_requirements=list(pip_requirements) if pip_requirements else None,
+            **kwargs,
+        )
     finally:
         quiet.level = level
     save_checkpoint(pytorch_model, os.path.join(path, CHECKPOINT), class_names=list(class_names))
@@ -452,8 +515,11 @@ def save_model(path: str, mlflow_model, *, pytorch_model: torch.nn.Module, class
     # MLflow accepts a load-time model_config key only when the saved model declares it.
     pyfunc_flavor.setdefault(mlflow.pyfunc.MODEL_CONFIG, {})["allow_paths"] = False
     pyfunc_flavor[mlflow.pyfunc.MODEL_CONFIG].update(dict.fromkeys(RequestLimits.KEYS))  # None: the default
-    mlflow_model.flavors[FLAVOR_NAME] = {"class_names": len(class_names), "input": INPUT_COLUMN,
-                                         "checkpoint": CHECKPOINT}
+    mlflow_model.flavors[FLAVOR_NAME] = {
+        "class_names": len(class_names),
+        "input": INPUT_COLUMN,
+        "checkpoint": CHECKPOINT,
+    }
     mlflow_model.save(os.path.join(path, "MLmodel"))
 
 
@@ -463,21 +529,45 @@ def signature():
     from mlflow.models import ModelSignature
     from mlflow.types.schema import AnyType, Array, ColSpec, Object, ParamSchema, ParamSpec, Property, Schema
 
-    windows = Object([Property("start_s", "double"), Property("end_s", "double"),
-                      Property("labels", Array("string")), Property("scores", Array("double"))])
-    segments = Object([Property("start_s", "double"), Property("end_s", "double"), Property("label", "string"),
-                       Property("score", "double")])
+    windows = Object(
+        [
+            Property("start_s", "double"),
+            Property("end_s", "double"),
+            Property("labels", Array("string")),
+            Property("scores", Array("double")),
+        ]
+    )
+    segments = Object(
+        [
+            Property("start_s", "double"),
+            Property("end_s", "double"),
+            Property("label", "string"),
+            Property("score", "double"),
+        ]
+    )
     # The input column is unnamed so that a plain list of videos passes schema enforcement too. The output
     # columns other than `video` depend on the mode, hence optional.
     return ModelSignature(
         inputs=Schema([ColSpec(AnyType())]),
-        outputs=Schema([ColSpec("string", "video"), ColSpec(Array("string"), "labels", required=False),
-                        ColSpec(Array("double"), "scores", required=False),
-                        ColSpec(Array(windows), "windows", required=False),
-                        ColSpec(Array(segments), "segments", required=False),
-                        ColSpec("string", "clamped", required=False)]),
-        params=ParamSchema([ParamSpec("top_k", "long", 5), ParamSpec("timeline", "boolean", False),
-                            ParamSpec("window_s", "double", 0.0), ParamSpec("stride_s", "double", 0.0)]))
+        outputs=Schema(
+            [
+                ColSpec("string", "video"),
+                ColSpec(Array("string"), "labels", required=False),
+                ColSpec(Array("double"), "scores", required=False),
+                ColSpec(Array(windows), "windows", required=False),
+                ColSpec(Array(segments), "segments", required=False),
+                ColSpec("string", "clamped", required=False),
+            ]
+        ),
+        params=ParamSchema(
+            [
+                ParamSpec("top_k", "long", 5),
+                ParamSpec("timeline", "boolean", False),
+                ParamSpec("window_s", "double", 0.0),
+                ParamSpec("stride_s", "double", 0.0),
+            ]
+        ),
+    )
 
 
 # What one video of a pyfunc request may be, unless the model is loaded with other limits (RequestLimits).
@@ -513,24 +603,32 @@ class RequestLimits:
         given = {k: v for k, v in (config or {}).items() if k in cls.KEYS and v is not None}
         for key, value in given.items():
             whole = isinstance(value, int) or (isinstance(value, float) and value.is_integer())
-            fine = positive_seconds(value) if key == "max_video_s" else (
-                whole and not isinstance(value, bool) and value >= 1)
+            fine = (
+                positive_seconds(value)
+                if key == "max_video_s"
+                else (whole and not isinstance(value, bool) and value >= 1)
+            )
             if not fine:
                 kind = "a number of seconds > 0" if key == "max_video_s" else "a whole number >= 1"
                 raise ValueError(f"model_config {key} must be {kind}, got {value!r}")
         counts = {k: int(v) for k, v in given.items() if k != "max_video_s"}
         timeline = TimelineLimits(**{k: counts[k] for k in ("max_windows", "max_clips") if k in counts})
-        return cls(max_video_bytes=counts.get("max_video_bytes", MAX_VIDEO_BYTES),
-                   max_video_s=float(given.get("max_video_s", MAX_VIDEO_S)),
-                   max_frames=counts.get("max_frames", MAX_VIDEO_FRAMES),
-                   max_videos=counts.get("max_videos", MAX_VIDEOS), timeline=timeline)
+        return cls(
+            max_video_bytes=counts.get("max_video_bytes", MAX_VIDEO_BYTES),
+            max_video_s=float(given.get("max_video_s", MAX_VIDEO_S)),
+            max_frames=counts.get("max_frames", MAX_VIDEO_FRAMES),
+            max_videos=counts.get("max_videos", MAX_VIDEOS),
+            timeline=timeline,
+        )
 
 
 def _over_limit(index: int, name: str, problem: str, key: str):
     """The 400 for a video over one of the RequestLimits: what, and the model_config key that raises it."""
-    return _invalid(f"video {index} ({name}): {problem}; the limit is the model_config key {key!r}, set when the "
-                    f"model is loaded (mlflow.pyfunc.load_model(uri, model_config={{{key!r}: ...}}); for `mlflow "
-                    f"models serve`, MLFLOW_PYFUNC_INFERENCE_CONFIG='{{\"{key}\": ...}}' in the server's environment)")
+    return _invalid(
+        f"video {index} ({name}): {problem}; the limit is the model_config key {key!r}, set when the "
+        f"model is loaded (mlflow.pyfunc.load_model(uri, model_config={{{key!r}: ...}}); for `mlflow "
+        f"models serve`, MLFLOW_PYFUNC_INFERENCE_CONFIG='{{\"{key}\": ...}}' in the server's environment)"
+    )
 
 
 class PyFuncVideoClassifier:
@@ -580,8 +678,10 @@ class PyFuncVideoClassifier:
         else:
             sources = list(model_input)
         if len(sources) > self.limits.max_videos:
-            raise _invalid(f"{len(sources)} videos in one request > max_videos {self.limits.max_videos}: send them in "
-                           "several requests, or raise the model_config key 'max_videos' when the model is loaded")
+            raise _invalid(
+                f"{len(sources)} videos in one request > max_videos {self.limits.max_videos}: send them in "
+                "several requests, or raise the model_config key 'max_videos' when the model is loaded"
+            )
         rows = []
         for i, value in enumerate(sources):
             source = _as_source(value, i, self.allow_paths, self.limits.max_video_bytes)
@@ -589,14 +689,18 @@ class PyFuncVideoClassifier:
             try:
                 self._check_duration(source, name, i)
                 if timeline:
-                    rows.append(self.classifier.timeline(source, name, window_s=window_s, stride_s=stride_s,
-                                                         top_k=top_k, limits=self.limits.timeline))
+                    rows.append(
+                        self.classifier.timeline(
+                            source, name, window_s=window_s, stride_s=stride_s, top_k=top_k, limits=self.limits.timeline
+                        )
+                    )
                 else:
                     rows += self.classifier.predict([source], top_k=top_k, names=[name])
             except VideoDecodeError as exc:
                 if exc.reason == TOO_MANY_FRAMES:  # the budget of this server, not a fault of the video
-                    raise _over_limit(i, name, f"more than max_frames {self.limits.max_frames:,} frames to decode",
-                                      "max_frames") from None
+                    raise _over_limit(
+                        i, name, f"more than max_frames {self.limits.max_frames:,} frames to decode", "max_frames"
+                    ) from None
                 # A client's bad upload is a 400 naming the video, not a 500 with the server's traceback.
                 raise _invalid(f"video {i} ({name}): {exc}") from None
             except TimelineLimitError as exc:
@@ -610,8 +714,12 @@ class PyFuncVideoClassifier:
         with self.classifier.spec.open(source, name) as reader:
             duration = reader.info.duration_sec
         if duration > self.limits.max_video_s:
-            raise _over_limit(index, name, f"the video lasts {duration:,.1f} s > max_video_s "
-                                           f"{self.limits.max_video_s:g} s", "max_video_s")
+            raise _over_limit(
+                index,
+                name,
+                f"the video lasts {duration:,.1f} s > max_video_s {self.limits.max_video_s:g} s",
+                "max_video_s",
+            )
 
     @staticmethod
     def _seconds(params: dict, key: str) -> float | None:
@@ -633,10 +741,15 @@ def _as_source(value, index: int, allow_paths: bool, max_bytes: int = MAX_VIDEO_
     """A pyfunc cell -> bytes, or a path when allow_paths (JSON serving sends bytes base64-encoded, as str).
     Without allow_paths a string is never looked up on disk: it is base64 or it is refused. A video over
     ``max_bytes`` is refused by its size, before base64 is decoded."""
+
     def check(size: int) -> None:
         if size > max_bytes:
-            raise _over_limit(index, f"<video {index}: {size} bytes>", f"{size:,} bytes > max_video_bytes "
-                              f"{max_bytes:,}", "max_video_bytes")
+            raise _over_limit(
+                index,
+                f"<video {index}: {size} bytes>",
+                f"{size:,} bytes > max_video_bytes {max_bytes:,}",
+                "max_video_bytes",
+            )
 
     if isinstance(value, (bytes, bytearray, memoryview)):
         check(len(value) if not isinstance(value, memoryview) else value.nbytes)
@@ -655,9 +768,11 @@ def _as_source(value, index: int, allow_paths: bool, max_bytes: int = MAX_VIDEO_
     shown = repr(os.fspath(value) if isinstance(value, os.PathLike) else value)
     shown = shown if len(shown) <= 80 else shown[:77] + "..."
     if isinstance(value, (str, os.PathLike)):
-        raise _invalid(f"video {index} ({shown}): not base64-encoded video bytes. This model takes the video "
-                       "file's bytes, base64-encoded; file paths are refused and never opened (in local Python, "
-                       "opt in with mlflow.pyfunc.load_model(uri, model_config={'allow_paths': True}))")
+        raise _invalid(
+            f"video {index} ({shown}): not base64-encoded video bytes. This model takes the video "
+            "file's bytes, base64-encoded; file paths are refused and never opened (in local Python, "
+            "opt in with mlflow.pyfunc.load_model(uri, model_config={'allow_paths': True}))"
+        )
     raise _invalid(f"video {index}: expected base64-encoded video bytes, got {type(value).__name__}")
 
 
@@ -695,10 +810,12 @@ def _pickle_only(name: str) -> str:
     """Why a version logged before CHECKPOINT existed is refused, and what to use instead."""
     source = _registered_checkpoint(name)
     instead = f"{source} (its tag {TAG}checkpoint)" if source else f"the one its tag {TAG}checkpoint names"
-    return (f"{name}: logged without {CHECKPOINT} (before registered versions carried one), so its weights are only "
-            "a pickled module, which this project never unpickles (a pickle runs whatever code it names); use the "
-            f"checkpoint it was registered from instead, {instead}, as train.init_from or evaluate --model-uri, or "
-            "register a model trained since")
+    return (
+        f"{name}: logged without {CHECKPOINT} (before registered versions carried one), so its weights are only "
+        "a pickled module, which this project never unpickles (a pickle runs whatever code it names); use the "
+        f"checkpoint it was registered from instead, {instead}, as train.init_from or evaluate --model-uri, or "
+        "register a model trained since"
+    )
 
 
 def _registered_checkpoint(uri: str) -> str | None:
@@ -728,5 +845,8 @@ def _load_pyfunc(data_path: str, model_config: dict | None = None) -> PyFuncVide
     allow_paths = (model_config or {}).get("allow_paths", False)
     if not isinstance(allow_paths, bool):
         raise ValueError(f"model_config allow_paths must be true or false, got {allow_paths!r}")
-    return PyFuncVideoClassifier(_classifier_from_dir(root, device, root), allow_paths=allow_paths,
-                                 limits=RequestLimits.from_model_config(model_config))
+    return PyFuncVideoClassifier(
+        _classifier_from_dir(root, device, root),
+        allow_paths=allow_paths,
+        limits=RequestLimits.from_model_config(model_config),
+    )

@@ -3,6 +3,7 @@
 `train_dataset` builds the stream the workers read (`get_dataset_shard("train")`); `data_config` keeps
 Ray Data within `ray.data_cpus` so the train workers keep their CPUs.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -80,13 +81,25 @@ def train_dataset(cfg: PipelineConfig, store: Storage, data):
     # No CPU of its own (it only permutes a list), which also keeps Ray Data from fusing it with the reads:
     # fused, one task would read every file in turn.
     ds = ds.map_batches(shuffled_files, batch_size=None, batch_format="pyarrow", num_cpus=0, **data_nodes(cfg))
-    ds = ds.map_batches(read_shards, batch_size=SHARDS_PER_READ, batch_format="pyarrow", num_cpus=read_cpus,
-                        fn_kwargs={"store": store, "block_rows": t.batch_size}, **data_nodes(cfg))
+    ds = ds.map_batches(
+        read_shards,
+        batch_size=SHARDS_PER_READ,
+        batch_format="pyarrow",
+        num_cpus=read_cpus,
+        fn_kwargs={"store": store, "block_rows": t.batch_size},
+        **data_nodes(cfg),
+    )
     # Tasks, not an actor pool: Ray re-runs the pipeline every epoch, and a new actor (a new process that
     # imports torch) took seconds per epoch to start; tasks land on worker processes that are already warm.
-    ds = ds.map_batches(train_clips, batch_size=t.batch_size, batch_format="pyarrow", zero_copy_batch=True,
-                        fn_kwargs={"meta": data.train_meta, "crop": t.crop_size, "jitter": t.scale_jitter,
-                                   "seed": t.seed}, num_cpus=actor_cpus, **data_nodes(cfg))
+    ds = ds.map_batches(
+        train_clips,
+        batch_size=t.batch_size,
+        batch_format="pyarrow",
+        zero_copy_batch=True,
+        fn_kwargs={"meta": data.train_meta, "crop": t.crop_size, "jitter": t.scale_jitter, "seed": t.seed},
+        num_cpus=actor_cpus,
+        **data_nodes(cfg),
+    )
     return ds.select_columns(TRAIN_COLUMNS)
 
 
@@ -115,7 +128,7 @@ def read_shards(batch: pa.Table, store: Storage, block_rows: int):
     from slowfast.shards.reader import COLUMNS
 
     tables = []
-    for path, skip in zip(batch.column("path").to_pylist(), batch.column("skip").to_pylist()):
+    for path, skip in zip(batch.column("path").to_pylist(), batch.column("skip").to_pylist(), strict=True):
         skip = json.loads(skip)
         with store.fs.open_input_file(path) as f:
             table = pq.ParquetFile(f).read(columns=list(COLUMNS))
@@ -134,5 +147,6 @@ def data_config(cfg: PipelineConfig):
     from ray.data import ExecutionOptions, ExecutionResources
 
     limits = ExecutionResources.for_limits(cpu=cfg.ray.data_cpus, gpu=0)
-    return ray.train.DataConfig(datasets_to_split=["train"],
-                                execution_options={"train": ExecutionOptions(resource_limits=limits)})
+    return ray.train.DataConfig(
+        datasets_to_split=["train"], execution_options={"train": ExecutionOptions(resource_limits=limits)}
+    )

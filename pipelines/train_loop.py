@@ -4,6 +4,7 @@ checkpoint and report.
 `train.py` (the driver) hands each worker a `LoopConfig`; the worker builds its `Worker` state once and
 runs `run_epoch` until the last epoch. Metrics go to MLflow from rank 0 (`tracking.RunTracker`).
 """
+
 from __future__ import annotations
 
 import logging
@@ -66,7 +67,7 @@ class EpochSums:
         self.data_wait_s += waited
         self.loop_s += step_s
 
-    def all_summed(self, world: int, device: torch.device) -> "EpochSums":
+    def all_summed(self, world: int, device: torch.device) -> EpochSums:
         return EpochSums(*_all_sum(torch.tensor(astuple(self), dtype=torch.float64), world, device).tolist())
 
 
@@ -107,12 +108,17 @@ def train_func(config: dict) -> dict:
             raise
         # Ray Data made no progress for ray.data_wait_timeout_s (no CPU it may use): a clean stop that the
         # driver reports, rather than a failure that Ray Train would retry into the same wait.
-        return {"stalled": {"epoch": epoch, "workers": worker.world, "error": str(exc).splitlines()[0]},
-                "history": worker.history}
+        return {
+            "stalled": {"epoch": epoch, "workers": worker.world, "error": str(exc).splitlines()[0]},
+            "history": worker.history,
+        }
     finally:
         worker.tracker.close()
-    return {"resumed_from_epoch": worker.start_epoch, "epochs_run": loop.cfg.train.epochs - worker.start_epoch,
-            "history": worker.history}
+    return {
+        "resumed_from_epoch": worker.start_epoch,
+        "epochs_run": loop.cfg.train.epochs - worker.start_epoch,
+        "history": worker.history,
+    }
 
 
 def start_worker(loop: LoopConfig) -> Worker:
@@ -147,23 +153,31 @@ def start_worker(loop: LoopConfig) -> Worker:
         if was != world:
             scaled = started_with["base_lr"] * world / was
             if rank == 0:
-                _log.warning(f"resuming after epoch {start_epoch} on {world} worker(s), the checkpoint was written by "
-                             f"{was}: global batch {t.batch_size * was} -> {t.batch_size * world}, LR "
-                             f"{started_with['base_lr']:.4g} -> {scaled:.4g}, {steps_per_epoch} steps per epoch")
+                _log.warning(
+                    f"resuming after epoch {start_epoch} on {world} worker(s), the checkpoint was written by "
+                    f"{was}: global batch {t.batch_size * was} -> {t.batch_size * world}, LR "
+                    f"{started_with['base_lr']:.4g} -> {scaled:.4g}, {steps_per_epoch} steps per epoch"
+                )
             started_with["base_lr"] = scaled
-        changed = [f"{k} {started_with[k]} -> {getattr(schedule, k)}"
-                   for k in ("base_lr", "warmup_epochs", "total_epochs") if started_with[k] != getattr(schedule, k)]
+        changed = [
+            f"{k} {started_with[k]} -> {getattr(schedule, k)}"
+            for k in ("base_lr", "warmup_epochs", "total_epochs")
+            if started_with[k] != getattr(schedule, k)
+        ]
         if changed and rank == 0:
-            _log.warning(f"resuming with the checkpoint's LR schedule; the config now differs: "
-                         f"{', '.join(changed)} (use a new run name to start over)")
+            _log.warning(
+                f"resuming with the checkpoint's LR schedule; the config now differs: "
+                f"{', '.join(changed)} (use a new run name to start over)"
+            )
         schedule.load_state_dict(started_with)
     elif loop.init_weights is not None:
         net.load_state_dict(ray.get(loop.init_weights))
     frozen = fine_tuning(net, loop.cfg)
     fmt = memory_format(device.type)
     model = ray.train.torch.prepare_model(net.to(memory_format=fmt))
-    optimizer = build_optimizer(net, lr=lr, momentum=t.momentum, weight_decay=t.weight_decay, nesterov=t.nesterov,
-                                head_lr_mult=t.head_lr_mult)
+    optimizer = build_optimizer(
+        net, lr=lr, momentum=t.momentum, weight_decay=t.weight_decay, nesterov=t.nesterov, head_lr_mult=t.head_lr_mult
+    )
     if extra is not None:
         optimizer.load_state_dict(extra["optimizer"])
         set_rng_state(extra["rng"][rank] if rank < len(extra["rng"]) else None)
@@ -171,8 +185,9 @@ def start_worker(loop: LoopConfig) -> Worker:
     if rank == 0:
         # What the workers running decide (global batch, LR, steps) is a param of the first attempt; an
         # elastic run records every epoch's as metrics (workers, global_batch, base_lr).
-        first = {} if start_epoch else {"global_batch": t.batch_size * world, "lr": lr,
-                                        "steps_per_epoch": steps_per_epoch}
+        first = (
+            {} if start_epoch else {"global_batch": t.batch_size * world, "lr": lr, "steps_per_epoch": steps_per_epoch}
+        )
         tracker.params({**loop.cfg.flatten(), "num_classes": len(loop.classes), "run_name": loop.run_name, **first})
         if start_epoch:
             _log.info(f"resuming after epoch {start_epoch} (step {global_step})")
@@ -181,8 +196,9 @@ def start_worker(loop: LoopConfig) -> Worker:
         _log.info(f"precision: {describe_precision(device.type, t.mixed_precision)}")
         if frozen:
             _log.info(f"fine-tuning: {frozen}")
-    return Worker(rank, world, device, fmt, net, model, optimizer, schedule, tracker, steps_per_epoch, start_epoch,
-                  global_step)
+    return Worker(
+        rank, world, device, fmt, net, model, optimizer, schedule, tracker, steps_per_epoch, start_epoch, global_step
+    )
 
 
 def fine_tuning(net: SlowFast, cfg: PipelineConfig) -> str:
@@ -207,43 +223,82 @@ def run_epoch(w: Worker, loop: LoopConfig, shard, epoch: int) -> dict:
     sums = EpochSums()
     epoch_start = wait_start = time.perf_counter()
     # read_shards mixes a few shards; this buffer mixes clips across those groups.
-    batches = shard.iter_torch_batches(batch_size=t.batch_size, drop_last=True, device=w.device, prefetch_batches=2,
-                                       local_shuffle_buffer_size=SHUFFLE_BATCHES * t.batch_size)
+    batches = shard.iter_torch_batches(
+        batch_size=t.batch_size,
+        drop_last=True,
+        device=w.device,
+        prefetch_batches=2,
+        local_shuffle_buffer_size=SHUFFLE_BATCHES * t.batch_size,
+    )
     for step, batch in enumerate(batches):
         waited = time.perf_counter() - wait_start
         step_lr = w.schedule.step(w.optimizer, epoch, step, w.steps_per_epoch)
-        out = train_step(w.model, w.optimizer, batch, fmt=w.fmt, mixed_precision=t.mixed_precision,
-                         grad_clip=t.grad_clip, clipped=w.net)
+        out = train_step(
+            w.model,
+            w.optimizer,
+            batch,
+            fmt=w.fmt,
+            mixed_precision=t.mixed_precision,
+            grad_clip=t.grad_clip,
+            clipped=w.net,
+        )
         n = len(batch["label"])
         loss = out.loss.item()  # waits for the device: the step is done
         step_s = time.perf_counter() - wait_start
         sums.add(loss, topk_correct(out.logits.detach(), batch["label"], (1,))[1], n, waited, step_s)
         w.global_step += 1
-        w.tracker.metrics({"loss": loss, "lr": step_lr, "clips_per_s": n * w.world / step_s,
-                           "data_wait": waited / step_s, "grad_norm": out.grad_norm}, step=w.global_step, wait=False)
+        w.tracker.metrics(
+            {
+                "loss": loss,
+                "lr": step_lr,
+                "clips_per_s": n * w.world / step_s,
+                "data_wait": waited / step_s,
+                "grad_norm": out.grad_norm,
+            },
+            step=w.global_step,
+            wait=False,
+        )
         wait_start = time.perf_counter()
     sums = sums.all_summed(w.world, w.device)
     epoch_s = time.perf_counter() - epoch_start
     metrics = {
-        "epoch": epoch + 1, "global_step": w.global_step,
-        "train_loss": sums.loss_sum / max(sums.clips, 1), "train_top1": sums.correct / max(sums.clips, 1),
-        "train_clips": int(sums.clips), "epoch_clips_per_s": sums.clips / epoch_s,
-        "epoch_data_wait": sums.data_wait_s / max(sums.loop_s, 1e-9), "epoch_s": epoch_s,
-        "workers": w.world, "global_batch": t.batch_size * w.world, "base_lr": w.schedule.base_lr, **validate(w, loop),
+        "epoch": epoch + 1,
+        "global_step": w.global_step,
+        "train_loss": sums.loss_sum / max(sums.clips, 1),
+        "train_top1": sums.correct / max(sums.clips, 1),
+        "train_clips": int(sums.clips),
+        "epoch_clips_per_s": sums.clips / epoch_s,
+        "epoch_data_wait": sums.data_wait_s / max(sums.loop_s, 1e-9),
+        "epoch_s": epoch_s,
+        "workers": w.world,
+        "global_batch": t.batch_size * w.world,
+        "base_lr": w.schedule.base_lr,
+        **validate(w, loop),
     }
     w.history.append(metrics)
     if w.rank == 0:
         left = (t.epochs - epoch - 1) * (time.perf_counter() - epoch_start)
-        _log.info(f"epoch {epoch + 1}/{t.epochs}: loss {metrics['train_loss']:.4f}, train top-1 "
-                     f"{metrics['train_top1']:.3f}, {SCORE} {metrics[SCORE]:.3f}, {metrics['epoch_clips_per_s']:.1f} "
-                     f"clips/s, data wait {metrics['epoch_data_wait']:.0%}, {epoch_s:.0f}s, ETA {left / 60:.1f} min")
+        _log.info(
+            f"epoch {epoch + 1}/{t.epochs}: loss {metrics['train_loss']:.4f}, train top-1 "
+            f"{metrics['train_top1']:.3f}, {SCORE} {metrics[SCORE]:.3f}, {metrics['epoch_clips_per_s']:.1f} "
+            f"clips/s, data wait {metrics['epoch_data_wait']:.0%}, {epoch_s:.0f}s, ETA {left / 60:.1f} min"
+        )
     rng = _all_gather(rng_state(), w.world)
     with tempfile.TemporaryDirectory() as folder:
         saved = None
         if w.rank == 0:
-            save_checkpoint(w.net, Path(folder) / CHECKPOINT_FILE, optimizer=w.optimizer.state_dict(),
-                            schedule=w.schedule.state_dict(), epoch=epoch + 1, global_step=w.global_step, world=w.world,
-                            rng=rng, metrics=metrics, class_names=loop.classes)
+            save_checkpoint(
+                w.net,
+                Path(folder) / CHECKPOINT_FILE,
+                optimizer=w.optimizer.state_dict(),
+                schedule=w.schedule.state_dict(),
+                epoch=epoch + 1,
+                global_step=w.global_step,
+                world=w.world,
+                rng=rng,
+                metrics=metrics,
+                class_names=loop.classes,
+            )
             saved = ray.train.Checkpoint.from_directory(folder)
         ray.train.report(metrics, checkpoint=saved, checkpoint_dir_name=f"epoch-{epoch + 1:04d}")
     if w.rank == 0:
@@ -263,15 +318,28 @@ def log_epoch(tracker: RunTracker, metrics: dict) -> None:
 def validate(w: Worker, loop: LoopConfig) -> dict:
     """Video-level top-1/top-5 over the chosen views (centre crop) of the val shards, files split by rank."""
     t = loop.cfg.train
-    mine = [(p, set(s)) for p, s in loop.val_shards[w.rank::w.world]]
-    batches = iter_clips(mine, mode="eval", batch_size=t.batch_size, crop=t.crop_size, filesystem=loop.store.fs,
-                         spatial_crops=1, views=loop.val_views)
+    mine = [(p, set(s)) for p, s in loop.val_shards[w.rank :: w.world]]
+    batches = iter_clips(
+        mine,
+        mode="eval",
+        batch_size=t.batch_size,
+        crop=t.crop_size,
+        filesystem=loop.store.fs,
+        spatial_crops=1,
+        views=loop.val_views,
+    )
     part = score_views(w.net, batches, device=w.device, fmt=w.fmt, mixed_precision=t.mixed_precision)
     w.net.train()
     total = EvalTotals.merged(_all_gather(part.state_dict(), w.world))
     res = total.videos.results(len(loop.classes))
-    return {"val_top1": res["top1"], "val_top5": res["top5"], "val_mean_class_accuracy": res["mean_class_accuracy"],
-            "val_loss": total.clip_loss, "val_clip_top1": total.clip_top1, "val_videos": res["num_videos"]}
+    return {
+        "val_top1": res["top1"],
+        "val_top5": res["top5"],
+        "val_mean_class_accuracy": res["mean_class_accuracy"],
+        "val_loss": total.clip_loss,
+        "val_clip_top1": total.clip_top1,
+        "val_videos": res["num_videos"],
+    }
 
 
 # --- distributed and RNG helpers ----------------------------------------------------------------------
@@ -301,8 +369,11 @@ def _all_gather(obj, world: int) -> list:
 def rng_state() -> dict:
     """Every generator the loop draws from, in weights-only loadable types."""
     np_state = np.random.get_state()
-    state = {"torch": torch.get_rng_state(), "python": random.getstate(),
-             "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]]}
+    state = {
+        "torch": torch.get_rng_state(),
+        "python": random.getstate(),
+        "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]],
+    }
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state()
     return state

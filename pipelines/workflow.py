@@ -11,6 +11,7 @@ Every invocation gets its own run id; its records go to storage_root/runs/<run-i
 hash, status, heartbeat), <step>.json per step (status, config hash, inputs, outputs, timings) and
 summary.json at the end. `python -m pipelines status` reads them back.
 """
+
 from __future__ import annotations
 
 import json
@@ -31,10 +32,13 @@ from .storage import Storage
 
 STEPS = ("ingest", "preprocess", "train", "evaluate", "register")
 # The config sections each step's output depends on (its config hash).
-STEP_SECTIONS = {"ingest": ("data",), "preprocess": ("data", "preprocess", "model"),
-                 "train": ("data", "preprocess", "model", "train"),
-                 "evaluate": ("data", "preprocess", "model", "train", "evaluate"),
-                 "register": ("data", "preprocess", "model", "train", "evaluate", "mlflow")}
+STEP_SECTIONS = {
+    "ingest": ("data",),
+    "preprocess": ("data", "preprocess", "model"),
+    "train": ("data", "preprocess", "model", "train"),
+    "evaluate": ("data", "preprocess", "model", "train", "evaluate"),
+    "register": ("data", "preprocess", "model", "train", "evaluate", "mlflow"),
+}
 HEARTBEAT_S = 30.0  # run.json's heartbeat; a "running" run silent for 4 beats was interrupted
 
 
@@ -70,7 +74,7 @@ def select_steps(from_step: str | None = None, only: str | None = None) -> list[
         raise WorkflowError("--from and --only exclude each other")
     if only:
         return [only]
-    return list(STEPS[STEPS.index(from_step):]) if from_step else list(STEPS)
+    return list(STEPS[STEPS.index(from_step) :]) if from_step else list(STEPS)
 
 
 class Recorder:
@@ -78,10 +82,18 @@ class Recorder:
 
     def __init__(self, store: Storage, cfg: PipelineConfig, run_id: str, steps: list[str]):
         self.store, self.cfg, self.run_id = store, cfg, run_id
-        self.run = {"run_id": run_id, "pipeline": cfg.name, "config_hash": cfg.config_hash(), "steps": steps,
-                    "status": "running", "started": _now(), "started_ts": time.time(),
-                    "host": socket.gethostname(), "pid": os.getpid(),
-                    "heartbeat": _now()}
+        self.run = {
+            "run_id": run_id,
+            "pipeline": cfg.name,
+            "config_hash": cfg.config_hash(),
+            "steps": steps,
+            "status": "running",
+            "started": _now(),
+            "started_ts": time.time(),
+            "host": socket.gethostname(),
+            "pid": os.getpid(),
+            "heartbeat": _now(),
+        }
         self._stop = threading.Event()
         self._beat = threading.Thread(target=self._heartbeat, daemon=True)
 
@@ -108,8 +120,14 @@ class Recorder:
         self.store.write_bytes(f"runs/{self.run_id}/{name}", json.dumps(data, indent=1, default=str).encode())
 
 
-def run(cfg: PipelineConfig, *, from_step: str | None = None, only: str | None = None,
-        force: list[str] | tuple[str, ...] = (), log=print) -> dict:
+def run(
+    cfg: PipelineConfig,
+    *,
+    from_step: str | None = None,
+    only: str | None = None,
+    force: list[str] | tuple[str, ...] = (),
+    log=print,
+) -> dict:
     """Run the workflow's steps in order; returns the summary (also in runs/<run-id>/summary.json)."""
     steps = select_steps(from_step, only)
     unknown = sorted(set(force) - set(STEPS))
@@ -137,19 +155,30 @@ def run(cfg: PipelineConfig, *, from_step: str | None = None, only: str | None =
             if name not in steps:
                 continue
             started = time.time()
-            record = {"step": name, "run_id": ctx.run_id, "status": "running", "started": _now(),
-                      "config_hash": cfg.config_hash(*STEP_SECTIONS[name]), "forced": name in ctx.force}
+            record = {
+                "step": name,
+                "run_id": ctx.run_id,
+                "status": "running",
+                "started": _now(),
+                "config_hash": cfg.config_hash(*STEP_SECTIONS[name]),
+                "forced": name in ctx.force,
+            }
             rec.step(name, record)
             log(f"step {name}")
             try:
                 status, inputs, outputs = STEP_FUNCTIONS[name](ctx)
             except BaseException as exc:
-                record.update(status="failed", error=f"{type(exc).__name__}: {exc}", ended=_now(),
-                              wall_s=round(time.time() - started, 1))
+                record.update(
+                    status="failed",
+                    error=f"{type(exc).__name__}: {exc}",
+                    ended=_now(),
+                    wall_s=round(time.time() - started, 1),
+                )
                 rec.step(name, record)
                 raise
-            record.update(status=status, inputs=inputs, outputs=outputs, ended=_now(),
-                          wall_s=round(time.time() - started, 1))
+            record.update(
+                status=status, inputs=inputs, outputs=outputs, ended=_now(), wall_s=round(time.time() - started, 1)
+            )
             rec.step(name, record)
             statuses[name] = {"status": status, "wall_s": record["wall_s"]}
             log(f"step {name}: {status} in {record['wall_s']}s")
@@ -165,15 +194,26 @@ def make_summary(ctx: Context, statuses: dict[str, dict]) -> dict:
     reg = ctx.registered or {}
     ev = ctx.evaluation or {}
     return {
-        "run_id": ctx.run_id, "pipeline": ctx.cfg.name, "config_hash": ctx.cfg.config_hash(),
-        "model_name": ctx.cfg.mlflow.model_name, "model_version": reg.get("model_version"),
-        "model_uri": reg.get("model_uri"), "aliases": reg.get("aliases", []), "promoted": bool(reg.get("promoted")),
-        "decision": reg.get("decision"), "reason": reg.get("reason"),
-        "metrics": {"top1": ev.get("top1"), "top5": ev.get("top5"),
-                    "mean_class_accuracy": ev.get("mean_class_accuracy"), "num_videos": ev.get("num_videos")},
+        "run_id": ctx.run_id,
+        "pipeline": ctx.cfg.name,
+        "config_hash": ctx.cfg.config_hash(),
+        "model_name": ctx.cfg.mlflow.model_name,
+        "model_version": reg.get("model_version"),
+        "model_uri": reg.get("model_uri"),
+        "aliases": reg.get("aliases", []),
+        "promoted": bool(reg.get("promoted")),
+        "decision": reg.get("decision"),
+        "reason": reg.get("reason"),
+        "metrics": {
+            "top1": ev.get("top1"),
+            "top5": ev.get("top5"),
+            "mean_class_accuracy": ev.get("mean_class_accuracy"),
+            "num_videos": ev.get("num_videos"),
+        },
         "checkpoint": (ctx.trained or {}).get("best_checkpoint"),
         "tracking_uri": (ctx.trained or {}).get("tracking_uri"),
-        "steps": statuses, "records": ctx.store.uri("runs", ctx.run_id),
+        "steps": statuses,
+        "records": ctx.store.uri("runs", ctx.run_id),
     }
 
 
@@ -186,11 +226,23 @@ def step_ingest(ctx: Context):
     ctx.plan = run_ingest(ctx.cfg, ctx.log)
     splits = {s: sp.summary() for s, sp in ctx.plan.splits.items()}
     todo = sum(len(sp.todo) for sp in ctx.plan.splits.values())
-    inputs = {"format": ctx.cfg.data.format, "annotations": dict(ctx.cfg.data.annotations),
-              "video_root": ctx.cfg.data.video_root}
+    inputs = {
+        "format": ctx.cfg.data.format,
+        "annotations": dict(ctx.cfg.data.annotations),
+        "video_root": ctx.cfg.data.video_root,
+    }
     summary = ctx.plan.summary()
-    return "done", inputs, {"classes": len(ctx.plan.classes), "to_decode": todo, "splits": splits,
-                            "layout": ctx.plan.layout, "ignored": summary.get("ignored", {})}
+    return (
+        "done",
+        inputs,
+        {
+            "classes": len(ctx.plan.classes),
+            "to_decode": todo,
+            "splits": splits,
+            "layout": ctx.plan.layout,
+            "ignored": summary.get("ignored", {}),
+        },
+    )
 
 
 def step_preprocess(ctx: Context):
@@ -201,13 +253,18 @@ def step_preprocess(ctx: Context):
 
         ctx.plan = run_ingest(ctx.cfg, ctx.log)
     if "preprocess" in ctx.force:
-        ctx.log("preprocess: --force has no effect on committed videos (they are decoded once per preprocessing "
-                "config); change preprocess.seed or another preprocess key to decode everything again")
+        ctx.log(
+            "preprocess: --force has no effect on committed videos (they are decoded once per preprocessing "
+            "config); change preprocess.seed or another preprocess key to decode everything again"
+        )
     todo = sum(len(sp.todo) for sp in ctx.plan.splits.values())
-    ctx.preprocessed = run_preprocess(ctx.cfg, [ctx.cfg.data.train_split, ctx.cfg.data.val_split],
-                                      run_id=ctx.run_id, log=ctx.log, plan=ctx.plan)
-    splits = {s: {k: v for k, v in o.items() if k not in ("quarantine_reasons",)} | {"reasons": o["quarantine_reasons"]}
-              for s, o in ctx.preprocessed["splits"].items()}
+    ctx.preprocessed = run_preprocess(
+        ctx.cfg, [ctx.cfg.data.train_split, ctx.cfg.data.val_split], run_id=ctx.run_id, log=ctx.log, plan=ctx.plan
+    )
+    splits = {
+        s: {k: v for k, v in o.items() if k not in ("quarantine_reasons",)} | {"reasons": o["quarantine_reasons"]}
+        for s, o in ctx.preprocessed["splits"].items()
+    }
     decoded = sum(o["decoded_now"] for o in ctx.preprocessed["splits"].values())
     inputs = {"to_decode": todo, "prep_hashes": {s: o["prep_hash"] for s, o in ctx.preprocessed["splits"].items()}}
     return ("done" if decoded else "skipped"), inputs, {"decoded_now": decoded, "splits": splits}
@@ -226,12 +283,26 @@ def step_train(ctx: Context):
     from .train import train
 
     run_name = f"{ctx.cfg.name}-{ctx.run_id}" if "train" in ctx.force else None
-    ctx.trained = train(ctx.cfg, run_name=run_name, log=ctx.log, preprocessed=_preprocessed(ctx),
-                        init_weights=ctx.init_weights)
+    ctx.trained = train(
+        ctx.cfg, run_name=run_name, log=ctx.log, preprocessed=_preprocessed(ctx), init_weights=ctx.init_weights
+    )
     t = ctx.trained
     status = "done" if t["epochs_run_now"] else "skipped"
-    outputs = {k: t[k] for k in ("run_name", "epochs_done", "epochs_run_now", "resumed_from_epoch", "best_checkpoint",
-                                 "best_val_top1", "run_dir", "mlflow_run_id", "tracking_uri", "wall_s")}
+    outputs = {
+        k: t[k]
+        for k in (
+            "run_name",
+            "epochs_done",
+            "epochs_run_now",
+            "resumed_from_epoch",
+            "best_checkpoint",
+            "best_val_top1",
+            "run_dir",
+            "mlflow_run_id",
+            "tracking_uri",
+            "wall_s",
+        )
+    }
     return status, {"run_name": t["run_name"]}, outputs
 
 
@@ -258,8 +329,10 @@ def step_evaluate(ctx: Context):
         ctx.model = load_from_checkpoint(ctx.store, checkpoint)
         ctx.evaluation = evaluate(ctx.cfg, checkpoint, ctx.log, es=es, model=ctx.model)
     ev = ctx.evaluation
-    outputs = {k: ev[k] for k in ("top1", "top5", "mean_class_accuracy", "num_videos", "views_per_video",
-                                  "artifacts", "eval_set")}
+    outputs = {
+        k: ev[k]
+        for k in ("top1", "top5", "mean_class_accuracy", "num_videos", "views_per_video", "artifacts", "eval_set")
+    }
     return ("skipped" if done is not None else "done"), {"checkpoint": checkpoint, "eval_set": es.identity}, outputs
 
 
@@ -274,15 +347,31 @@ def step_register(ctx: Context):
     decided = reg["tags"].get(f"{TAG}promotion.decision")
     if decided and decided_on(reg, ctx.evaluation["eval_set"]) and "register" not in ctx.force:
         ctx.log(f"register: version {reg['model_version']} was already {decided} on this eval set")
-        ctx.registered = {**reg, "promoted": decided == "promoted", "decision": decided,
-                          "reason": reg["tags"].get(f"{TAG}promotion.reason")}
+        ctx.registered = {
+            **reg,
+            "promoted": decided == "promoted",
+            "decision": decided,
+            "reason": reg["tags"].get(f"{TAG}promotion.reason"),
+        }
         status = "skipped"
     else:
         ctx.registered = {**reg, **promote(ctx.cfg, reg["model_version"], ctx.log, es=ctx.eval_set)}
         status = "done"
     r = ctx.registered
-    outputs = {k: r.get(k) for k in ("model_name", "model_version", "model_uri", "aliases", "promoted", "decision",
-                                     "reason", "champion_before", "champion_top1")}
+    outputs = {
+        k: r.get(k)
+        for k in (
+            "model_name",
+            "model_version",
+            "model_uri",
+            "aliases",
+            "promoted",
+            "decision",
+            "reason",
+            "champion_before",
+            "champion_top1",
+        )
+    }
     return status, {"checkpoint": ctx.evaluation["model_uri"], "top1": ctx.evaluation["top1"]}, outputs
 
 
@@ -292,8 +381,13 @@ def decided_on(reg: dict, eval_set: str) -> bool:
     return reg["tags"].get(f"{TAG}promotion.eval_set") == eval_set
 
 
-STEP_FUNCTIONS = {"ingest": step_ingest, "preprocess": step_preprocess, "train": step_train,
-                  "evaluate": step_evaluate, "register": step_register}
+STEP_FUNCTIONS = {
+    "ingest": step_ingest,
+    "preprocess": step_preprocess,
+    "train": step_train,
+    "evaluate": step_evaluate,
+    "register": step_register,
+}
 
 
 # --- status ------------------------------------------------------------------------------------------

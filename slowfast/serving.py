@@ -8,6 +8,7 @@ a time (`ClipSpec.iter_views`), so memory does not grow with a timeline's window
 
 A registered model wraps it (the MLflow flavor lives in `pipelines.tracking`).
 """
+
 from __future__ import annotations
 
 import math
@@ -62,8 +63,15 @@ class ClipSpec:
     @property
     def sampling(self) -> ClipSampling:
         """The temporal views as the one clip path cuts them (slowfast.video.clips)."""
-        return ClipSampling(T=self.T, tau=self.tau, alpha=self.alpha, target_fps=self.target_fps,
-                            short_side=self.short_side, mode="eval", num_clips=self.temporal_views)
+        return ClipSampling(
+            T=self.T,
+            tau=self.tau,
+            alpha=self.alpha,
+            target_fps=self.target_fps,
+            short_side=self.short_side,
+            mode="eval",
+            num_clips=self.temporal_views,
+        )
 
     @property
     def slow_index(self) -> np.ndarray:
@@ -75,8 +83,16 @@ class ClipSpec:
         at most `max_frames` decoded (None: no budget)."""
         return VideoReader(source, name=name, max_pixels=DEFAULT_MAX_PIXELS, threads=1, max_frames=max_frames)
 
-    def plan(self, num_frames: int, *, test_views: bool = True, windows: bool = False, window_s: float | None = None,
-             stride_s: float | None = None, limits: TimelineLimits | None = None) -> VideoPlan:
+    def plan(
+        self,
+        num_frames: int,
+        *,
+        test_views: bool = True,
+        windows: bool = False,
+        window_s: float | None = None,
+        stride_s: float | None = None,
+        limits: TimelineLimits | None = None,
+    ) -> VideoPlan:
         """The clips of a video of ``num_frames`` frames at target_fps (``reader.info.frames_at(target_fps)``): the
         test views (with `test_views`), and every timeline window's (with `windows`: `ClipSampling.windows`, which
         refuses a timeline over ``limits`` before anything is decoded)."""
@@ -87,14 +103,19 @@ class ClipSpec:
     def views_of(self, clips: VideoClips) -> np.ndarray:
         """The clips' test views as the loader hands them over: uint8 fast frames (views, alpha*T, crop, crop, 3),
         each clip's spatial crops in a row."""
-        return np.stack([np.ascontiguousarray(view) for i in range(len(clips))
-                         for view in transforms.eval_views(clips.clip(i), self.crop, self.spatial_crops)])
+        return np.stack(
+            [
+                np.ascontiguousarray(view)
+                for i in range(len(clips))
+                for view in transforms.eval_views(clips.clip(i), self.crop, self.spatial_crops)
+            ]
+        )
 
     def iter_views(self, reader: VideoReader, plans: Sequence[ClipPlan], chunk_clips: int) -> Iterator[np.ndarray]:
         """The views of ``plans`` (as `views_of` orders them), ``chunk_clips`` clips at a time, from one forward pass
         over the open video (`iter_clips`): what is held is one chunk's views and the frames they span, however
         many plans. The views of all the chunks, concatenated, are those of one `cut_views`."""
-        chunks = [plans[i:i + chunk_clips] for i in range(0, len(plans), chunk_clips)]
+        chunks = [plans[i : i + chunk_clips] for i in range(0, len(plans), chunk_clips)]
         for clips in iter_clips(reader, self.sampling, chunks):
             yield self.views_of(clips)
 
@@ -114,8 +135,15 @@ class ClipSpec:
 class VideoClassifier:
     """A SlowFast network, its class names and its ClipSpec: video in, class probabilities out."""
 
-    def __init__(self, model: torch.nn.Module, class_names: Sequence[str], spec: ClipSpec,
-                 device: str | torch.device = "cpu", batch_views: int = 12, mixed_precision: bool = False):
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        class_names: Sequence[str],
+        spec: ClipSpec,
+        device: str | torch.device = "cpu",
+        batch_views: int = 12,
+        mixed_precision: bool = False,
+    ):
         self.model = model.to(device).eval()
         self.mixed_precision = mixed_precision  # bf16 autocast, where the device has it
         self.class_names = list(class_names)
@@ -141,15 +169,16 @@ class VideoClassifier:
             yield self.score(fast, self.spec.slow_index)[0]
 
     @torch.no_grad()
-    def score(self, fast: np.ndarray, slow_index: np.ndarray, *, features: bool = False
-              ) -> tuple[np.ndarray, np.ndarray | None]:
+    def score(
+        self, fast: np.ndarray, slow_index: np.ndarray, *, features: bool = False
+    ) -> tuple[np.ndarray, np.ndarray | None]:
         """Each view's softmax (views, classes) float32, and with `features` its pooled features before the
         classifier (views, dim); the network's input is made by clip_inputs, as in training and evaluation."""
         fmt = memory_format(self.device.type)
         index = torch.as_tensor(slow_index, dtype=torch.long)
         probs, feats = [], []
         for i in range(0, len(fast), self.batch_views):
-            chunk = torch.from_numpy(fast[i:i + self.batch_views]).to(self.device)
+            chunk = torch.from_numpy(fast[i : i + self.batch_views]).to(self.device)
             inputs = clip_inputs({"fast": chunk, "slow_index": index.expand(len(chunk), -1)}, fmt)
             with autocast(self.device.type, self.mixed_precision):
                 pooled = self.model.features(inputs)
@@ -179,8 +208,16 @@ class VideoClassifier:
             out.append({"video": name, **self.top(self.probabilities(source, name), top_k)})
         return out
 
-    def timeline(self, source: Source, name: str | None = None, *, window_s: float | None = None,
-                 stride_s: float | None = None, top_k: int = 5, limits: TimelineLimits | None = None) -> dict:
+    def timeline(
+        self,
+        source: Source,
+        name: str | None = None,
+        *,
+        window_s: float | None = None,
+        stride_s: float | None = None,
+        top_k: int = 5,
+        limits: TimelineLimits | None = None,
+    ) -> dict:
         """Per-window top-k along one video and its segments (runs of windows with the same top label):
         {"video", "windows": [{"start_s", "end_s", "labels", "scores"}], "segments": [{"start_s", "end_s",
         "label", "score"}]}, and "clamped" (what was asked) where the window is longer than the video and so is
@@ -189,16 +226,27 @@ class VideoClassifier:
         the views are cut and scored `chunk_clips` clips at a time, keeping only each window's probabilities."""
         crops = self.spec.spatial_crops
         with self.spec.open(source, name, self.max_frames) as reader:
-            windows = self.spec.plan(reader.info.frames_at(self.spec.target_fps), test_views=False, windows=True,
-                                     window_s=window_s, stride_s=stride_s, limits=limits).windows
-            probs = window_means(self.iter_scores(reader, [p for w in windows for p in w.plans]),
-                                 [len(w.plans) * crops for w in windows])
-        rows = [{"start_s": round(w.start_s, 3), "end_s": round(w.end_s, 3), **self.top(p, top_k)}
-                for w, p in zip(windows, probs)]
+            windows = self.spec.plan(
+                reader.info.frames_at(self.spec.target_fps),
+                test_views=False,
+                windows=True,
+                window_s=window_s,
+                stride_s=stride_s,
+                limits=limits,
+            ).windows
+            probs = window_means(
+                self.iter_scores(reader, [p for w in windows for p in w.plans]), [len(w.plans) * crops for w in windows]
+            )
+        rows = [
+            {"start_s": round(w.start_s, 3), "end_s": round(w.end_s, 3), **self.top(p, top_k)}
+            for w, p in zip(windows, probs, strict=True)
+        ]
         out = {"video": name or describe(source, 0), "windows": rows, "segments": segments(rows)}
         if windows[0].clamped_from_s is not None:
-            out["clamped"] = (f"window_s {windows[0].clamped_from_s:g} s is longer than the video "
-                              f"({windows[0].end_s:.3f} s): one window, the whole video")
+            out["clamped"] = (
+                f"window_s {windows[0].clamped_from_s:g} s is longer than the video "
+                f"({windows[0].end_s:.3f} s): one window, the whole video"
+            )
         return out
 
 
@@ -229,7 +277,7 @@ def segments(windows: Sequence[dict]) -> list[dict]:
     where the first window starts, the last ends where the last window ends; a segment's score is the mean
     top score over its windows."""
     out: list[dict] = []
-    for before, w in zip([None, *windows], windows):
+    for before, w in zip([None, *windows], windows, strict=False):
         if out and out[-1]["label"] == w["labels"][0]:
             out[-1]["_scores"].append(w["scores"][0])
             continue
@@ -239,8 +287,15 @@ def segments(windows: Sequence[dict]) -> list[dict]:
         out.append({"start_s": start_s, "end_s": None, "label": w["labels"][0], "_scores": [w["scores"][0]]})
     if out:
         out[-1]["end_s"] = windows[-1]["end_s"]
-    return [{"start_s": g["start_s"], "end_s": g["end_s"], "label": g["label"],
-             "score": round(float(np.mean(g.pop("_scores"))), 6)} for g in out]
+    return [
+        {
+            "start_s": g["start_s"],
+            "end_s": g["end_s"],
+            "label": g["label"],
+            "score": round(float(np.mean(g.pop("_scores"))), 6),
+        }
+        for g in out
+    ]
 
 
 def describe(source: Source, index: int) -> str:

@@ -1,5 +1,6 @@
 """Shared test fixtures: a real local Ray, a real S3 endpoint (moto_server on 127.0.0.1), and a
 small synthetic Kinetics-format video set encoded with PyAV."""
+
 from __future__ import annotations
 
 import os
@@ -94,8 +95,9 @@ def s3_endpoint():
     if exe is None:
         pytest.fail("moto_server not found: install the dev extras (pip install -e '.[dev]')")
     port = free_port()
-    proc = subprocess.Popen([exe, "-H", "127.0.0.1", "-p", str(port)], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [exe, "-H", "127.0.0.1", "-p", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     url = f"http://127.0.0.1:{port}"
     deadline = time.time() + 30
     while time.time() < deadline:
@@ -141,11 +143,26 @@ def mlflow_server_in(s3_endpoint: str, tmp_path_factory, bucket: str):
     env = {**os.environ, "MLFLOW_S3_ENDPOINT_URL": s3_endpoint, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
     with open(log, "wb") as out:
         proc = subprocess.Popen(
-            [str(Path(sys.executable).parent / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port),
-             "--workers", "1", "--backend-store-uri", f"sqlite:///{tmp / 'mlflow.db'}",
-             "--artifacts-destination", f"s3://{bucket}/mlflow"],
-            cwd=tmp, env=env, stdout=out, stderr=subprocess.STDOUT,
-            start_new_session=True)  # its own process group: the uvicorn child stops with it
+            [
+                str(Path(sys.executable).parent / "mlflow"),
+                "server",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(port),
+                "--workers",
+                "1",
+                "--backend-store-uri",
+                f"sqlite:///{tmp / 'mlflow.db'}",
+                "--artifacts-destination",
+                f"s3://{bucket}/mlflow",
+            ],
+            cwd=tmp,
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )  # its own process group: the uvicorn child stops with it
     wait_until_up(proc, f"{url}/health", log, 120)
     yield {"url": url, "s3": s3_endpoint, "cwd": tmp}
     stop_server(proc)
@@ -155,16 +172,51 @@ def pipeline_config(tmp: Path, videos: Path, **sections):
     """A small valid PipelineConfig over `videos` (a synth_set copy), with sections overridden."""
     from pipelines.config import PipelineConfig
 
-    data = {"dataset": "synth", "format": "kinetics_csv", "video_root": str(videos),
-            "annotations": {"train": str(videos / "annotations/train.csv"),
-                            "val": str(videos / "annotations/val.csv")}}
-    raw = {"name": "test", "storage_root": str(tmp / "storage"), "data": data,
-           "preprocess": {"short_side": 48, "clips_per_video": 2, "eval_views": 3, "rows_per_shard": 4},
-           "model": {"preset": "slowfast_tiny"}, "train": {"crop_size": 32, "scale_jitter": [40, 48]},
-           "evaluate": {"temporal_views": 3}}
+    data = {
+        "dataset": "synth",
+        "format": "kinetics_csv",
+        "video_root": str(videos),
+        "annotations": {"train": str(videos / "annotations/train.csv"), "val": str(videos / "annotations/val.csv")},
+    }
+    raw = {
+        "name": "test",
+        "storage_root": str(tmp / "storage"),
+        "data": data,
+        "preprocess": {"short_side": 48, "clips_per_video": 2, "eval_views": 3, "rows_per_shard": 4},
+        "model": {"preset": "slowfast_tiny"},
+        "train": {"crop_size": 32, "scale_jitter": [40, 48]},
+        "evaluate": {"temporal_views": 3},
+    }
     for key, value in sections.items():
         if isinstance(value, dict) and isinstance(raw.get(key), dict):
             raw[key] = {**raw[key], **value}
         else:
             raw[key] = value
     return PipelineConfig.model_validate(raw)
+
+
+INFER_MODEL = "infer-test"
+
+
+@pytest.fixture(scope="session")
+def infer_model(tmp_path_factory, synth_set):
+    """slowfast_tiny logged and registered as the registry step logs one; 2 temporal x 3 spatial test views."""
+    import torch
+
+    from pipelines import tracking
+    from slowfast.model import SlowFast
+    from slowfast.serving import ClipSpec
+
+    tmp = tmp_path_factory.mktemp("infer")
+    cfg = pipeline_config(
+        tmp,
+        synth_set,
+        mlflow={"tracking_uri": f"sqlite:///{tmp / 'mlflow.db'}", "experiment": "infer", "model_name": INFER_MODEL},
+        infer={"commit_every_s": 0.0, "batch_videos": 2},
+    )
+    torch.manual_seed(0)
+    net = SlowFast(cfg.model.to_slowfast_config(num_classes=4))
+    run_id = tracking.client(cfg).create_run(tracking.experiment_id(cfg)).info.run_id
+    spec = ClipSpec(T=4, tau=4, alpha=4, target_fps=30.0, short_side=48, crop=32, temporal_views=2, spatial_crops=3)
+    version = tracking.log_model(cfg, run_id, net=net, class_names=["a", "b", "c", "d"], spec=spec, metadata={})
+    return cfg, f"models:/{INFER_MODEL}/{version}", tmp

@@ -1,5 +1,6 @@
 """A network that fails as real ones do, in front of the test S3 endpoint: an HTTP proxy on 127.0.0.1 that cuts
 chosen video GETs mid-body, answers 503 SlowDown, or resets the connection, and can take the videos down."""
+
 from __future__ import annotations
 
 import http.client
@@ -14,8 +15,10 @@ from urllib.parse import urlparse
 CUT, SLOWDOWN, RESET = "cut", "slowdown", "reset"
 FAULTS = (CUT, SLOWDOWN, RESET)
 _HOP_BY_HOP = {"connection", "keep-alive", "transfer-encoding", "proxy-connection", "te", "upgrade"}
-_SLOWDOWN_BODY = (b'<?xml version="1.0" encoding="UTF-8"?>\n<Error><Code>SlowDown</Code>'
-                  b"<Message>Please reduce your request rate.</Message></Error>")
+_SLOWDOWN_BODY = (
+    b'<?xml version="1.0" encoding="UTF-8"?>\n<Error><Code>SlowDown</Code>'
+    b"<Message>Please reduce your request rate.</Message></Error>"
+)
 
 
 class FaultProxy:
@@ -25,8 +28,13 @@ class FaultProxy:
     `down` set every video GET is reset. `injected` counts the faults by kind, `gets` the GETs per key.
     `drop_headers`: request headers left out on the way (e.g. If-None-Match, as a store without conditional writes)."""
 
-    def __init__(self, upstream: str, faults: tuple[str, ...] | Callable[[int], tuple[str, ...]] = (),
-                 suffixes: tuple[str, ...] = (".mp4",), drop_headers: tuple[str, ...] = ()):
+    def __init__(
+        self,
+        upstream: str,
+        faults: tuple[str, ...] | Callable[[int], tuple[str, ...]] = (),
+        suffixes: tuple[str, ...] = (".mp4",),
+        drop_headers: tuple[str, ...] = (),
+    ):
         self.upstream = urlparse(upstream)
         self.drop_headers = {h.lower() for h in drop_headers}
         self.faults, self.suffixes = faults, suffixes
@@ -45,7 +53,7 @@ class FaultProxy:
         self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
         self._thread = threading.Thread(target=self.server.serve_forever, daemon=True)
 
-    def __enter__(self) -> "FaultProxy":
+    def __enter__(self) -> FaultProxy:
         self._thread.start()
         return self
 

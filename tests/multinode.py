@@ -11,6 +11,7 @@ running job (seen: a job's driver losing pipelines/train.py mid-run). The code r
 cluster whose image has the project installed: the venv's (editable) install. tests/test_job_submit.py submits
 with the working dir, as the README does, to a single node.
 """
+
 from __future__ import annotations
 
 import json
@@ -29,8 +30,11 @@ from conftest import REPO, free_port
 RAY = str(Path(sys.executable).parent / "ray")
 # Read by the GCS: a dead node is declared dead after about 3 s (defaults: 3 s x 5) so that Ray Train sees the
 # loss of its workers quickly.
-FAST_HEALTH_CHECKS = {"RAY_health_check_period_ms": "1000", "RAY_health_check_failure_threshold": "3",
-                      "RAY_health_check_timeout_ms": "1000"}
+FAST_HEALTH_CHECKS = {
+    "RAY_health_check_period_ms": "1000",
+    "RAY_health_check_failure_threshold": "3",
+    "RAY_health_check_timeout_ms": "1000",
+}
 # What train workers ask for beside the train-node label (train.resources_per_worker): Ray 2.60's elastic
 # scaling counts the workers that fit from the resources asked for, ignoring labels, and these CPU-only train
 # nodes sit beside CPU data nodes (on a real cluster the GPUs tell them apart).
@@ -44,8 +48,12 @@ class LocalCluster:
     def __init__(self, tmp: Path):
         self.tmp = tmp
         tmp.mkdir(parents=True, exist_ok=True)
-        self.env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(16),
-                    **FAST_HEALTH_CHECKS}
+        self.env = {
+            **os.environ,
+            "RAY_AUTH_MODE": "token",
+            "RAY_AUTH_TOKEN": secrets.token_hex(16),
+            **FAST_HEALTH_CHECKS,
+        }
         self.env.pop("RAY_ADDRESS", None)
         # As after `source .venv/bin/activate`: a job's `python` is the one the nodes run on.
         self.env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{self.env.get('PATH', '')}"
@@ -53,8 +61,17 @@ class LocalCluster:
         self.address = f"127.0.0.1:{self.port}"
         self.dashboard = f"http://127.0.0.1:{dashboard}"
         self.nodes: dict[str, subprocess.Popen] = {}
-        self._start("head", ["--head", f"--port={self.port}", "--num-cpus=0", "--include-dashboard=true",
-                             "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}"])
+        self._start(
+            "head",
+            [
+                "--head",
+                f"--port={self.port}",
+                "--num-cpus=0",
+                "--include-dashboard=true",
+                "--dashboard-host=127.0.0.1",
+                f"--dashboard-port={dashboard}",
+            ],
+        )
         self._wait_for_dashboard()
 
     def add_nodes(self, *nodes: tuple[str, int, str | None]) -> None:
@@ -95,14 +112,17 @@ class LocalCluster:
         for _ in range(10):  # a node that is just joining can make one query fail
             done = subprocess.run(args, env=self.env, capture_output=True, text=True, timeout=120)
             if done.returncode == 0 and "[" in done.stdout:
-                return json.loads(done.stdout[done.stdout.index("["):])
+                return json.loads(done.stdout[done.stdout.index("[") :])
             time.sleep(2)
         raise AssertionError(f"ray list {kind}: {done.stdout[-2000:]}{done.stderr[-2000:]}")
 
     def node_ids(self, alive: bool = True) -> dict[str, str]:
         """{node name: Ray node id} of the nodes added (and alive, by default)."""
-        return {n["labels"]["test-node"]: n["node_id"] for n in self.state("nodes")
-                if "test-node" in n.get("labels", {}) and (n["state"] == "ALIVE" or not alive)}
+        return {
+            n["labels"]["test-node"]: n["node_id"]
+            for n in self.state("nodes")
+            if "test-node" in n.get("labels", {}) and (n["state"] == "ALIVE" or not alive)
+        }
 
     # --- jobs ----------------------------------------------------------------------------------------------
 
@@ -110,8 +130,18 @@ class LocalCluster:
         """`ray job submit` of `command` (no working dir: see the module's docstring), not waiting; returns the
         submission id."""
         submission = f"test-{secrets.token_hex(4)}"
-        args = [RAY, "job", "submit", "--address", self.dashboard, "--submission-id", submission, "--no-wait", "--",
-                *command]
+        args = [
+            RAY,
+            "job",
+            "submit",
+            "--address",
+            self.dashboard,
+            "--submission-id",
+            submission,
+            "--no-wait",
+            "--",
+            *command,
+        ]
         # The dashboard answers before the head's job agent is up ("No available agent ... try again later").
         for _ in range(30):
             done = subprocess.run(args, cwd=REPO, env=self.env, capture_output=True, text=True, timeout=300)
@@ -123,8 +153,13 @@ class LocalCluster:
 
     def ended(self, submission: str) -> str | None:
         """SUCCEEDED | FAILED | STOPPED once the job has ended, else None."""
-        done = subprocess.run([RAY, "job", "status", "--address", self.dashboard, submission], env=self.env,
-                              capture_output=True, text=True, timeout=120)
+        done = subprocess.run(
+            [RAY, "job", "status", "--address", self.dashboard, submission],
+            env=self.env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
         out = re.sub(r"\x1b\[[0-9;]*m", "", done.stdout + done.stderr)
         # "Job '<id>' succeeded" / "failed" / "was stopped", or "Status for job ...: RUNNING".
         for word, said in (("SUCCEEDED", "succeeded"), ("FAILED", "failed"), ("STOPPED", "was stopped")):
@@ -143,8 +178,13 @@ class LocalCluster:
         raise AssertionError(f"job {submission} not finished after {timeout}s:\n{self.logs(submission)[-4000:]}")
 
     def logs(self, submission: str) -> str:
-        return subprocess.run([RAY, "job", "logs", "--address", self.dashboard, submission], env=self.env,
-                              capture_output=True, text=True, timeout=120).stdout
+        return subprocess.run(
+            [RAY, "job", "logs", "--address", self.dashboard, submission],
+            env=self.env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        ).stdout
 
     # --- internals -----------------------------------------------------------------------------------------
 
@@ -154,12 +194,23 @@ class LocalCluster:
     def _start(self, name: str, args: list[str]) -> None:
         # Every port a node opens is a free one: the test session's own local Ray holds Ray's defaults (the
         # dashboard agent's 52365 among them), and a second agent on the same port never comes up.
-        ports = [f"--{flag}={free_port()}" for flag in ("dashboard-agent-listen-port", "dashboard-agent-grpc-port",
-                                                         "runtime-env-agent-port", "metrics-export-port")]
+        ports = [
+            f"--{flag}={free_port()}"
+            for flag in (
+                "dashboard-agent-listen-port",
+                "dashboard-agent-grpc-port",
+                "runtime-env-agent-port",
+                "metrics-export-port",
+            )
+        ]
         self.nodes[name] = subprocess.Popen(
             [RAY, "start", "--block", "--node-ip-address=127.0.0.1", "--disable-usage-stats", *args, *ports],
-            env=self.env, cwd=self.tmp, stdout=open(self.tmp / f"{name}.log", "wb"), stderr=subprocess.STDOUT,
-            start_new_session=True)  # its own process group: killed as one machine
+            env=self.env,
+            cwd=self.tmp,
+            stdout=open(self.tmp / f"{name}.log", "wb"),
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )  # its own process group: killed as one machine
 
     def _wait_for_dashboard(self, timeout: float = 180) -> None:
         deadline = time.time() + timeout

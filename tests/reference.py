@@ -1,5 +1,6 @@
 """The reference implementation for the checkpoint tests: pytorchvideo's SlowFast networks with random
 weights and batch-norm statistics, and the comparisons the import tests make against them."""
+
 from __future__ import annotations
 
 import functools
@@ -68,7 +69,7 @@ def randomize(model: nn.Module, frames: tuple[int, ...], seed: int, size: int = 
                 m.bias.normal_(0, 0.2, generator=g)
                 hooks.append(m.register_forward_pre_hook(draw_stats))
             elif isinstance(m, nn.Linear):
-                m.weight.normal_(0, m.in_features ** -0.5, generator=g)
+                m.weight.normal_(0, m.in_features**-0.5, generator=g)
                 m.bias.normal_(0, 0.1, generator=g)
         model.eval()
         x = [torch.randn(1, 3, t, size, size, generator=g) for t in frames]

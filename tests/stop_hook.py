@@ -5,6 +5,7 @@ commits can land between two polls. Instead the child stops itself (SIGSTOP) rig
 of one function, the test waits until it is stopped, and kills it from outside as a user's kill -9
 would. Nothing in the pipeline is replaced: the function runs as it always does, then the process stops.
 """
+
 from __future__ import annotations
 
 import os
@@ -12,6 +13,7 @@ import time
 from pathlib import Path
 
 from benchmarks._common import proc_stat
+
 from conftest import REPO
 
 _VARIABLE = "SLOWFAST_TEST_STOP_AFTER"

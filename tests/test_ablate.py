@@ -1,6 +1,7 @@
 """The ablation benchmark end to end on a tiny synthetic set: real preprocess (local Ray), real trainings in
 two spawned workers, a real MLflow (sqlite); a re-run trains nothing, a new seed trains only that seed.
 And the findings' arithmetic on made-up figures."""
+
 from __future__ import annotations
 
 import json
@@ -9,8 +10,9 @@ import statistics
 import pytest
 from mlflow.tracking import MlflowClient
 
-from conftest import load_benchmark, pipeline_config
 from slowfast.model import SlowFast, count_params, resolve
+
+from conftest import load_benchmark, pipeline_config
 
 
 @pytest.fixture
@@ -21,8 +23,12 @@ def bench(monkeypatch):
 
 
 def test_study_writes_results_table_plot_and_mlflow_runs_then_resumes(bench, synth_set, tmp_path, capsys):
-    cfg = pipeline_config(tmp_path, synth_set, train={"batch_size": 4},
-                          mlflow={"tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}", "experiment": "ablate-test"})
+    cfg = pipeline_config(
+        tmp_path,
+        synth_set,
+        train={"batch_size": 4},
+        mlflow={"tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}", "experiment": "ablate-test"},
+    )
     config = tmp_path / "ablate.yaml"
     config.write_text(cfg.to_yaml())
     out = tmp_path / "study"
@@ -32,7 +38,11 @@ def test_study_writes_results_table_plot_and_mlflow_runs_then_resumes(bench, syn
     first = capsys.readouterr().out
     results = {p: json.loads(p.read_text()) for p in (out / "results").glob("*.json")}
     assert sorted((r["variant"], r["seed"]) for r in results.values()) == [
-        ("slow_only", 0), ("slow_only", 1), ("slowfast", 0), ("slowfast", 1)]
+        ("slow_only", 0),
+        ("slow_only", 1),
+        ("slowfast", 0),
+        ("slowfast", 1),
+    ]
     for r in results.values():
         assert r["steps"] == 3 and 0 <= r["top1"] <= 1 and r["val_videos"] == 4 and r["wall_s"] > 0
         # the learning curve: val top-1 after every step (--eval-every defaults to a third of --steps), the last
@@ -53,7 +63,8 @@ def test_study_writes_results_table_plot_and_mlflow_runs_then_resumes(bench, syn
     slow_runs = sorted((r for r in results.values() if r["variant"] == "slow_only"), key=lambda r: r["seed"])
     assert summary["variants"][0]["top1"] == [r["top1"] for r in slow_runs]
     assert summary["variants"][0]["curve"] == [
-        [step, pytest.approx(statistics.fmean(r["curve"][step - 1][1] for r in slow_runs))] for step in (1, 2, 3)]
+        [step, pytest.approx(statistics.fmean(r["curve"][step - 1][1] for r in slow_runs))] for step in (1, 2, 3)
+    ]
 
     client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
     experiment = client.get_experiment_by_name("ablate-test")
@@ -66,7 +77,8 @@ def test_study_writes_results_table_plot_and_mlflow_runs_then_resumes(bench, syn
         assert run.data.metrics["params"] == mine["params"] and run.data.metrics["gflops"] > 0
         assert [m.step for m in client.get_metric_history(run.info.run_id, "loss")] == [1, 2, 3]
         assert [(m.step, m.value) for m in client.get_metric_history(run.info.run_id, "val_top1")] == [
-            tuple(point) for point in mine["curve"]]
+            tuple(point) for point in mine["curve"]
+        ]
         if mine["variant"] == "slow_only":
             assert run.data.params["model.arch"] == "slow"
 
@@ -87,14 +99,22 @@ def test_study_writes_results_table_plot_and_mlflow_runs_then_resumes(bench, syn
 
 
 def row(bench, variant: str, top1: list[float]) -> dict:
-    return {"variant": variant, "group": bench.VARIANTS[variant][0], "top1_mean": statistics.fmean(top1),
-            "top1_std": statistics.stdev(top1)}
+    return {
+        "variant": variant,
+        "group": bench.VARIANTS[variant][0],
+        "top1_mean": statistics.fmean(top1),
+        "top1_std": statistics.stdev(top1),
+    }
 
 
 def test_findings_compare_gaps_with_the_seed_spread(bench):
-    rows = [row(bench, "slow_only", [0.50, 0.52, 0.54]), row(bench, "fast_only", [0.70, 0.72, 0.74]),
-            row(bench, "slowfast", [0.80, 0.82, 0.84]), row(bench, "grayscale", [0.77, 0.80, 0.83]),
-            row(bench, "time_to_channel", [0.53, 0.55, 0.57])]
+    rows = [
+        row(bench, "slow_only", [0.50, 0.52, 0.54]),
+        row(bench, "fast_only", [0.70, 0.72, 0.74]),
+        row(bench, "slowfast", [0.80, 0.82, 0.84]),
+        row(bench, "grayscale", [0.77, 0.80, 0.83]),
+        row(bench, "time_to_channel", [0.53, 0.55, 0.57]),
+    ]
     beats, fast, gray = bench.findings(rows)
     # time_to_channel is 0.03 above Slow-only, less than the stds added (0.02 + 0.02): not beyond the spread.
     assert beats["passed"] is False and "time_to_channel +0.030 (<= 0.040)" in beats["detail"]
@@ -118,10 +138,16 @@ def test_slow_only_ceiling_counts_fast_only_pairs_as_coin_flips(bench):
     assert bench.slow_only_ceiling(["abseiling", "archery"]) is None
 
 
-@pytest.mark.parametrize("argv, named", [(["--variants", "slow_only,warp_drive"], "--variants: unknown warp_drive"),
-                                         (["--eval-every", "-1"], "--eval-every at least 0"),
-                                         (["--steps", "0"], "--steps"), (["--seeds", "0"], "--seeds"),
-                                         (["--workers", "0"], "--workers")])
+@pytest.mark.parametrize(
+    "argv, named",
+    [
+        (["--variants", "slow_only,warp_drive"], "--variants: unknown warp_drive"),
+        (["--eval-every", "-1"], "--eval-every at least 0"),
+        (["--steps", "0"], "--steps"),
+        (["--seeds", "0"], "--seeds"),
+        (["--workers", "0"], "--workers"),
+    ],
+)
 def test_bad_arguments_stop_before_any_work(bench, argv, named, capsys):
     with pytest.raises(SystemExit) as exc:
         bench.parse_args(argv)

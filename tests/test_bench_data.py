@@ -1,6 +1,7 @@
 """The data benchmark end to end in its quick mode, as a user runs it (`python -m pipelines bench data`, a process
 of its own: it starts a fresh local Ray of 1 CPU, then 2): real H.264 videos through the real decoder, the shard
 loader and the preprocess code, and the real Ray Data job; figures come back in its JSON and its table."""
+
 from __future__ import annotations
 
 import json
@@ -17,9 +18,25 @@ SIZES = ("340x256", "640x360")
 
 def test_bench_data_quick_times_every_case_on_both_sizes_and_the_ray_job(tmp_path):
     out = tmp_path / "bench_data.json"
-    done = subprocess.run([sys.executable, "-m", "pipelines", "bench", "data", "--quick", "--workdir",
-                           str(tmp_path / "work"), "--json", str(out)], cwd=REPO, capture_output=True, text=True,
-                          env={**os.environ, "PYTHONPATH": str(REPO)}, timeout=600)
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pipelines",
+            "bench",
+            "data",
+            "--quick",
+            "--workdir",
+            str(tmp_path / "work"),
+            "--json",
+            str(out),
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+        timeout=600,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     result = json.loads(out.read_text())
     assert result["args"]["videos"] == 1 and result["args"]["repeats"] == 1
@@ -32,8 +49,10 @@ def test_bench_data_quick_times_every_case_on_both_sizes_and_the_ray_job(tmp_pat
         assert loader["clips_per_call"] == 4
         # b. the preprocess cases and their baselines, the decoder alone among them.
         pre = result["preprocess"][size]
-        assert all(pre[c]["s_per_video_cpu"] > 0 for c in ("train", "eval", "decode_all", "eval_decode",
-                                                            "decode_all_kept", "decode_only"))
+        assert all(
+            pre[c]["s_per_video_cpu"] > 0
+            for c in ("train", "eval", "decode_all", "eval_decode", "decode_all_kept", "decode_only")
+        )
         # 10 views' distinct frames of a 4 s, 30 fps video (the views overlap: fewer than 10 x 32)
         assert 32 < pre["eval_decode"]["distinct_frames_per_video"] <= 120
         # c. the same clips in both formats, JPEG far smaller.

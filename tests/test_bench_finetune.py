@@ -1,6 +1,7 @@
 """The fine-tuning benchmark end to end on a tiny synthetic set: real synth and preprocess (local Ray), a real
 pre-training, real exports in the four foreign formats, real fine-tunes and scratch runs in two spawned workers;
 every format's fine-tune starts from the same weights, and a re-run trains nothing."""
+
 from __future__ import annotations
 
 import json
@@ -8,8 +9,9 @@ import json
 import pytest
 import torch
 
-from conftest import load_benchmark
 from slowfast.model import SlowFast, SlowFastConfig, load_checkpoint
+
+from conftest import load_benchmark
 
 FORMATS = ["caffe2", "pyslowfast", "pytorchvideo", "mmaction2"]
 
@@ -36,8 +38,13 @@ def test_quick_study_fine_tunes_every_format_from_the_same_weights(bench, ray_lo
     # The table: scratch (the baseline) and a fine-tune per format, each with its figure and ratio.
     table = (out / "finetune.md").read_text()
     header = table.splitlines()[2]
-    for column in ("arm", "top-1 at 4 steps (mean ± std)", "/ scratch (same seeds)", "steps to top-1 ≥ 0.7, per seed",
-                   "scratch steps / these"):
+    for column in (
+        "arm",
+        "top-1 at 4 steps (mean ± std)",
+        "/ scratch (same seeds)",
+        "steps to top-1 ≥ 0.7, per seed",
+        "scratch steps / these",
+    ):
         assert column in header
     arms = ["scratch"] + [f"finetune-{f}" for f in FORMATS]
     assert [r["arm"] for r in summary["arms"]] == arms
@@ -78,10 +85,17 @@ def test_quick_study_fine_tunes_every_format_from_the_same_weights(bench, ray_lo
         assert runs[fmt]["init_backbone_digest"] == bench.backbone_digest(want)
     assert len(set(starts.values())) == 1
     findings = {f["finding"]: f for f in summary["findings"]}
-    assert findings["every format hands over the same weights (loads back equal; same start per seed; "
-                    "backbone = the pre-trained one)"]["passed"] is True
-    assert findings["fine-tunes from the different formats train identically (same losses, curve, top-1)"][
-        "passed"] is True
+    assert (
+        findings[
+            "every format hands over the same weights (loads back equal; same start per seed; "
+            "backbone = the pre-trained one)"
+        ]["passed"]
+        is True
+    )
+    assert (
+        findings["fine-tunes from the different formats train identically (same losses, curve, top-1)"]["passed"]
+        is True
+    )
     assert len({(r["losses_digest"], r["top1"]) for r in runs.values()}) == 1
     scratch = next(r for r in summary["runs"] if r["arm"] == "scratch")
     assert scratch["losses_digest"] != runs["caffe2"]["losses_digest"]  # other weights, another training
@@ -94,12 +108,17 @@ def test_quick_study_fine_tunes_every_format_from_the_same_weights(bench, ray_lo
     assert [p.stat().st_mtime_ns for p in sorted((out / "results").glob("*.json"))] == stamps
 
 
-@pytest.mark.parametrize("argv, named", [
-    (["--formats", "caffe2,onnx"], "--formats: unknown onnx"),
-    (["--classes", "6", "--pretrain-classes", "3"], "must differ in class count"),
-    (["--classes", "5", "--pretrain-classes", "4"], "both halves need 2 or more classes"),
-    (["--videos-per-class", "1"], "--videos-per-class at least 2"),
-    (["--steps", "0"], "--steps"), (["--target", "1.5"], "--target in (0, 1]")])
+@pytest.mark.parametrize(
+    "argv, named",
+    [
+        (["--formats", "caffe2,onnx"], "--formats: unknown onnx"),
+        (["--classes", "6", "--pretrain-classes", "3"], "must differ in class count"),
+        (["--classes", "5", "--pretrain-classes", "4"], "both halves need 2 or more classes"),
+        (["--videos-per-class", "1"], "--videos-per-class at least 2"),
+        (["--steps", "0"], "--steps"),
+        (["--target", "1.5"], "--target in (0, 1]"),
+    ],
+)
 def test_bad_arguments_stop_before_any_work(bench, argv, named, capsys):
     with pytest.raises(SystemExit) as exc:
         bench.parse_args(argv)

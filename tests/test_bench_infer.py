@@ -1,6 +1,7 @@
 """The inference benchmark end to end on tiny videos (--quick): real synthetic H.264 files, a real MLflow
 registration, the in-process baseline and two real `run_infer` runs (1 and 2 scoring workers) on a real local Ray;
 the figures come back in its JSON, every run scored every video, and bad arguments stop it before any work."""
+
 from __future__ import annotations
 
 import json
@@ -20,8 +21,9 @@ def bench(monkeypatch):
     return load_benchmark("infer", monkeypatch)
 
 
-def test_quick_run_reports_the_baseline_both_pools_and_the_ratios_over_the_same_videos(bench, ray_local, tmp_path,
-                                                                                     capsys):
+def test_quick_run_reports_the_baseline_both_pools_and_the_ratios_over_the_same_videos(
+    bench, ray_local, tmp_path, capsys
+):
     out = tmp_path / "bench"
     assert bench.main(["--quick", "--out", str(out)]) == 0
     result = json.loads((out / "bench_infer.json").read_text())
@@ -34,8 +36,10 @@ def test_quick_run_reports_the_baseline_both_pools_and_the_ratios_over_the_same_
     assert base["cut_cpu_s_per_video"] > 0 and base["score_cpu_s_per_video"] > 0
 
     runs = result["runs"]
-    assert [(r["workers"], r["cpus_per_worker"], r["decode_cpus"]) for r in runs.values()] == [(1, 1, 1),
-                                                                                             (2, 0.75, 0.25)]
+    assert [(r["workers"], r["cpus_per_worker"], r["decode_cpus"]) for r in runs.values()] == [
+        (1, 1, 1),
+        (2, 0.75, 0.25),
+    ]
     for name, run in runs.items():
         # The same work as the baseline: every video scored once, every view, nothing quarantined.
         assert (run["videos"], run["views"], run["quarantined"]) == (QUICK_VIDEOS, QUICK_VIDEOS, 0)
@@ -53,19 +57,23 @@ def test_quick_run_reports_the_baseline_both_pools_and_the_ratios_over_the_same_
     assert result["every_video_scored"] is True
 
     ratios, one, two = result["ratios"], runs["infer_1"], runs["infer_2"]
-    assert ratios["one_worker_per_core_over_baseline"] == pytest.approx(one["views_per_s"] / base["views_per_s"],
-                                                                        abs=1e-3)
+    assert ratios["one_worker_per_core_over_baseline"] == pytest.approx(
+        one["views_per_s"] / base["views_per_s"], abs=1e-3
+    )
     assert ratios["two_workers_over_one"] == pytest.approx(two["views_per_s"] / one["views_per_s"], abs=1e-3)
     assert ratios["two_workers_over_one_per_cpu_s"] == pytest.approx(
-        two["views_per_cpu_s_scoring"] / one["views_per_cpu_s_scoring"], abs=1e-3)
+        two["views_per_cpu_s_scoring"] / one["views_per_cpu_s_scoring"], abs=1e-3
+    )
     assert 1 < ratios["two_workers_over_one_bound_on_2_cores"] <= 2
     # What the 2-worker window left for the actors: the machine less the decode tasks and everything else busy.
     used = two["cores"]
     assert ratios["two_workers_other_cores"] == pytest.approx(
-        max(used["machine_busy_cores"] - used["scoring_cores"] - used["decode_cores"], 0), abs=1e-3)
+        max(used["machine_busy_cores"] - used["scoring_cores"] - used["decode_cores"], 0), abs=1e-3
+    )
     room = os.cpu_count() - used["decode_cores"] - ratios["two_workers_other_cores"]
     assert ratios["two_workers_over_one_reachable"] == pytest.approx(
-        room / one["cores"]["scoring_cores"] * ratios["two_workers_over_one_per_cpu_s"], abs=2e-3)
+        room / one["cores"]["scoring_cores"] * ratios["two_workers_over_one_per_cpu_s"], abs=2e-3
+    )
     assert result["goals"] == {"one_worker_per_core_over_baseline": 0.9, "two_workers_over_one": 1.8}
 
     table = (out / "bench_infer.md").read_text()
@@ -89,15 +97,18 @@ def test_the_window_counts_one_worker_and_two_in_step_exactly_with_or_without_th
         bench.scoring_window([(1.0, 1), (2.0, 1)])
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["--videos", "3"], "--videos 3: at least 4"),
-    (["--crop", "16"], "--crop 16: at least 32"),
-    (["--width", "321"], "must be even"),
-    (["--quick", "--seconds", "0.5"], "a slowfast_tiny clip spans 1.07 s"),
-    (["--temporal-views", "0"], "--temporal-views 0: at least 1"),
-    (["--spatial-crops", "2"], "invalid choice: 2"),
-    (["--preset", "resnet50"], "invalid choice: 'resnet50'"),
-])
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--videos", "3"], "--videos 3: at least 4"),
+        (["--crop", "16"], "--crop 16: at least 32"),
+        (["--width", "321"], "must be even"),
+        (["--quick", "--seconds", "0.5"], "a slowfast_tiny clip spans 1.07 s"),
+        (["--temporal-views", "0"], "--temporal-views 0: at least 1"),
+        (["--spatial-crops", "2"], "invalid choice: 2"),
+        (["--preset", "resnet50"], "invalid choice: 'resnet50'"),
+    ],
+)
 def test_bad_arguments_are_refused_before_any_work(bench, tmp_path, capsys, argv, message):
     out = tmp_path / "never-written"
     with pytest.raises(SystemExit):

@@ -1,13 +1,15 @@
 """The train benchmark end to end on a tiny synthetic set: real preprocess, a real one-epoch TorchTrainer run
 through a real local Ray and MLflow (sqlite), and the in-memory baseline; figures come back in its JSON."""
+
 from __future__ import annotations
 
 import json
 
 import pytest
 
-from conftest import load_benchmark
 from slowfast.train.optim import cpu_bf16
+
+from conftest import load_benchmark
 
 
 def load_bench():
@@ -18,8 +20,29 @@ def load_bench():
 def test_bench_train_reports_both_cases_per_precision_the_ratios_and_the_data_wait(ray_local, tmp_path, capsys):
     out = tmp_path / "bench_train.json"
     bench = load_bench()
-    assert bench.main(["--steps", "3", "--warmup", "1", "--batch-size", "4", "--crop", "32", "--classes", "4",
-                       "--videos-per-class", "4", "--workdir", str(tmp_path / "work"), "--json", str(out)]) == 0
+    assert (
+        bench.main(
+            [
+                "--steps",
+                "3",
+                "--warmup",
+                "1",
+                "--batch-size",
+                "4",
+                "--crop",
+                "32",
+                "--classes",
+                "4",
+                "--videos-per-class",
+                "4",
+                "--workdir",
+                str(tmp_path / "work"),
+                "--json",
+                str(out),
+            ]
+        )
+        == 0
+    )
 
     result = json.loads(out.read_text())
     # bf16 runs where autocast gives bf16; on a CPU without it, a second fp32 run would measure nothing new.
@@ -35,8 +58,7 @@ def test_bench_train_reports_both_cases_per_precision_the_ratios_and_the_data_wa
         assert shards["steps"] == memory["steps"] == 3
         # One epoch holds warm-up + timed steps: 12 train videos x 2 clips / 4 a step.
         assert shards["steps_in_epoch"] == 6
-        assert run["ratio_shards_over_memory"] == pytest.approx(shards["clips_per_s"] / memory["clips_per_s"],
-                                                                abs=1e-3)
+        assert run["ratio_shards_over_memory"] == pytest.approx(shards["clips_per_s"] / memory["clips_per_s"], abs=1e-3)
         assert 0 <= run["data_wait"] <= 1 and run["data_wait"] == pytest.approx(shards["data_wait"], abs=1e-4)
         assert 0 <= shards["epoch_data_wait"] <= 1
         assert len(shards["step_ms"]) == 6 and all(ms > 0 for ms in shards["step_ms"])

@@ -2,6 +2,7 @@
 same logits once the weights go through load_checkpoint; PySlowFast key names; own-format round trip;
 error messages that list what does not fit.
 """
+
 import pickle
 import re
 import types
@@ -9,9 +10,10 @@ import types
 import pytest
 import torch
 
-from reference import assert_same_logits, assert_same_state, logits, pytorchvideo, randomize
 from slowfast.model import CheckpointError, build, export_state_dict, load_checkpoint, save_checkpoint
 from slowfast.model.checkpoint import build_from_checkpoint
+
+from reference import assert_same_logits, assert_same_state, logits, pytorchvideo, randomize
 
 # pytorchvideo's hub heads at 224 px: AvgPool3d with kernel (8, 7, 7) for slow and (32, 7, 7) for fast,
 # stride 1, then `output_pool` AdaptiveAvgPool3d(1). Only a res5 map of exactly 8 x 7 x 7 / 32 x 7 x 7
@@ -29,8 +31,10 @@ def hub():
 @pytest.fixture(scope="module")
 def clip():
     g = torch.Generator().manual_seed(0)
-    return [torch.randn(1, 3, SLOW_FRAMES, SIZE, SIZE, generator=g),
-            torch.randn(1, 3, FAST_FRAMES, SIZE, SIZE, generator=g)]
+    return [
+        torch.randn(1, 3, SLOW_FRAMES, SIZE, SIZE, generator=g),
+        torch.randn(1, 3, FAST_FRAMES, SIZE, SIZE, generator=g),
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -59,8 +63,9 @@ def slowfast_r101_logits(slowfast_r101, clip):
     return logits(slowfast_r101, clip)
 
 
-@pytest.mark.parametrize("reference, preset", [("slowfast_r50", "slowfast_8x8_r50"),
-                                               ("slowfast_r101", "slowfast_8x8_r101")])
+@pytest.mark.parametrize(
+    "reference, preset", [("slowfast_r50", "slowfast_8x8_r50"), ("slowfast_r101", "slowfast_8x8_r101")]
+)
 def test_pytorchvideo_slowfast_weights_give_the_reference_logits(request, clip, reference, preset):
     state = request.getfixturevalue(reference).state_dict()
     if preset.endswith("r101"):
@@ -85,8 +90,10 @@ def test_pytorchvideo_slow_only_weights_give_the_reference_logits(slow_r50, clip
 
 
 def test_export_to_pytorchvideo_loads_strictly_into_the_reference(hub, slowfast_r50, slow_r50):
-    for reference, preset, fresh in ((slowfast_r50, "slowfast_8x8_r50", hub.slowfast_r50),
-                                     (slow_r50, "slow_8x8_r50", hub.slow_r50)):
+    for reference, preset, fresh in (
+        (slowfast_r50, "slowfast_8x8_r50", hub.slowfast_r50),
+        (slow_r50, "slow_8x8_r50", hub.slow_r50),
+    ):
         model = build(preset)
         load_checkpoint(model, reference.state_dict())
         target = fresh(pretrained=False)
@@ -98,14 +105,22 @@ def test_export_to_pytorchvideo_loads_strictly_into_the_reference(hub, slowfast_
 # (slowfast/models/video_model_builder.py, stem_helper.py, resnet_helper.py, head_helper.py) and
 # independent of checkpoint.py: stage blocks.i is s{i+1}; lateral multipathway_fusion is s{i+1}_fuse.
 _PV_TO_PYSLOWFAST = [
-    (r"blocks\.0\.multipathway_blocks\.(\d)\.(conv|norm)\.",
-     lambda m: f"s1.pathway{m[1]}_stem.{'conv' if m[2] == 'conv' else 'bn'}."),
-    (r"blocks\.(\d)\.multipathway_fusion\.(conv_fast_to_slow|norm)\.",
-     lambda m: f"s{int(m[1]) + 1}_fuse.{'conv_f2s' if m[2] == 'conv_fast_to_slow' else 'bn'}."),
-    (r"blocks\.(\d)\.multipathway_blocks\.(\d)\.res_blocks\.(\d+)\.branch1_(conv|norm)\.",
-     lambda m: f"s{int(m[1]) + 1}.pathway{m[2]}_res{m[3]}.branch1{'' if m[4] == 'conv' else '_bn'}."),
-    (r"blocks\.(\d)\.multipathway_blocks\.(\d)\.res_blocks\.(\d+)\.branch2\.(conv|norm)_([abc])\.",
-     lambda m: f"s{int(m[1]) + 1}.pathway{m[2]}_res{m[3]}.branch2.{m[5]}{'' if m[4] == 'conv' else '_bn'}."),
+    (
+        r"blocks\.0\.multipathway_blocks\.(\d)\.(conv|norm)\.",
+        lambda m: f"s1.pathway{m[1]}_stem.{'conv' if m[2] == 'conv' else 'bn'}.",
+    ),
+    (
+        r"blocks\.(\d)\.multipathway_fusion\.(conv_fast_to_slow|norm)\.",
+        lambda m: f"s{int(m[1]) + 1}_fuse.{'conv_f2s' if m[2] == 'conv_fast_to_slow' else 'bn'}.",
+    ),
+    (
+        r"blocks\.(\d)\.multipathway_blocks\.(\d)\.res_blocks\.(\d+)\.branch1_(conv|norm)\.",
+        lambda m: f"s{int(m[1]) + 1}.pathway{m[2]}_res{m[3]}.branch1{'' if m[4] == 'conv' else '_bn'}.",
+    ),
+    (
+        r"blocks\.(\d)\.multipathway_blocks\.(\d)\.res_blocks\.(\d+)\.branch2\.(conv|norm)_([abc])\.",
+        lambda m: f"s{int(m[1]) + 1}.pathway{m[2]}_res{m[3]}.branch2.{m[5]}{'' if m[4] == 'conv' else '_bn'}.",
+    ),
     (r"blocks\.6\.proj\.", lambda m: "head.projection."),
 ]
 
@@ -114,16 +129,24 @@ def to_pyslowfast(key: str) -> str:
     for pattern, replace in _PV_TO_PYSLOWFAST:
         m = re.match(pattern, key)
         if m:
-            return replace(m) + key[m.end():]
+            return replace(m) + key[m.end() :]
     raise AssertionError(f"no PySlowFast name for {key}")
 
 
 def test_pyslowfast_checkpoint_gives_the_reference_logits(slowfast_r50, slowfast_r50_logits, clip):
     state = {to_pyslowfast(k): v for k, v in slowfast_r50.state_dict().items()}
-    for key in ("s1.pathway0_stem.conv.weight", "s1.pathway1_stem.bn.running_var", "s1_fuse.conv_f2s.weight",
-                "s4_fuse.bn.bias", "s2.pathway0_res0.branch1.weight", "s2.pathway0_res0.branch1_bn.running_mean",
-                "s5.pathway1_res2.branch2.c_bn.weight", "s4.pathway0_res5.branch2.a.weight",
-                "head.projection.weight", "head.projection.bias"):
+    for key in (
+        "s1.pathway0_stem.conv.weight",
+        "s1.pathway1_stem.bn.running_var",
+        "s1_fuse.conv_f2s.weight",
+        "s4_fuse.bn.bias",
+        "s2.pathway0_res0.branch1.weight",
+        "s2.pathway0_res0.branch1_bn.running_mean",
+        "s5.pathway1_res2.branch2.c_bn.weight",
+        "s4.pathway0_res5.branch2.a.weight",
+        "head.projection.weight",
+        "head.projection.bias",
+    ):
         assert key in state, key
     model = build("slowfast_8x8_r50")
     # Our documented reverse mapping names the same keys as the independent one above.
@@ -131,8 +154,12 @@ def test_pyslowfast_checkpoint_gives_the_reference_logits(slowfast_r50, slowfast
 
     # A .pyth as PySlowFast writes it: weights under model_state, beside epoch, optimizer and cfg;
     # here with the "model." prefix some exports carry.
-    checkpoint = {"epoch": 196, "model_state": {f"model.{k}": v for k, v in state.items()},
-                  "optimizer_state": {}, "cfg": "MODEL:\n  ARCH: slowfast\n"}
+    checkpoint = {
+        "epoch": 196,
+        "model_state": {f"model.{k}": v for k, v in state.items()},
+        "optimizer_state": {},
+        "cfg": "MODEL:\n  ARCH: slowfast\n",
+    }
     info = load_checkpoint(model, checkpoint)
     assert (info.format, info.pathways) == ("pyslowfast", 2)
     assert info.extra["epoch"] == 196
@@ -155,8 +182,10 @@ def test_pyslowfast_r101_keys_map_every_block(slowfast_r101):
 
 def test_pyslowfast_early_stem_names_load():
     model = tiny()
-    state = {re.sub(r"^s1\.pathway(\d)_stem\.", r"s1.s\1_stem.", k): v
-             for k, v in export_state_dict(model, "pyslowfast").items()}
+    state = {
+        re.sub(r"^s1\.pathway(\d)_stem\.", r"s1.s\1_stem.", k): v
+        for k, v in export_state_dict(model, "pyslowfast").items()
+    }
     assert "s1.s1_stem.conv.weight" in state
     restored = tiny()
     assert load_checkpoint(restored, {"model_state": state}).pathways == 2
@@ -164,6 +193,7 @@ def test_pyslowfast_early_stem_names_load():
 
 
 # --- this project's format -------------------------------------------------------------------
+
 
 def tiny(**overrides):
     return build("slowfast_tiny", num_classes=5, **overrides)
@@ -222,13 +252,18 @@ def test_failed_save_keeps_the_previous_checkpoint(tmp_path):
 
 
 def test_config_difference_that_keeps_shapes_warns():
-    state = {"format": "slowfast-pipeline", "version": 1, "config": tiny(alpha=8).cfg.model_dump(),
-             "model_state": tiny(alpha=8).state_dict()}
+    state = {
+        "format": "slowfast-pipeline",
+        "version": 1,
+        "config": tiny(alpha=8).cfg.model_dump(),
+        "model_state": tiny(alpha=8).state_dict(),
+    }
     with pytest.warns(UserWarning, match="alpha: checkpoint 8 vs model 4"):
         load_checkpoint(tiny(), state)
 
 
 # --- errors ----------------------------------------------------------------------------------
+
 
 def test_missing_keys_are_all_listed_and_the_model_is_left_untouched():
     model = tiny()
@@ -256,8 +291,9 @@ def test_unexpected_key_is_listed():
 def test_mis_shaped_tensor_is_listed_with_both_shapes():
     state = tiny().state_dict()
     state["fast.stem.conv.weight"] = torch.zeros(4, 3, 3, 7, 7)
-    with pytest.raises(CheckpointError, match=re.escape("fast.stem.conv.weight: checkpoint (4, 3, 3, 7, 7) "
-                                                        "vs model (4, 3, 5, 7, 7)")):
+    with pytest.raises(
+        CheckpointError, match=re.escape("fast.stem.conv.weight: checkpoint (4, 3, 3, 7, 7) vs model (4, 3, 5, 7, 7)")
+    ):
         load_checkpoint(tiny(), state)
 
 
@@ -269,8 +305,10 @@ def test_fusion_kernel_mismatch_says_which_kernel_to_build():
 def test_unknown_format_names_the_supported_ones():
     # A torchvision 2D ResNet's keys: no SlowFast implementation's.
     with pytest.raises(CheckpointError, match="unrecognised checkpoint format") as err:
-        load_checkpoint(tiny(), {"conv1.weight": torch.zeros(1), "layer1.0.conv1.weight": torch.zeros(1),
-                                 "fc.weight": torch.zeros(1)})
+        load_checkpoint(
+            tiny(),
+            {"conv1.weight": torch.zeros(1), "layer1.0.conv1.weight": torch.zeros(1), "fc.weight": torch.zeros(1)},
+        )
     message = str(err.value)
     assert "conv1.weight" in message
     for supported in ("save_checkpoint", "pytorchvideo", "PySlowFast .pyth", "Caffe2 .pkl", "mmaction2"):
@@ -282,8 +320,10 @@ def test_head_mismatch_says_which_num_classes_to_build(slowfast_r50):
         load_checkpoint(build("slowfast_8x8_r50", num_classes=10), slowfast_r50.state_dict())
     message = str(err.value)
     assert "pytorchvideo" in message
-    assert ("to load it: build the model with num_classes=400; or keep the model's classes and load with "
-            "head='auto' to re-initialise the classifier") in message
+    assert (
+        "to load it: build the model with num_classes=400; or keep the model's classes and load with "
+        "head='auto' to re-initialise the classifier"
+    ) in message
     assert "head.fc.weight: checkpoint (400, 2304) vs model (10, 2304)" in message
     assert "head.fc.bias: checkpoint (400,) vs model (10,)" in message
     assert "shape mismatch (2)" in message  # nothing else
@@ -294,8 +334,10 @@ def test_depth_mismatch_is_summarised(slowfast_r101):
         load_checkpoint(build("slowfast_8x8_r50"), slowfast_r101.state_dict())
     message = str(err.value)
     # pytorchvideo's slowfast_r101 also has the 5-frame lateral kernel of the paper's R101 (the R50's is 7).
-    assert "the checkpoint's network has depth=101, fusion_kernel=5 where the model has depth=50, fusion_kernel=7" \
+    assert (
+        "the checkpoint's network has depth=101, fusion_kernel=5 where the model has depth=50, fusion_kernel=7"
         in message
+    )
     assert "to load it: build the model with depth=101, fusion_kernel=5 (preset slowfast_8x8_r101)" in message
     # 17 extra res4 blocks in each pathway, 15 tensors each (a, b, c: conv weight and 4 BN tensors;
     # step counters are never listed).
@@ -314,7 +356,9 @@ def test_unreadable_file_explains_weights_only(tmp_path):
     with pytest.raises(CheckpointError, match="weights_only=False") as err:
         load_checkpoint(tiny(), path)
     # One line, naming what was refused (torch's own message is a paragraph of advice around it).
-    assert str(err.value) == (f"{path}: cannot be read as a weights-only torch checkpoint (UnpicklingError: "
-                              "Unsupported global: GLOBAL types.SimpleNamespace was not an allowed global by default). "
-                              "If you trust the file, load it with torch.load(path, weights_only=False) and pass the "
-                              "dict")
+    assert str(err.value) == (
+        f"{path}: cannot be read as a weights-only torch checkpoint (UnpicklingError: "
+        "Unsupported global: GLOBAL types.SimpleNamespace was not an allowed global by default). "
+        "If you trust the file, load it with torch.load(path, weights_only=False) and pass the "
+        "dict"
+    )

@@ -3,6 +3,7 @@ pickled code, Python 2 pickles included) and mmaction2's .pth. Each is built fro
 weights under the implementation's published naming, written to a file, loaded, and checked logit for
 logit; a checkpoint of a network this project does not build is refused with the difference named.
 """
+
 from __future__ import annotations
 
 import functools
@@ -19,8 +20,9 @@ import numpy as np
 import pytest
 import torch
 
-from reference import assert_same_logits, assert_same_state, logits, pytorchvideo, randomize
 from slowfast.model import CheckpointError, build, check_checkpoint, export_state_dict, load_checkpoint, resolve
+
+from reference import assert_same_logits, assert_same_state, logits, pytorchvideo, randomize
 
 # Any size works: our head pools globally, and the reference's average pool is given the res5 map's
 # size (64 px -> 2 x 2), which makes it global too. Small keeps two R50s per preset cheap on a CPU.
@@ -48,12 +50,22 @@ def reference(preset: str, lateral_norm: bool = True) -> Reference:
     if not lateral_norm:
         # The module pytorchvideo() imported (with its torchvision stand-in), taken from sys.modules.
         builder = importlib.import_module(pytorchvideo().create_slowfast.__module__).FastToSlowFusionBuilder
-        fusion["fusion_builder"] = builder(slowfast_channel_reduction_ratio=8, conv_fusion_channel_ratio=2,
-                                           conv_kernel_size=(kernel, 1, 1), conv_stride=(alpha, 1, 1),
-                                           norm=None, activation=None, max_stage_idx=3).create_module
+        fusion["fusion_builder"] = builder(
+            slowfast_channel_reduction_ratio=8,
+            conv_fusion_channel_ratio=2,
+            conv_kernel_size=(kernel, 1, 1),
+            conv_stride=(alpha, 1, 1),
+            norm=None,
+            activation=None,
+            max_stage_idx=3,
+        ).create_module
     model = pytorchvideo().create_slowfast(
-        model_depth=50, slowfast_fusion_conv_kernel_size=(kernel, 1, 1), slowfast_fusion_conv_stride=(alpha, 1, 1),
-        head_pool_kernel_sizes=((slow, 2, 2), (fast, 2, 2)), **fusion)
+        model_depth=50,
+        slowfast_fusion_conv_kernel_size=(kernel, 1, 1),
+        slowfast_fusion_conv_stride=(alpha, 1, 1),
+        head_pool_kernel_sizes=((slow, 2, 2), (fast, 2, 2)),
+        **fusion,
+    )
     randomize(model, (slow, fast), seed=kernel, size=SIZE)
     g = torch.Generator().manual_seed(alpha)
     clip = [torch.randn(1, 3, slow, SIZE, SIZE, generator=g), torch.randn(1, 3, fast, SIZE, SIZE, generator=g)]
@@ -76,11 +88,13 @@ def caffe2_name(key: str, last_blocks: dict[int, int]) -> str | None:
         return f"{fast}conv1_w" if m[2] == "conv" else f"{fast}res_conv1_bn_{C2_BN[m[3]]}"
     if m := re.fullmatch(r"blocks\.(\d)\.multipathway_fusion\.(conv_fast_to_slow|norm)\.(\w+)", key):
         stage = int(m[1])
-        base = ("t_pool1_subsample" if stage == 0
-                else f"t_res{stage + 1}_{last_blocks[stage]}_branch2c_bn_subsample")
+        base = "t_pool1_subsample" if stage == 0 else f"t_res{stage + 1}_{last_blocks[stage]}_branch2c_bn_subsample"
         return f"{base}_w" if m[2] == "conv_fast_to_slow" else f"{base}_bn_{C2_BN[m[3]]}"
-    if m := re.fullmatch(r"blocks\.(\d)\.multipathway_blocks\.(\d)\.res_blocks\.(\d+)\."
-                         r"(branch1_conv|branch1_norm|branch2\.conv_[abc]|branch2\.norm_[abc])\.(\w+)", key):
+    if m := re.fullmatch(
+        r"blocks\.(\d)\.multipathway_blocks\.(\d)\.res_blocks\.(\d+)\."
+        r"(branch1_conv|branch1_norm|branch2\.conv_[abc]|branch2\.norm_[abc])\.(\w+)",
+        key,
+    ):
         fast = "t_" if m[2] == "1" else ""
         branch = "branch1" if m[4].startswith("branch1") else f"branch2{m[4][-1]}"
         base = f"{fast}res{int(m[1]) + 1}_{m[3]}_{branch}"
@@ -91,8 +105,11 @@ def caffe2_name(key: str, last_blocks: dict[int, int]) -> str | None:
 def caffe2_blobs(state: dict, last_blocks=R50_LAST_BLOCKS, value=lambda v: v.numpy()) -> dict:
     blobs = {caffe2_name(k, last_blocks): value(v) for k, v in state.items() if caffe2_name(k, last_blocks)}
     # Caffe2 saves the solver's state beside the weights; PySlowFast skips these names.
-    return blobs | {"conv1_w_momentum": np.zeros_like(blobs["conv1_w"]), "lr": np.array([0.1], np.float32),
-                    "model_iter": np.array([150000], np.int64)}
+    return blobs | {
+        "conv1_w_momentum": np.zeros_like(blobs["conv1_w"]),
+        "lr": np.array([0.1], np.float32),
+        "model_iter": np.array([150000], np.int64),
+    }
 
 
 class Python2Pickler(pickle._Pickler):
@@ -131,8 +148,15 @@ def test_caffe2_pkl_gives_the_reference_logits(tmp_path, preset, writer):
     ref = reference(preset)
     path = tmp_path / f"SLOWFAST_{preset}.pkl"
     published = caffe2_blobs(ref.state)
-    assert {"conv1_w", "t_res_conv1_bn_riv", "res4_5_branch2a_w", "t_res2_0_branch1_bn_rm", "t_pool1_subsample_w",
-            "t_res4_5_branch2c_bn_subsample_bn_s", "pred_w"} <= set(published)
+    assert {
+        "conv1_w",
+        "t_res_conv1_bn_riv",
+        "res4_5_branch2a_w",
+        "t_res2_0_branch1_bn_rm",
+        "t_pool1_subsample_w",
+        "t_res4_5_branch2c_bn_subsample_bn_s",
+        "pred_w",
+    } <= set(published)
     # Byte-string blob names, as Python 2 keeps them in the published files.
     blobs = {name.encode() if writer == "python2" else name: value for name, value in published.items()}
     if writer == "python2":
@@ -162,9 +186,11 @@ def test_caffe2_pkl_gives_the_reference_logits(tmp_path, preset, writer):
 # path as conv1_lateral and layer<i>_lateral (with .bn when lateral_norm=True); head cls_head.fc_cls.
 
 MM_PATH = {"0": "slow_path", "1": "fast_path"}
-MM_PART = {"branch1_conv": "downsample.conv", "branch1_norm": "downsample.bn"} | \
-    {f"branch2.{kind}_{p}": f"conv{n}.{'conv' if kind == 'conv' else 'bn'}"
-     for n, p in enumerate("abc", start=1) for kind in ("conv", "norm")}
+MM_PART = {"branch1_conv": "downsample.conv", "branch1_norm": "downsample.bn"} | {
+    f"branch2.{kind}_{p}": f"conv{n}.{'conv' if kind == 'conv' else 'bn'}"
+    for n, p in enumerate("abc", start=1)
+    for kind in ("conv", "norm")
+}
 
 
 def mmaction2_name(key: str) -> str:
@@ -190,9 +216,14 @@ def mmaction2_state(state: dict, slow_features: int = 2048) -> dict:
 def test_mmaction2_pth_gives_the_reference_logits(tmp_path, preset):
     ref = reference(preset)
     state = mmaction2_state(ref.state)
-    assert {"backbone.slow_path.conv1.conv.weight", "backbone.fast_path.layer3.5.conv1.bn.running_var",
-            "backbone.slow_path.layer1.0.downsample.conv.weight", "backbone.slow_path.conv1_lateral.conv.weight",
-            "backbone.slow_path.layer3_lateral.bn.weight", "cls_head.fc_cls.bias"} <= set(state)
+    assert {
+        "backbone.slow_path.conv1.conv.weight",
+        "backbone.fast_path.layer3.5.conv1.bn.running_var",
+        "backbone.slow_path.layer1.0.downsample.conv.weight",
+        "backbone.slow_path.conv1_lateral.conv.weight",
+        "backbone.slow_path.layer3_lateral.bn.weight",
+        "cls_head.fc_cls.bias",
+    } <= set(state)
     path = tmp_path / "slowfast_r50_kinetics400-rgb.pth"
     torch.save({"meta": {"epoch": 256, "dataset_meta": {}}, "state_dict": state}, path)  # mmengine's layout
 
@@ -249,8 +280,10 @@ def test_mmaction2_lateral_norm_mismatch_is_refused_naming_the_setting():
     assert "the checkpoint's network has lateral_norm=False where the model has lateral_norm=True" in message
     assert "bare convolutions (mmaction2's default lateral_norm=False" in message
     assert "set model.lateral_norm: false in the pipeline config" in message
-    assert "to load it: build the model with lateral_norm=False (preset slowfast_8x8_r50 with lateral_norm=False)" \
+    assert (
+        "to load it: build the model with lateral_norm=False (preset slowfast_8x8_r50 with lateral_norm=False)"
         in message
+    )
     assert "missing from the checkpoint (16)" in message  # 4 laterals x 4 BN tensors (step counters optional)
 
     # The other way round: BN laterals offered to a bare-lateral model are 16 (+4 step counters) extra keys.
@@ -269,6 +302,7 @@ def test_bare_laterals_are_not_exported_where_the_laterals_always_have_bn(fmt):
 
 
 # --- unpickling runs nothing ---------------------------------------------------------------------
+
 
 class RunsACommand:
     def __init__(self, marker):
@@ -306,8 +340,10 @@ def test_torch_file_holding_more_than_tensors_is_refused_without_running_it(tmp_
 def test_codecs_global_is_pinned_to_latin1(tmp_path):
     path = tmp_path / "codec.pkl"
     # {"blobs": _codecs.encode("x", "rot13")} in protocol-2 opcodes.
-    path.write_bytes(b"\x80\x02}q\x00X\x05\x00\x00\x00blobsq\x01c_codecs\nencode\nq\x02X\x01\x00\x00\x00x"
-                     b"X\x05\x00\x00\x00rot13\x86q\x03Rq\x04s.")
+    path.write_bytes(
+        b"\x80\x02}q\x00X\x05\x00\x00\x00blobsq\x01c_codecs\nencode\nq\x02X\x01\x00\x00\x00x"
+        b"X\x05\x00\x00\x00rot13\x86q\x03Rq\x04s."
+    )
     with pytest.raises(CheckpointError, match=r"refused to unpickle _codecs\.encode\(\.\.\., 'rot13'\)"):
         load_checkpoint(build("slowfast_tiny"), path)
 
@@ -316,8 +352,11 @@ def test_legacy_torch_pyth_is_read(tmp_path):
     # PySlowFast's 2019 .pyth files predate torch.save's zip format.
     model = build("slowfast_tiny", num_classes=3)
     path = tmp_path / "checkpoint_epoch_00196.pyth"
-    torch.save({"epoch": 196, "model_state": export_state_dict(model, "pyslowfast")}, path,
-               _use_new_zipfile_serialization=False)
+    torch.save(
+        {"epoch": 196, "model_state": export_state_dict(model, "pyslowfast")},
+        path,
+        _use_new_zipfile_serialization=False,
+    )
     for source in (path, io.BytesIO(path.read_bytes())):  # a path, or the bytes fetched from object storage
         restored = build("slowfast_tiny", num_classes=3)
         info = load_checkpoint(restored, source)
@@ -326,6 +365,7 @@ def test_legacy_torch_pyth_is_read(tmp_path):
 
 
 # --- networks this project does not build ---------------------------------------------------------
+
 
 def meta_state(builder) -> dict:
     """A network's state dict with shapes and no memory."""
@@ -346,8 +386,11 @@ def test_4x16_checkpoint_into_the_8x8_model_names_the_preset():
 def test_pyslowfast_r101_50_50_is_refused_naming_the_temporal_kernels():
     # SLOWFAST_8x8_R101_50_50 (PySlowFast configs/Kinetics/c2): depth 101 with NUM_BLOCK_TEMP_KERNEL
     # [[3, 3], [4, 4], [6, 6], [3, 3]]: only the first 6 of res4's 23 blocks have a temporal conv_a.
-    blobs = caffe2_blobs(meta_state(lambda: pytorchvideo().hub.slowfast_r101(pretrained=False)),
-                         {1: 2, 2: 3, 3: 22}, value=lambda v: np.broadcast_to(np.float32(0), v.shape))
+    blobs = caffe2_blobs(
+        meta_state(lambda: pytorchvideo().hub.slowfast_r101(pretrained=False)),
+        {1: 2, 2: 3, 3: 22},
+        value=lambda v: np.broadcast_to(np.float32(0), v.shape),
+    )
     for name, value in list(blobs.items()):
         m = re.fullmatch(r"(t_)?res4_(\d+)_branch2a_w", name)
         if m and int(m[2]) >= 6:
@@ -355,8 +398,10 @@ def test_pyslowfast_r101_50_50_is_refused_naming_the_temporal_kernels():
     with pytest.raises(CheckpointError) as err:
         check_checkpoint(resolve("slowfast_8x8_r101"), {"blobs": blobs})
     message = str(err.value)
-    assert ("res4 of the slow pathway has temporal kernel 3 in blocks 0-5, 1 in blocks 6-22 (PySlowFast's "
-            "NUM_BLOCK_TEMP_KERNEL, as in its R101_50_50 models)") in message
+    assert (
+        "res4 of the slow pathway has temporal kernel 3 in blocks 0-5, 1 in blocks 6-22 (PySlowFast's "
+        "NUM_BLOCK_TEMP_KERNEL, as in its R101_50_50 models)"
+    ) in message
     assert "no preset or config field fits it; the nearest is preset slowfast_8x8_r101" in message
     assert "shape mismatch (34)" in message  # blocks 6-22 of both pathways
 
@@ -365,11 +410,16 @@ def test_mmaction2_r101_r50_is_refused_naming_the_depths():
     # slowfast_r101-r50_32xb8-4x16x1: a 101-layer slow pathway beside a 50-layer fast one.
     r101 = mmaction2_state(meta_state(lambda: pytorchvideo().hub.slowfast_r101(pretrained=False)))
     r50 = mmaction2_state(meta_state(lambda: pytorchvideo().hub.slowfast_r50(pretrained=False)))
-    state = {k: v for k, v in r101.items() if not k.startswith("backbone.fast_path.")} | \
-            {k: v for k, v in r50.items() if k.startswith("backbone.fast_path.")}
-    with pytest.raises(CheckpointError, match=re.escape(
+    state = {k: v for k, v in r101.items() if not k.startswith("backbone.fast_path.")} | {
+        k: v for k, v in r50.items() if k.startswith("backbone.fast_path.")
+    }
+    with pytest.raises(
+        CheckpointError,
+        match=re.escape(
             "blocks in res2..res5 differ by pathway (slow pathway (3, 4, 23, 3), fast pathway (3, 4, 6, 3)); "
-            "this project builds both pathways with one depth: no preset or config field fits it")):
+            "this project builds both pathways with one depth: no preset or config field fits it"
+        ),
+    ):
         check_checkpoint(resolve("slowfast_8x8_r101"), {"state_dict": state})
 
 
@@ -378,5 +428,4 @@ def test_other_width_names_the_field():
         state = export_state_dict(build("slowfast_8x8_r50", width=32), "pyslowfast")
     with pytest.raises(CheckpointError) as err:
         check_checkpoint(resolve("slowfast_8x8_r50"), {"model_state": state})
-    assert ("to load it: build the model with width=32 (preset slowfast_8x8_r50 with width=32)"
-            in str(err.value))
+    assert "to load it: build the model with width=32 (preset slowfast_8x8_r50 with width=32)" in str(err.value)

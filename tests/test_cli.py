@@ -1,4 +1,5 @@
 """`python -m pipelines`: exit codes, config checks before any work, and what `run` says is missing."""
+
 from __future__ import annotations
 
 import os
@@ -18,8 +19,9 @@ COMMANDS = ["run", "synth", "ingest", "preprocess", "train", "evaluate", "promot
 
 def test_help_in_a_real_process_lists_every_command():
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    done = subprocess.run([sys.executable, "-m", "pipelines", "--help"], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=120)
+    done = subprocess.run(
+        [sys.executable, "-m", "pipelines", "--help"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120
+    )
     assert done.returncode == 0, done.stderr
     assert done.stdout.startswith("usage: python -m pipelines")
     for command in COMMANDS:
@@ -56,17 +58,48 @@ def test_usage_errors_exit_2(capsys):
 def tiny_data(tmp_path) -> list[str]:
     """--set overrides that point the demo at a tiny synthetic set under tmp_path."""
     videos = tmp_path / "videos"
-    return ["--set", f"storage_root={tmp_path / 'storage'}", "--set", f"data.video_root={videos}",
-            "--set", f"data.annotations.train={videos / 'annotations/train.csv'}",
-            "--set", f"data.annotations.val={videos / 'annotations/val.csv'}",
-            "--set", "data.synth.classes=3", "--set", "data.synth.videos_per_class=2",
-            "--set", "data.synth.seconds=1.2", "--set", "train.epochs=1", "--set", "train.warmup_epochs=0",
-            "--set", "train.batch_size=2"]
+    return [
+        "--set",
+        f"storage_root={tmp_path / 'storage'}",
+        "--set",
+        f"data.video_root={videos}",
+        "--set",
+        f"data.annotations.train={videos / 'annotations/train.csv'}",
+        "--set",
+        f"data.annotations.val={videos / 'annotations/val.csv'}",
+        "--set",
+        "data.synth.classes=3",
+        "--set",
+        "data.synth.videos_per_class=2",
+        "--set",
+        "data.synth.seconds=1.2",
+        "--set",
+        "train.epochs=1",
+        "--set",
+        "train.warmup_epochs=0",
+        "--set",
+        "train.batch_size=2",
+    ]
 
 
 def test_run_reports_model_overrides_from_set(ray_local, tmp_path, capsys):
-    assert main(["run", "--config", DEMO, *tiny_data(tmp_path), "--set", "model.alpha=8",
-                 "--set", "train.crop_size=56", "--only", "ingest"]) == EXIT_OK
+    assert (
+        main(
+            [
+                "run",
+                "--config",
+                DEMO,
+                *tiny_data(tmp_path),
+                "--set",
+                "model.alpha=8",
+                "--set",
+                "train.crop_size=56",
+                "--only",
+                "ingest",
+            ]
+        )
+        == EXIT_OK
+    )
     out = capsys.readouterr().out
     assert "slowfast_tiny (overrides: alpha=8, fast_input=time_difference)" in out
     assert f"params         {count_params(build('slowfast_tiny', alpha=8)):,}" in out
@@ -77,8 +110,7 @@ def test_run_reports_model_overrides_from_set(ray_local, tmp_path, capsys):
 def test_bench_model_without_a_checkout_says_so(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(cli, "REPO_ROOT", tmp_path)
     assert main(["bench", "model"]) == EXIT_FAILED
-    assert capsys.readouterr().err.strip() == \
-        "pipelines bench model: benchmarks/ not found: run from a source checkout"
+    assert capsys.readouterr().err.strip() == "pipelines bench model: benchmarks/ not found: run from a source checkout"
 
 
 def test_bench_model_passes_its_arguments_to_the_script(tmp_path, monkeypatch, capsys):
@@ -90,7 +122,8 @@ def test_bench_model_passes_its_arguments_to_the_script(tmp_path, monkeypatch, c
         "from _table import render\n\n"
         "def main(argv=None):\n"
         "    print(render(argv))\n"
-        "    return 7 if '--fail' in argv else None\n")
+        "    return 7 if '--fail' in argv else None\n"
+    )
     monkeypatch.setattr(cli, "REPO_ROOT", tmp_path)
     try:
         assert main(["bench", "model", "--preset", "slowfast_tiny", "--help"]) == EXIT_OK
@@ -104,8 +137,9 @@ def test_bench_model_passes_its_arguments_to_the_script(tmp_path, monkeypatch, c
 
 def cli_process(*args: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    return subprocess.run([sys.executable, "-m", "pipelines", *args], cwd=ROOT, env=env, capture_output=True,
-                          text=True, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "pipelines", *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300
+    )
 
 
 def test_a_bad_checkpoint_is_one_line_and_exit_1_without_a_traceback(tmp_path):
@@ -116,11 +150,11 @@ def test_a_bad_checkpoint_is_one_line_and_exit_1_without_a_traceback(tmp_path):
     where = ["--set", f"storage_root={tmp_path / 'storage'}", "--set", f"mlflow.tracking_uri=sqlite:///{tmp_path}/m.db"]
     cases = {
         ("evaluate", "--model-uri", str(garbage)): f"pipelines evaluate: --model-uri {garbage}: neither a torch "
-                                                   "checkpoint nor a pickle",
+        "checkpoint nor a pickle",
         ("evaluate", "--model-uri", str(missing)): f"pipelines evaluate: --model-uri {missing}: no checkpoint there",
         ("run", "--set", f"train.init_from={garbage}"): f"pipelines run: train.init_from {garbage}: ",
         ("run", "--set", f"train.init_from={missing}"): f"pipelines run: train.init_from: train.init_from {missing}: "
-                                                        "no checkpoint there",
+        "no checkpoint there",
     }
     for (command, *args), says in cases.items():
         done = cli_process(command, "--config", DEMO, *where, *args)

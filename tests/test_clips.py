@@ -1,6 +1,7 @@
 """The one clip path on real encoded videos: preprocess and serving cut the same frames, every distinct
 frame is decoded and encoded once, and decoding through or seeking between windows gives the same
 pixels whatever the GOP, B-frames or frame timing; the cost model reads dense views in one pass."""
+
 from __future__ import annotations
 
 import math
@@ -18,13 +19,15 @@ from slowfast.video import transforms
 from slowfast.video.clips import ClipSampling, cut_clips
 from slowfast.video.decode import SEEK_COST_FRAMES, VideoReader
 from slowfast.video.synth import encode_video, render, sample_video
+
 from videos import encode_frame_number_video, read_frame_numbers
 
 TARGET_FPS = 30
 T, TAU, ALPHA = 8, 8, 4  # slowfast_8x8: 64-frame windows, 32 Fast frames
 EVAL = ClipSampling(T=T, tau=TAU, alpha=ALPHA, target_fps=TARGET_FPS, short_side=None, mode="eval", num_clips=10)
-TRAIN = ClipSampling(T=T, tau=TAU, alpha=ALPHA, target_fps=TARGET_FPS, short_side=None, mode="train", num_clips=3,
-                     seed=4)
+TRAIN = ClipSampling(
+    T=T, tau=TAU, alpha=ALPHA, target_fps=TARGET_FPS, short_side=None, mode="train", num_clips=3, seed=4
+)
 
 
 def _vfr_pts(n):
@@ -48,8 +51,10 @@ GOPS = {
 @pytest.fixture(scope="module")
 def gop_videos(tmp_path_factory):
     root = tmp_path_factory.mktemp("gops")
-    return {name: encode_frame_number_video(root / f"{name}.{'webm' if 'webm' in name else 'mp4'}", 300, **settings)
-            for name, settings in GOPS.items()}
+    return {
+        name: encode_frame_number_video(root / f"{name}.{'webm' if 'webm' in name else 'mp4'}", 300, **settings)
+        for name, settings in GOPS.items()
+    }
 
 
 def _expected(video, indices):
@@ -59,8 +64,11 @@ def _expected(video, indices):
 @pytest.mark.parametrize("name", list(GOPS))
 def test_decoding_through_and_seeking_give_the_same_pixels(gop_videos, name):
     video = gop_videos[name]
-    policies = {"cost_model": {}, "never_seek": dict(seek_cost_frames=math.inf, reseek_gap_sec=math.inf),
-                "seek_when_possible": dict(seek_cost_frames=0, reseek_gap_sec=0.0)}
+    policies = {
+        "cost_model": {},
+        "never_seek": dict(seek_cost_frames=math.inf, reseek_gap_sec=math.inf),
+        "seek_when_possible": dict(seek_cost_frames=0, reseek_gap_sec=0.0),
+    }
     frames, stats = {}, {}
     for policy, options in policies.items():
         with VideoReader(video.path, threads=1, **options) as reader:
@@ -69,10 +77,10 @@ def test_decoding_through_and_seeking_give_the_same_pixels(gop_videos, name):
             stats[policy] = reader.stats
         frames[policy] = [clips.clip(i) for clips in cut for i in range(len(clips))]
         plans = [plan for clips in cut for plan in clips.plans]
-        for plan, clip in zip(plans, frames[policy]):
+        for plan, clip in zip(plans, frames[policy], strict=True):
             assert read_frame_numbers(clip) == _expected(video, plan.indices), (policy, plan)
     for policy in ("never_seek", "seek_when_possible"):
-        for clip, reference in zip(frames[policy], frames["cost_model"]):
+        for clip, reference in zip(frames[policy], frames["cost_model"], strict=True):
             np.testing.assert_array_equal(clip, reference)
     assert stats["never_seek"].seeks == 1  # only back, from the end of the views to the first random clip
     if "gop1_" in name or "gop5_" in name:  # a keyframe near every window start: seeking skips frames
@@ -139,8 +147,18 @@ def test_preprocess_and_serving_cut_the_same_fast_frames(tmp_path):
     classifier = VideoClassifier(model, ["a", "b", "c"], spec)
     fast, slow_index = classifier.views(path)
 
-    meta = ShardMeta(dataset="d", split="val", class_names=["a", "b", "c"], T=4, alpha=4, tau=8,
-                     frames_per_clip=16, target_fps=15, short_side=96, frame_format="raw")
+    meta = ShardMeta(
+        dataset="d",
+        split="val",
+        class_names=["a", "b", "c"],
+        T=4,
+        alpha=4,
+        tau=8,
+        frames_per_clip=16,
+        target_fps=15,
+        short_side=96,
+        frame_format="raw",
+    )
     task = Task(video_id="v", label=0, rel="v.mp4", size=path.stat().st_size, etag="")
     rows, short = decode_video(path, task, meta, mode="eval", num_clips=4, seed=0, max_pixels=10**6)
     assert not short and [r["clip_index"] for r in rows] == [0, 1, 2, 3]
@@ -157,8 +175,19 @@ def test_preprocess_and_serving_cut_the_same_fast_frames(tmp_path):
 
 def test_jpeg_rows_share_the_bytes_of_frames_that_views_share(gop_videos):
     video = gop_videos["gop30_bframes3"]
-    meta = ShardMeta(dataset="d", split="val", class_names=["a"], T=T, alpha=ALPHA, tau=TAU, frames_per_clip=ALPHA * T,
-                     target_fps=TARGET_FPS, short_side=64, frame_format="jpeg", jpeg_quality=90)
+    meta = ShardMeta(
+        dataset="d",
+        split="val",
+        class_names=["a"],
+        T=T,
+        alpha=ALPHA,
+        tau=TAU,
+        frames_per_clip=ALPHA * T,
+        target_fps=TARGET_FPS,
+        short_side=64,
+        frame_format="jpeg",
+        jpeg_quality=90,
+    )
     task = Task(video_id="v", label=0, rel=video.path.name, size=0, etag="")
     rows, _ = decode_video(video.path, task, meta, mode="eval", num_clips=10, seed=0, max_pixels=10**6)
     distinct = {int(j) for p in EVAL.plans(300) for j in p.indices}

@@ -2,6 +2,7 @@
 
 Nothing here starts a cluster; each check reads the files the way Ray, KubeRay or the pipeline will.
 """
+
 from __future__ import annotations
 
 import copy
@@ -17,8 +18,12 @@ import jsonschema
 import pytest
 import ray
 import yaml
-from ray._private.label_utils import (parse_node_labels_string, validate_label_selector, validate_node_label_syntax,
-                                      validate_node_labels)
+from ray._private.label_utils import (
+    parse_node_labels_string,
+    validate_label_selector,
+    validate_node_label_syntax,
+    validate_node_labels,
+)
 from ray._private.runtime_env import packaging
 from ray.autoscaler._private.util import prepare_config, validate_config
 from ray.runtime_env import RuntimeEnv
@@ -29,8 +34,10 @@ REPO = Path(__file__).resolve().parents[1]
 CLUSTER = REPO / "cluster"
 KUBERAY = CLUSTER / "kuberay"
 RAY_IMAGE = f"rayproject/ray:{ray.__version__}-py{sys.version_info.major}{sys.version_info.minor}-gpu"
-RECIPES = {"configs/k400_slowfast_8x8_r50.yaml": "slowfast_8x8_r50",
-           "configs/k400_slowfast_4x16_r50.yaml": "slowfast_4x16_r50"}
+RECIPES = {
+    "configs/k400_slowfast_8x8_r50.yaml": "slowfast_8x8_r50",
+    "configs/k400_slowfast_4x16_r50.yaml": "slowfast_4x16_r50",
+}
 # What a stock rayproject/ray image lacks (or must run at the tested version).
 NEEDED = {"torch", "av", "simplejpeg", "mlflow", "boto3", "pydantic", "pyyaml"}
 
@@ -68,8 +75,7 @@ def pip_pins(packages: list[str]) -> dict[str, str]:
 
 # --- cron --------------------------------------------------------------------------------------
 
-CRON_FIELDS = [("minute", 0, 59), ("hour", 0, 23), ("day of month", 1, 31), ("month", 1, 12),
-               ("day of week", 0, 7)]
+CRON_FIELDS = [("minute", 0, 59), ("hour", 0, 23), ("day of month", 1, 31), ("month", 1, 12), ("day of week", 0, 7)]
 
 
 def parse_cron(schedule: str) -> list[set[int]]:
@@ -78,7 +84,7 @@ def parse_cron(schedule: str) -> list[set[int]]:
     if len(fields) != 5:
         raise ValueError(f"{schedule!r}: {len(fields)} fields, a cron schedule has 5")
     out = []
-    for text, (what, low, high) in zip(fields, CRON_FIELDS):
+    for text, (what, low, high) in zip(fields, CRON_FIELDS, strict=True):
         values = set()
         for part in text.split(","):
             m = re.fullmatch(r"(\*|(\d+)(?:-(\d+))?)(?:/(\d+))?", part)
@@ -100,7 +106,7 @@ def shortest_period_s(schedule: str) -> int:
     assert dom == everything[2] and month == everything[3], f"{schedule}: only daily/weekly shapes are handled"
     assert len(minute) == 1 and len(hour) == 1, f"{schedule}: one start time per day expected"
     days = sorted({d % 7 for d in dow})
-    gaps = [(b - a) % 7 or 7 for a, b in zip(days, days[1:] + days[:1])]
+    gaps = [(b - a) % 7 or 7 for a, b in zip(days, days[1:] + days[:1], strict=True)]
     return min(gaps) * 86400
 
 
@@ -183,8 +189,10 @@ def most(num_workers) -> int:
 
 def roles() -> tuple[dict[str, str], dict[str, str]]:
     """(train, data): the node labels both recipes ask for."""
-    asked = {(tuple(sorted(c.ray.train_nodes.items())), tuple(sorted(c.ray.data_nodes.items())))
-             for c in (load_config(REPO / p) for p in RECIPES)}
+    asked = {
+        (tuple(sorted(c.ray.train_nodes.items())), tuple(sorted(c.ray.data_nodes.items())))
+        for c in (load_config(REPO / p) for p in RECIPES)
+    }
     assert len(asked) == 1, f"the recipes ask for different node roles: {asked}"
     train, data = asked.pop()
     return dict(train), dict(data)
@@ -205,10 +213,11 @@ def test_recipes_ask_for_two_distinct_roles_in_rays_syntax():
     assert train and data, "both roles must be set: an empty one would let that work run on any node"
     for labels in (train, data):
         assert validate_label_selector(labels) is None
-        validate_node_label_syntax(labels)   # also valid as node labels, so a node can carry them
-        validate_node_labels(labels)         # not in Ray's reserved ray.io/ namespace
-        assert all(re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", v) for v in labels.values()), \
+        validate_node_label_syntax(labels)  # also valid as node labels, so a node can carry them
+        validate_node_labels(labels)  # not in Ray's reserved ray.io/ namespace
+        assert all(re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", v) for v in labels.values()), (
             "plain values only (no !, in(...)): matches() and the cluster files assume equality"
+        )
     # A node of one role never satisfies the other's selector.
     assert not matches(train, data) and not matches(data, train)
 
@@ -244,6 +253,7 @@ def label_text(labels: dict[str, str]) -> str:
 def test_ray_start_takes_the_documented_labels():
     # `ray start --labels` is hidden from `ray start --help` in Ray 2.60, but there.
     from ray.scripts.scripts import start
+
     assert "labels" in {p.name for p in start.params}
     train, data = roles()
     assert parse_node_labels_string(",".join(f"{k}={v}" for k, v in data.items())) == data
@@ -253,10 +263,13 @@ def test_ray_start_takes_the_documented_labels():
         for m in re.finditer(r"--labels[= ]+(\"[^\"]*\"|'[^']*'|[^\s`]+)", doc.read_text()):
             labels = parse_node_labels_string(m.group(1).strip("'\""))
             validate_node_label_syntax(labels)
-            assert labels in (train, data), f"{doc.relative_to(REPO)}: --labels {m.group(1)} is not a role of the recipes"
+            assert labels in (train, data), (
+                f"{doc.relative_to(REPO)}: --labels {m.group(1)} is not a role of the recipes"
+            )
             shown[label_text(labels)] = labels
-    assert sorted(shown.values(), key=label_text) == sorted([train, data], key=label_text), \
+    assert sorted(shown.values(), key=label_text) == sorted([train, data], key=label_text), (
         "cluster/README.md should show how to start a node of each role"
+    )
 
 
 # --- runtime envs ------------------------------------------------------------------------------
@@ -264,7 +277,7 @@ def test_ray_start_takes_the_documented_labels():
 
 def test_runtime_envs_are_valid_and_pinned_as_tested():
     full, local = load(CLUSTER / "runtime_env.yaml"), load(CLUSTER / "runtime_env.local.yaml")
-    RuntimeEnv(**full)   # Ray's own validation of each field
+    RuntimeEnv(**full)  # Ray's own validation of each field
     RuntimeEnv(**local)
     pins = pip_pins(full["pip"])
     assert set(pins) == NEEDED
@@ -284,12 +297,24 @@ def test_working_dir_upload_is_small_and_complete(tmp_path):
     # Without .gitignore: the excludes alone must keep the upload small.
     packaging.create_package(str(REPO), pkg, include_gitignore=False, excludes=excludes)
     names = zipfile.ZipFile(pkg).namelist()
-    for needed in ("pipelines/__main__.py", "pipelines/config.py", "slowfast/model/config.py",
-                   "configs/k400_slowfast_8x8_r50.yaml", "configs/k400_slowfast_4x16_r50.yaml",
-                   "constraints.txt", "pyproject.toml"):
+    for needed in (
+        "pipelines/__main__.py",
+        "pipelines/config.py",
+        "slowfast/model/config.py",
+        "configs/k400_slowfast_8x8_r50.yaml",
+        "configs/k400_slowfast_4x16_r50.yaml",
+        "constraints.txt",
+        "pyproject.toml",
+    ):
         assert needed in names
-    leaked = [n for n in names if re.match(r"(\.git|\.venv|storage|data|out)/", n) or "__pycache__/" in n
-              or ".egg-info/" in n or n.endswith("mlflow.db")]
+    leaked = [
+        n
+        for n in names
+        if re.match(r"(\.git|\.venv|storage|data|out)/", n)
+        or "__pycache__/" in n
+        or ".egg-info/" in n
+        or n.endswith("mlflow.db")
+    ]
     assert not leaked, leaked[:5]
     assert pkg.stat().st_size < 5 * 2**20
 
@@ -313,15 +338,18 @@ def cronjob_template() -> dict:
 
 
 def rayjob_specs() -> dict[str, dict]:
-    return {"rayjob.yaml": one("rayjob.yaml", "RayJob")["spec"],
-            "raycronjob.yaml jobTemplate": one("raycronjob.yaml", "RayCronJob")["spec"]["jobTemplate"],
-            "cronjob.yaml ConfigMap template": cronjob_template()["spec"]}
+    return {
+        "rayjob.yaml": one("rayjob.yaml", "RayJob")["spec"],
+        "raycronjob.yaml jobTemplate": one("raycronjob.yaml", "RayCronJob")["spec"]["jobTemplate"],
+        "cronjob.yaml ConfigMap template": cronjob_template()["spec"],
+    }
 
 
 def images(node) -> list[str]:
     if isinstance(node, dict):
-        return [v for k, v in node.items() if k == "image" and isinstance(v, str)] + \
-               [i for v in node.values() for i in images(v)]
+        return [v for k, v in node.items() if k == "image" and isinstance(v, str)] + [
+            i for v in node.values() for i in images(v)
+        ]
     if isinstance(node, list):
         return [i for v in node for i in images(v)]
     return []
@@ -349,8 +377,9 @@ def test_ray_images_and_versions_are_pinned_to_the_installed_ray():
     others = set(found) - {RAY_IMAGE}
     for image in others:
         assert re.search(r":[\w.-]+$", image) and not image.endswith(":latest"), f"{image}: pin a tag"
-    cluster_specs = [one("raycluster.yaml", "RayCluster")["spec"]] + \
-                    [s["rayClusterSpec"] for s in rayjob_specs().values()]
+    cluster_specs = [one("raycluster.yaml", "RayCluster")["spec"]] + [
+        s["rayClusterSpec"] for s in rayjob_specs().values()
+    ]
     assert all(s["rayVersion"] == ray.__version__ for s in cluster_specs)
 
 
@@ -413,16 +442,20 @@ def test_cronjob_fallback_forbids_overlap_with_least_privilege():
     assert spec["schedule"] == one("raycronjob.yaml", "RayCronJob")["spec"]["schedule"]
     job = spec["jobTemplate"]["spec"]
     pod = job["template"]["spec"]
-    assert job["backoffLimit"] == 0 and pod["restartPolicy"] == "Never"   # never a second RayJob
+    assert job["backoffLimit"] == 0 and pod["restartPolicy"] == "Never"  # never a second RayJob
     assert job["activeDeadlineSeconds"] > cronjob_template()["spec"]["activeDeadlineSeconds"]
     sa = one("cronjob.yaml", "ServiceAccount")["metadata"]["name"]
     assert pod["serviceAccountName"] == sa
     role = one("cronjob.yaml", "Role")
-    assert role["rules"] == [{"apiGroups": ["ray.io"], "resources": ["rayjobs"],
-                              "verbs": ["create", "get", "list", "watch"]}]
+    assert role["rules"] == [
+        {"apiGroups": ["ray.io"], "resources": ["rayjobs"], "verbs": ["create", "get", "list", "watch"]}
+    ]
     binding = one("cronjob.yaml", "RoleBinding")
-    assert binding["roleRef"] == {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role",
-                                  "name": role["metadata"]["name"]}
+    assert binding["roleRef"] == {
+        "apiGroup": "rbac.authorization.k8s.io",
+        "kind": "Role",
+        "name": role["metadata"]["name"],
+    }
     assert [(s["kind"], s["name"]) for s in binding["subjects"]] == [("ServiceAccount", sa)]
     # The pod creates the RayJob from the ConfigMap it mounts, and waits for it.
     volume = pod["volumes"][0]["configMap"]["name"]
@@ -433,13 +466,17 @@ def test_cronjob_fallback_forbids_overlap_with_least_privilege():
 
 def cluster_specs() -> dict[str, dict]:
     """Every RayClusterSpec in cluster/kuberay: the RayCluster's and each RayJob's."""
-    return {"raycluster.yaml": one("raycluster.yaml", "RayCluster")["spec"],
-            **{where: s["rayClusterSpec"] for where, s in rayjob_specs().items()}}
+    return {
+        "raycluster.yaml": one("raycluster.yaml", "RayCluster")["spec"],
+        **{where: s["rayClusterSpec"] for where, s in rayjob_specs().items()},
+    }
 
 
 def pod_gpus(group: dict) -> int:
-    return sum(int(c.get("resources", {}).get("limits", {}).get("nvidia.com/gpu", 0))
-               for c in group["template"]["spec"]["containers"])
+    return sum(
+        int(c.get("resources", {}).get("limits", {}).get("nvidia.com/gpu", 0))
+        for c in group["template"]["spec"]["containers"]
+    )
 
 
 @pytest.mark.parametrize("where", list(cluster_specs()))
@@ -466,14 +503,14 @@ def test_kuberay_groups_carry_the_recipes_roles(where):
 # --- credentials -------------------------------------------------------------------------------
 
 SECRET_PATTERNS = [
-    re.compile(r"\b(AKIA|ASIA)[0-9A-Z]{16}\b"),                                   # AWS access key id
-    re.compile(r"(?<![A-Za-z0-9/+=])[A-Za-z0-9/+]{40}(?![A-Za-z0-9/+=])"),           # AWS secret key shape
+    re.compile(r"\b(AKIA|ASIA)[0-9A-Z]{16}\b"),  # AWS access key id
+    re.compile(r"(?<![A-Za-z0-9/+=])[A-Za-z0-9/+]{40}(?![A-Za-z0-9/+=])"),  # AWS secret key shape
     re.compile(r"(?i)aws_secret_access_key\s*[:=]\s*['\"]?[A-Za-z0-9/+]{8,}"),
     re.compile(r"(?i)aws_secret\w*\s*[:=]\s*\S"),
     re.compile(r"(?i)(password|passwd|token|secret)\s*[:=]\s*['\"]?[A-Za-z0-9/+_-]{12,}"),
-    re.compile(r"\bgh[pousr]_[A-Za-z0-9]{30,}\b"),                                 # GitHub token
+    re.compile(r"\bgh[pousr]_[A-Za-z0-9]{30,}\b"),  # GitHub token
     re.compile(r"-----BEGIN [A-Z ]*PRIVATE KEY-----"),
-    re.compile(r"\b[0-9a-f]{48,}\b"),                                              # long hex tokens (Ray's)
+    re.compile(r"\b[0-9a-f]{48,}\b"),  # long hex tokens (Ray's)
 ]
 
 
@@ -519,10 +556,11 @@ def _find_key(node, key):
 
 def test_manifest_pods_get_credentials_from_a_secret_or_a_role():
     for where, spec in rayjob_specs().items():
-        pods = [spec["rayClusterSpec"]["headGroupSpec"]["template"]["spec"]] + \
-               [g["template"]["spec"] for g in spec["rayClusterSpec"]["workerGroupSpecs"]]
+        pods = [spec["rayClusterSpec"]["headGroupSpec"]["template"]["spec"]] + [
+            g["template"]["spec"] for g in spec["rayClusterSpec"]["workerGroupSpecs"]
+        ]
         for pod in pods:
-            assert pod["serviceAccountName"] == "slowfast-ray", where        # IRSA
+            assert pod["serviceAccountName"] == "slowfast-ray", where  # IRSA
             for c in pod["containers"]:
                 assert {"secretRef": {"name": "slowfast-credentials", "optional": True}} in c["envFrom"], where
 
@@ -535,7 +573,7 @@ def test_k400_recipe_has_the_papers_numbers(path):
     cfg = load_config(REPO / path)
     m, t, p, e = cfg.model, cfg.train, cfg.preprocess, cfg.evaluate
     assert m.preset == RECIPES[path]
-    assert m.T * m.tau == 64 and m.alpha * m.T == 32 and m.tau // m.alpha == 2   # 32 frames at stride 2
+    assert m.T * m.tau == 64 and m.alpha * m.T == 32 and m.tau // m.alpha == 2  # 32 frames at stride 2
     assert (t.epochs, t.batch_size, t.warmup_epochs, t.weight_decay) == (196, 8, 34, 1e-4)
     assert (t.momentum, t.nesterov, m.dropout) == (0.9, True, 0.5)
     # 8 GPUs x 8 clips is the reference batch, so the linearly scaled lr is exactly 0.1.
@@ -555,5 +593,12 @@ def test_k400_recipe_has_the_papers_numbers(path):
 def test_the_two_recipes_differ_only_in_the_model():
     a, b = (load_config(REPO / p).flatten() for p in RECIPES)
     differ = {k for k in a.keys() | b.keys() if a.get(k) != b.get(k)}
-    assert differ == {"name", "model.preset", "model.T", "model.tau", "model.alpha", "model.fusion_kernel",
-                      "mlflow.model_name"}
+    assert differ == {
+        "name",
+        "model.preset",
+        "model.T",
+        "model.tau",
+        "model.alpha",
+        "model.fusion_kernel",
+        "mlflow.model_name",
+    }

@@ -1,4 +1,5 @@
 """The pipeline config: YAML in, typed config out, every mistake named by key path with what is allowed."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -72,15 +73,21 @@ def test_finetune_config_fits_the_pyslowfast_kinetics_checkpoint_it_names():
     # The model-zoo file is a Caffe2 pickle of Kinetics-400 weights: its blobs fit the config's model at another
     # class count, the head re-initialised.
     blobs = export_state_dict(build("slowfast_8x8_r50", num_classes=400), "caffe2")
-    report = check_checkpoint(cfg.model.to_slowfast_config(num_classes=5), {"blobs": blobs}, head="auto",
-                              class_names=[f"class {i}" for i in range(5)])
+    report = check_checkpoint(
+        cfg.model.to_slowfast_config(num_classes=5),
+        {"blobs": blobs},
+        head="auto",
+        class_names=[f"class {i}" for i in range(5)],
+    )
     assert report.format == "caffe2" and report.reinitialised == ("head.fc.weight", "head.fc.bias")
 
 
 def test_unknown_top_level_key_is_named_with_the_allowed_keys(tmp_path):
     lines = problems(demo_with(tmp_path, nmae="x"))
-    assert lines == ["nmae: unknown key; allowed: name, storage_root, shared_filesystem, s3, data, preprocess, model, train, "
-                     "evaluate, mlflow, ray, infer"]
+    assert lines == [
+        "nmae: unknown key; allowed: name, storage_root, shared_filesystem, s3, data, preprocess, model, train, "
+        "evaluate, mlflow, ray, infer"
+    ]
 
 
 def test_unknown_nested_keys_are_all_reported_with_their_paths(tmp_path):
@@ -104,8 +111,10 @@ def test_unknown_key_in_an_optional_subsection_lists_that_subsection(tmp_path):
 
 def test_bad_choice_lists_the_allowed_values_and_the_given_one(tmp_path):
     lines = problems(DEMO, ["preprocess.frame_format=png", "model.lateral=diagonal", "evaluate.spatial_crops=2"])
-    assert "preprocess.frame_format: Input should be 'jpeg' or 'raw' (got 'png')  " \
-           "[from --set preprocess.frame_format=png]" in lines
+    assert (
+        "preprocess.frame_format: Input should be 'jpeg' or 'raw' (got 'png')  "
+        "[from --set preprocess.frame_format=png]" in lines
+    )
     lateral = next(line for line in lines if line.startswith("model.lateral: "))
     for allowed in ("time_strided_conv", "time_to_channel", "time_strided_sampling", "none", "'diagonal'"):
         assert allowed in lateral
@@ -114,9 +123,19 @@ def test_bad_choice_lists_the_allowed_values_and_the_given_one(tmp_path):
 
 
 def test_set_overrides_apply_with_yaml_types():
-    cfg = load_config(DEMO, ["model.alpha=8", "model.fast_input=rgb", "train.epochs=3", "train.scale_jitter=[80, 100]",
-                             "train.nesterov=false", "train.grad_clip=1.5", "ray.address=auto",
-                             "storage_root=s3://bucket/runs/demo"])
+    cfg = load_config(
+        DEMO,
+        [
+            "model.alpha=8",
+            "model.fast_input=rgb",
+            "train.epochs=3",
+            "train.scale_jitter=[80, 100]",
+            "train.nesterov=false",
+            "train.grad_clip=1.5",
+            "ray.address=auto",
+            "storage_root=s3://bucket/runs/demo",
+        ],
+    )
     assert cfg.model.alpha == 8
     assert cfg.model.to_slowfast_config().fast_frames == 8 * cfg.model.T
     assert cfg.model.overrides() == {"alpha": 8}
@@ -134,9 +153,11 @@ def test_set_into_unknown_or_non_section_keys_fails(tmp_path):
         "nesterov, grad_clip, crop_size, scale_jitter, num_workers, use_gpu, cpus_per_worker, "
         "resources_per_worker, threads_per_worker, max_failures, keep_checkpoints, mixed_precision, seed, "
         "init_from, init_head, freeze_up_to, freeze_bn, head_lr_mult  "
-        "[from --set train.lrr=1]"]
+        "[from --set train.lrr=1]"
+    ]
     assert problems(DEMO, ["name.first=x"]) == [
-        "name: is a value ('demo'), not a section; cannot set 'name.first'  [from --set name.first=x]"]
+        "name: is a value ('demo'), not a section; cannot set 'name.first'  [from --set name.first=x]"
+    ]
     assert problems(DEMO, ["train.epochs"])[0].startswith("--set 'train.epochs': expected KEY=VALUE")
     # A section the file leaves out is created by --set, and its keys are still checked.
     data = yaml.safe_load(DEMO.read_text())
@@ -156,8 +177,9 @@ def test_unknown_preset_lists_the_known_ones():
 def test_preset_fills_unset_fields_and_explicit_fields_win():
     cfg = load_config(DEMO, ["model.preset=slowfast_8x8_r101", "model.fast_input=rgb"])
     assert cfg.model.to_slowfast_config() == PRESETS["slowfast_8x8_r101"]
-    cfg = load_config(DEMO, ["model.preset=slowfast_4x16_r50", "model.alpha=4", "model.beta=1/8",
-                             "model.fast_input=rgb"])
+    cfg = load_config(
+        DEMO, ["model.preset=slowfast_4x16_r50", "model.alpha=4", "model.beta=1/8", "model.fast_input=rgb"]
+    )
     assert (cfg.model.T, cfg.model.tau, cfg.model.alpha, cfg.model.fusion_kernel) == (4, 16, 4, 5)
     assert cfg.model.overrides() == {"alpha": 4}
 
@@ -171,7 +193,8 @@ def test_sum_fusion_incompatibility_is_reported_at_model():
 def test_checks_across_fields_and_sections(tmp_path):
     assert problems(DEMO, ["evaluate.temporal_views=10"]) == [
         "evaluate.temporal_views: 10 views but only preprocess.eval_views=4 are pre-sampled; "
-        "lower one or raise the other"]
+        "lower one or raise the other"
+    ]
     (line,) = problems(DEMO, ["train.crop_size=96"])
     assert line.startswith("train: crop_size 96 is larger than the smallest jittered short side 64")
     (line,) = problems(DEMO, ["storage_root=gs://bucket/x"])
@@ -185,8 +208,9 @@ def test_checks_across_fields_and_sections(tmp_path):
 def test_missing_required_sections_are_named(tmp_path):
     lines = problems(write(tmp_path, {"name": "x"}))
     assert sorted(lines) == ["data: required key is missing", "model: required key is missing"]
-    lines = problems(write(tmp_path, {"name": "x", "data": {"dataset": "d", "format": "folder", "video_root": "v"},
-                                      "model": {}}))
+    lines = problems(
+        write(tmp_path, {"name": "x", "data": {"dataset": "d", "format": "folder", "video_root": "v"}, "model": {}})
+    )
     assert lines == ["model.preset: required key is missing"]
 
 
@@ -202,7 +226,8 @@ def test_data_keys_must_fit_the_format(tmp_path):
     assert "data.video_root: required key is missing" in problems(write(tmp_path, data))
     assert problems(DEMO, ["data.video_root=' '"]) == [
         "data.video_root: is empty; set it to the folder or s3://bucket/prefix that holds the videos"
-        "  [from --set data.video_root=' ']"]
+        "  [from --set data.video_root=' ']"
+    ]
     (line,) = problems(DEMO, ["data.format=folder", "data.annotations={}", "data.val_fraction=1"])
     assert line == "data.val_fraction: Input should be less than 1 (got 1)  [from --set data.val_fraction=1]"
 
@@ -244,15 +269,21 @@ def test_hash_is_stable_and_changes_with_an_override():
     assert epochs.config_hash() != first.config_hash()
     # Section hashes: a train change leaves the preprocessing hash (and so the shards) alone.
     assert epochs.config_hash("preprocess") == first.config_hash("preprocess")
-    assert load_config(DEMO, ["preprocess.short_side=80"]).config_hash("preprocess") != \
-        first.config_hash("preprocess")
+    assert load_config(DEMO, ["preprocess.short_side=80"]).config_hash("preprocess") != first.config_hash("preprocess")
     # Spelling a preset's own value explicitly is the same config.
     assert load_config(DEMO, [f"model.alpha={PRESETS['slowfast_tiny'].alpha}"]).config_hash() == first.config_hash()
 
 
 def test_resolved_config_round_trips_with_preset_overrides(tmp_path):
-    cfg = load_config(DEMO, ["model.preset=slowfast_4x16_r50", "model.lateral=time_strided_sampling",
-                             "model.fast_input=rgb", "train.epochs=3"])
+    cfg = load_config(
+        DEMO,
+        [
+            "model.preset=slowfast_4x16_r50",
+            "model.lateral=time_strided_sampling",
+            "model.fast_input=rgb",
+            "train.epochs=3",
+        ],
+    )
     path = tmp_path / "resolved.yaml"
     path.write_text(cfg.to_yaml())
     again = load_config(path)

@@ -1,5 +1,6 @@
 """PyAV decoding on real encoded videos whose frames show their own number: the clips hold
 exactly the frames the reference arithmetic names, and every broken file gets its reason."""
+
 import io
 import struct
 from fractions import Fraction
@@ -19,6 +20,7 @@ from slowfast.video.decode import (
 )
 from slowfast.video.geometry import short_side_size
 from slowfast.video.sampling import plan_clips
+
 from videos import (
     encode_audio_only,
     encode_frame_number_video,
@@ -41,15 +43,12 @@ VARIANTS = {
     "vp9_webm_30fps": dict(codec="libvpx-vp9", fps=30, container_format="webm"),
     "hevc_29.97fps": dict(codec="libx265", fps=Fraction(30000, 1001)),
     # Irregular gaps of 5-70 ms (time base 1 ms); no B-frames, see the VFR test below.
-    "h264_vfr": dict(codec="libx264", fps=30, time_base=Fraction(1, 1000), bframes=0,
-                     pts="vfr"),
+    "h264_vfr": dict(codec="libx264", fps=30, time_base=Fraction(1, 1000), bframes=0, pts="vfr"),
     # Streams that do not start at timestamp 0: MPEG-TS (1.4 s by default) and MP4 at 1.5 s.
     "h264_mpegts_offset_start": dict(codec="libx264", fps=30, container_format="mpegts"),
-    "h264_mp4_offset_start": dict(codec="libx264", fps=30, time_base=Fraction(1, 15360),
-                                  pts="offset"),
+    "h264_mp4_offset_start": dict(codec="libx264", fps=30, time_base=Fraction(1, 15360), pts="offset"),
     "h264_rotated_90": dict(codec="libx264", fps=30, rotation=90),
-    "h264_rotated_-90_with_audio": dict(codec="libx264", fps=30, rotation=-90, audio=True,
-                                        width=96, height=128),
+    "h264_rotated_-90_with_audio": dict(codec="libx264", fps=30, rotation=-90, audio=True, width=96, height=128),
 }
 NUM_FRAMES = 200
 
@@ -73,8 +72,7 @@ def videos(tmp_path_factory):
         elif pts == "offset":
             settings["pts"] = [23040 + 512 * i for i in range(NUM_FRAMES)]
         ext = {"webm": "webm", "mpegts": "ts"}.get(settings.get("container_format"), "mp4")
-        out[name] = encode_frame_number_video(root / f"{name}.{ext}", NUM_FRAMES, gop=30,
-                                              **settings)
+        out[name] = encode_frame_number_video(root / f"{name}.{ext}", NUM_FRAMES, gop=30, **settings)
     return out
 
 
@@ -107,8 +105,7 @@ def test_clips_hold_the_frames_the_reference_names(videos, name):
     info = probe(video.path)
     n = info.frames_at(TARGET_FPS)
     evals = plan_clips(n, T=T, tau=TAU, alpha=ALPHA, mode="eval", num_clips=10)
-    trains = plan_clips(n, T=T, tau=TAU, alpha=ALPHA, mode="train", num_clips=2, seed=0,
-                        video_id=name)
+    trains = plan_clips(n, T=T, tau=TAU, alpha=ALPHA, mode="train", num_clips=2, seed=0, video_id=name)
     plans = [evals[0], evals[5], evals[9], *trains]
     # Also the very end: the last 32 target frames of the video.
     end = list(range(n - ALPHA * T, n))
@@ -116,7 +113,7 @@ def test_clips_hold_the_frames_the_reference_names(videos, name):
     stats = DecodeStats()
     clips = decode_windows(video.path, windows, short_side=256, stats=stats)
 
-    for plan, clip in zip(plans, clips):
+    for plan, clip in zip(plans, clips, strict=True):
         assert read_frame_numbers(clip) == _expected(video, plan.indices), plan
     assert read_frame_numbers(clips[-1]) == _expected(video, end)
     assert _expected(video, end)[-1] >= NUM_FRAMES - 2  # within a target frame of the end
@@ -165,8 +162,9 @@ def test_time_zero_is_the_first_frame_shown(videos, tmp_path):
         assert read_frame_numbers(clip) == [0, 15]
     # Negative timestamps: MP4 keeps the first 10 frames before its presentation start (an
     # edit list), so the container shows frame 10 at time 0, and so do we.
-    video = encode_frame_number_video(tmp_path / "neg.mp4", 60, time_base=Fraction(1, 15360),
-                                      pts=[512 * (i - 10) for i in range(60)])
+    video = encode_frame_number_video(
+        tmp_path / "neg.mp4", 60, time_base=Fraction(1, 15360), pts=[512 * (i - 10) for i in range(60)]
+    )
     clip = decode_frames(video.path, [0.0, 0.5], short_side=None)
     assert read_frame_numbers(clip) == [10, 25]
     assert probe(video.path).frames_at(TARGET_FPS) == 50
@@ -200,7 +198,7 @@ def test_rotation_is_the_real_mp4_display_matrix(videos):
     tkhd = data.find(b"tkhd")
     version = data[tkhd + 4]
     matrix_at = tkhd + 4 + 4 + (32 if version == 1 else 20) + 8 + 2 + 2 + 2 + 2
-    a, b, u, c, d, v, x, y, w = struct.unpack(">9i", data[matrix_at:matrix_at + 36])
+    a, b, u, c, d, v, x, y, w = struct.unpack(">9i", data[matrix_at : matrix_at + 36])
     assert (a, b, c, d) == (0, 1 << 16, -(1 << 16), 0)
 
 
@@ -254,8 +252,7 @@ def test_seeking_decodes_only_near_the_window(tmp_path):
     assert whole.frames_decoded == 300 and whole.seeks == 0  # open + all the rest, in order
 
     near_end = DecodeStats()
-    clip = decode_frames(video.path, [j / TARGET_FPS for j in range(250, 282)], short_side=None,
-                         stats=near_end)
+    clip = decode_frames(video.path, [j / TARGET_FPS for j in range(250, 282)], short_side=None, stats=near_end)
     assert read_frame_numbers(clip) == list(range(250, 282))
     # Opening decodes frame 0; one seek lands on the keyframe at 240; decoding stops at 282,
     # the frame that shows 281 has ended.
@@ -263,11 +260,9 @@ def test_seeking_decodes_only_near_the_window(tmp_path):
     assert near_end.frames_decoded == 1 + (282 - 240 + 1)
 
     two_clips = DecodeStats()
-    plans = plan_clips(300, T=T, tau=TAU, alpha=ALPHA, mode="train", num_clips=2, seed=1,
-                       video_id="long")
-    clips = decode_windows(video.path, [p.times(TARGET_FPS) for p in plans], short_side=None,
-                           stats=two_clips)
-    for plan, clip in zip(plans, clips):
+    plans = plan_clips(300, T=T, tau=TAU, alpha=ALPHA, mode="train", num_clips=2, seed=1, video_id="long")
+    clips = decode_windows(video.path, [p.times(TARGET_FPS) for p in plans], short_side=None, stats=two_clips)
+    for plan, clip in zip(plans, clips, strict=True):
         assert read_frame_numbers(clip) == plan.indices.tolist()
     assert two_clips.frames_decoded < 2 * (64 + 30) + 3 < 300
 
@@ -325,8 +320,7 @@ def test_truncated_mp4_without_its_index(good_mp4):
 def test_truncated_mp4_with_its_index_first(good_mp4, tmp_path):
     # "faststart" MP4 (index first, as web videos are): opens fine, the media data is short.
     path = tmp_path / "faststart.mp4"
-    with av.open(io.BytesIO(good_mp4)) as src, av.open(str(path), "w",
-                                                        options={"movflags": "faststart"}) as dst:
+    with av.open(io.BytesIO(good_mp4)) as src, av.open(str(path), "w", options={"movflags": "faststart"}) as dst:
         out = dst.add_stream_from_template(src.streams.video[0])
         for packet in src.demux(src.streams.video[0]):
             if packet.dts is not None:
@@ -339,8 +333,7 @@ def test_truncated_mp4_with_its_index_first(good_mp4, tmp_path):
 
 
 def test_truncated_webm(tmp_path):
-    video = encode_frame_number_video(tmp_path / "v.webm", 90, codec="libvpx-vp9",
-                                      container_format="webm")
+    video = encode_frame_number_video(tmp_path / "v.webm", 90, codec="libvpx-vp9", container_format="webm")
     data = video.path.read_bytes()
     assert _reason(data[: int(len(data) * 0.6)]).reason == dec.TRUNCATED
 
@@ -348,11 +341,10 @@ def test_truncated_webm(tmp_path):
 def test_truncated_stream_that_declares_no_size(tmp_path):
     # A Matroska segment of unknown size (as live recorders write it): nothing in the file
     # structure is short, but the stream ends well before the duration it declares.
-    video = encode_frame_number_video(tmp_path / "v.webm", 150, codec="libvpx-vp9",
-                                      container_format="webm")
+    video = encode_frame_number_video(tmp_path / "v.webm", 150, codec="libvpx-vp9", container_format="webm")
     data = bytearray(video.path.read_bytes())
     seg = data.find(bytes.fromhex("18538067"))
-    data[seg + 4:seg + 12] = bytes.fromhex("01ffffffffffffff")
+    data[seg + 4 : seg + 12] = bytes.fromhex("01ffffffffffffff")
     cut = bytes(data[: int(len(data) * 0.6)])
     assert probe(cut).duration_sec == pytest.approx(5.0)
     err = _reason(cut)
@@ -369,8 +361,7 @@ def test_audio_only_has_no_video_stream(tmp_path):
     path = encode_audio_only(tmp_path / "x_000010_000020.mp4")
     err = _reason(path, name="train/abseiling/x_000010_000020.mp4")
     assert err.reason == dec.NO_VIDEO_STREAM
-    assert str(err) == ("VideoDecodeError: train/abseiling/x_000010_000020.mp4: "
-                        "no video stream (audio only)")
+    assert str(err) == ("VideoDecodeError: train/abseiling/x_000010_000020.mp4: no video stream (audio only)")
 
 
 def test_frame_over_the_pixel_limit(good_mp4):
@@ -384,7 +375,7 @@ def test_corrupt_bytes_mid_stream_are_a_decode_error(good_mp4):
     data = bytearray(good_mp4)
     mdat = data.find(b"mdat")
     middle = mdat + (len(data) - mdat) // 2
-    data[middle:middle + 2000] = np.random.default_rng(0).integers(0, 256, 2000, np.uint8).tobytes()
+    data[middle : middle + 2000] = np.random.default_rng(0).integers(0, 256, 2000, np.uint8).tobytes()
     err = _reason(bytes(data))
     assert err.reason == dec.DECODE_ERROR
     # Only decoded windows are checked: the first second is intact and decodes.
@@ -392,7 +383,15 @@ def test_corrupt_bytes_mid_stream_are_a_decode_error(good_mp4):
 
 
 def test_reasons_are_exported():
-    assert set(dec.REASONS) == {"missing_file", "zero_bytes", "truncated", "not_a_video",
-                                "no_video_stream", "frame_too_large", "too_many_frames", "decode_error"}
+    assert set(dec.REASONS) == {
+        "missing_file",
+        "zero_bytes",
+        "truncated",
+        "not_a_video",
+        "no_video_stream",
+        "frame_too_large",
+        "too_many_frames",
+        "decode_error",
+    }
     with pytest.raises(ValueError):
         VideoDecodeError("x.mp4", "gremlins")

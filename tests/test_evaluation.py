@@ -1,12 +1,12 @@
 """One evaluation path: the training run's validation, `pipelines evaluate` and the ablation study score the
 same checkpoint on the same views into the same video-level figures, and all pick N of the stored views
 with the one uniform rule. Real shards from real videos (local Ray preprocess)."""
+
 from __future__ import annotations
 
 import pytest
 import torch
 
-from conftest import load_benchmark, pipeline_config
 from pipelines.data import storage_of
 from pipelines.evaluate import eval_set, score, score_on_ray
 from pipelines.train import prepare_data
@@ -17,14 +17,17 @@ from slowfast.train import memory_format
 from slowfast.train.evaluation import score_views
 from slowfast.video.sampling import choose_views
 
+from conftest import load_benchmark, pipeline_config
+
 STORED, WANTED = 5, 3  # N < stored views: choose_views(5, 3) = [0, 2, 4]
 
 
 @pytest.fixture(scope="module")
 def prepared(ray_local, synth_set, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("evaluation")
-    cfg = pipeline_config(tmp, synth_set, preprocess={"eval_views": STORED},
-                          evaluate={"temporal_views": WANTED, "spatial_crops": 1})
+    cfg = pipeline_config(
+        tmp, synth_set, preprocess={"eval_views": STORED}, evaluate={"temporal_views": WANTED, "spatial_crops": 1}
+    )
     store = storage_of(cfg)
     data = prepare_data(cfg, store, log=lambda *_: None)
     torch.manual_seed(0)
@@ -57,12 +60,29 @@ def test_validation_evaluate_and_ablation_give_the_same_figures(prepared, ablati
     assert es.clip_indices == [0, 2, 4]
     evaluated = score(net, es, store, batch_size=4, device="cpu")
 
-    loop = LoopConfig(cfg=cfg, store=store, classes=data.classes,
-                      val_shards=[(store.path(p), sorted(s)) for p, s in data.val_shards],
-                      val_views=choose_views(STORED, WANTED), train_clips=1, tracking_uri="", mlflow_run_id="",
-                      run_name="test")
-    worker = Worker(rank=0, world=1, device=torch.device("cpu"), fmt=fmt, net=net, model=net, optimizer=None,
-                    schedule=None, tracker=None, steps_per_epoch=1)
+    loop = LoopConfig(
+        cfg=cfg,
+        store=store,
+        classes=data.classes,
+        val_shards=[(store.path(p), sorted(s)) for p, s in data.val_shards],
+        val_views=choose_views(STORED, WANTED),
+        train_clips=1,
+        tracking_uri="",
+        mlflow_run_id="",
+        run_name="test",
+    )
+    worker = Worker(
+        rank=0,
+        world=1,
+        device=torch.device("cpu"),
+        fmt=fmt,
+        net=net,
+        model=net,
+        optimizer=None,
+        schedule=None,
+        tracker=None,
+        steps_per_epoch=1,
+    )
     validated = validate(worker, loop)
 
     batches = ablation.eval_batches(cfg, data)
@@ -77,9 +97,20 @@ def test_validation_evaluate_and_ablation_give_the_same_figures(prepared, ablati
     # The same views, scored the same: per-video mean probabilities agree, and only views 0, 2 and 4 (centre
     # crop: spatial position 1 of 3) were read.
     shards = [(store.path(p), s) for p, s in data.val_shards]
-    direct = score_views(net, iter_clips(shards, mode="eval", batch_size=4, crop=cfg.train.crop_size,
-                                         filesystem=store.fs, spatial_crops=1,
-                                         views=choose_views(STORED, WANTED)), device="cpu", fmt=fmt)
+    direct = score_views(
+        net,
+        iter_clips(
+            shards,
+            mode="eval",
+            batch_size=4,
+            crop=cfg.train.crop_size,
+            filesystem=store.fs,
+            spatial_crops=1,
+            views=choose_views(STORED, WANTED),
+        ),
+        device="cpu",
+        fmt=fmt,
+    )
     assert {tuple(v) for v in direct.videos.state_dict()["view_ids"]} == {(1, 7, 13)}
     again = score_views(net, batches, device="cpu", fmt=fmt)
     _, _, p1 = direct.videos.video_scores()

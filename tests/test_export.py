@@ -4,6 +4,7 @@ registered version (sqlite registry) into export/ of its run, or to --out.
 
 Every network here has random weights and batch norm statistics: a freshly built one zero-initialises the last
 batch norm of each residual block, so every branch adds nothing and an exporter's mistake inside one would pass."""
+
 from __future__ import annotations
 
 import subprocess
@@ -15,13 +16,14 @@ import yaml
 from mlflow.tracking import MlflowClient
 from torch import nn
 
-from conftest import REPO, pipeline_config
 from pipelines import tracking
 from pipelines.cli import main
 from pipelines.export import run_onnx
 from slowfast.model import SlowFast, example_inputs, resolve
 from slowfast.model.export import export, run_torchscript
 from slowfast.serving import ClipSpec
+
+from conftest import REPO, pipeline_config
 
 TOLERANCE = 1e-4  # max abs difference of the logits, which are of order 10 here (see randomised)
 LAST_BN = ".c.bn"  # the batch norm ending each bottleneck's branch (a, b, c), zero-initialised when built
@@ -105,15 +107,23 @@ export(SlowFast(config).eval(), example_inputs(config, batch=2, size=32), "onnx"
 def test_onnx_export_prints_none_of_the_exporters_notices_about_other_models(tmp_path):
     """In a fresh process (torch.onnx says that torchvision is missing once, when it first builds its registry):
     nothing on stderr, so neither that nor the notices about the shared batch dimension or torch's pytree."""
-    done = subprocess.run([sys.executable, "-W", "default", "-c", _EXPORT_ONNX, str(tmp_path / "m.onnx")],
-                          capture_output=True, text=True, cwd=REPO, timeout=300)
+    done = subprocess.run(
+        [sys.executable, "-W", "default", "-c", _EXPORT_ONNX, str(tmp_path / "m.onnx")],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=300,
+    )
     assert done.returncode == 0, done.stderr
     assert (tmp_path / "m.onnx").stat().st_size > 0 and done.stderr == ""
 
 
 def test_cli_logs_the_export_to_the_version_run_or_writes_out(tmp_path, capsys):
-    cfg = pipeline_config(tmp_path, tmp_path, mlflow={"tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}",
-                                                      "experiment": "export", "model_name": "exp"})
+    cfg = pipeline_config(
+        tmp_path,
+        tmp_path,
+        mlflow={"tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}", "experiment": "export", "model_name": "exp"},
+    )
     config_file = tmp_path / "pipeline.yaml"
     config_file.write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
     net = randomised(SlowFast(cfg.model.to_slowfast_config(num_classes=3)))
@@ -121,14 +131,29 @@ def test_cli_logs_the_export_to_the_version_run_or_writes_out(tmp_path, capsys):
     spec = ClipSpec(T=4, tau=4, alpha=4, target_fps=30.0, short_side=48, crop=32, temporal_views=1, spatial_crops=3)
     version = tracking.log_model(cfg, run_id, net=net, class_names=["a", "b", "c"], spec=spec, metadata={})
 
-    assert main(["export", "--model-uri", f"models:/exp/{version}", "--format", "onnx",
-                 "--config", str(config_file)]) == 0
+    assert (
+        main(["export", "--model-uri", f"models:/exp/{version}", "--format", "onnx", "--config", str(config_file)]) == 0
+    )
     printed = capsys.readouterr().out
     assert "max abs difference from PyTorch" in printed
     logged = [f.path for f in MlflowClient(cfg.mlflow.tracking_uri).list_artifacts(run_id, "export")]
     assert logged == [f"export/exp-{version}.onnx"]
 
     out = tmp_path / "model.pt"
-    assert main(["export", "--model-uri", f"models:/exp/{version}", "--format", "torchscript", "--out", str(out),
-                 "--config", str(config_file)]) == 0
+    assert (
+        main(
+            [
+                "export",
+                "--model-uri",
+                f"models:/exp/{version}",
+                "--format",
+                "torchscript",
+                "--out",
+                str(out),
+                "--config",
+                str(config_file),
+            ]
+        )
+        == 0
+    )
     assert out.stat().st_size > 0 and f"wrote {out}" in capsys.readouterr().out

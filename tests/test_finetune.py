@@ -3,6 +3,7 @@ real sqlite registry), checked in the driver before any worker starts; a 400-cla
 4-class synthetic set keeps its backbone and the rows of shared classes; a real Ray Train run with frozen
 stages leaves them as the checkpoint had them. A registered version is read from its weights-only checkpoint:
 its pickled module, made to run a command, never runs."""
+
 from __future__ import annotations
 
 import contextlib
@@ -17,13 +18,14 @@ import torch
 from mlflow.models import Model
 from mlflow.tracking import MlflowClient
 
-from conftest import pipeline_config
 from pipelines import tracking, workflow
 from pipelines.checkpoints import CHECKPOINT_FILE
 from pipelines.data import storage_of
 from pipelines.train import TrainError, check_init_from, initial_weights, prepare_data, train
 from slowfast.model import SlowFast, load_checkpoint, save_checkpoint
 from slowfast.serving import ClipSpec, VideoClassifier
+
+from conftest import pipeline_config
 
 HEAD = ("head.fc.weight", "head.fc.bias")
 # How the registered versions here cut their clips (the config's model, 1 view).
@@ -45,11 +47,21 @@ def kinetics_like(cfg, classes: list[str], path: Path) -> tuple[Path, list[str]]
 
 def finetune_config(tmp: Path, videos: Path, **train_section):
     return pipeline_config(
-        tmp, videos, preprocess={"clips_per_video": 8, "rows_per_shard": 32},
-        train={"epochs": 1, "batch_size": 8, "num_workers": 1, "cpus_per_worker": 1, "base_lr": 0.04,
-               "warmup_epochs": 0.0, **train_section},
+        tmp,
+        videos,
+        preprocess={"clips_per_video": 8, "rows_per_shard": 32},
+        train={
+            "epochs": 1,
+            "batch_size": 8,
+            "num_workers": 1,
+            "cpus_per_worker": 1,
+            "base_lr": 0.04,
+            "warmup_epochs": 0.0,
+            **train_section,
+        },
         mlflow={"tracking_uri": f"sqlite:///{tmp / 'mlflow.db'}", "experiment": "ft", "model_name": "ft"},
-        ray={"data_cpus": 1.0})
+        ray={"data_cpus": 1.0},
+    )
 
 
 @pytest.fixture(scope="module")
@@ -65,8 +77,11 @@ def check_backbone_and_head(init: dict, checkpoint: Path, names: list[str], clas
     backbone = [k for k in state if k not in HEAD]
     assert backbone and all(torch.equal(state[k], theirs[k]) for k in backbone)
     for row, name in enumerate(classes):
-        kept = torch.equal(state["head.fc.weight"][row], theirs["head.fc.weight"][names.index(name)]) \
-            if name in names else False
+        kept = (
+            torch.equal(state["head.fc.weight"][row], theirs["head.fc.weight"][names.index(name)])
+            if name in names
+            else False
+        )
         assert kept == (name in names), name
     assert state["head.fc.weight"].shape[0] == len(classes)
 
@@ -102,8 +117,9 @@ def test_init_from_a_path_an_s3_uri_and_the_registry(prepared, synth_set, s3_end
     load_checkpoint(net, checkpoint)
     run_id = tracking.client(cfg).create_run(tracking.experiment_id(cfg)).info.run_id
     version = tracking.log_model(cfg, run_id, net=net, class_names=names, spec=SPEC, metadata={})
-    from_registry = initial_weights(finetune_config(tmp, synth_set, init_from=f"models:/ft/{version}"), data, store,
-                                    lines.append)
+    from_registry = initial_weights(
+        finetune_config(tmp, synth_set, init_from=f"models:/ft/{version}"), data, store, lines.append
+    )
     check_backbone_and_head(from_registry, checkpoint, names, classes)
 
     with pytest.raises(TrainError, match="train.init_from .*no checkpoint there"):
@@ -128,8 +144,9 @@ def hostile_version(cfg, net: SlowFast, names: list[str], marker: Path, *, check
     run_id = tracking.client(cfg).create_run(tracking.experiment_id(cfg)).info.run_id
     version = tracking.log_model(cfg, run_id, net=net, class_names=names, spec=SPEC, metadata={})
     source = tracking.client(cfg).get_model_version(cfg.mlflow.model_name, version).source
-    folder = Path(tracking.client(cfg).get_logged_model(source.removeprefix("models:/")).artifact_location
-                  .removeprefix("file://"))
+    folder = Path(
+        tracking.client(cfg).get_logged_model(source.removeprefix("models:/")).artifact_location.removeprefix("file://")
+    )
     torch.save(RunsACommand(marker), folder / "data" / "model.pth")
     if not checkpoint:
         (folder / tracking.CHECKPOINT).unlink()
@@ -217,8 +234,9 @@ def test_fine_tune_with_frozen_stages_through_ray_train(prepared, synth_set):
     tmp, _ = prepared
     cfg0 = finetune_config(tmp, synth_set)
     checkpoint, _ = kinetics_like(cfg0, synth_classes(synth_set), tmp / "k400-run.pt")
-    cfg = finetune_config(tmp, synth_set, init_from=str(checkpoint), freeze_up_to="res3", freeze_bn=True,
-                          head_lr_mult=10.0)
+    cfg = finetune_config(
+        tmp, synth_set, init_from=str(checkpoint), freeze_up_to="res3", freeze_bn=True, head_lr_mult=10.0
+    )
     out = train(cfg, log=lambda *_: None)
     assert out["epochs_done"] == 1
     trained = torch.load(Path(out["best_checkpoint"]) / CHECKPOINT_FILE, weights_only=True)["model_state"]

@@ -2,6 +2,7 @@
 re-initialised (rows of shared class names kept), frozen stages and frozen batch norm stay fixed through
 real training steps on real (synthetic, H.264-encoded) clips, and the head learns at its own rate.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -9,8 +10,18 @@ import pytest
 import torch
 from torch import nn
 
-from slowfast.model import (CheckpointError, FrozenBatchNorm3d, build, check_checkpoint, export_checkpoint,
-                            freeze_batch_norm, freeze_stages, load_checkpoint, resolve, save_checkpoint)
+from slowfast.model import (
+    CheckpointError,
+    FrozenBatchNorm3d,
+    build,
+    check_checkpoint,
+    export_checkpoint,
+    freeze_batch_norm,
+    freeze_stages,
+    load_checkpoint,
+    resolve,
+    save_checkpoint,
+)
 from slowfast.train import build_optimizer, clip_inputs, train_step
 from slowfast.video import synth
 from slowfast.video.decode import decode_frames
@@ -32,9 +43,11 @@ def batch(tmp_path_factory):
         spec = synth.sample_video(seed=0, class_index=label, video_index=0, width=32, height=32, seconds=1.0)
         path = synth.encode_video(folder / f"{label}.mp4", synth.render(spec), spec.fps)
         clips.append(decode_frames(path, np.arange(cfg.fast_frames) / float(spec.fps), short_side=None))
-    return {"fast": torch.from_numpy(np.stack(clips)),
-            "slow_index": torch.from_numpy(np.tile(slow_indices(cfg.alpha, cfg.T), (2, 1))),
-            "label": torch.tensor([0, 1])}
+    return {
+        "fast": torch.from_numpy(np.stack(clips)),
+        "slow_index": torch.from_numpy(np.tile(slow_indices(cfg.alpha, cfg.T), (2, 1))),
+        "label": torch.tensor([0, 1]),
+    }
 
 
 def trained_source(batch, num_classes: int) -> nn.Module:
@@ -52,14 +65,17 @@ def snapshot(model: nn.Module) -> dict[str, torch.Tensor]:
 
 # --- a checkpoint of other classes --------------------------------------------------------------
 
+
 def test_400_class_checkpoint_into_a_6_class_model_loads_the_backbone_and_reinitialises_the_head(tmp_path, batch):
     source = trained_source(batch, num_classes=400)
     path = export_checkpoint(source, tmp_path / "SLOWFAST_KINETICS400.pkl", "caffe2")  # foreign: no class names
     model = build(PRESET, num_classes=6)
     before = snapshot(model)
 
-    with pytest.raises(CheckpointError, match="build the model with num_classes=400; or keep the model's classes "
-                                              "and load with head='auto'"):
+    with pytest.raises(
+        CheckpointError,
+        match="build the model with num_classes=400; or keep the model's classes and load with head='auto'",
+    ):
         load_checkpoint(model, path)
     info = load_checkpoint(model, path, head="auto", class_names=CLASSES)
 
@@ -70,10 +86,17 @@ def test_400_class_checkpoint_into_a_6_class_model_loads_the_backbone_and_reinit
     assert not torch.equal(mine["slow.res2.0.a.bn.running_mean"], before["slow.res2.0.a.bn.running_mean"])
     for key in HEAD:
         assert torch.equal(mine[key], before[key]), key  # the model's own initialisation
-    assert (info.format, info.loaded, info.reinitialised, info.kept_classes, info.checkpoint_classes) == \
-        ("caffe2", len(backbone), HEAD, (), 400)
-    assert info.summary() == (f"loaded {len(backbone)} tensors from {path} (caffe2); re-initialised head.fc.weight, "
-                              "head.fc.bias (checkpoint: 400 classes), kept the rows of 0 shared classes")
+    assert (info.format, info.loaded, info.reinitialised, info.kept_classes, info.checkpoint_classes) == (
+        "caffe2",
+        len(backbone),
+        HEAD,
+        (),
+        400,
+    )
+    assert info.summary() == (
+        f"loaded {len(backbone)} tensors from {path} (caffe2); re-initialised head.fc.weight, "
+        "head.fc.bias (checkpoint: 400 classes), kept the rows of 0 shared classes"
+    )
     # The driver's check: the same verdict on a config, without a model in memory.
     assert check_checkpoint(model.cfg, path, head="auto", class_names=CLASSES) == info
 
@@ -120,8 +143,9 @@ def test_foreign_checkpoint_with_class_names_given_keeps_rows(tmp_path, batch):
     assert info.reinitialised == HEAD and not info.unnamed_head
     assert torch.equal(model.head.fc.bias, before["head.fc.bias"])
 
-    info = load_checkpoint(model, path, head="auto", class_names=["pulsing", "a", "b", "c", "d", "e"],
-                           checkpoint_classes=CLASSES)
+    info = load_checkpoint(
+        model, path, head="auto", class_names=["pulsing", "a", "b", "c", "d", "e"], checkpoint_classes=CLASSES
+    )
     assert info.kept_classes == ("pulsing",)
     assert torch.equal(model.head.fc.weight[0], source.head.fc.weight[1])
 
@@ -148,6 +172,7 @@ def test_a_backbone_that_does_not_fit_is_refused_whatever_the_head_policy(tmp_pa
 
 
 # --- frozen stages, frozen batch norm, the head's learning rate ------------------------------------
+
 
 def test_frozen_stages_stay_identical_through_training(batch):
     torch.manual_seed(0)
@@ -208,8 +233,9 @@ def test_head_learns_at_its_multiple_of_the_backbone_rate(batch):
         torch.manual_seed(0)
         model = build(PRESET, num_classes=2)
         optimizer = build_optimizer(model, lr=0.5, weight_decay=1e-4, head_lr_mult=mult)
-        groups = {tuple(g["param_names"]): (g["lr"], g["weight_decay"], g.get("lr_mult"))
-                  for g in optimizer.param_groups}
+        groups = {
+            tuple(g["param_names"]): (g["lr"], g["weight_decay"], g.get("lr_mult")) for g in optimizer.param_groups
+        }
         if mult != 1.0:
             assert groups[("head.fc.weight",)] == (5.0, 1e-4, 10.0)
             assert groups[("head.fc.bias",)] == (5.0, 0.0, 10.0)

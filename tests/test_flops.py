@@ -1,4 +1,5 @@
 """FLOP counts: the paper's reference presets at 256x256, and how FLOPs scale with the architecture."""
+
 from functools import cache
 
 import pytest
@@ -38,8 +39,10 @@ def test_conv_and_linear_alone_match_the_model_zoo():
 
 
 def test_flops_scale_with_the_architecture():
-    g = {name: preset_gflops(name) for name in ("slowfast_4x16_r50", "slowfast_8x8_r50", "slowfast_8x8_r101",
-                                                "slow_8x8_r50")}
+    g = {
+        name: preset_gflops(name)
+        for name in ("slowfast_4x16_r50", "slowfast_8x8_r50", "slowfast_8x8_r101", "slow_8x8_r50")
+    }
     assert g["slowfast_4x16_r50"] < g["slowfast_8x8_r50"] < g["slowfast_8x8_r101"]
     # The fast pathway is light: SlowFast 8x8 costs about 20% more than Slow-only 8x8 (paper, Table 2).
     assert 1.1 < g["slowfast_8x8_r50"] / g["slow_8x8_r50"] < 1.3

@@ -1,5 +1,6 @@
 """data.format folder: a folder per class (split by path hash, or by split folders), on real PyAV-encoded
 videos, local and on a real S3 endpoint; bad files end in quarantine as with annotation files."""
+
 from __future__ import annotations
 
 import csv
@@ -10,20 +11,20 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import pipeline_config
 from pipelines import ingest
 from pipelines.config import DataSection
 from pipelines.data import run_preprocess, storage_of
 from pipelines.storage import SourceFile
 from slowfast.video.synth import encode_video, render, sample_video
+
+from conftest import pipeline_config
 from videos import encode_audio_only
 
 FOLDER = {"dataset": "mine", "format": "folder", "annotations": {}}
 
 
 def folder_config(tmp: Path, root: str | Path, data: dict | None = None, **sections):
-    return pipeline_config(tmp, Path("/unused"), data={**FOLDER, "video_root": str(root), **(data or {})},
-                           **sections)
+    return pipeline_config(tmp, Path("/unused"), data={**FOLDER, "video_root": str(root), **(data or {})}, **sections)
 
 
 def by_class(synth_set: Path, dest: Path) -> dict[str, str]:
@@ -60,8 +61,11 @@ def test_a_folder_per_class_splits_by_path_hash(synth_set, tmp_path):
     cfg = folder_config(tmp_path, root, {"val_fraction": 0.4})  # 16 videos: 3 of them in val
 
     plan = ingest.plan(cfg, storage_of(cfg))
-    assert plan.classes == sorted(set(videos.values())) == ["bouncing", "scrolling up", "stripes drifting down",
-                                                           "stripes drifting up"]
+    assert (
+        plan.classes
+        == sorted(set(videos.values()))
+        == ["bouncing", "scrolling up", "stripes drifting down", "stripes drifting up"]
+    )
     assert plan.layout == "split by path hash, val_fraction 0.4"
     splits = split_of(plan)
     assert splits == {rel: ingest.hash_split(rel, cfg.data) for rel in videos}  # ids are the relative paths
@@ -85,8 +89,9 @@ def test_split_folders_give_the_videos_and_labels_of_the_kinetics_csvs(synth_set
     for split in ("train", "val"):
         csv_sp, folder_sp = by_csv.splits[split], by_folder.splits[split]
         assert folder_sp.prep_hash == csv_sp.prep_hash  # same clips, same shard folder
-        assert sorted((t.rel, t.label, t.size) for t in folder_sp.todo) == \
-            sorted((t.rel, t.label, t.size) for t in csv_sp.todo)
+        assert sorted((t.rel, t.label, t.size) for t in folder_sp.todo) == sorted(
+            (t.rel, t.label, t.size) for t in csv_sp.todo
+        )
         assert all(t.video_id == t.rel and t.rel.startswith(f"{split}/") for t in folder_sp.todo)
     assert {i.reason for i in by_folder.ignored} == {"not_a_video_extension"}  # annotations/*.csv
 
@@ -107,12 +112,17 @@ def test_split_folders_validation_labels_come_from_training(synth_set, tmp_path)
     assert (unknown.video_id, unknown.reason) == ("val/juggling/x.mp4", "unknown_label")
     assert unknown.detail == "val: label 'juggling' is not one of the 4 training classes"
     assert sorted((i.rel, i.reason) for i in plan.ignored if i.rel.endswith(".mp4")) == [
-        ("test/bouncing/y.mp4", "outside_split_folders"), ("train/loose.mp4", "no_label_folder")]
+        ("test/bouncing/y.mp4", "outside_split_folders"),
+        ("train/loose.mp4", "no_label_folder"),
+    ]
 
     # Split folders without a validation folder: said at ingest, with the ways out.
     shutil.rmtree(root / "val")
-    with pytest.raises(ingest.AnnotationError, match=r"no videos under val/<label>/; folders with videos: "
-                                                     r"test, train\. .*data.val_split.*data.val_fraction"):
+    with pytest.raises(
+        ingest.AnnotationError,
+        match=r"no videos under val/<label>/; folders with videos: "
+        r"test, train\. .*data.val_split.*data.val_fraction",
+    ):
         ingest.plan(cfg, storage_of(cfg))
 
 
@@ -130,10 +140,12 @@ def test_layout_rules_on_listings():
     assert listing("train/a.mp4", "cats/b.mp4").classes == ["cats", "train"]
     # ... a folder below it does, and then it holds labels.
     split = listing("train/cats/a.mp4", "val/cats/b.mp4", "val/dogs/c.mp4")
-    assert split.classes == ["cats"] and [r.video_id for r in split.rows["val"]] == ["val/cats/b.mp4",
-                                                                                     "val/dogs/c.mp4"]
-    with pytest.raises(ingest.AnnotationError, match=r"s3://bucket/videos: no videos in label folders .*"
-                                                     r"1 files found, 1 passed over \(no_label_folder 1\)"):
+    assert split.classes == ["cats"] and [r.video_id for r in split.rows["val"]] == ["val/cats/b.mp4", "val/dogs/c.mp4"]
+    with pytest.raises(
+        ingest.AnnotationError,
+        match=r"s3://bucket/videos: no videos in label folders .*"
+        r"1 files found, 1 passed over \(no_label_folder 1\)",
+    ):
         listing("a.mp4")
 
 
@@ -187,16 +199,19 @@ def folder_with_bad_files(synth_set, tmp_path) -> tuple[Path, dict[str, str]]:
         (root / label).mkdir(parents=True)
         for path in sorted(synth_set.glob(f"*/{label}/*.mp4"))[:2]:
             os.link(path, root / label / path.name)
-    encode_video(root / "bouncing" / "extra.mkv", render(sample_video(5, 3, 0, width=128, height=96, seconds=1.2)),
-                 30)
+    encode_video(root / "bouncing" / "extra.mkv", render(sample_video(5, 3, 0, width=128, height=96, seconds=1.2)), 30)
     good = next((root / "bouncing").glob("*.mp4")).read_bytes()
     (root / "bouncing" / "empty.mp4").write_bytes(b"")
     (root / "scrolling up" / "cut.mp4").write_bytes(good[: len(good) * 4 // 10])
     (root / "scrolling up" / "noise.avi").write_bytes(np.random.default_rng(0).bytes(30_000))
     encode_audio_only(root / "stripes drifting up" / "voice.m4v", seconds=1.5)
     (root / "stripes drifting up" / "shot list.txt").write_text("not a video\n")
-    bad = {"bouncing/empty.mp4": "zero_bytes", "scrolling up/cut.mp4": "truncated",
-           "scrolling up/noise.avi": "not_a_video", "stripes drifting up/voice.m4v": "no_video_stream"}
+    bad = {
+        "bouncing/empty.mp4": "zero_bytes",
+        "scrolling up/cut.mp4": "truncated",
+        "scrolling up/noise.avi": "not_a_video",
+        "stripes drifting up/voice.m4v": "no_video_stream",
+    }
     return root, bad
 
 
@@ -206,8 +221,9 @@ def quarantine_report(path: str) -> dict[str, tuple[str, str]]:
         return {r["video_id"]: (r["path"], r["reason"]) for r in csv.DictReader(f)}
 
 
-def test_bad_files_end_in_quarantine_and_new_videos_are_the_only_ones_decoded(ray_local, folder_with_bad_files,
-                                                                               tmp_path):
+def test_bad_files_end_in_quarantine_and_new_videos_are_the_only_ones_decoded(
+    ray_local, folder_with_bad_files, tmp_path
+):
     root, bad = folder_with_bad_files
     cfg = folder_config(tmp_path, root, {"val_fraction": 0.5})
     assert {ingest.hash_split(rel, cfg.data) for rel in bad} == {"train", "val"}  # bad files in both splits
@@ -225,7 +241,8 @@ def test_bad_files_end_in_quarantine_and_new_videos_are_the_only_ones_decoded(ra
     assert sum(s["rows_read"] for s in splits.values()) == 7 + len(bad)
     assert sum(s["processed"] for s in splits.values()) == 7  # the .mkv among them
     assert sum(s["clips"] for s in splits.values()) == sum(
-        s["processed"] * (2 if s["mode"] == "train" else 3) for s in splits.values())
+        s["processed"] * (2 if s["mode"] == "train" else 3) for s in splits.values()
+    )
 
     again = run_preprocess(cfg, log=lambda *_: None)["splits"]
     assert all(s["decoded_now"] == 0 for s in again.values())
@@ -235,8 +252,7 @@ def test_bad_files_end_in_quarantine_and_new_videos_are_the_only_ones_decoded(ra
     encode_video(root / new, render(sample_video(5, 0, 4, width=128, height=96, seconds=1.2)), 30)
     third = run_preprocess(cfg, log=lambda *_: None)["splits"]
     home = ingest.hash_split(new, cfg.data)
-    assert {split: s["decoded_now"] for split, s in third.items()} == {
-        split: int(split == home) for split in third}
+    assert {split: s["decoded_now"] for split, s in third.items()} == {split: int(split == home) for split in third}
     assert third[home]["processed"] == splits[home]["processed"] + 1
     assert all(third[split]["prep_hash"] == splits[split]["prep_hash"] for split in third)
 
@@ -254,14 +270,16 @@ def test_s3_video_root_plans_and_decodes_like_the_local_folder(ray_local, s3_end
     s3.put_object(Bucket="footage", Key="clips/bouncing/", Body=b"")  # the folder object a console creates
 
     on_disk = folder_config(tmp_path / "disk", local, {"val_fraction": 0.4})
-    on_s3 = folder_config(tmp_path / "s3", "s3://footage/clips", {"val_fraction": 0.4},
-                          s3={"endpoint_url": s3_endpoint})
+    on_s3 = folder_config(
+        tmp_path / "s3", "s3://footage/clips", {"val_fraction": 0.4}, s3={"endpoint_url": s3_endpoint}
+    )
     disk_plan, s3_plan = ingest.plan(on_disk, storage_of(on_disk)), ingest.plan(on_s3, storage_of(on_s3))
     assert s3_plan.classes == disk_plan.classes
     assert [(i.rel, i.reason) for i in s3_plan.ignored] == [("notes.txt", "not_a_video_extension")]
     for split in ("train", "val"):
-        assert [(t.video_id, t.label, t.size) for t in s3_plan.splits[split].todo] == \
-            [(t.video_id, t.label, t.size) for t in disk_plan.splits[split].todo]
+        assert [(t.video_id, t.label, t.size) for t in s3_plan.splits[split].todo] == [
+            (t.video_id, t.label, t.size) for t in disk_plan.splits[split].todo
+        ]
         assert s3_plan.splits[split].prep_hash == disk_plan.splits[split].prep_hash
 
     val = run_preprocess(on_s3, splits=["val"], log=lambda *_: None, plan=s3_plan)["splits"]["val"]

@@ -1,6 +1,7 @@
 """Batch inference on Ray Data (`pipelines infer`): a folder, a list file and an s3:// prefix scored with a real
 registered model on a real Ray instance; results equal predict's for the same videos; bad videos quarantined with
 preprocess's reasons; a re-run scores only what is new; a run killed with SIGKILL resumes exactly once."""
+
 from __future__ import annotations
 
 import csv
@@ -18,35 +19,16 @@ import boto3
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-import torch
 
-from conftest import REPO, pipeline_config
 from pipelines import infer, tracking
 from pipelines.cli import main
 from pipelines.infer import Gatherer, run_infer
 from pipelines.infer_out import InferError, Job, read_predictions, read_windows
 from pipelines.storage import S3Options
-from slowfast.model import SlowFast
-from slowfast.serving import ClipSpec
 from slowfast.video import synth
+
+from conftest import REPO
 from stop_hook import stop_after, wait_stopped
-
-MODEL = "infer-test"
-
-
-@pytest.fixture(scope="module")
-def registered(tmp_path_factory, synth_set):
-    """slowfast_tiny logged and registered as the registry step logs one; 2 temporal x 3 spatial test views."""
-    tmp = tmp_path_factory.mktemp("infer")
-    cfg = pipeline_config(tmp, synth_set, mlflow={"tracking_uri": f"sqlite:///{tmp / 'mlflow.db'}",
-                                                  "experiment": "infer", "model_name": MODEL},
-                          infer={"commit_every_s": 0.0, "batch_videos": 2})
-    torch.manual_seed(0)
-    net = SlowFast(cfg.model.to_slowfast_config(num_classes=4))
-    run_id = tracking.client(cfg).create_run(tracking.experiment_id(cfg)).info.run_id
-    spec = ClipSpec(T=4, tau=4, alpha=4, target_fps=30.0, short_side=48, crop=32, temporal_views=2, spatial_crops=3)
-    version = tracking.log_model(cfg, run_id, net=net, class_names=["a", "b", "c", "d"], spec=spec, metadata={})
-    return cfg, f"models:/{MODEL}/{version}", tmp
 
 
 def videos_of(root: Path) -> list[Path]:
@@ -59,8 +41,8 @@ def read(out: Path, folder: str = "predictions"):
     return table.to_pandas()
 
 
-def test_a_folder_is_scored_as_predict_scores_it_and_a_rerun_scores_only_new_videos(ray_local, registered, synth_set):
-    cfg, uri, tmp = registered
+def test_a_folder_is_scored_as_predict_scores_it_and_a_rerun_scores_only_new_videos(ray_local, infer_model, synth_set):
+    cfg, uri, tmp = infer_model
     folder = tmp / "bucket-of-videos"
     shutil.copytree(synth_set / "val", folder)
     (folder / "broken.mp4").write_bytes(b"not a video at all")
@@ -76,8 +58,9 @@ def test_a_folder_is_scored_as_predict_scores_it_and_a_rerun_scores_only_new_vid
     predictions = read(out)
     classifier = tracking.load_registered(cfg, uri)
     expected = {str(v): classifier.predict([v], top_k=3)[0] for v in videos_of(synth_set / "val")}
-    assert sorted(predictions["video"]) == sorted(str(folder / Path(v).relative_to(synth_set / "val"))
-                                                  for v in expected)
+    assert sorted(predictions["video"]) == sorted(
+        str(folder / Path(v).relative_to(synth_set / "val")) for v in expected
+    )
     for row in predictions.itertuples():
         want = expected[str(synth_set / "val" / Path(row.video).relative_to(folder))]
         assert list(row.labels) == want["labels"]
@@ -116,8 +99,8 @@ def test_a_folder_is_scored_as_predict_scores_it_and_a_rerun_scores_only_new_vid
         run_infer(cfg, uri, str(folder), str(out), Job(top_k=2), log=lines.append)
 
 
-def test_a_list_file_and_s3_in_and_out(ray_local, registered, synth_set, s3_endpoint):
-    cfg, uri, tmp = registered
+def test_a_list_file_and_s3_in_and_out(ray_local, infer_model, synth_set, s3_endpoint):
+    cfg, uri, tmp = infer_model
     cfg = cfg.model_copy(update={"s3": cfg.s3.model_copy(update={"endpoint_url": s3_endpoint})})
     s3 = boto3.client("s3", endpoint_url=s3_endpoint)
     s3.create_bucket(Bucket="clips")
@@ -126,8 +109,10 @@ def test_a_list_file_and_s3_in_and_out(ray_local, registered, synth_set, s3_endp
         s3.upload_file(str(v), "clips", f"incoming/{v.name}")
     listing = tmp / "list.txt"
     rel = os.path.relpath(local[3], listing.parent)
-    listing.write_text(f"# two local, one on S3, one missing\n{local[2]}\n{rel}\n\ns3://clips/incoming/{local[0].name}\n"
-                       f"{tmp / 'gone.mp4'}\n")
+    listing.write_text(
+        f"# two local, one on S3, one missing\n{local[2]}\n{rel}\n\ns3://clips/incoming/{local[0].name}\n"
+        f"{tmp / 'gone.mp4'}\n"
+    )
     s = run_infer(cfg, uri, str(listing), "s3://clips/scores", Job(top_k=1), log=lambda *_: None)
     assert (s["scored_now"], s["quarantined_now"]) == (3, 1)
     objects = [o["Key"] for o in s3.list_objects_v2(Bucket="clips", Prefix="scores/")["Contents"]]
@@ -149,10 +134,10 @@ def test_a_list_file_and_s3_in_and_out(ray_local, registered, synth_set, s3_endp
     assert list(row["labels"]) == want["labels"] and np.allclose(row["scores"], want["scores"], atol=1e-5)
 
 
-def test_killed_mid_run_resumes_exactly_once(registered, synth_set):
+def test_killed_mid_run_resumes_exactly_once(infer_model, synth_set):
     """SIGKILL to the whole `pipelines infer` process group right after its first commit; the same command then
     scores exactly the videos that were not committed, and no uncommitted file is left."""
-    cfg, uri, tmp = registered
+    cfg, uri, tmp = infer_model
     folder = tmp / "kill-videos"
     for i, v in enumerate(videos_of(synth_set)):
         target = folder / f"{i:02d}-{v.name}"
@@ -161,16 +146,35 @@ def test_killed_mid_run_resumes_exactly_once(registered, synth_set):
     config = tmp / "infer.yaml"
     config.write_text(cfg.to_yaml())
     out = tmp / "killed"
-    cmd = [sys.executable, "-m", "pipelines", "infer", "--config", str(config), "--model-uri", uri,
-           "--videos", str(folder), "--out", str(out), "--set", "infer.batch_videos=1", "--set", "infer.workers=1"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "pipelines",
+        "infer",
+        "--config",
+        str(config),
+        "--model-uri",
+        uri,
+        "--videos",
+        str(folder),
+        "--out",
+        str(out),
+        "--set",
+        "infer.batch_videos=1",
+        "--set",
+        "infer.workers=1",
+    ]
     # The driver stops itself right after its first commit and is killed there.
     env = stop_after(tmp, "slowfast.shards.manifest:commit", 1)
-    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            start_new_session=True)
+    proc = subprocess.Popen(
+        cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+    )
     wait_stopped(proc, 240, "its first commit")
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
-    first = {v["video_id"] for c in (out / "manifests").glob("commit-*.json") for v in json.loads(c.read_text())["videos"]}
+    first = {
+        v["video_id"] for c in (out / "manifests").glob("commit-*.json") for v in json.loads(c.read_text())["videos"]
+    }
     total = len(videos_of(folder))
     assert 0 < len(first) < total, f"{len(first)} of {total} committed when killed"
     assert sorted(read(out)["video"]) == sorted(first)  # a reader sees the committed videos, once each
@@ -199,11 +203,12 @@ def rows_of(windows) -> list[tuple]:
 
 
 def test_a_timeline_cut_in_chunks_of_2_clips_scores_as_in_one_chunk_and_each_video_commits_once(
-        ray_local, registered, synth_set, monkeypatch):
+    ray_local, infer_model, synth_set, monkeypatch
+):
     """Each video's 7 clips cut and scored 2 at a time (4 chunks, one per scoring call, so that a video's chunks reach
     the driver in separate batches) give the predictions, embeddings and windows of all the windows in one chunk,
     bit for bit (the chunks are whole scoring batches), and predict's; each video is committed once, in one part."""
-    cfg, uri, tmp = registered
+    cfg, uri, tmp = infer_model
     arrivals: list[list[tuple[str, int]]] = []
     gather = Gatherer.add
 
@@ -218,8 +223,14 @@ def test_a_timeline_cut_in_chunks_of_2_clips_scores_as_in_one_chunk_and_each_vid
     for chunk_clips in (2, 1000):
         arrivals.clear()
         out = tmp / f"chunks-{chunk_clips}"
-        s = run_infer(with_infer(cfg, chunk_clips=chunk_clips, batch_videos=1), uri, str(synth_set / "val"), str(out),
-                      TIMELINE, log=lambda *_: None)
+        s = run_infer(
+            with_infer(cfg, chunk_clips=chunk_clips, batch_videos=1),
+            uri,
+            str(synth_set / "val"),
+            str(out),
+            TIMELINE,
+            log=lambda *_: None,
+        )
         assert (s["scored_now"], s["views_now"]) == (4, 4 * 6)
         read_back[chunk_clips] = (read(out).sort_values("video"), read(out, "windows"))
         batches_of = {}
@@ -229,14 +240,17 @@ def test_a_timeline_cut_in_chunks_of_2_clips_scores_as_in_one_chunk_and_each_vid
         assert {len(chunks) for chunks in batches_of.values()} == {4 if chunk_clips == 2 else 2}
         if chunk_clips == 2:
             assert all(len(set(chunks.values())) > 1 for chunks in batches_of.values()), arrivals
-        committed = [v["video_id"] for c in (out / "manifests").glob("commit-*.json")
-                     for v in json.loads(c.read_text())["videos"]]
+        committed = [
+            v["video_id"]
+            for c in (out / "manifests").glob("commit-*.json")
+            for v in json.loads(c.read_text())["videos"]
+        ]
         assert sorted(committed) == sorted(batches_of)  # each video in one commit record, once
         assert len(pq.read_table(out / "predictions")) == 4 and len(pq.read_table(out / "windows")) == 4 * 5
 
     (chunked, chunked_windows), (whole, whole_windows) = read_back[2], read_back[1000]
     assert list(chunked["video"]) == list(whole["video"])
-    for a, b in zip(chunked.itertuples(), whole.itertuples()):
+    for a, b in zip(chunked.itertuples(), whole.itertuples(), strict=True):
         assert (list(a.labels), list(a.scores), a.views) == (list(b.labels), list(b.scores), b.views)
         assert np.array_equal(a.embedding, b.embedding)
     assert rows_of(chunked_windows) == rows_of(whole_windows)
@@ -250,12 +264,12 @@ def test_a_timeline_cut_in_chunks_of_2_clips_scores_as_in_one_chunk_and_each_vid
     assert np.allclose([w["scores"] for w in timeline], np.stack(mine["scores"]), atol=1e-5)
 
 
-def test_a_videos_chunks_are_gathered_in_any_order_between_another_videos(ray_local, registered, synth_set, tmp_path):
+def test_a_videos_chunks_are_gathered_in_any_order_between_another_videos(ray_local, infer_model, synth_set, tmp_path):
     """The driver's `Gatherer` fed two videos' scored chunks (real cuts, a real Score) shuffled together, three at a
     time: each video's row comes with its last chunk and equals the row of its chunks in order. A video whose cut
     fails after some chunks is its failure row, its chunks arriving later are dropped; one whose chunks are not all
     in at the end is unread (never committed)."""
-    cfg, uri, _ = registered
+    cfg, uri, _ = infer_model
     loaded = tracking.load_registered(cfg, uri)
     spec, job = asdict(loaded.spec), asdict(TIMELINE)
     packed = infer.pack_model(loaded.model, class_names=loaded.class_names, spec=spec, batch_views=loaded.spec.views)
@@ -273,7 +287,7 @@ def test_a_videos_chunks_are_gathered_in_any_order_between_another_videos(ray_lo
     shuffled = random.Random(0).sample(rows, len(rows))
     gatherer, got = Gatherer(loaded, job=TIMELINE), {}
     for k in range(0, len(shuffled), 3):
-        for row in gatherer.add(shuffled[k:k + 3]):
+        for row in gatherer.add(shuffled[k : k + 3]):
             last = max(i for i, r in enumerate(shuffled) if r["video"] == row["video"])
             assert k <= last < k + 3  # handed on with its last chunk
             got[row["video"]] = row
@@ -298,20 +312,32 @@ def test_a_videos_chunks_are_gathered_in_any_order_between_another_videos(ray_lo
 
 
 def test_a_timeline_over_the_limits_is_committed_as_such_and_the_flags_raise_them(
-        ray_local, registered, synth_set, tmp_path, capsys):
+    ray_local, infer_model, synth_set, tmp_path, capsys
+):
     """--max-windows 3: a 4 s video's 8 windows every 0.5 s are refused before decoding, committed as timeline_limit
     saying what to raise (the video is fine), and not scored again into that --out; the 1.5 s video's 3 are scored.
     The limits are the --out's job: the defaults score both, in another --out."""
-    cfg, uri, _ = registered
+    cfg, uri, _ = infer_model
     folder = tmp_path / "videos"
     folder.mkdir()
     short = Path(shutil.copy(videos_of(synth_set / "val")[0], folder / "short.mp4"))
-    long = synth.encode_video(folder / "long.mp4", synth.render(synth.sample_video(3, 0, 0, width=128, height=96,
-                                                                                   seconds=4.0)))
+    long = synth.encode_video(
+        folder / "long.mp4", synth.render(synth.sample_video(3, 0, 0, width=128, height=96, seconds=4.0))
+    )
     config = tmp_path / "infer.yaml"
     config.write_text(cfg.to_yaml())
-    args = ["infer", "--config", str(config), "--model-uri", uri, "--videos", str(folder), "--windows",
-            "--stride-s", "0.5"]
+    args = [
+        "infer",
+        "--config",
+        str(config),
+        "--model-uri",
+        uri,
+        "--videos",
+        str(folder),
+        "--windows",
+        "--stride-s",
+        "0.5",
+    ]
     out = tmp_path / "out"
     assert main([*args, "--out", str(out), "--max-windows", "3"]) == 0
     with open(out / "quarantine.csv") as f:
@@ -332,7 +358,23 @@ def test_a_timeline_over_the_limits_is_committed_as_such_and_the_flags_raise_the
     assert len(read(tmp_path / "defaults", "windows")) == 3 + 8
 
     capsys.readouterr()
-    assert main(["infer", "--config", str(config), "--model-uri", uri, "--videos", str(folder), "--out",
-                 str(tmp_path / "no-windows"), "--max-clips", "50"]) == 1
+    assert (
+        main(
+            [
+                "infer",
+                "--config",
+                str(config),
+                "--model-uri",
+                uri,
+                "--videos",
+                str(folder),
+                "--out",
+                str(tmp_path / "no-windows"),
+                "--max-clips",
+                "50",
+            ]
+        )
+        == 1
+    )
     error = [line for line in capsys.readouterr().err.splitlines() if line.startswith("pipelines infer")]
     assert error == ["pipelines infer: --max-clips is for timeline windows: add --windows"]

@@ -2,6 +2,7 @@
 video changed, at a kill -9 between a part's write and its commit, and after the re-run; one run at a time per
 --out (a second is refused naming the first; a dead one's lock is taken over); a video the storage did not deliver
 is never committed, the run fails, and the same command scores it once the storage is back."""
+
 from __future__ import annotations
 
 import json
@@ -21,16 +22,17 @@ import boto3
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+from test_infer import videos_of
 
-from conftest import REPO, free_port
-from faults import FaultProxy
 from pipelines import tracking
 from pipelines.cli import main
 from pipelines.infer import list_videos, local_inputs, run_infer
 from pipelines.infer_out import InferError, Job, RunLock, read_predictions, read_windows
 from pipelines.storage import S3Options, Storage
+
+from conftest import REPO, free_port
+from faults import FaultProxy
 from stop_hook import stop_after, wait_stopped
-from test_infer import registered, videos_of  # noqa: F401 - registered is a fixture
 
 QUIET = dict(log=lambda *_: None)
 
@@ -38,7 +40,7 @@ QUIET = dict(log=lambda *_: None)
 def copies(videos: list[Path], folder: Path) -> list[Path]:
     folder.mkdir(parents=True)
     targets = [folder / f"{i:02d}-{v.name}" for i, v in enumerate(videos)]
-    for v, target in zip(videos, targets):
+    for v, target in zip(videos, targets, strict=True):
         shutil.copy(v, target)
     return targets
 
@@ -54,10 +56,10 @@ def same(got: tuple[list[str], list[float]], want: dict) -> bool:
     return got[0] == want["labels"] and np.allclose(got[1], want["scores"], atol=1e-5)
 
 
-def test_a_video_scored_again_is_read_once_with_its_new_score(ray_local, registered, synth_set, tmp_path):
+def test_a_video_scored_again_is_read_once_with_its_new_score(ray_local, infer_model, synth_set, tmp_path):
     """A video whose file changed is scored again, one whose file became garbage is quarantined: the reader, and
     after the run also a plain read of predictions/ (its superseded rows compacted away), hold one row per video."""
-    cfg, uri, _ = registered
+    cfg, uri, _ = infer_model
     videos = videos_of(synth_set)
     kept, changed, broken = copies(videos[:3], tmp_path / "videos")
     out, job = tmp_path / "out", Job(top_k=2, windows=True, stride_s=0.5)
@@ -86,8 +88,9 @@ def test_a_video_scored_again_is_read_once_with_its_new_score(ray_local, registe
         running.clear()
         reader.join()
     assert not failed, failed
-    assert len(seen) > 1 and all(len(set(s)) == len(s) and {str(kept), str(changed)} <= set(s) <= set(before)
-                                 for s in seen), seen
+    assert len(seen) > 1 and all(
+        len(set(s)) == len(s) and {str(kept), str(changed)} <= set(s) <= set(before) for s in seen
+    ), seen
     assert (again["scored_now"], again["quarantined_now"]) == (1, 1) and again["parts_compacted"] >= 1
 
     classifier = tracking.load_registered(cfg, uri)
@@ -107,13 +110,14 @@ def test_a_video_scored_again_is_read_once_with_its_new_score(ray_local, registe
 
 
 def test_a_kill_between_a_part_and_its_commit_a_second_run_meanwhile_and_the_rerun(
-        ray_local, registered, synth_set, tmp_path, capsys):
+    ray_local, infer_model, synth_set, tmp_path, capsys
+):
     """Two videos changed; `pipelines infer` scores them again, one per part, and is killed (kill -9, its process
     group) right after writing its second part, before committing it. At that moment the reader holds each video
     once (one changed video with its new score, the other with its old one); a second run meanwhile is refused
     with one line naming the first; the same command then takes the dead run's lock over and ends with one row
     per video, in the reader and in the folder."""
-    cfg, uri, _ = registered
+    cfg, uri, _ = infer_model
     videos = videos_of(synth_set)
     folder = tmp_path / "videos"
     targets = copies(videos[:6], folder)
@@ -126,11 +130,32 @@ def test_a_kill_between_a_part_and_its_commit_a_second_run_meanwhile_and_the_rer
 
     config = tmp_path / "infer.yaml"
     config.write_text(cfg.to_yaml())
-    args = ["infer", "--config", str(config), "--model-uri", uri, "--videos", str(folder), "--out", str(out),
-            "--top-k", "2", "--set", "infer.batch_videos=1", "--set", "infer.workers=1"]
+    args = [
+        "infer",
+        "--config",
+        str(config),
+        "--model-uri",
+        uri,
+        "--videos",
+        str(folder),
+        "--out",
+        str(out),
+        "--top-k",
+        "2",
+        "--set",
+        "infer.batch_videos=1",
+        "--set",
+        "infer.workers=1",
+    ]
     env = stop_after(tmp_path, "pyarrow.parquet:write_table", 2)
-    proc = subprocess.Popen([sys.executable, "-m", "pipelines", *args], cwd=REPO, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, start_new_session=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "pipelines", *args],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
     try:
         wait_stopped(proc, 240, "its second part")
         at_kill = scores(read_predictions(str(out)))
@@ -191,8 +216,11 @@ def test_of_runs_racing_for_an_out_one_takes_the_lock(where, s3_endpoint, tmp_pa
         t.join()
     held = [run for run, said in outcomes.items() if said == "held"]
     assert len(held) == 1 and len(outcomes) == len(locks)
-    assert all(f"another infer run is writing there (run {held[0]}, host " in said
-               for run, said in outcomes.items() if run != held[0])
+    assert all(
+        f"another infer run is writing there (run {held[0]}, host " in said
+        for run, said in outcomes.items()
+        if run != held[0]
+    )
     next(lock for lock in locks if lock.run_id == held[0]).release()
     late = RunLock(out, "late")
     assert late.acquire() is None  # a released lock: nothing taken over
@@ -200,7 +228,8 @@ def test_of_runs_racing_for_an_out_one_takes_the_lock(where, s3_endpoint, tmp_pa
 
 
 def test_a_store_without_conditional_writes_is_refused_and_a_live_lock_in_another_process_space_is_kept(
-        s3_endpoint, tmp_path):
+    s3_endpoint, tmp_path
+):
     """An S3 endpoint that ignores If-None-Match (here: a proxy that drops the header) could let two runs hold the
     lock: refused. A lock whose pid is not alive here, written with this host's name from another boot or pid
     namespace (a container on the host's network), is a live run's while its heartbeat is fresh."""
@@ -268,8 +297,9 @@ def with_s3(cfg, endpoint: str):
 
 
 def test_a_listed_s3_video_on_an_endpoint_that_is_down_is_not_committed_and_scored_once_it_is_up(
-        ray_local, registered, synth_set, s3_endpoint, tmp_path, capsys):
-    cfg, uri, _ = registered
+    ray_local, infer_model, synth_set, s3_endpoint, tmp_path, capsys
+):
+    cfg, uri, _ = infer_model
     videos = videos_of(synth_set)
     boto3.client("s3", endpoint_url=s3_endpoint).create_bucket(Bucket="unread-head")
     boto3.client("s3", endpoint_url=s3_endpoint).upload_file(str(videos[1]), "unread-head", "in/v.mp4")
@@ -285,8 +315,9 @@ def test_a_listed_s3_video_on_an_endpoint_that_is_down_is_not_committed_and_scor
     assert main(args) == 1
     # Ray Data's progress lines (this process's Ray logs at INFO) aside, one line says what happened.
     error = [line for line in capsys.readouterr().err.splitlines() if line.startswith("pipelines infer")]
-    assert len(error) == 1 and error[0].startswith("pipelines infer: 1 video not read (read_failed 1; e.g. "
-                                                   "s3://unread-head/in/v.mp4: read_failed: HEAD: ")
+    assert len(error) == 1 and error[0].startswith(
+        "pipelines infer: 1 video not read (read_failed 1; e.g. s3://unread-head/in/v.mp4: read_failed: HEAD: "
+    )
     assert "run the same command again to score them" in error[0]
     committed = [v["video_id"] for c in (out / "manifests").glob("*.json") for v in json.loads(c.read_text())["videos"]]
     assert committed == [str(videos[0])]  # the local video: scored and committed, the other one not at all
@@ -306,11 +337,12 @@ def test_a_listed_s3_video_on_an_endpoint_that_is_down_is_not_committed_and_scor
 
 
 def test_videos_whose_reads_fail_are_not_committed_and_the_same_command_scores_them(
-        ray_local, registered, synth_set, s3_endpoint, tmp_path, capsys):
+    ray_local, infer_model, synth_set, s3_endpoint, tmp_path, capsys
+):
     """The listing works, every video GET is reset (after botocore's retries: `ReadFailed` in the decode task):
     no video committed, InferError (or, within infer.max_unread, a summary line saying so); with the network back
     the same call scores them all."""
-    cfg, uri, _ = registered
+    cfg, uri, _ = infer_model
     client = boto3.client("s3", endpoint_url=s3_endpoint)
     client.create_bucket(Bucket="unread-get")
     for v in videos_of(synth_set)[:2]:
@@ -319,19 +351,42 @@ def test_videos_whose_reads_fail_are_not_committed_and_the_same_command_scores_t
     with FaultProxy(s3_endpoint) as proxy:
         proxy.down = True
         cfg = with_s3(cfg, proxy.url)
-        with pytest.raises(InferError, match=r"^2 videos not read \(read_failed 2; e.g. s3://unread-get/in/.*: "
-                                             r"read_failed: .*\): nothing was committed for them"):
+        with pytest.raises(
+            InferError,
+            match=r"^2 videos not read \(read_failed 2; e.g. s3://unread-get/in/.*: "
+            r"read_failed: .*\): nothing was committed for them",
+        ):
             run_infer(cfg, uri, "s3://unread-get/in", str(out), Job(top_k=1), **QUIET)
         assert proxy.injected["reset"] >= 2
         assert len(read_predictions(str(out))) == 0 and not list((out / "manifests").glob("*.json"))
         config = tmp_path / "infer.yaml"
         config.write_text(cfg.to_yaml())
         capsys.readouterr()
-        assert main(["infer", "--config", str(config), "--set", "infer.max_unread=2", "--model-uri", uri,
-                     "--videos", "s3://unread-get/in", "--out", str(out), "--top-k", "1"]) == 0
+        assert (
+            main(
+                [
+                    "infer",
+                    "--config",
+                    str(config),
+                    "--set",
+                    "infer.max_unread=2",
+                    "--model-uri",
+                    uri,
+                    "--videos",
+                    "s3://unread-get/in",
+                    "--out",
+                    str(out),
+                    "--top-k",
+                    "1",
+                ]
+            )
+            == 0
+        )
         said = capsys.readouterr().out
-        assert "summary: 0 videos scored now (0 views, 0.0 videos/s), 0 unreadable, 2 not read (read_failed 2: " \
-               "the next run scores them); 0 scored in all" in said
+        assert (
+            "summary: 0 videos scored now (0 views, 0.0 videos/s), 0 unreadable, 2 not read (read_failed 2: "
+            "the next run scores them); 0 scored in all" in said
+        )
         assert not list((out / "manifests").glob("*.json"))
         proxy.down = False
         s = run_infer(cfg, uri, "s3://unread-get/in", str(out), Job(top_k=1), **QUIET)
@@ -351,21 +406,43 @@ def test_a_list_files_local_videos_must_be_shared_on_a_cluster(synth_set, tmp_pa
     assert local_inputs("s3://bucket/videos", [], []) == {}
 
 
-def test_a_list_file_naming_local_videos_is_refused_on_a_head_that_runs_no_work(registered, synth_set, tmp_path):
+def test_a_list_file_naming_local_videos_is_refused_on_a_head_that_runs_no_work(infer_model, synth_set, tmp_path):
     """A real Ray head with 0 CPUs (every task would run on some other node): `pipelines infer` with a list file of
     local paths stops before anything is committed, saying what to do."""
-    cfg, uri, _ = registered
+    cfg, uri, _ = infer_model
     port = free_port()
     env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(16)}
     env.pop("RAY_ADDRESS", None)
     # Free ports for everything the head opens: the test session's own Ray holds Ray's defaults.
-    ports = [f"--{flag}={free_port()}" for flag in ("dashboard-port", "ray-client-server-port",
-                                                    "dashboard-agent-listen-port", "dashboard-agent-grpc-port",
-                                                    "runtime-env-agent-port", "metrics-export-port")]
+    ports = [
+        f"--{flag}={free_port()}"
+        for flag in (
+            "dashboard-port",
+            "ray-client-server-port",
+            "dashboard-agent-listen-port",
+            "dashboard-agent-grpc-port",
+            "runtime-env-agent-port",
+            "metrics-export-port",
+        )
+    ]
     ray = str(Path(sys.executable).parent / "ray")
-    head = subprocess.Popen([ray, "start", "--head", "--block", f"--port={port}", "--node-ip-address=127.0.0.1",
-                             "--num-cpus=0", "--include-dashboard=false", *ports], env=env,
-                            stdout=open(tmp_path / "head.log", "wb"), stderr=subprocess.STDOUT, start_new_session=True)
+    head = subprocess.Popen(
+        [
+            ray,
+            "start",
+            "--head",
+            "--block",
+            f"--port={port}",
+            "--node-ip-address=127.0.0.1",
+            "--num-cpus=0",
+            "--include-dashboard=false",
+            *ports,
+        ],
+        env=env,
+        stdout=open(tmp_path / "head.log", "wb"),
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
     try:
         listing = tmp_path / "list.txt"
         listing.write_text(f"{videos_of(synth_set)[0]}\n")
@@ -374,9 +451,29 @@ def test_a_list_file_naming_local_videos_is_refused_on_a_head_that_runs_no_work(
         out = tmp_path / "out"
         deadline = time.time() + 120
         while True:  # the head's GCS answers some seconds after start
-            done = subprocess.run([sys.executable, "-m", "pipelines", "infer", "--config", str(config), "--set",
-                                   f"ray.address=127.0.0.1:{port}", "--model-uri", uri, "--videos", str(listing),
-                                   "--out", str(out)], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+            done = subprocess.run(
+                [
+                    sys.executable,
+                    "-m",
+                    "pipelines",
+                    "infer",
+                    "--config",
+                    str(config),
+                    "--set",
+                    f"ray.address=127.0.0.1:{port}",
+                    "--model-uri",
+                    uri,
+                    "--videos",
+                    str(listing),
+                    "--out",
+                    str(out),
+                ],
+                cwd=REPO,
+                env=env,
+                capture_output=True,
+                text=True,
+                timeout=300,
+            )
             if "a local path" in done.stderr or time.time() > deadline:
                 break
             time.sleep(2)
@@ -385,7 +482,9 @@ def test_a_list_file_naming_local_videos_is_refused_on_a_head_that_runs_no_work(
         os.killpg(head.pid, signal.SIGKILL)
         head.wait()
     assert done.returncode == 1, done.stderr[-3000:]
-    assert (f"--videos {listing} names 1 local file, e.g. '{videos_of(synth_set)[0]}': a local path, and this Ray "
-            "cluster has a head node that runs no tasks (0 CPUs)") in done.stderr
+    assert (
+        f"--videos {listing} names 1 local file, e.g. '{videos_of(synth_set)[0]}': a local path, and this Ray "
+        "cluster has a head node that runs no tasks (0 CPUs)"
+    ) in done.stderr
     assert "--set shared_filesystem=true" in done.stderr and "Traceback" not in done.stderr
     assert not (out / "manifests").exists() or not list((out / "manifests").iterdir())

@@ -1,5 +1,6 @@
 """The layout rule, checked on the source: imports between the project's modules run one way (no cycle,
 lazy imports inside functions included), and `slowfast/` imports none of Ray, MLflow, boto3 or `pipelines`."""
+
 from __future__ import annotations
 
 import ast
@@ -29,7 +30,7 @@ def imports_of(path: Path, package: str = "") -> set[str]:
             found.update(alias.name for alias in node.names)
         elif isinstance(node, ast.ImportFrom):
             if node.level:
-                base = package.split(".")[:len(package.split(".")) - node.level + 1]
+                base = package.split(".")[: len(package.split(".")) - node.level + 1]
                 target = ".".join(base + ([node.module] if node.module else []))
             else:
                 target = node.module
@@ -104,6 +105,9 @@ def test_slowfast_imports_no_ray_mlflow_s3_or_pipelines():
 
 
 def test_only_the_tracking_module_imports_mlflow():
-    users = sorted(str(p.relative_to(REPO)) for p in (REPO / "pipelines").rglob("*.py")
-                   if any(m.split(".")[0] == "mlflow" for m in imports_of(p, package_of(p))))
+    users = sorted(
+        str(p.relative_to(REPO))
+        for p in (REPO / "pipelines").rglob("*.py")
+        if any(m.split(".")[0] == "mlflow" for m in imports_of(p, package_of(p)))
+    )
     assert users == ["pipelines/tracking.py"]

@@ -1,6 +1,7 @@
 """The uint8 loader and clip_inputs give the network the same inputs as the float-free path they replace
 (uint8 planar slow + fast clips cut on the CPU, normalised on the device), bit for bit: shards preprocessed
 from real H.264 videos, read by iter_clips in train mode (fixed seed and epoch, shuffled) and eval mode."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -29,8 +30,18 @@ def shard(tmp_path_factory):
     folder = tmp_path_factory.mktemp("loader")
     out = {}
     for mode, clips in (("train", 2), ("eval", 3)):
-        meta = ShardMeta(dataset="loader", split=mode, class_names=["a", "b", "c"], T=T, alpha=ALPHA, tau=TAU,
-                         target_fps=30, short_side=48, frame_format="jpeg", jpeg_quality=90)
+        meta = ShardMeta(
+            dataset="loader",
+            split=mode,
+            class_names=["a", "b", "c"],
+            T=T,
+            alpha=ALPHA,
+            tau=TAU,
+            target_fps=30,
+            short_side=48,
+            frame_format="jpeg",
+            jpeg_quality=90,
+        )
         rows = []
         for v in range(3):
             path = folder / f"video{v}.mp4"
@@ -50,7 +61,7 @@ def old_inputs(views: list[np.ndarray], slow_index: np.ndarray, fmt: torch.memor
     slow = np.take(fast, slow_index, axis=2)
     shape = (3, 1, 1, 1)
     scale = torch.tensor([1.0 / (255.0 * s) for s in transforms.STD]).view(shape)
-    shift = torch.tensor([m / s for m, s in zip(transforms.MEAN, transforms.STD)]).view(shape)
+    shift = torch.tensor([m / s for m, s in zip(transforms.MEAN, transforms.STD, strict=True)]).view(shape)
     return [torch.from_numpy(x).float().mul_(scale).sub_(shift).contiguous(memory_format=fmt) for x in (slow, fast)]
 
 
@@ -58,10 +69,13 @@ def stored_clips(path: str) -> tuple[dict[tuple[str, int], np.ndarray], np.ndarr
     """(video_id, clip_index) -> the clip's frames, JPEG-decoded in full; and the shard's slow_index, which
     every row holds."""
     table = pq.read_table(path)
-    clips = {(vid, idx): decode_frames(frames, "jpeg", h, w)
-             for vid, idx, frames, h, w in zip(*(table.column(c).to_pylist()
-                                                 for c in ("video_id", "clip_index", "frames", "height", "width")))}
-    slow_index, = {tuple(row) for row in table.column("slow_index").to_pylist()}
+    clips = {
+        (vid, idx): decode_frames(frames, "jpeg", h, w)
+        for vid, idx, frames, h, w in zip(
+            *(table.column(c).to_pylist() for c in ("video_id", "clip_index", "frames", "height", "width")), strict=True
+        )
+    }
+    (slow_index,) = {tuple(row) for row in table.column("slow_index").to_pylist()}
     return clips, np.asarray(slow_index, np.intp)
 
 
@@ -70,17 +84,18 @@ def test_train_inputs_are_bit_exact_with_the_old_path(shard):
     clips, slow_index = stored_clips(path)
     reference = ClipTransform(meta, "train", CROP, jitter=JITTER, seed=2, epoch=1)  # the crops' draws
     seen, flips = 0, 0
-    for batch in iter_clips([path], mode="train", batch_size=4, crop=CROP, jitter=JITTER, seed=2, epoch=1,
-                            shuffle=True):
+    for batch in iter_clips(
+        [path], mode="train", batch_size=4, crop=CROP, jitter=JITTER, seed=2, epoch=1, shuffle=True
+    ):
         assert batch["fast"].dtype == torch.uint8 and "slow" not in batch
         views = []
-        for vid, idx in zip(batch["video_id"], batch["clip_index"].tolist()):
+        for vid, idx in zip(batch["video_id"], batch["clip_index"].tolist(), strict=True):
             views.append(transforms.train_view(clips[vid, idx], CROP, JITTER, reference._rng(vid, idx)))
             draws = reference._rng(vid, idx)
             transforms.random_crop_box(*clips[vid, idx].shape[1:3], CROP, JITTER, draws)
             flips += draws.random() < 0.5
         for fmt in FORMATS:
-            for new, old in zip(clip_inputs(batch, fmt), old_inputs(views, slow_index, fmt)):
+            for new, old in zip(clip_inputs(batch, fmt), old_inputs(views, slow_index, fmt), strict=True):
                 assert new.shape == old.shape and new.is_contiguous(memory_format=fmt)
                 assert torch.equal(new, old)
         seen += len(views)
@@ -92,11 +107,11 @@ def test_eval_inputs_of_the_chosen_views_are_bit_exact_with_the_old_path(shard):
     clips, slow_index = stored_clips(path)
     seen = []
     for batch in iter_clips([path], mode="eval", batch_size=2, crop=CROP, spatial_crops=3, views=[0, 2]):
-        ids = list(zip(batch["video_id"], batch["clip_index"].tolist()))
+        ids = list(zip(batch["video_id"], batch["clip_index"].tolist(), strict=True))
         views = [v for vid, idx in ids[::3] for v in transforms.eval_views(clips[vid, idx], CROP, 3)]
         assert batch["spatial_index"].tolist() == [0, 1, 2] * (len(ids) // 3)
         for fmt in FORMATS:
-            for new, old in zip(clip_inputs(batch, fmt), old_inputs(views, slow_index, fmt)):
+            for new, old in zip(clip_inputs(batch, fmt), old_inputs(views, slow_index, fmt), strict=True):
                 assert torch.equal(new, old)
         seen += ids[::3]
     assert sorted(seen) == sorted(key for key in clips if key[1] in (0, 2))
@@ -132,9 +147,10 @@ def test_a_box_too_big_for_the_region_is_resized_by_the_loader(shard):
     assert narrow["fast"].shape[2:4] == (CROP, CROP) and (narrow["region"][:, [0, 1, 3]] == CROP).all()
     for out in (wide, narrow):
         out.pop("video_id")
-    same = [clip_inputs({k: torch.from_numpy(v) for k, v in out.items()}, torch.channels_last_3d)
-            for out in (wide, narrow)]
-    for a, b in zip(*same):
+    same = [
+        clip_inputs({k: torch.from_numpy(v) for k, v in out.items()}, torch.channels_last_3d) for out in (wide, narrow)
+    ]
+    for a, b in zip(*same, strict=True):
         assert torch.equal(a, b)
 
 
@@ -154,5 +170,6 @@ def test_normalize_tensor_with_per_channel_statistics_matches_the_cpu_normalize(
     frames = np.random.default_rng(0).integers(0, 256, (4, 8, 8, 3), dtype=np.uint8)
     mean, std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
     clip = torch.from_numpy(frames).permute(3, 0, 1, 2)
-    np.testing.assert_array_equal(transforms.normalize_tensor(clip, mean, std).numpy(),
-                                  transforms.normalize(frames, mean, std))
+    np.testing.assert_array_equal(
+        transforms.normalize_tensor(clip, mean, std).numpy(), transforms.normalize(frames, mean, std)
+    )

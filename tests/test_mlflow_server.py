@@ -1,6 +1,7 @@
 """The pipeline against a real `mlflow server` on 127.0.0.1 (sqlite backend, artifacts proxied to the moto S3
 endpoint): what train, evaluate, register and promote write reads back through the server, the artifacts
 live in the bucket, and a model URI that names nothing registered fails with a clear message."""
+
 from __future__ import annotations
 
 import math
@@ -13,15 +14,16 @@ import mlflow
 import pytest
 import torch
 from mlflow.tracking import MlflowClient
+from test_registry import constant_model, skewed_val
 
-from conftest import REPO, mlflow_server_in, pipeline_config
 from pipelines.checkpoints import CHECKPOINT_FILE, ModelNotFound, load_model
 from pipelines.evaluate import evaluate
 from pipelines.registry import CHALLENGER, CHAMPION, promote, register
-from pipelines.tracking import use_tracking
 from pipelines.storage import Storage
+from pipelines.tracking import use_tracking
 from pipelines.train import train
-from test_registry import constant_model, skewed_val
+
+from conftest import REPO, mlflow_server_in, pipeline_config
 
 BUCKET = "mlflow-server-test"
 EPOCHS = 2  # as tests/test_registry.py: the gate is decided by constant predictors of known top-1
@@ -43,12 +45,22 @@ def trained(ray_local, synth_set, mlflow_server, tmp_path_factory):
     """One worker trains slowfast_tiny (as tests/test_registry.py), logging to the server; then evaluated."""
     tmp = tmp_path_factory.mktemp("server-pipeline")
     cfg = pipeline_config(
-        tmp, synth_set, preprocess={"clips_per_video": 4, "rows_per_shard": 16},
-        train={"epochs": EPOCHS, "batch_size": 8, "num_workers": 1, "cpus_per_worker": 1, "base_lr": 0.2,
-               "warmup_epochs": 0.5},
+        tmp,
+        synth_set,
+        preprocess={"clips_per_video": 4, "rows_per_shard": 16},
+        train={
+            "epochs": EPOCHS,
+            "batch_size": 8,
+            "num_workers": 1,
+            "cpus_per_worker": 1,
+            "base_lr": 0.2,
+            "warmup_epochs": 0.5,
+        },
         mlflow={"tracking_uri": mlflow_server["url"], "experiment": "server-test", "model_name": "motion"},
-        ray={"data_cpus": 1.0}, model={"preset": "slowfast_tiny", "fast_input": "time_difference"},
-        data={"annotations": {"train": str(synth_set / "annotations/train.csv"), "val": skewed_val(tmp, synth_set)}})
+        ray={"data_cpus": 1.0},
+        model={"preset": "slowfast_tiny", "fast_input": "time_difference"},
+        data={"annotations": {"train": str(synth_set / "annotations/train.csv"), "val": skewed_val(tmp, synth_set)}},
+    )
     out = train(cfg, log=lambda *_: None)
     good = evaluate(cfg, out["best_checkpoint"], log=lambda *_: None)
     return cfg, out, good, tmp
@@ -95,8 +107,11 @@ def test_the_training_run_reads_back_through_the_server_with_its_artifacts_in_th
     # Artifacts: listed and downloaded through the server, stored in the moto bucket.
     listed = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert {"config.yaml", "learning_curve.png", "evaluation"} <= listed, listed
-    assert {a.path for a in client.list_artifacts(run.info.run_id, "evaluation")} == \
-        {"evaluation/confusion.png", "evaluation/per_class.csv", "evaluation/result.json"}
+    assert {a.path for a in client.list_artifacts(run.info.run_id, "evaluation")} == {
+        "evaluation/confusion.png",
+        "evaluation/per_class.csv",
+        "evaluation/result.json",
+    }
     config_yaml = Path(client.download_artifacts(run.info.run_id, "config.yaml", dst_path=str(tmp / "download")))
     assert config_yaml.read_text() == cfg.to_yaml()
     keys = bucket_keys(mlflow_server["s3"])
@@ -109,8 +124,9 @@ def test_the_training_run_reads_back_through_the_server_with_its_artifacts_in_th
     assert not (mlflow_server["cwd"] / "mlartifacts").exists(), "artifacts fell back to the server's local folder"
 
 
-def test_promotion_gate_through_the_server_promotes_the_better_model_and_rejects_the_worse(trained, registered,
-                                                                                            mlflow_server):
+def test_promotion_gate_through_the_server_promotes_the_better_model_and_rejects_the_worse(
+    trained, registered, mlflow_server
+):
     cfg, out, good, tmp = trained
     r = registered
     assert r["weak"]["top1"] == 0.2 and r["better"]["top1"] == 0.4 and r["worse"]["top1"] == 0.2
@@ -156,9 +172,23 @@ def test_a_model_uri_that_names_nothing_registered_says_what_exists(trained, reg
     config_path = tmp / "pipeline.yaml"
     config_path.write_text(cfg.to_yaml())
     video = next((Path(cfg.data.video_root) / "val").rglob("*.mp4"))
-    done = subprocess.run([sys.executable, "-m", "pipelines", "predict", str(video), "--model-uri",
-                           "models:/nope@champion", "--config", str(config_path)],
-                          capture_output=True, text=True, cwd=REPO, timeout=300)
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pipelines",
+            "predict",
+            str(video),
+            "--model-uri",
+            "models:/nope@champion",
+            "--config",
+            str(config_path),
+        ],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=300,
+    )
     assert done.returncode == 1, done.stderr[-2000:]
     assert "no registered model 'nope'" in done.stderr and mlflow_server["url"] in done.stderr
     assert "registered: motion" in done.stderr and "Traceback" not in done.stderr

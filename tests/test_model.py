@@ -1,4 +1,5 @@
 """The SlowFast network: the paper's reference sizes, every fusion and input variant, bad input."""
+
 import pytest
 import torch
 
@@ -66,7 +67,7 @@ def test_variant_shapes_and_gradients_reach_fast_pathway_through_laterals(varian
 def test_without_laterals_no_gradient_reaches_fast_pathway_from_slow_features():
     model = tiny(lateral="none").train()
     slow, fast = example_inputs(model.cfg, batch=2, size=32)
-    model.features([slow, fast])[:, :model.cfg.width * 32].pow(2).sum().backward()
+    model.features([slow, fast])[:, : model.cfg.width * 32].pow(2).sum().backward()
     grad = model.fast.stem.conv.weight.grad
     assert grad is None or grad.abs().sum() == 0
     assert len(model.lateral) == 0
@@ -166,15 +167,18 @@ def test_last_batch_norm_of_every_residual_block_starts_at_zero():
     assert tiny(zero_init_last_bn=False).slow.res2[0].c.bn.weight.abs().sum() > 0
 
 
-@pytest.mark.parametrize("bad, message", [
-    (lambda s, f: [s], "expected 2 pathways"),
-    (lambda s, f: [s, f, f], "expected 2 pathways"),
-    (lambda s, f: s, "expected a list"),
-    (lambda s, f: [s, f[:, :, :-1]], "expected 4 x 4 = 16, got 15"),
-    (lambda s, f: [s[:, :2], f], "expected 3 channels"),
-    (lambda s, f: [s, f[:, :1]], "fast pathway: expected 3 channels"),
-    (lambda s, f: [s[0], f], "expected 5 dims"),
-])
+@pytest.mark.parametrize(
+    "bad, message",
+    [
+        (lambda s, f: [s], "expected 2 pathways"),
+        (lambda s, f: [s, f, f], "expected 2 pathways"),
+        (lambda s, f: s, "expected a list"),
+        (lambda s, f: [s, f[:, :, :-1]], "expected 4 x 4 = 16, got 15"),
+        (lambda s, f: [s[:, :2], f], "expected 3 channels"),
+        (lambda s, f: [s, f[:, :1]], "fast pathway: expected 3 channels"),
+        (lambda s, f: [s[0], f], "expected 5 dims"),
+    ],
+)
 def test_bad_input_names_expected_and_actual(bad, message):
     model = tiny()
     slow, fast = example_inputs(model.cfg, batch=1, size=32)

@@ -5,6 +5,7 @@ storage_root refused, a whole node killed (kill -9 of its raylet and workers) du
 preprocessing, elastic training, a cluster left with no CPU for Ray Data, and nodes that join mid-run.
 
 Run them alone with `pytest -m multinode`; `make test` runs them too."""
+
 from __future__ import annotations
 
 import csv
@@ -18,10 +19,11 @@ import pyarrow.parquet as pq
 import pytest
 from mlflow.tracking import MlflowClient
 
+from pipelines.storage import S3Options, Storage
+from slowfast.shards import manifest
+
 from conftest import mlflow_server_in, pipeline_config
 from multinode import TRAIN_SLOT, LocalCluster, where
-from slowfast.shards import manifest
-from pipelines.storage import S3Options, Storage
 
 pytestmark = pytest.mark.multinode
 
@@ -55,21 +57,44 @@ def cluster(tmp_path):
     c.stop()
 
 
-def write_config(tmp_path, synth_set, s3, server, name: str, train: dict, ray: dict, folder: str = "synth",
-                 preprocess: dict | None = None):
+def write_config(
+    tmp_path,
+    synth_set,
+    s3,
+    server,
+    name: str,
+    train: dict,
+    ray: dict,
+    folder: str = "synth",
+    preprocess: dict | None = None,
+):
     """A small workflow over the videos in s3://VIDEOS/FOLDER, storage_root in S3, MLflow on the server; returns
     its path."""
     cfg = pipeline_config(
-        tmp_path, synth_set, name=name, storage_root=f"s3://{STORAGE}/{name}", s3={"endpoint_url": s3},
-        data={"video_root": f"s3://{VIDEOS}/{folder}",
-              "annotations": {split: f"s3://{VIDEOS}/{folder}/annotations/{split}.csv" for split in ("train", "val")}},
+        tmp_path,
+        synth_set,
+        name=name,
+        storage_root=f"s3://{STORAGE}/{name}",
+        s3={"endpoint_url": s3},
+        data={
+            "video_root": f"s3://{VIDEOS}/{folder}",
+            "annotations": {split: f"s3://{VIDEOS}/{folder}/annotations/{split}.csv" for split in ("train", "val")},
+        },
         # 4 clips a video: epochs of 6 steps (2 workers) or 12 (1); a kill after epoch 1's checkpoint lands in
         # epoch 2.
         preprocess=preprocess or {"clips_per_video": 4, "rows_per_shard": 16},
-        train={"batch_size": 4, "cpus_per_worker": 1, "warmup_epochs": 0.5, "base_lr": 0.04, "max_failures": 3,
-               **train},
+        train={
+            "batch_size": 4,
+            "cpus_per_worker": 1,
+            "warmup_epochs": 0.5,
+            "base_lr": 0.04,
+            "max_failures": 3,
+            **train,
+        },
         mlflow={"tracking_uri": server["url"], "experiment": name, "model_name": name},
-        ray={"data_cpus": 1.0, **ray}, infer={"cpus_per_worker": 1, "decode_cpus": 1})
+        ray={"data_cpus": 1.0, **ray},
+        infer={"cpus_per_worker": 1, "decode_cpus": 1},
+    )
     path = tmp_path / f"{name}.yaml"
     path.write_text(cfg.to_yaml())
     return path
@@ -79,19 +104,27 @@ def run(config) -> tuple[str, ...]:
     return ("python", "-m", "pipelines", "run", "--config", str(config))
 
 
-def wait_for_checkpoint(s3: str, name: str, epoch: int, cluster: LocalCluster, submission: str,
-                        timeout: float = 600) -> None:
+def wait_for_checkpoint(
+    s3: str, name: str, epoch: int, cluster: LocalCluster, submission: str, timeout: float = 600
+) -> None:
     """Until Ray Train lists the run's checkpoint of `epoch` in its snapshot (written once the checkpoint is
     whole): the next epoch is then under way."""
     client = boto3.client("s3", endpoint_url=s3)
     deadline = time.time() + timeout
     while time.time() < deadline:
         for _ in range(10):
-            keys = [o["Key"] for page in client.get_paginator("list_objects_v2").paginate(
-                    Bucket=STORAGE, Prefix=f"{name}/checkpoints/") for o in page.get("Contents", [])]
+            keys = [
+                o["Key"]
+                for page in client.get_paginator("list_objects_v2").paginate(
+                    Bucket=STORAGE, Prefix=f"{name}/checkpoints/"
+                )
+                for o in page.get("Contents", [])
+            ]
             for key in keys:
-                if key.endswith("checkpoint_manager_snapshot.json") and f"epoch-{epoch:04d}" in \
-                        client.get_object(Bucket=STORAGE, Key=key)["Body"].read().decode():
+                if (
+                    key.endswith("checkpoint_manager_snapshot.json")
+                    and f"epoch-{epoch:04d}" in client.get_object(Bucket=STORAGE, Key=key)["Body"].read().decode()
+                ):
                     return
             time.sleep(1)
         assert not cluster.ended(submission), cluster.logs(submission)[-4000:]
@@ -125,11 +158,19 @@ def registered_versions(server, name: str) -> list:
 
 
 def test_a_survivor_holding_every_cpu_stops_with_a_clear_error_then_resumes_when_a_node_joins(
-        cluster, s3, server, synth_set, tmp_path):
+    cluster, s3, server, synth_set, tmp_path
+):
     # No roles: two 1-CPU nodes, one for the train worker and one for Ray Data.
     cluster.add_nodes(("n1", 1, None), ("n2", 1, None))
-    config = write_config(tmp_path, synth_set, s3, server, "starved", train={"epochs": 2, "num_workers": 1},
-                          ray={"data_wait_timeout_s": 20})
+    config = write_config(
+        tmp_path,
+        synth_set,
+        s3,
+        server,
+        "starved",
+        train={"epochs": 2, "num_workers": 1},
+        ray={"data_wait_timeout_s": 20},
+    )
     submission = cluster.submit(*run(config))
     names = {v: k for k, v in cluster.node_ids().items()}
     deadline = time.time() + 600
@@ -145,12 +186,18 @@ def test_a_survivor_holding_every_cpu_stops_with_a_clear_error_then_resumes_when
     status, log = cluster.wait(submission, timeout=600)
     assert status == "FAILED"
     # The driver's own last word, without a traceback of its own (Ray's controller logs the node's loss).
-    said = [line for line in log.splitlines() if "Ray Data made no progress for 20 s" in line and
-            line.startswith("pipelines run: train starved-")]
+    said = [
+        line
+        for line in log.splitlines()
+        if "Ray Data made no progress for 20 s" in line and line.startswith("pipelines run: train starved-")
+    ]
     assert len(said) == 1, log[-4000:]
-    assert re.search(r"stopped after epoch 1 of 2\. Ray Data made no progress for 20 s \(ray.data_wait_timeout_s\): "
-                     r"the training input's read and crop tasks wait for CPUs; the cluster has 2 node\(s\) with 1 "
-                     r"CPU\(s\) in all, the train workers held 1 of them\. Add a node", said[0]), said[0]
+    assert re.search(
+        r"stopped after epoch 1 of 2\. Ray Data made no progress for 20 s \(ray.data_wait_timeout_s\): "
+        r"the training input's read and crop tasks wait for CPUs; the cluster has 2 node\(s\) with 1 "
+        r"CPU\(s\) in all, the train workers held 1 of them\. Add a node",
+        said[0],
+    ), said[0]
     assert said[0].endswith("then run the same command again: it resumes where it stopped.")
     assert 'File "<frozen runpy>"' not in log
 
@@ -187,8 +234,11 @@ def long_set(s3, tmp_path_factory):
             name = f"{row['label']}/{{}}_{int(row['time_start']):06d}_{int(row['time_end']):06d}.mp4"
             for k in range(copies):
                 listed.append({**row, "youtube_id": f"{row['youtube_id'][:9]}c{k}"} if copies > 1 else row)
-                client.upload_file(str(out / "generated" / split / name.format(row["youtube_id"])), VIDEOS,
-                                   f"long/{split}/{name.format(listed[-1]['youtube_id'])}")
+                client.upload_file(
+                    str(out / "generated" / split / name.format(row["youtube_id"])),
+                    VIDEOS,
+                    f"long/{split}/{name.format(listed[-1]['youtube_id'])}",
+                )
         with open(out / "annotations" / f"{split}.csv", "w", newline="") as f:
             writer = csv.DictWriter(f, fieldnames=list(rows[0]))
             writer.writeheader()
@@ -206,11 +256,17 @@ def test_roles_autoscaling_and_node_loss_through_job_submit(cluster, s3, server,
     cluster.add_nodes(("train1", 1, "train"), ("train2", 1, "train"))
     # One video per actor call and a commit after each; 24 steps an epoch on 2 workers, 48 on 1: a kill after
     # epoch 1's checkpoint lands inside epoch 2.
-    config = write_config(tmp_path, long_set, s3, server, name, folder="long",
-                          train={"epochs": 2, "num_workers": [1, 2], "resources_per_worker": TRAIN_SLOT},
-                          ray={"train_nodes": TRAIN_ROLE, "data_nodes": DATA_ROLE},
-                          preprocess={"clips_per_video": CLIPS, "rows_per_shard": CLIPS, "commit_every": 1,
-                                      "short_side": 240})
+    config = write_config(
+        tmp_path,
+        long_set,
+        s3,
+        server,
+        name,
+        folder="long",
+        train={"epochs": 2, "num_workers": [1, 2], "resources_per_worker": TRAIN_SLOT},
+        ray={"train_nodes": TRAIN_ROLE, "data_nodes": DATA_ROLE},
+        preprocess={"clips_per_video": CLIPS, "rows_per_shard": CLIPS, "commit_every": 1, "short_side": 240},
+    )
     store = Storage(f"s3://{STORAGE}/{name}", S3Options(s3))
 
     # A local storage_root on a cluster of several nodes: refused before anything is written.
@@ -252,8 +308,11 @@ def test_roles_autoscaling_and_node_loss_through_job_submit(cluster, s3, server,
     status, log = cluster.wait(submission)
     assert status == "SUCCEEDED", log[-4000:]
     assert "on 1 to 2 workers (elastic" in log and f"models:/{name}/1" in log
-    resumed = re.search(r"resuming after epoch 1 on 1 worker\(s\), the checkpoint was written by 2: global "
-                        r"batch 8 -> 4, LR ([0-9.e-]+) -> ([0-9.e-]+)", log)
+    resumed = re.search(
+        r"resuming after epoch 1 on 1 worker\(s\), the checkpoint was written by 2: global "
+        r"batch 8 -> 4, LR ([0-9.e-]+) -> ([0-9.e-]+)",
+        log,
+    )
     assert resumed, log[-4000:]
     assert float(resumed.group(2)) == pytest.approx(float(resumed.group(1)) / 2, rel=1e-3)
     # Each epoch recorded once (none repeated), with the workers, batch and learning rate it ran with.

@@ -1,5 +1,6 @@
 """bf16 mixed precision: which CPUs get it (their flags), and that a bf16 train step of slowfast_tiny on such a
 CPU matches fp32 and still learns."""
+
 from __future__ import annotations
 
 import copy
@@ -18,33 +19,48 @@ from slowfast.video import synth
 from slowfast.video.sampling import slow_indices
 
 # The "flags" / "Features" lines of real /proc/cpuinfo files, one processor each, shortened.
-SAPPHIRE_RAPIDS = ("processor\t: 0\nvendor_id\t: GenuineIntel\nmodel name\t: Intel(R) Xeon(R) Platinum 8488C\n"
-                   "flags\t\t: fpu sse2 avx2 avx512f avx512dq avx512bw avx512vl avx512_vnni avx512_bf16 amx_bf16 "
-                   "amx_tile amx_int8\n")
-ZEN4 = ("processor\t: 0\nvendor_id\t: AuthenticAMD\nmodel name\t: AMD EPYC 9R14\n"
-        "flags\t\t: fpu sse2 avx2 avx512f avx512dq avx512bw avx512vl avx512_bf16 avx512_vnni\n")
-ZEN3 = ("processor\t: 0\nvendor_id\t: AuthenticAMD\nmodel name\t: AMD EPYC\n"
-        "flags\t\t: fpu sse2 avx avx2 fma f16c bmi2 sha_ni vaes vpclmulqdq\n")
-ICE_LAKE = ("processor\t: 0\nvendor_id\t: GenuineIntel\nmodel name\t: Intel(R) Xeon(R) Platinum 8375C\n"
-            "flags\t\t: fpu sse2 avx2 avx512f avx512dq avx512bw avx512vl avx512_vnni avx512_bitalg avx512_vpopcntdq\n")
-GRAVITON3 = ("processor\t: 0\nBogoMIPS\t: 2100.00\n"
-             "Features\t: fp asimd evtstrm aes pmull sha1 sha2 crc32 atomics fphp asimdhp asimddp sve i8mm bf16 "
-             "svebf16 dcpop\nCPU implementer\t: 0x41\n")
-GRAVITON2 = ("processor\t: 0\nBogoMIPS\t: 243.75\n"
-             "Features\t: fp asimd evtstrm aes pmull sha1 sha2 crc32 atomics fphp asimdhp asimddp\n")
+SAPPHIRE_RAPIDS = (
+    "processor\t: 0\nvendor_id\t: GenuineIntel\nmodel name\t: Intel(R) Xeon(R) Platinum 8488C\n"
+    "flags\t\t: fpu sse2 avx2 avx512f avx512dq avx512bw avx512vl avx512_vnni avx512_bf16 amx_bf16 "
+    "amx_tile amx_int8\n"
+)
+ZEN4 = (
+    "processor\t: 0\nvendor_id\t: AuthenticAMD\nmodel name\t: AMD EPYC 9R14\n"
+    "flags\t\t: fpu sse2 avx2 avx512f avx512dq avx512bw avx512vl avx512_bf16 avx512_vnni\n"
+)
+ZEN3 = (
+    "processor\t: 0\nvendor_id\t: AuthenticAMD\nmodel name\t: AMD EPYC\n"
+    "flags\t\t: fpu sse2 avx avx2 fma f16c bmi2 sha_ni vaes vpclmulqdq\n"
+)
+ICE_LAKE = (
+    "processor\t: 0\nvendor_id\t: GenuineIntel\nmodel name\t: Intel(R) Xeon(R) Platinum 8375C\n"
+    "flags\t\t: fpu sse2 avx2 avx512f avx512dq avx512bw avx512vl avx512_vnni avx512_bitalg avx512_vpopcntdq\n"
+)
+GRAVITON3 = (
+    "processor\t: 0\nBogoMIPS\t: 2100.00\n"
+    "Features\t: fp asimd evtstrm aes pmull sha1 sha2 crc32 atomics fphp asimdhp asimddp sve i8mm bf16 "
+    "svebf16 dcpop\nCPU implementer\t: 0x41\n"
+)
+GRAVITON2 = (
+    "processor\t: 0\nBogoMIPS\t: 243.75\n"
+    "Features\t: fp asimd evtstrm aes pmull sha1 sha2 crc32 atomics fphp asimdhp asimddp\n"
+)
 
 NUM_CLASSES = 4
 
 
-@pytest.mark.parametrize("cpuinfo, supported, reason", [
-    pytest.param(SAPPHIRE_RAPIDS, True, "avx512_bf16, amx_bf16", id="sapphire_rapids"),
-    pytest.param(ZEN4, True, "avx512_bf16", id="zen4"),
-    pytest.param(GRAVITON3, True, "bf16", id="graviton3"),
-    pytest.param(ZEN3, False, "no avx512_bf16, amx_bf16, bf16 flag in ", id="zen3"),
-    # AVX-512 without bf16: oneDNN would emulate it (torch.ops.mkldnn._is_mkldnn_bf16_supported() says yes)
-    pytest.param(ICE_LAKE, False, "no avx512_bf16, amx_bf16, bf16 flag in ", id="ice_lake"),
-    pytest.param(GRAVITON2, False, "no avx512_bf16, amx_bf16, bf16 flag in ", id="graviton2"),
-])
+@pytest.mark.parametrize(
+    "cpuinfo, supported, reason",
+    [
+        pytest.param(SAPPHIRE_RAPIDS, True, "avx512_bf16, amx_bf16", id="sapphire_rapids"),
+        pytest.param(ZEN4, True, "avx512_bf16", id="zen4"),
+        pytest.param(GRAVITON3, True, "bf16", id="graviton3"),
+        pytest.param(ZEN3, False, "no avx512_bf16, amx_bf16, bf16 flag in ", id="zen3"),
+        # AVX-512 without bf16: oneDNN would emulate it (torch.ops.mkldnn._is_mkldnn_bf16_supported() says yes)
+        pytest.param(ICE_LAKE, False, "no avx512_bf16, amx_bf16, bf16 flag in ", id="ice_lake"),
+        pytest.param(GRAVITON2, False, "no avx512_bf16, amx_bf16, bf16 flag in ", id="graviton2"),
+    ],
+)
 def test_cpu_flags_decide_bf16(tmp_path, cpuinfo, supported, reason):
     path = tmp_path / "cpuinfo"
     path.write_text(cpuinfo)
@@ -69,8 +85,11 @@ def test_this_cpu_autocast_and_its_description_agree():
     assert dtype == (torch.bfloat16 if support.supported else torch.float32)
     with autocast("cpu", enabled=False):
         assert (torch.ones(2, 2) @ torch.ones(2, 2)).dtype == torch.float32
-    expected = (f"bf16 on CPU: supported ({support.reason})" if support.supported
-                else f"bf16 on CPU: not supported ({support.reason}): fp32")
+    expected = (
+        f"bf16 on CPU: supported ({support.reason})"
+        if support.supported
+        else f"bf16 on CPU: not supported ({support.reason}): fp32"
+    )
     assert describe_precision("cpu", True) == expected
     assert describe_precision("cpu", False) == "fp32 (mixed precision off)"
     assert describe_precision("cuda", True) == "bf16 autocast on CUDA"
@@ -97,8 +116,10 @@ def fixed_batch(size: int = 32) -> dict:
 def needs_cpu_bf16():
     support = cpu_bf16()
     if not support.supported:
-        pytest.skip(f"this CPU has no bf16 in hardware ({support.reason}): autocast keeps fp32 here, "
-                    "so there is no bf16 step to compare")
+        pytest.skip(
+            f"this CPU has no bf16 in hardware ({support.reason}): autocast keeps fp32 here, "
+            "so there is no bf16 step to compare"
+        )
 
 
 def test_bf16_step_matches_fp32_on_this_cpu():
@@ -129,7 +150,8 @@ def test_bf16_steps_fit_a_fixed_batch_on_this_cpu():
     torch.manual_seed(0)
     model = build("slowfast_tiny", num_classes=NUM_CLASSES, dropout=0.0).to(memory_format=fmt)
     optimizer = build_optimizer(model, lr=0.1)
-    losses = [train_step(model, optimizer, batch, fmt=fmt, mixed_precision=True, grad_clip=5.0).loss.item()
-              for _ in range(4)]
+    losses = [
+        train_step(model, optimizer, batch, fmt=fmt, mixed_precision=True, grad_clip=5.0).loss.item() for _ in range(4)
+    ]
     assert all(math.isfinite(loss) for loss in losses), losses
     assert losses[-1] < 0.25 * losses[0], losses

@@ -1,5 +1,6 @@
 """Preprocess through a real local Ray: every annotation row ends processed or quarantined with its
 reason, re-runs decode only what is new, and a kill -9 mid-run loses and duplicates nothing."""
+
 from __future__ import annotations
 
 import csv
@@ -14,11 +15,12 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 
-from conftest import REPO, pipeline_config
 from pipelines.data import run_preprocess, storage_of
 from slowfast.shards import manifest
 from slowfast.shards.reader import iter_clips
-from slowfast.video.synth import encode_video, sample_video, render
+from slowfast.video.synth import encode_video, render, sample_video
+
+from conftest import REPO, pipeline_config
 from stop_hook import stop_after, wait_stopped
 from videos import encode_audio_only
 
@@ -79,18 +81,28 @@ def test_every_row_is_processed_or_quarantined_with_its_reason(ray_local, synth_
     corrupt = bytearray(data)
     mdat = corrupt.find(b"mdat")
     middle = mdat + (len(corrupt) - mdat) // 2
-    corrupt[middle:middle + 2000] = np.random.default_rng(1).bytes(2000)
+    corrupt[middle : middle + 2000] = np.random.default_rng(1).bytes(2000)
     video_path(root, "train", label, "corrupted00").write_bytes(bytes(corrupt))
     big = render(sample_video(0, 0, 0, width=320, height=240, seconds=1.5))
     encode_video(video_path(root, "train", label, "toolarge000"), big, 30)
     short = render(sample_video(0, 0, 1, width=128, height=96, seconds=0.5))  # 15 frames < one 32-frame clip
     encode_video(video_path(root, "train", label, "shortclip00"), short, 30)
     duplicate = first_rows(train_csv)[0]
-    add_rows(train_csv, [(label, "missingfile", 0, 2), (label, "zerobytes00", 0, 2), (label, "truncated00", 0, 2),
-                         (label, "randombytes", 0, 2), (label, "audioonly00", 0, 2), (label, "corrupted00", 0, 2),
-                         (label, "toolarge000", 0, 2), (label, "shortclip00", 0, 2),
-                         (duplicate["label"], duplicate["youtube_id"], int(duplicate["time_start"]),
-                          int(duplicate["time_end"]))], "train")
+    add_rows(
+        train_csv,
+        [
+            (label, "missingfile", 0, 2),
+            (label, "zerobytes00", 0, 2),
+            (label, "truncated00", 0, 2),
+            (label, "randombytes", 0, 2),
+            (label, "audioonly00", 0, 2),
+            (label, "corrupted00", 0, 2),
+            (label, "toolarge000", 0, 2),
+            (label, "shortclip00", 0, 2),
+            (duplicate["label"], duplicate["youtube_id"], int(duplicate["time_start"]), int(duplicate["time_end"])),
+        ],
+        "train",
+    )
     add_rows(val_csv, [("juggling balls", "unknownlbl0", 0, 2)], "val")
 
     cfg = pipeline_config(tmp_path, root, preprocess={"max_frame_pixels": 200 * 200})
@@ -98,8 +110,15 @@ def test_every_row_is_processed_or_quarantined_with_its_reason(ray_local, synth_
     train, val = out["splits"]["train"], out["splits"]["val"]
 
     assert train["quarantine_reasons"] == {
-        "missing_file": 1, "zero_bytes": 1, "truncated": 1, "not_a_video": 1, "no_video_stream": 1,
-        "decode_error": 1, "frame_too_large": 1, "duplicate_row": 1}
+        "missing_file": 1,
+        "zero_bytes": 1,
+        "truncated": 1,
+        "not_a_video": 1,
+        "no_video_stream": 1,
+        "decode_error": 1,
+        "frame_too_large": 1,
+        "duplicate_row": 1,
+    }
     assert val["quarantine_reasons"] == {"unknown_label": 1}
     for s in (train, val):
         assert s["processed"] + s["quarantined"] == s["rows_read"]
@@ -116,8 +135,9 @@ def test_every_row_is_processed_or_quarantined_with_its_reason(ray_local, synth_
     store = storage_of(cfg)
     state = manifest.DatasetState.load(store, manifest.manifest_dir("synth", "train", train["prep_hash"]))
     assert state.videos["shortclip00_000000_000002"].short
-    assert not state.videos[f"{duplicate['youtube_id']}_{int(duplicate['time_start']):06d}_"
-                            f"{int(duplicate['time_end']):06d}"].quarantined
+    assert not state.videos[
+        f"{duplicate['youtube_id']}_{int(duplicate['time_start']):06d}_{int(duplicate['time_end']):06d}"
+    ].quarantined
 
 
 def test_path_lists_quarantine_paths_that_escape_the_root(ray_local, synth_set, tmp_path):
@@ -134,12 +154,22 @@ def test_path_lists_quarantine_paths_that_escape_the_root(ray_local, synth_set, 
     (root / "train.txt").write_text("\n".join(lines) + "\n")
     (root / "val.txt").write_text(f"{lines[0]}\n{lines[1].split()[0]} 7\n")
 
-    cfg = pipeline_config(tmp_path, root, data={
-        "dataset": "synth", "format": "path_label", "video_root": str(root),
-        "annotations": {"train": str(root / "train.txt"), "val": str(root / "val.txt")}})
+    cfg = pipeline_config(
+        tmp_path,
+        root,
+        data={
+            "dataset": "synth",
+            "format": "path_label",
+            "video_root": str(root),
+            "annotations": {"train": str(root / "train.txt"), "val": str(root / "val.txt")},
+        },
+    )
     out = run_preprocess(cfg, log=lambda *_: None)
-    assert out["splits"]["train"]["quarantine_reasons"] == {"path_escapes_root": 2, "missing_file": 1,
-                                                            "duplicate_row": 1}
+    assert out["splits"]["train"]["quarantine_reasons"] == {
+        "path_escapes_root": 2,
+        "missing_file": 1,
+        "duplicate_row": 1,
+    }
     assert out["splits"]["train"]["processed"] == len(rows)
     assert out["splits"]["val"]["quarantine_reasons"] == {"unknown_label": 1}
     assert out["classes"] == ["0", "1", "2", "3"]
@@ -166,8 +196,9 @@ def test_rerun_after_new_rows_decodes_only_the_new_videos(ray_local, synth_set, 
     again = run_preprocess(cfg, log=lambda *_: None)["splits"]["train"]
     assert again["decoded_now"] == 0 and again["already_committed"] == len(keep)
 
-    add_rows(train_csv, [(r["label"], r["youtube_id"], int(r["time_start"]), int(r["time_end"])) for r in later],
-             "train")
+    add_rows(
+        train_csv, [(r["label"], r["youtube_id"], int(r["time_start"]), int(r["time_end"])) for r in later], "train"
+    )
     third = run_preprocess(cfg, log=lambda *_: None)["splits"]["train"]
     assert third["decoded_now"] == 3 and third["already_committed"] == len(keep)
     assert third["processed"] == len(all_rows)
@@ -189,16 +220,26 @@ def test_rerun_after_new_rows_decodes_only_the_new_videos(ray_local, synth_set, 
 
 def _run_cli(config_path: Path, cwd: Path, env: dict | None = None, **kw) -> subprocess.Popen:
     env = env or {**os.environ, "PYTHONPATH": str(REPO)}
-    return subprocess.Popen([sys.executable, "-m", "pipelines", "preprocess", "--config", str(config_path)],
-                            cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, **kw)
+    return subprocess.Popen(
+        [sys.executable, "-m", "pipelines", "preprocess", "--config", str(config_path)],
+        cwd=cwd,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        **kw,
+    )
 
 
 def test_kill_9_mid_run_then_rerun_gives_the_same_clips_exactly_once(ray_local, synth_set, tmp_path):
     root = copy_set(synth_set, tmp_path / "videos")
     # One video per shard and one shard per commit; the driver stops itself after its third commit of the
     # train split's 12 videos and is killed there, with the decode actors still writing shards.
-    cfg = pipeline_config(tmp_path, root, preprocess={"rows_per_shard": 2, "commit_every": 1, "eval_views": 2},
-                          evaluate={"temporal_views": 2})
+    cfg = pipeline_config(
+        tmp_path,
+        root,
+        preprocess={"rows_per_shard": 2, "commit_every": 1, "eval_views": 2},
+        evaluate={"temporal_views": 2},
+    )
     config_path = tmp_path / "pipeline.yaml"
     config_path.write_text(cfg.to_yaml())
     store = storage_of(cfg)
@@ -218,9 +259,12 @@ def test_kill_9_mid_run_then_rerun_gives_the_same_clips_exactly_once(ray_local, 
     assert len(clips) == 2 * 12  # every video once: no duplicate (checked per clip) and none missing
 
     # A clean run elsewhere (in this process, on the test session's Ray) cuts exactly the same clips.
-    clean = pipeline_config(tmp_path / "clean", root, preprocess={"rows_per_shard": 2, "commit_every": 1,
-                                                                  "eval_views": 2},
-                            evaluate={"temporal_views": 2})
+    clean = pipeline_config(
+        tmp_path / "clean",
+        root,
+        preprocess={"rows_per_shard": 2, "commit_every": 1, "eval_views": 2},
+        evaluate={"temporal_views": 2},
+    )
     run_preprocess(clean, log=lambda *_: None)
     assert clip_digests(clean, "train") == clips
 
@@ -236,10 +280,21 @@ def test_clips_from_s3_equal_clips_from_local_disk(ray_local, s3_endpoint, synth
             s3.upload_file(str(path), "videos", f"kinetics/{path.relative_to(synth_set).as_posix()}")
 
     local = pipeline_config(tmp_path / "local", synth_set)
-    remote = pipeline_config(tmp_path, synth_set, storage_root="s3://pipeline/runs", s3={"endpoint_url": s3_endpoint},
-                             data={"dataset": "synth", "format": "kinetics_csv", "video_root": "s3://videos/kinetics",
-                                   "annotations": {"train": "s3://videos/kinetics/annotations/train.csv",
-                                                   "val": "s3://videos/kinetics/annotations/val.csv"}})
+    remote = pipeline_config(
+        tmp_path,
+        synth_set,
+        storage_root="s3://pipeline/runs",
+        s3={"endpoint_url": s3_endpoint},
+        data={
+            "dataset": "synth",
+            "format": "kinetics_csv",
+            "video_root": "s3://videos/kinetics",
+            "annotations": {
+                "train": "s3://videos/kinetics/annotations/train.csv",
+                "val": "s3://videos/kinetics/annotations/val.csv",
+            },
+        },
+    )
     out_local = run_preprocess(local, log=lambda *_: None)
     out_remote = run_preprocess(remote, log=lambda *_: None)
     assert out_remote["splits"]["train"]["shards"].startswith("s3://pipeline/runs/shards/")
@@ -252,9 +307,17 @@ def test_clips_from_s3_equal_clips_from_local_disk(ray_local, s3_endpoint, synth
 
     # The reader streams the S3 shards into the same tensors.
     store = storage_of(remote)
-    state = manifest.DatasetState.load(store, manifest.manifest_dir("synth", "val",
-                                                                   out_remote["splits"]["val"]["prep_hash"]))
-    batches = list(iter_clips([(store.path(p), skip) for p, skip in state.readable()], mode="eval", batch_size=4,
-                              crop=32, filesystem=store.fs))
+    state = manifest.DatasetState.load(
+        store, manifest.manifest_dir("synth", "val", out_remote["splits"]["val"]["prep_hash"])
+    )
+    batches = list(
+        iter_clips(
+            [(store.path(p), skip) for p, skip in state.readable()],
+            mode="eval",
+            batch_size=4,
+            crop=32,
+            filesystem=store.fs,
+        )
+    )
     assert sum(len(b["label"]) for b in batches) == 4 * 3 * 3  # 4 val videos x 3 views x 3 crops
     assert batches[0]["fast"].shape[1:] == (16, 32, 32, 3) and batches[0]["slow_index"].shape[1] == 4

@@ -1,5 +1,6 @@
 """What a user sees while a command runs, in real processes with a real local Ray: the pipeline's own
 progress lines, not Ray's INFO logs or tracebacks from Ray's helpers; `--verbose` brings Ray's logs back."""
+
 from __future__ import annotations
 
 import os
@@ -27,17 +28,28 @@ def videos(tmp_path_factory):
 
 
 def cli(*args: str, videos: Path, storage: Path) -> tuple[int, str, str]:
-    overrides = [f"storage_root={storage}", f"mlflow.tracking_uri=sqlite:///{storage}/mlflow.db",
-                 f"data.video_root={videos}", f"data.annotations.train={videos}/annotations/train.csv",
-                 f"data.annotations.val={videos}/annotations/val.csv", "train.epochs=1", "train.warmup_epochs=0",
-                 "train.batch_size=2"]
+    overrides = [
+        f"storage_root={storage}",
+        f"mlflow.tracking_uri=sqlite:///{storage}/mlflow.db",
+        f"data.video_root={videos}",
+        f"data.annotations.train={videos}/annotations/train.csv",
+        f"data.annotations.val={videos}/annotations/val.csv",
+        "train.epochs=1",
+        "train.warmup_epochs=0",
+        "train.batch_size=2",
+    ]
     # As from a user's shell: no Ray address, and no RAY_AUTH_MODE (a local Ray started earlier in this process
     # set it to "token", as Ray does when it turns token auth on).
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_DATA_LOG_LEVEL", "RAY_AUTH_MODE")}
     env["PYTHONPATH"] = str(REPO)
-    done = subprocess.run([sys.executable, "-m", "pipelines", *args, "--config", DEMO,
-                           *[a for o in overrides for a in ("--set", o)]],
-                          cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+    done = subprocess.run(
+        [sys.executable, "-m", "pipelines", *args, "--config", DEMO, *[a for o in overrides for a in ("--set", o)]],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     return done.returncode, done.stdout, done.stderr
 
 

@@ -1,6 +1,7 @@
 """Evaluate, register, promote and predict, against a real local Ray and a real MLflow (sqlite): a model
 trained on the synthetic set is scored with the multi-view protocol, registered as challenger, promoted
 only when it beats the champion on the same eval set, and loads back as PyTorch and as a video pyfunc."""
+
 from __future__ import annotations
 
 import csv
@@ -15,13 +16,14 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
-from conftest import REPO, pipeline_config
 from pipelines.checkpoints import CHECKPOINT_FILE, ModelNotFound, load_from_checkpoint
 from pipelines.evaluate import evaluate
 from pipelines.registry import CHALLENGER, CHAMPION, RegistryError, promote, register
 from pipelines.storage import Storage
 from pipelines.train import train
 from slowfast.video.sampling import choose_views
+
+from conftest import REPO, pipeline_config
 
 
 def skewed_val(tmp: Path, videos: Path) -> str:
@@ -32,8 +34,12 @@ def skewed_val(tmp: Path, videos: Path) -> str:
     first = sorted({row[0] for row in train[1:]})[0]
     extra = next(row for row in train[1:] if row[0] == first)
     path = tmp / "val_skewed.csv"
-    path.write_text((videos / "annotations/val.csv").read_text().rstrip("\n") + "\n" +
-                    ",".join([f'"{extra[0]}"', *extra[1:4], "val"]) + "\n")
+    path.write_text(
+        (videos / "annotations/val.csv").read_text().rstrip("\n")
+        + "\n"
+        + ",".join([f'"{extra[0]}"', *extra[1:4], "val"])
+        + "\n"
+    )
     return str(path)
 
 
@@ -42,15 +48,32 @@ def small_config(tmp: Path, videos: Path, **sections):
     pathway on frame differences (as the demo), 2 short epochs: what these tests check does not depend on how
     well it learnt (the gate is decided by constant predictors of known top-1)."""
     return pipeline_config(
-        tmp, videos, preprocess={"clips_per_video": 4, "rows_per_shard": 16},
-        train={"epochs": 2, "batch_size": 8, "num_workers": 1, "cpus_per_worker": 1, "base_lr": 0.2,
-               "warmup_epochs": 0.5},
-        mlflow={"tracking_uri": f"sqlite:///{tmp / 'mlflow.db'}", "experiment": "registry-test",
-                "model_name": "motion"},
-        ray={"data_cpus": 1.0}, model={"preset": "slowfast_tiny", "fast_input": "time_difference"},
-        data={"dataset": "synth", "format": "kinetics_csv", "video_root": str(videos),
-              "annotations": {"train": str(videos / "annotations/train.csv"), "val": skewed_val(tmp, videos)}},
-        **sections)
+        tmp,
+        videos,
+        preprocess={"clips_per_video": 4, "rows_per_shard": 16},
+        train={
+            "epochs": 2,
+            "batch_size": 8,
+            "num_workers": 1,
+            "cpus_per_worker": 1,
+            "base_lr": 0.2,
+            "warmup_epochs": 0.5,
+        },
+        mlflow={
+            "tracking_uri": f"sqlite:///{tmp / 'mlflow.db'}",
+            "experiment": "registry-test",
+            "model_name": "motion",
+        },
+        ray={"data_cpus": 1.0},
+        model={"preset": "slowfast_tiny", "fast_input": "time_difference"},
+        data={
+            "dataset": "synth",
+            "format": "kinetics_csv",
+            "video_root": str(videos),
+            "annotations": {"train": str(videos / "annotations/train.csv"), "val": skewed_val(tmp, videos)},
+        },
+        **sections,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -102,8 +125,11 @@ def test_evaluate_a_checkpoint_with_every_view_and_log_it_to_the_training_run(tr
     assert any(k.startswith("system/cpu_utilization") for k in run.data.metrics), sorted(run.data.metrics)
 
     # Fewer temporal views is another eval set: the figures are never compared across sets.
-    fewer = evaluate(cfg.model_copy(update={"evaluate": cfg.evaluate.model_copy(update={"temporal_views": 1})}),
-                     out["best_checkpoint"], log=lambda *_: None)
+    fewer = evaluate(
+        cfg.model_copy(update={"evaluate": cfg.evaluate.model_copy(update={"temporal_views": 1})}),
+        out["best_checkpoint"],
+        log=lambda *_: None,
+    )
     assert fewer["views_per_video"] == 3 and fewer["eval_set"] != result["eval_set"]
 
 
@@ -164,12 +190,22 @@ def test_predict_cli_prints_the_top_k_for_each_video_and_names_a_missing_model(t
     videos = sorted((Path(cfg.data.video_root) / "val").rglob("*.mp4"))[:2]
 
     def cli(*args):
-        return subprocess.run([sys.executable, "-m", "pipelines", "predict", *args, "--config", str(config_path)],
-                              capture_output=True, text=True, cwd=REPO, timeout=300)
+        return subprocess.run(
+            [sys.executable, "-m", "pipelines", "predict", *args, "--config", str(config_path)],
+            capture_output=True,
+            text=True,
+            cwd=REPO,
+            timeout=300,
+        )
 
     if not _has_champion(out):
-        promote(cfg, register(cfg, evaluate(cfg, out["best_checkpoint"], log=lambda *_: None),
-                              log=lambda *_: None)["model_version"], log=lambda *_: None)
+        promote(
+            cfg,
+            register(cfg, evaluate(cfg, out["best_checkpoint"], log=lambda *_: None), log=lambda *_: None)[
+                "model_version"
+            ],
+            log=lambda *_: None,
+        )
     done = cli(*map(str, videos), "--top-k", "3")
     assert done.returncode == 0, done.stderr[-2000:]
     for video in videos:

@@ -1,4 +1,5 @@
 """Clip windows and frame indices: PySlowFast's numbers, bit for bit against torch."""
+
 import os
 import random
 import subprocess
@@ -123,8 +124,9 @@ def test_train_seeds_do_not_depend_on_python_hash_randomisation():
     outs = set()
     for hash_seed in ("1", "2"):
         env = dict(os.environ, PYTHONHASHSEED=hash_seed, PYTHONPATH=root)
-        outs.add(subprocess.run([sys.executable, "-c", code], env=env, check=True,
-                                capture_output=True, text=True).stdout)
+        outs.add(
+            subprocess.run([sys.executable, "-c", code], env=env, check=True, capture_output=True, text=True).stdout
+        )
     assert len(outs) == 1
     # Pinned: a change here silently moves every training clip of every re-run.
     assert clip_seed(3, "abc_000010_000020", 0) == 0x96EBB9DAE550B847
@@ -133,8 +135,14 @@ def test_train_seeds_do_not_depend_on_python_hash_randomisation():
 
 @pytest.mark.parametrize(
     "duration, fps, expected",
-    [(10.0, 30, 300), (10.01, 30, 301), (5120 / 15360, 30, 10), (8.0, 30, 240), (0.01, 30, 1),
-     (56325 / 15360, 30, 110)],  # 110 frames in an MP4 whose edit list adds 5 ticks
+    [
+        (10.0, 30, 300),
+        (10.01, 30, 301),
+        (5120 / 15360, 30, 10),
+        (8.0, 30, 240),
+        (0.01, 30, 1),
+        (56325 / 15360, 30, 110),
+    ],  # 110 frames in an MP4 whose edit list adds 5 ticks
 )
 def test_num_target_frames(duration, fps, expected):
     assert num_target_frames(duration, fps) == expected

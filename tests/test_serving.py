@@ -3,6 +3,7 @@ video bytes, refuses a file path that exists on the server (never opening it, wh
 answers a corrupt upload with a 400 naming the video and no traceback, and refuses bytes crafted to make FFmpeg read
 the server's files (test_untrusted_input.py's) without opening what they name; `python -m pipelines predict` refuses
 those files in one line each; locally, mlflow.pyfunc opens paths only with model_config={"allow_paths": True}."""
+
 from __future__ import annotations
 
 import base64
@@ -20,13 +21,14 @@ import mlflow
 import numpy as np
 import pytest
 from mlflow.exceptions import MlflowException
+from test_untrusted_input import CRAFTED, Watch, crafted, write_crafted
 
-from conftest import REPO, free_port, pipeline_config, stop_server, wait_until_up
 from pipelines import tracking
 from slowfast.model import SlowFast
 from slowfast.serving import ClipSpec
 from slowfast.video.synth import encode_video, render, sample_video
-from test_untrusted_input import CRAFTED, Watch, crafted, write_crafted
+
+from conftest import REPO, free_port, pipeline_config, stop_server, wait_until_up
 
 MODEL = "serve-test"
 
@@ -36,8 +38,9 @@ def registered(tmp_path_factory):
     """A fresh slowfast_tiny logged and registered as the registry step logs one (no training needed)."""
     tmp = tmp_path_factory.mktemp("serving")
     video = encode_video(tmp / "clip.mp4", render(sample_video(5, 1, 0, width=96, height=72, seconds=1.5)))
-    cfg = pipeline_config(tmp, tmp, mlflow={"tracking_uri": f"sqlite:///{tmp / 'mlflow.db'}", "experiment": "serve",
-                                            "model_name": MODEL})
+    cfg = pipeline_config(
+        tmp, tmp, mlflow={"tracking_uri": f"sqlite:///{tmp / 'mlflow.db'}", "experiment": "serve", "model_name": MODEL}
+    )
     net = SlowFast(cfg.model.to_slowfast_config(num_classes=3))
     run_id = tracking.client(cfg).create_run(tracking.experiment_id(cfg)).info.run_id
     spec = ClipSpec(T=4, tau=4, alpha=4, target_fps=30.0, short_side=48, crop=32, temporal_views=1, spatial_crops=1)
@@ -51,22 +54,43 @@ def server(registered):
     url = f"http://127.0.0.1:{port}"
     log = registered["tmp"] / "serve.log"
     bin_dir = str(Path(sys.executable).parent)  # the server execs `uvicorn` from PATH
-    env = {**os.environ, "MLFLOW_TRACKING_URI": registered["tracking_uri"],
-           "PATH": bin_dir + os.pathsep + os.environ.get("PATH", "")}
+    env = {
+        **os.environ,
+        "MLFLOW_TRACKING_URI": registered["tracking_uri"],
+        "PATH": bin_dir + os.pathsep + os.environ.get("PATH", ""),
+    }
     with open(log, "wb") as out:
         proc = subprocess.Popen(
-            [str(Path(bin_dir) / "mlflow"), "models", "serve", "-m", registered["uri"],
-             "--env-manager", "local", "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
-            cwd=registered["tmp"], env=env, stdout=out, stderr=subprocess.STDOUT,
-            start_new_session=True)  # its own process group: the uvicorn worker stops with it
+            [
+                str(Path(bin_dir) / "mlflow"),
+                "models",
+                "serve",
+                "-m",
+                registered["uri"],
+                "--env-manager",
+                "local",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(port),
+                "--workers",
+                "1",
+            ],
+            cwd=registered["tmp"],
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )  # its own process group: the uvicorn worker stops with it
     wait_until_up(proc, f"{url}/ping", log, 180)
     yield url
     stop_server(proc)
 
 
 def invoke(url: str, body: dict) -> tuple[int, str]:
-    request = urllib.request.Request(f"{url}/invocations", data=json.dumps(body).encode(),
-                                     headers={"Content-Type": "application/json"})
+    request = urllib.request.Request(
+        f"{url}/invocations", data=json.dumps(body).encode(), headers={"Content-Type": "application/json"}
+    )
     try:
         with urllib.request.urlopen(request, timeout=120) as response:
             return response.status, response.read().decode()
@@ -91,8 +115,9 @@ def test_rest_timeline_returns_windows_and_segments_as_json_objects(server, regi
     assert set(row) == {"video", "windows", "segments"}
     # 1.5 s in windows of one clip (16 frames at 30 fps, 0.533 s) every 0.5 s, and a last one ending with the video.
     assert [(w["start_s"], w["end_s"]) for w in row["windows"]] == [(0.0, 0.533), (0.5, 1.033), (0.967, 1.5)]
-    assert all(len(w["labels"]) == len(w["scores"]) == 2 and set(w["labels"]) <= {"a", "b", "c"}
-               for w in row["windows"])
+    assert all(
+        len(w["labels"]) == len(w["scores"]) == 2 and set(w["labels"]) <= {"a", "b", "c"} for w in row["windows"]
+    )
     assert row["segments"][0]["start_s"] == 0.0 and row["segments"][-1]["end_s"] == 1.5
     tops = [w["labels"][0] for w in row["windows"]]
     runs = [label for i, label in enumerate(tops) if i == 0 or tops[i - 1] != label]
@@ -154,17 +179,31 @@ def test_predict_cli_refuses_crafted_files_in_one_line_each(registered, tmp_path
     env = {**os.environ, "MLFLOW_TRACKING_URI": registered["tracking_uri"], "PYTHONPATH": str(REPO)}
     with contextlib.ExitStack() as stack:
         watches = [stack.enter_context(Watch(tmp_path, case.target, port)) for case in cases]
-        done = subprocess.run([sys.executable, "-m", "pipelines", "predict", *(str(path) for _, path in files),
-                               "--model-uri", registered["uri"]],
-                              cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
-    assert [case.target for case, watch in zip(cases, watches) if watch.opened] == []
+        done = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "pipelines",
+                "predict",
+                *(str(path) for _, path in files),
+                "--model-uri",
+                registered["uri"],
+            ],
+            cwd=tmp_path,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+    assert [case.target for case, watch in zip(cases, watches, strict=True) if watch.opened] == []
     assert done.returncode == 1, done.stderr
     assert "Traceback" not in done.stderr + done.stdout
     for case, path in files:
         said = [line for line in done.stderr.splitlines() if str(path) in line]
         assert len(said) == 1, done.stderr
-        assert said[0].startswith(f"pipelines predict: cannot classify: VideoDecodeError: {path}: not a video file "
-                                  f"({case.detail}"), said[0]
+        assert said[0].startswith(
+            f"pipelines predict: cannot classify: VideoDecodeError: {path}: not a video file ({case.detail}"
+        ), said[0]
 
 
 def test_local_pyfunc_opens_paths_only_by_opt_in(registered):

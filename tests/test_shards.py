@@ -1,5 +1,6 @@
 """Shard format and reader: real Parquet files written to tmp_path, real JPEG codec, and Ray Data's
 own batch conversion for the "numpy" batch format."""
+
 import json
 import pickle
 
@@ -30,8 +31,19 @@ SLOW_INDEX = np.linspace(0, ALPHA * T - 1, T).astype(np.int16)  # [0, 7]
 
 
 def make_meta(frame_format="jpeg", **kw):
-    fields = dict(dataset="toy", split="train", class_names=["a", "b", "c"], T=T, alpha=ALPHA, tau=8,
-                  target_fps=30.0, short_side=48, frame_format=frame_format, jpeg_quality=90, prep_hash="abc123")
+    fields = dict(
+        dataset="toy",
+        split="train",
+        class_names=["a", "b", "c"],
+        T=T,
+        alpha=ALPHA,
+        tau=8,
+        target_fps=30.0,
+        short_side=48,
+        frame_format=frame_format,
+        jpeg_quality=90,
+        prep_hash="abc123",
+    )
     return ShardMeta(**{**fields, **kw})
 
 
@@ -42,8 +54,14 @@ def smooth_clip(n, height, width, seed=0):
     phase = rng.uniform(0, 2 * np.pi, 3)
     frames = []
     for t in range(n):
-        chans = [128 + 80 * np.sin(2 * np.pi * (x + 2 * t) / (width * (1.5 + c)) + phase[c])
-                 * np.cos(2 * np.pi * y / (height * (2 + c))) + 20 * (y / height) for c in range(3)]
+        chans = [
+            128
+            + 80
+            * np.sin(2 * np.pi * (x + 2 * t) / (width * (1.5 + c)) + phase[c])
+            * np.cos(2 * np.pi * y / (height * (2 + c)))
+            + 20 * (y / height)
+            for c in range(3)
+        ]
         frames.append(np.stack(chans, -1))
     return np.clip(np.stack(frames), 0, 255).round().astype(np.uint8)
 
@@ -52,9 +70,16 @@ def clip_rows(n_videos=3, clips=2, height=48, width=64, seed=0):
     rows = []
     for v in range(n_videos):
         for c in range(clips):
-            rows.append(dict(video_id=f"vid{seed + v:03d}_000010_000020", label=v % 3, clip_index=c, start_sec=1.5 * c,
-                             frames=smooth_clip(ALPHA * T, height, width, seed=seed + 10 * v + c),
-                             slow_index=SLOW_INDEX))
+            rows.append(
+                dict(
+                    video_id=f"vid{seed + v:03d}_000010_000020",
+                    label=v % 3,
+                    clip_index=c,
+                    start_sec=1.5 * c,
+                    frames=smooth_clip(ALPHA * T, height, width, seed=seed + 10 * v + c),
+                    slow_index=SLOW_INDEX,
+                )
+            )
     return rows
 
 
@@ -66,10 +91,11 @@ def write(tmp_path, frame_format="jpeg", name="part-0000.parquet", **kw):
 
 
 def psnr(a, b):
-    return 10 * np.log10(255.0 ** 2 / np.mean((a.astype(np.float64) - b) ** 2))
+    return 10 * np.log10(255.0**2 / np.mean((a.astype(np.float64) - b) ** 2))
 
 
 # --- format -------------------------------------------------------------------------------------
+
 
 def test_meta_json_round_trip_and_derived_fields():
     meta = make_meta()
@@ -86,11 +112,26 @@ def test_meta_json_round_trip_and_derived_fields():
 def test_schema_columns_types_and_metadata():
     for fmt, frames_type in [("jpeg", pa.list_(pa.binary())), ("raw", pa.binary())]:
         schema = shard_schema(make_meta(fmt))
-        assert schema.names == ["video_id", "label", "clip_index", "start_sec", "height", "width", "frames",
-                                "slow_index"]
+        assert schema.names == [
+            "video_id",
+            "label",
+            "clip_index",
+            "start_sec",
+            "height",
+            "width",
+            "frames",
+            "slow_index",
+        ]
         assert [schema.field(n).type for n in schema.names] == [
-            pa.string(), pa.int32(), pa.int16(), pa.float32(), pa.int16(), pa.int16(), frames_type,
-            pa.list_(pa.int16())]
+            pa.string(),
+            pa.int32(),
+            pa.int16(),
+            pa.float32(),
+            pa.int16(),
+            pa.int16(),
+            frames_type,
+            pa.list_(pa.int16()),
+        ]
         assert not isinstance(schema.field("frames").type, pa.ExtensionType)
         assert read_meta(schema) == make_meta(fmt)
         assert METADATA_KEY in schema.metadata
@@ -149,8 +190,9 @@ def test_frames_column_is_stored_uncompressed_plain_binary(tmp_path):
     for fmt in ("jpeg", "raw"):
         _, _, entry = write(tmp_path, fmt, name=f"{fmt}.parquet")
         pf = pq.ParquetFile(entry["path"])
-        assert pa.types.is_binary(pf.schema_arrow.field("frames").type) or \
-            pf.schema_arrow.field("frames").type == pa.list_(pa.binary())
+        assert pa.types.is_binary(pf.schema_arrow.field("frames").type) or pf.schema_arrow.field(
+            "frames"
+        ).type == pa.list_(pa.binary())
         for g in range(pf.metadata.num_row_groups):
             rg = pf.metadata.row_group(g)
             columns = {rg.column(i).path_in_schema: rg.column(i) for i in range(rg.num_columns)}
@@ -172,8 +214,16 @@ def test_row_groups_stream_tens_of_jpeg_clips_and_few_raw_clips(tmp_path):
     assert [pf.metadata.row_group(g).num_rows for g in range(pf.metadata.num_row_groups)] == [64, 64, 22]
     # Raw clips of 32 frames at 256x340 are 8 MB: a 32 MiB row group holds 3-4 of them.
     big = make_meta("raw", T=8, alpha=4)
-    raw_row = dict(video_id="v", label=0, clip_index=0, start_sec=0.0, height=256, width=340,
-                   frames=np.zeros((32, 256, 340, 3), np.uint8).tobytes(), slow_index=np.arange(8) * 4)
+    raw_row = dict(
+        video_id="v",
+        label=0,
+        clip_index=0,
+        start_sec=0.0,
+        height=256,
+        width=340,
+        frames=np.zeros((32, 256, 340, 3), np.uint8).tobytes(),
+        slow_index=np.arange(8) * 4,
+    )
     pf = pq.ParquetFile(write_shard(clips_to_table([raw_row] * 5, big), str(tmp_path / "raw.parquet"))["path"])
     assert pf.metadata.row_group(0).num_rows in (3, 4)
 
@@ -201,6 +251,7 @@ def test_read_meta_of_a_plain_parquet_file_says_it_is_not_a_shard(tmp_path):
 
 
 # --- reader -------------------------------------------------------------------------------------
+
 
 def test_train_batch_shapes_dtypes_and_labels(tmp_path):
     meta, rows, entry = write(tmp_path)
@@ -340,16 +391,16 @@ def test_output_memory_is_reused_only_after_the_consumer_lets_go(tmp_path):
     meta, _, entry = write(tmp_path)
     table = pq.read_table(entry["path"])
     t = ClipTransform(meta, "train", CROP, epoch=None)
-    held = torch.from_numpy(t(table)["fast"])          # a consumer keeps a tensor of batch 1
+    held = torch.from_numpy(t(table)["fast"])  # a consumer keeps a tensor of batch 1
     kept = held.clone()
     second = t(table)
     third = t(table)
-    torch.testing.assert_close(held, kept)             # never overwritten while held
+    torch.testing.assert_close(held, kept)  # never overwritten while held
     assert not np.shares_memory(second["fast"], held.numpy())
     assert not np.shares_memory(third["fast"], held.numpy())
     address = second["fast"].__array_interface__["data"][0]
     del second
-    fourth = t(table)                                  # batch 2 was released: its memory comes back
+    fourth = t(table)  # batch 2 was released: its memory comes back
     assert fourth["fast"].__array_interface__["data"][0] == address
     del held, kept, third, fourth
 
@@ -378,7 +429,7 @@ def test_iter_clips_streams_every_clip_in_batches(tmp_path):
 def test_iter_clips_reads_only_the_chosen_views(tmp_path):
     _, rows, entry = write(tmp_path, n_videos=2, clips=3)
     batches = list(iter_clips([entry["path"]], mode="eval", batch_size=4, crop=CROP, spatial_crops=1, views=[0, 2]))
-    got = [(v, int(c)) for x in batches for v, c in zip(x["video_id"], x["clip_index"])]
+    got = [(v, int(c)) for x in batches for v, c in zip(x["video_id"], x["clip_index"], strict=True)]
     assert got == [(r["video_id"], r["clip_index"]) for r in rows if r["clip_index"] in (0, 2)]
     assert list(iter_clips([entry["path"]], mode="eval", batch_size=4, crop=CROP, views=[7])) == []
 
@@ -389,8 +440,11 @@ def test_iter_clips_shuffles_reproducibly_and_skips_videos(tmp_path):
     paths = [a["path"], b["path"]]
 
     def order(**kw):
-        return [(v, int(c)) for x in iter_clips(paths, mode="train", batch_size=5, crop=CROP, **kw)
-                for v, c in zip(x["video_id"], x["clip_index"])]
+        return [
+            (v, int(c))
+            for x in iter_clips(paths, mode="train", batch_size=5, crop=CROP, **kw)
+            for v, c in zip(x["video_id"], x["clip_index"], strict=True)
+        ]
 
     plain = order()
     shuffled = order(shuffle=True, seed=1, epoch=0, shuffle_buffer=8)
@@ -400,8 +454,11 @@ def test_iter_clips_shuffles_reproducibly_and_skips_videos(tmp_path):
     assert order(shuffle=True, seed=1, shuffle_buffer=8) != order(shuffle=True, seed=1, shuffle_buffer=8)
     # (path, video ids to skip) pairs, as the manifest's DatasetState.readable() returns them.
     skip = {rows_a[0]["video_id"]}
-    kept = [(v, int(c)) for x in iter_clips([(a["path"], skip), b["path"]], mode="train", batch_size=5, crop=CROP)
-            for v, c in zip(x["video_id"], x["clip_index"])]
+    kept = [
+        (v, int(c))
+        for x in iter_clips([(a["path"], skip), b["path"]], mode="train", batch_size=5, crop=CROP)
+        for v, c in zip(x["video_id"], x["clip_index"], strict=True)
+    ]
     assert len(kept) == len(plain) - 3 and not any(v in skip for v, _ in kept)
 
 
@@ -420,9 +477,17 @@ def test_ray_data_map_batches_gives_what_the_local_reader_gives(ray_local, tmp_p
     meta, rows, entry = write(tmp_path)
     local = ClipTransform(meta, "train", CROP, seed=0, epoch=3)(pq.read_table(entry["path"]))
     # Two CPUs (ray_local): the transform actor holds one, the Parquet read tasks need the other.
-    out = ray_local.data.read_parquet(entry["path"]).map_batches(
-        ClipTransform, fn_constructor_kwargs=dict(meta=meta, mode="train", crop=CROP, seed=0, epoch=3),
-        batch_format="numpy", batch_size=4, compute=ActorPoolStrategy(size=1)).take_all()
+    out = (
+        ray_local.data.read_parquet(entry["path"])
+        .map_batches(
+            ClipTransform,
+            fn_constructor_kwargs=dict(meta=meta, mode="train", crop=CROP, seed=0, epoch=3),
+            batch_format="numpy",
+            batch_size=4,
+            compute=ActorPoolStrategy(size=1),
+        )
+        .take_all()
+    )
     assert len(out) == len(rows)
     by_clip = {(r["video_id"], int(r["clip_index"])): r for r in out}
     for i, vid in enumerate(local["video_id"]):

@@ -2,6 +2,7 @@
 answers 503 SlowDown and resets connections in front of a real S3 endpoint, every video is read (retried) and
 committed exactly once; with the videos unreachable nothing is committed for them, the step fails with one clear
 line, and the same command after recovery reads them all."""
+
 from __future__ import annotations
 
 import json
@@ -9,13 +10,14 @@ import json
 import boto3
 import pytest
 
-from conftest import pipeline_config
-from faults import CUT, FAULTS, RESET, SLOWDOWN, FaultProxy
 from pipelines import cli
 from pipelines.data import run_preprocess, storage_of
 from pipelines.storage import ReadFailed, S3Options, Storage, VideoSource
 from slowfast.shards import manifest
 from slowfast.video.decode import MISSING_FILE, VideoDecodeError
+
+from conftest import pipeline_config
+from faults import CUT, FAULTS, RESET, SLOWDOWN, FaultProxy
 
 BUCKET = "flaky"
 
@@ -32,10 +34,18 @@ def bucket(s3_endpoint, synth_set):
 
 
 def config_via(proxy: FaultProxy, tmp_path, synth_set, root: str, **sections):
-    return pipeline_config(tmp_path, synth_set, s3={"endpoint_url": proxy.url, "max_attempts": 3},
-                           data={"dataset": "synth", "format": "kinetics_csv", "video_root": root,
-                                 "annotations": {"train": f"{root}/annotations/train.csv",
-                                                 "val": f"{root}/annotations/val.csv"}}, **sections)
+    return pipeline_config(
+        tmp_path,
+        synth_set,
+        s3={"endpoint_url": proxy.url, "max_attempts": 3},
+        data={
+            "dataset": "synth",
+            "format": "kinetics_csv",
+            "video_root": root,
+            "annotations": {"train": f"{root}/annotations/train.csv", "val": f"{root}/annotations/val.csv"},
+        },
+        **sections,
+    )
 
 
 def committed_records(cfg, split: str, prep_hash: str) -> list[manifest.VideoRecord]:
@@ -45,8 +55,9 @@ def committed_records(cfg, split: str, prep_hash: str) -> list[manifest.VideoRec
 
 
 def test_each_fault_is_retried_and_a_missing_object_is_the_videos_fault(s3_endpoint, bucket, synth_set):
-    rel = "train/" + next(p.relative_to(synth_set / "train").as_posix()
-                          for p in sorted((synth_set / "train").rglob("*.mp4")))
+    rel = "train/" + next(
+        p.relative_to(synth_set / "train").as_posix() for p in sorted((synth_set / "train").rglob("*.mp4"))
+    )
     want = (synth_set / rel).read_bytes()
     # Two faults in a row on one object: botocore retries the 503 and the reset, the source retries the cut body.
     for faults in ((CUT, CUT), (SLOWDOWN, RESET), (RESET, CUT), (CUT, SLOWDOWN)):
@@ -65,8 +76,9 @@ def test_each_fault_is_retried_and_a_missing_object_is_the_videos_fault(s3_endpo
         assert missing.value.reason == MISSING_FILE
 
 
-def test_preprocess_through_a_flaky_network_commits_every_video_exactly_once(ray_local, s3_endpoint, bucket,
-                                                                                synth_set, tmp_path):
+def test_preprocess_through_a_flaky_network_commits_every_video_exactly_once(
+    ray_local, s3_endpoint, bucket, synth_set, tmp_path
+):
     # Every video's first GET fails, the kinds in turn; every fourth video fails twice (a cut body, then a reset).
     schedule = ((CUT,), (SLOWDOWN,), (RESET,), (CUT, RESET))
     with FaultProxy(s3_endpoint, faults=lambda n: schedule[n % len(schedule)]) as proxy:
@@ -84,7 +96,8 @@ def test_preprocess_through_a_flaky_network_commits_every_video_exactly_once(ray
 
 
 def test_videos_unreachable_commit_nothing_and_the_same_command_reads_them_later(
-        ray_local, s3_endpoint, bucket, synth_set, tmp_path, capsys):
+    ray_local, s3_endpoint, bucket, synth_set, tmp_path, capsys
+):
     with FaultProxy(s3_endpoint) as proxy:
         cfg = config_via(proxy, tmp_path, synth_set, bucket)
         config = tmp_path / "flaky.yaml"
@@ -99,8 +112,11 @@ def test_videos_unreachable_commit_nothing_and_the_same_command_reads_them_later
         assert proxy.gets and all(n >= 3 for n in proxy.gets.values())  # s3.max_attempts tries per video
 
         # A tolerance lets the step succeed with the unread counted, still committing nothing for them.
-        tolerant = run_preprocess(cfg.model_copy(update={"preprocess": cfg.preprocess.model_copy(
-            update={"max_unread": 4})}), splits=["val"], log=lambda *_: None)["splits"]["val"]
+        tolerant = run_preprocess(
+            cfg.model_copy(update={"preprocess": cfg.preprocess.model_copy(update={"max_unread": 4})}),
+            splits=["val"],
+            log=lambda *_: None,
+        )["splits"]["val"]
         assert (tolerant["processed"], tolerant["quarantined"], tolerant["unread"]) == (0, 0, 4)
 
         proxy.down = False
@@ -124,17 +140,20 @@ def test_retry_quarantined_decodes_those_videos_again(ray_local, synth_set, tmp_
     record.reason, record.detail, record.shard, record.clips = "decode_error", "an older decoder's verdict", None, 0
     manifest.commit(store, folder, "older-version", [record], [])
 
-    again = run_preprocess(cfg, splits=["val"], log=lambda *_: None,
-                           retry_quarantined=frozenset({"truncated"}))["splits"]["val"]
+    again = run_preprocess(cfg, splits=["val"], log=lambda *_: None, retry_quarantined=frozenset({"truncated"}))[
+        "splits"
+    ]["val"]
     assert (again["decoded_now"], again["quarantined"]) == (0, 1)
-    again = run_preprocess(cfg, splits=["val"], log=lambda *_: None,
-                           retry_quarantined=frozenset({"decode_error"}))["splits"]["val"]
+    again = run_preprocess(cfg, splits=["val"], log=lambda *_: None, retry_quarantined=frozenset({"decode_error"}))[
+        "splits"
+    ]["val"]
     assert (again["decoded_now"], again["processed"], again["quarantined"]) == (1, 4, 0)
     assert not manifest.DatasetState.load(store, folder).videos[first].quarantined
 
 
-def test_infer_through_a_flaky_network_scores_every_video_exactly_once(ray_local, s3_endpoint, bucket, synth_set,
-                                                                       tmp_path):
+def test_infer_through_a_flaky_network_scores_every_video_exactly_once(
+    ray_local, s3_endpoint, bucket, synth_set, tmp_path
+):
     from test_infer import MODEL
 
     from pipelines import tracking
@@ -145,21 +164,25 @@ def test_infer_through_a_flaky_network_scores_every_video_exactly_once(ray_local
 
     schedule = ((CUT,), (SLOWDOWN,), (RESET,), (CUT, RESET))
     with FaultProxy(s3_endpoint, faults=lambda n: schedule[n % len(schedule)]) as proxy:
-        cfg = config_via(proxy, tmp_path, synth_set, bucket,
-                         mlflow={"tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}", "model_name": MODEL},
-                         infer={"commit_every_s": 0.0, "batch_videos": 2})
+        cfg = config_via(
+            proxy,
+            tmp_path,
+            synth_set,
+            bucket,
+            mlflow={"tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}", "model_name": MODEL},
+            infer={"commit_every_s": 0.0, "batch_videos": 2},
+        )
         net = SlowFast(cfg.model.to_slowfast_config(num_classes=4))
         run_id = tracking.client(cfg).create_run(tracking.experiment_id(cfg, log=lambda *_: None)).info.run_id
-        spec = ClipSpec(T=4, tau=4, alpha=4, target_fps=30.0, short_side=48, crop=32, temporal_views=2,
-                        spatial_crops=1)
+        spec = ClipSpec(T=4, tau=4, alpha=4, target_fps=30.0, short_side=48, crop=32, temporal_views=2, spatial_crops=1)
         version = tracking.log_model(cfg, run_id, net=net, class_names=["a", "b", "c", "d"], spec=spec, metadata={})
         out = tmp_path / "scores"
-        s = run_infer(cfg, f"models:/{MODEL}/{version}", f"{bucket}/val", str(out), Job(top_k=1),
-                      log=lambda *_: None)
+        s = run_infer(cfg, f"models:/{MODEL}/{version}", f"{bucket}/val", str(out), Job(top_k=1), log=lambda *_: None)
 
     assert set(proxy.injected) == set(FAULTS) and sum(proxy.injected.values()) == 4 + 1  # 4 val videos; 1 twice
     assert (s["scored_now"], s["quarantined_now"], s["unread_now"]) == (4, 0, 0), s
     records = [v for c in manifest.load_commits(Storage(str(out)), "manifests") for v in c.videos]
-    assert sorted(r.video_id for r in records) == sorted(f"{bucket}/val/{p.relative_to(synth_set / 'val')}"
-                                                         for p in (synth_set / "val").rglob("*.mp4"))
+    assert sorted(r.video_id for r in records) == sorted(
+        f"{bucket}/val/{p.relative_to(synth_set / 'val')}" for p in (synth_set / "val").rglob("*.mp4")
+    )
     assert not any(r.quarantined for r in records)

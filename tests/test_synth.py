@@ -1,6 +1,7 @@
 """The synthetic dataset: Kinetics layout and CSVs, determinism, real H.264 files, and the property it exists for:
 classes differ by motion only, and the fast-only pairs are separable at the fast pathway's rate but not at the
 slow pathway's."""
+
 from __future__ import annotations
 
 import csv
@@ -147,8 +148,9 @@ def test_same_seed_gives_identical_bytes_and_another_seed_different_videos(datas
     write_dataset(tmp_path / "other", 3, 4, seed=8, **SMALL)
     other = files(tmp_path / "other")
     assert not set(other) & {k for k in first if k.endswith(".mp4")}
-    assert not {hashlib.sha256(v).digest() for v in other.values()} & {hashlib.sha256(v).digest()
-                                                                          for v in first.values()}
+    assert not {hashlib.sha256(v).digest() for v in other.values()} & {
+        hashlib.sha256(v).digest() for v in first.values()
+    }
 
 
 def test_bytes_do_not_depend_on_threads_workers_or_what_ran_before(dataset, tmp_path):
@@ -225,14 +227,26 @@ write_dataset(sys.argv[1], 3, 4, seed=7, workers=2, **json.loads(sys.argv[2]))
 """
 
 
-@pytest.mark.skipif(not hasattr(os, "sched_setaffinity") or not Path("/proc/self/maps").exists(),
-                    reason="pins CPUs and finds FFmpeg's library the Linux way")
+@pytest.mark.skipif(
+    not hasattr(os, "sched_setaffinity") or not Path("/proc/self/maps").exists(),
+    reason="pins CPUs and finds FFmpeg's library the Linux way",
+)
 def test_bytes_do_not_depend_on_cpu_count_thread_variables_or_ffmpeg_simd(dataset, tmp_path):
     out, _ = dataset
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
-           "PYTHONHASHSEED": "12345"}
-    subprocess.run([sys.executable, "-c", _FRESH_PROCESS, str(tmp_path), json.dumps(SMALL)], env=env, check=True,
-                   cwd=Path(__file__).resolve().parents[1], timeout=300)
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "OPENBLAS_NUM_THREADS": "1",
+        "MKL_NUM_THREADS": "1",
+        "PYTHONHASHSEED": "12345",
+    }
+    subprocess.run(
+        [sys.executable, "-c", _FRESH_PROCESS, str(tmp_path), json.dumps(SMALL)],
+        env=env,
+        check=True,
+        cwd=Path(__file__).resolve().parents[1],
+        timeout=300,
+    )
     assert files(tmp_path) == files(out)
 
 
@@ -313,7 +327,7 @@ def test_stripe_drift_direction_is_clear_at_the_fast_rate_and_aliased_away_at_th
             frames = roundtrip_gray(spec, tmp_path / "v.mp4")
             start = np.random.default_rng(i).integers(0, len(frames) - clip)  # clips start anywhere
             for stride in votes:
-                f = frames[start:start + clip:stride]
+                f = frames[start : start + clip : stride]
                 grad_y = np.gradient(f, axis=1)
                 motion = ((grad_y[1:] + grad_y[:-1]) / 2 * (f[1:] - f[:-1])).sum()
                 votes[stride].append(np.sign(motion))
@@ -340,7 +354,7 @@ def test_smooth_and_erratic_noise_differ_at_the_fast_rate_and_not_at_the_slow_ra
             spec = sample_video(5, LABELS.index(label), i, width=64, height=48, seconds=3.0)
             frames = roundtrip_gray(spec, tmp_path / "v.mp4")
             for stride in ratios:
-                f = frames[i % stride::stride]  # one sampling grid, starting anywhere
+                f = frames[i % stride :: stride]  # one sampling grid, starting anywhere
                 steps = ((f[1:] - f[:-1]) ** 2).mean()
                 ratios[stride][label].append(steps / (2 * f.var(axis=0).mean()))
     smooth, erratic = pair
@@ -360,8 +374,7 @@ def frames_for_codecs(n=12, height=48, width=64):
     return render(spec)
 
 
-@pytest.mark.parametrize("codec, suffix", [("h264", ".mp4"), ("mpeg4", ".avi"), ("vp9", ".webm"),
-                                           ("hevc", ".mkv")])
+@pytest.mark.parametrize("codec, suffix", [("h264", ".mp4"), ("mpeg4", ".avi"), ("vp9", ".webm"), ("hevc", ".mkv")])
 def test_encode_video_writes_other_codecs_deterministically(codec, suffix, tmp_path):
     if not synth.encoder_available(codec):
         pytest.skip(f"this PyAV build has no {codec} encoder")
@@ -376,8 +389,7 @@ def test_encode_video_writes_other_codecs_deterministically(codec, suffix, tmp_p
 
 def test_encode_video_ntsc_rate_audio_and_rotation(tmp_path):
     frames = frames_for_codecs(n=30)
-    path = encode_video(tmp_path / "ntsc.mp4", frames, Fraction(30000, 1001), audio=synth.tone(1.0),
-                        rotation=90)
+    path = encode_video(tmp_path / "ntsc.mp4", frames, Fraction(30000, 1001), audio=synth.tone(1.0), rotation=90)
     with av.open(str(path)) as container:
         assert [s.type for s in container.streams] == ["video", "audio"]
         video = container.streams.video[0]

@@ -3,6 +3,7 @@ windows whose top class is the class shown there, merged into segments whose cut
 the true ones; `predict --timeline` prints the segments and writes them as JSON and a PNG, and refuses bad
 window flags before any work; the registered model's pyfunc gives the same timeline with params timeline=true.
 """
+
 from __future__ import annotations
 
 import json
@@ -16,12 +17,13 @@ import pytest
 import torch
 from mlflow.exceptions import MlflowException
 
-from conftest import pipeline_config
 from pipelines import tracking
 from pipelines.cli import EXIT_CONFIG, EXIT_OK, main
 from slowfast.model import build
 from slowfast.serving import ClipSpec, VideoClassifier, describe, segments
 from slowfast.video import synth
+
+from conftest import pipeline_config
 
 CLASSES = ("scrolling up", "standing still", "flickering erratically")
 PART_S = 2.0  # each class's stretch of the video: [0, 2), [2, 4), [4, 6) s
@@ -57,22 +59,34 @@ def scene(tmp_path_factory):
     """The three classes' clean videos, the same frames back to back in one file (encoded once), the fitted
     classifier, and that model registered as the registry step logs one."""
     tmp = tmp_path_factory.mktemp("timeline")
-    parts = [synth.render(synth.sample_video(0, synth.class_names().index(label), 0, width=48, height=32,
-                                             seconds=PART_S)) for label in CLASSES]
+    parts = [
+        synth.render(synth.sample_video(0, synth.class_names().index(label), 0, width=48, height=32, seconds=PART_S))
+        for label in CLASSES
+    ]
     clean = [synth.encode_video(tmp / f"clean-{k}.mp4", frames) for k, frames in enumerate(parts)]
     video = synth.encode_video(tmp / "three-classes.mp4", np.concatenate(parts))
     classifier = fitted_classifier(clean)
-    for label, result in zip(CLASSES, classifier.predict(clean, top_k=1)):
+    for label, result in zip(CLASSES, classifier.predict(clean, top_k=1), strict=True):
         assert result["labels"] == [label] and result["scores"][0] > 0.9, result
 
-    cfg = pipeline_config(tmp, tmp, mlflow={"tracking_uri": f"sqlite:///{tmp / 'mlflow.db'}",
-                                            "experiment": "timeline", "model_name": MODEL})
+    cfg = pipeline_config(
+        tmp,
+        tmp,
+        mlflow={"tracking_uri": f"sqlite:///{tmp / 'mlflow.db'}", "experiment": "timeline", "model_name": MODEL},
+    )
     run_id = tracking.client(cfg).create_run(tracking.experiment_id(cfg, log=lambda *_: None)).info.run_id
     version = tracking.log_model(cfg, run_id, net=classifier.model, class_names=CLASSES, spec=SPEC, metadata={})
     config_path = tmp / "pipeline.yaml"
     config_path.write_text(cfg.to_yaml())
-    return {"tmp": tmp, "clean": clean, "video": video, "classifier": classifier, "cfg": cfg,
-            "config_path": config_path, "uri": f"models:/{MODEL}/{version}"}
+    return {
+        "tmp": tmp,
+        "clean": clean,
+        "video": video,
+        "classifier": classifier,
+        "cfg": cfg,
+        "config_path": config_path,
+        "uri": f"models:/{MODEL}/{version}",
+    }
 
 
 def test_cuts_fall_halfway_between_the_centres_of_windows_that_disagree():
@@ -82,12 +96,17 @@ def test_cuts_fall_halfway_between_the_centres_of_windows_that_disagree():
     # Windows of 1 s every 0.25 s: a, a, b, b. Their clips are centred at 0.5, 0.75, 1.0, 1.25 s, so the change
     # happened between 0.75 and 1.0 s; cutting at the first b window's start (0.5 s) would be 0.375 s early.
     rows = [window(0.25 * k, label) for k, label in enumerate("aabb")]
-    assert segments(rows) == [{"start_s": 0.0, "end_s": 0.875, "label": "a", "score": 0.8},
-                              {"start_s": 0.875, "end_s": 1.75, "label": "b", "score": 0.8}]
+    assert segments(rows) == [
+        {"start_s": 0.0, "end_s": 0.875, "label": "a", "score": 0.8},
+        {"start_s": 0.875, "end_s": 1.75, "label": "b", "score": 0.8},
+    ]
     # Windows that tile the video cut where the next one starts.
     rows = [window(1.0 * k, label) for k, label in enumerate("abba")]
-    assert [(s["start_s"], s["end_s"], s["label"]) for s in segments(rows)] == \
-        [(0.0, 1.0, "a"), (1.0, 3.0, "b"), (3.0, 4.0, "a")]
+    assert [(s["start_s"], s["end_s"], s["label"]) for s in segments(rows)] == [
+        (0.0, 1.0, "a"),
+        (1.0, 3.0, "b"),
+        (3.0, 4.0, "a"),
+    ]
     assert segments([]) == []
 
 
@@ -121,9 +140,26 @@ def test_timeline_finds_each_class_where_the_video_shows_it(scene, stride_s, ins
 def test_predict_cli_prints_segments_and_writes_json_and_png(scene, capsys):
     out = scene["tmp"] / "cli"
     video, clean = str(scene["video"]), str(scene["clean"][1])
-    code = main(["predict", video, clean, "--config", str(scene["config_path"]), "--model-uri", scene["uri"],
-                 "--timeline", "--stride-s", "0.5", "--top-k", "2", "--json", str(out / "timeline.json"),
-                 "--plot", str(out / "timeline.png")])
+    code = main(
+        [
+            "predict",
+            video,
+            clean,
+            "--config",
+            str(scene["config_path"]),
+            "--model-uri",
+            scene["uri"],
+            "--timeline",
+            "--stride-s",
+            "0.5",
+            "--top-k",
+            "2",
+            "--json",
+            str(out / "timeline.json"),
+            "--plot",
+            str(out / "timeline.png"),
+        ]
+    )
     printed = capsys.readouterr().out
     assert code == EXIT_OK, printed
     # 6 s in windows of 1.07 s every 0.5 s: starts 0, 0.5, ..., 4.5 and 4.93 (ending with the video); the clean
@@ -138,8 +174,10 @@ def test_predict_cli_prints_segments_and_writes_json_and_png(scene, capsys):
     assert [t["video"] for t in written] == [video, clean]
     for timeline in written:
         assert set(timeline) == {"video", "windows", "segments"}
-        assert all(set(w) == {"start_s", "end_s", "labels", "scores"} and len(w["labels"]) == len(w["scores"]) == 2
-                   for w in timeline["windows"])
+        assert all(
+            set(w) == {"start_s", "end_s", "labels", "scores"} and len(w["labels"]) == len(w["scores"]) == 2
+            for w in timeline["windows"]
+        )
         assert all(set(s) == {"start_s", "end_s", "label", "score"} for s in timeline["segments"])
     assert [s["label"] for s in written[0]["segments"]] == list(CLASSES)
     assert len(written[0]["windows"]) == 11 and written[1]["segments"][0]["label"] == CLASSES[1]
@@ -156,11 +194,13 @@ def test_predict_cli_prints_segments_and_writes_json_and_png(scene, capsys):
 
 def test_predict_cli_refuses_bad_timeline_flags_before_any_work(tmp_path, capsys):
     missing = ["predict", str(tmp_path / "missing.mp4"), "--model-uri", "models:/no-such-model/1"]
-    for flags, message in ((["--timeline", "--stride-s", "-1"], "--stride-s must be a number of seconds > 0, got -1.0"),
-                           (["--timeline", "--window-s", "0"], "--window-s must be a number of seconds > 0, got 0.0"),
-                           (["--timeline", "--stride-s", "nan"], "--stride-s must be a number of seconds > 0"),
-                           (["--timeline", "--top-k", "0"], "--top-k must be 1 or more, got 0"),
-                           (["--stride-s", "1", "--plot", "t.png"], "--stride-s, --plot only with --timeline")):
+    for flags, message in (
+        (["--timeline", "--stride-s", "-1"], "--stride-s must be a number of seconds > 0, got -1.0"),
+        (["--timeline", "--window-s", "0"], "--window-s must be a number of seconds > 0, got 0.0"),
+        (["--timeline", "--stride-s", "nan"], "--stride-s must be a number of seconds > 0"),
+        (["--timeline", "--top-k", "0"], "--top-k must be 1 or more, got 0"),
+        (["--stride-s", "1", "--plot", "t.png"], "--stride-s, --plot only with --timeline"),
+    ):
         assert main([*missing, *flags]) == EXIT_CONFIG
         err = capsys.readouterr().err
         assert message in err and "no-such-model" not in err and "missing.mp4" not in err, err
@@ -169,8 +209,23 @@ def test_predict_cli_refuses_bad_timeline_flags_before_any_work(tmp_path, capsys
 
 def test_predict_cli_json_without_timeline_writes_the_top_k_list(scene, capsys):
     path = scene["tmp"] / "top.json"
-    assert main(["predict", str(scene["clean"][2]), "--config", str(scene["config_path"]), "--model-uri",
-                 scene["uri"], "--top-k", "2", "--json", str(path)]) == EXIT_OK
+    assert (
+        main(
+            [
+                "predict",
+                str(scene["clean"][2]),
+                "--config",
+                str(scene["config_path"]),
+                "--model-uri",
+                scene["uri"],
+                "--top-k",
+                "2",
+                "--json",
+                str(path),
+            ]
+        )
+        == EXIT_OK
+    )
     assert f"wrote {path}" in capsys.readouterr().out
     (written,) = json.loads(path.read_text())
     assert written["video"] == str(scene["clean"][2]) and written["labels"][0] == CLASSES[2]
@@ -186,10 +241,12 @@ def test_pyfunc_timeline_mode_returns_windows_and_segments(scene):
     expected = scene["classifier"].timeline(data, describe(data, 0), stride_s=0.5)
     row = out.iloc[0]
     assert row["video"] == expected["video"]
-    assert [(w["start_s"], w["end_s"], w["labels"]) for w in row["windows"]] == \
-        [(w["start_s"], w["end_s"], w["labels"]) for w in expected["windows"]]
-    np.testing.assert_allclose([w["scores"] for w in row["windows"]], [w["scores"] for w in expected["windows"]],
-                               atol=1e-5)
+    assert [(w["start_s"], w["end_s"], w["labels"]) for w in row["windows"]] == [
+        (w["start_s"], w["end_s"], w["labels"]) for w in expected["windows"]
+    ]
+    np.testing.assert_allclose(
+        [w["scores"] for w in row["windows"]], [w["scores"] for w in expected["windows"]], atol=1e-5
+    )
     assert [s["label"] for s in row["segments"]] == list(CLASSES)
 
     # Without timeline the output is the top-k table it always was.

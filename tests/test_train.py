@@ -1,6 +1,7 @@
 """Train through a real local Ray (Ray Train + Ray Data) and a real MLflow (sqlite): two DDP workers
 on CPU learn from synthetic shards, checkpoint every epoch and log to MLflow. (A driver killed mid-run and
 the re-run resuming after the last checkpoint: tests/test_workflow.py; a node lost: tests/test_multinode.py.)"""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -10,13 +11,13 @@ import pyarrow.parquet as pq
 import pytest
 from mlflow.tracking import MlflowClient
 
-from conftest import pipeline_config
-from pipelines.storage import Storage
 from pipelines.checkpoints import CHECKPOINT_FILE
+from pipelines.storage import Storage
 from pipelines.train import train
 from pipelines.train_input import data_cpu_split, read_shards
 from slowfast.model import SlowFast, load_checkpoint, resolve
 
+from conftest import pipeline_config
 
 CLIPS = 12 * 16  # 12 train videos x 16 pre-sampled clips
 STEPS = CLIPS // 16  # per epoch: 2 workers x 8 clips a step
@@ -30,11 +31,21 @@ def small_run(tmp_path: Path, videos: Path, **train):
     loss climb at this learning rate. 4 videos per shard, so the trainer's read groups mix classes.
     """
     return pipeline_config(
-        tmp_path, videos, preprocess={"clips_per_video": 16, "rows_per_shard": 64},
-        train={"epochs": 2, "batch_size": 8, "num_workers": 2, "cpus_per_worker": 0.5, "base_lr": 0.04,
-               "warmup_epochs": 0.25, **train},
+        tmp_path,
+        videos,
+        preprocess={"clips_per_video": 16, "rows_per_shard": 64},
+        train={
+            "epochs": 2,
+            "batch_size": 8,
+            "num_workers": 2,
+            "cpus_per_worker": 0.5,
+            "base_lr": 0.04,
+            "warmup_epochs": 0.25,
+            **train,
+        },
         mlflow={"tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}", "experiment": "train-test"},
-        ray={"data_cpus": 1.0})
+        ray={"data_cpus": 1.0},
+    )
 
 
 def history(client: MlflowClient, run_id: str, key: str) -> list[tuple[int, float]]:
@@ -95,9 +106,12 @@ def test_two_workers_learn_checkpoint_every_epoch_and_log_to_mlflow(ray_local, s
     # Resumed into an MLflow run that lacks the figures of the epoch it resumes after (as when a run is killed
     # between the checkpoint's commit and their logging): they are logged from the checkpoint, then the new
     # epoch's, each once.
-    longer = cfg.model_copy(update={
-        "train": cfg.train.model_copy(update={"epochs": 3}),
-        "mlflow": cfg.mlflow.model_copy(update={"tracking_uri": f"sqlite:///{tmp_path / 'mlflow-2.db'}"})})
+    longer = cfg.model_copy(
+        update={
+            "train": cfg.train.model_copy(update={"epochs": 3}),
+            "mlflow": cfg.mlflow.model_copy(update={"tracking_uri": f"sqlite:///{tmp_path / 'mlflow-2.db'}"}),
+        }
+    )
     third = train(longer, run_name=out["run_name"], log=lines.append)
     assert third["resumed_from_epoch"] == 2 and third["epochs_run_now"] == 1
     client = MlflowClient(third["tracking_uri"])
@@ -109,8 +123,11 @@ def test_two_workers_learn_checkpoint_every_epoch_and_log_to_mlflow(ray_local, s
 
 def test_read_shards_mixes_files_and_drops_superseded_clips(tmp_path):
     def shard(name: str, videos: list[str]) -> str:
-        rows = [{"video_id": v, "label": i, "clip_index": c, "height": 2, "width": 2, "frames": [b"x"],
-                 "slow_index": [0]} for i, v in enumerate(videos) for c in range(3)]
+        rows = [
+            {"video_id": v, "label": i, "clip_index": c, "height": 2, "width": 2, "frames": [b"x"], "slow_index": [0]}
+            for i, v in enumerate(videos)
+            for c in range(3)
+        ]
         path = tmp_path / name
         pq.write_table(pa.Table.from_pylist(rows), path, row_group_size=2)
         return str(path)

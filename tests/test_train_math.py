@@ -1,4 +1,5 @@
 """The math of training: parameter groups, the paper's LR schedule, multi-view video metrics, plots."""
+
 from __future__ import annotations
 
 import json
@@ -13,9 +14,21 @@ from torch import nn
 
 from slowfast.model import build, example_inputs, resolve
 from slowfast.model.slowfast import Bottleneck
-from slowfast.train import (LRSchedule, MetricsError, VideoAggregator, autocast, build_optimizer, clip_gradients,
-                            confusion_matrix_png, learning_curve_png, lr_at, memory_format, param_groups,
-                            scaled_lr, topk_correct)
+from slowfast.train import (
+    LRSchedule,
+    MetricsError,
+    VideoAggregator,
+    autocast,
+    build_optimizer,
+    clip_gradients,
+    confusion_matrix_png,
+    learning_curve_png,
+    lr_at,
+    memory_format,
+    param_groups,
+    scaled_lr,
+    topk_correct,
+)
 
 # PySlowFast configs/Kinetics/SLOWFAST_8x8_R50.yaml (SOLVER) with defaults.py's COSINE_END_LR 0.0 and
 # COSINE_AFTER_WARMUP False: BASE_LR 0.1 for TRAIN.BATCH_SIZE 64, WARMUP_START_LR 0.01.
@@ -34,7 +47,7 @@ def test_param_groups_no_decay_on_bn_and_bias():
 
     for name in no_decay["param_names"]:
         assert isinstance(owner(name), nn.BatchNorm3d) or name.endswith(".bias"), name
-    for name, p in zip(decay["param_names"], decay["params"]):
+    for name, p in zip(decay["param_names"], decay["params"], strict=True):
         assert isinstance(owner(name), (nn.Conv3d, nn.Linear)) and name.endswith(".weight") and p.ndim >= 2, name
     conv_weights = {f"{n}.weight" for n, m in modules.items() if isinstance(m, nn.Conv3d)}
     assert conv_weights <= set(decay["param_names"])
@@ -44,8 +57,7 @@ def test_param_groups_no_decay_on_bn_and_bias():
 
     # Every parameter in exactly one group.
     assert len(decay["params"]) + len(no_decay["params"]) == len(list(model.parameters()))
-    assert sum(p.numel() for g in (decay, no_decay) for p in g["params"]) == \
-        sum(p.numel() for p in model.parameters())
+    assert sum(p.numel() for g in (decay, no_decay) for p in g["params"]) == sum(p.numel() for p in model.parameters())
 
 
 def test_zero_initialised_last_bn_is_not_decayed():
@@ -80,9 +92,9 @@ def test_sgd_step_decays_weights_only_with_nesterov():
 
 
 def test_lr_scales_linearly_with_global_batch():
-    assert scaled_lr(0.1, 64) == pytest.approx(0.1)            # the reference: 8 GPUs x 8 clips
+    assert scaled_lr(0.1, 64) == pytest.approx(0.1)  # the reference: 8 GPUs x 8 clips
     assert scaled_lr(0.1, 128) == pytest.approx(0.2)
-    assert scaled_lr(0.1, 8) == pytest.approx(0.0125)          # one worker, batch 8
+    assert scaled_lr(0.1, 8) == pytest.approx(0.0125)  # one worker, batch 8
     assert scaled_lr(0.8, 512, reference_batch=512) == pytest.approx(0.8)
     with pytest.raises(ValueError, match="global_batch=0"):
         scaled_lr(0.1, 0)
@@ -93,7 +105,7 @@ def test_clip_gradients_returns_norm_and_clips():
     b = nn.Parameter(torch.zeros(1))
     w.grad, b.grad = torch.tensor([3.0, 0.0]), torch.tensor([4.0])
     assert clip_gradients([w, b], None) == pytest.approx(5.0)
-    assert w.grad.tolist() == [3.0, 0.0]                        # None = measure, don't clip
+    assert w.grad.tolist() == [3.0, 0.0]  # None = measure, don't clip
     assert clip_gradients([w, b], 1.0) == pytest.approx(5.0)
     assert math.hypot(*w.grad.tolist(), *b.grad.tolist()) == pytest.approx(1.0, rel=1e-5)
 
@@ -135,25 +147,25 @@ def test_tiny_slowfast_fits_one_batch_with_the_recipe():
 def test_kinetics_schedule_figures():
     lr = lambda epoch: lr_at(epoch, **KINETICS)  # noqa: E731
     cos = lambda epoch: 0.05 * (math.cos(math.pi * epoch / 196) + 1)  # noqa: E731
-    assert lr(0) == pytest.approx(0.01)                         # WARMUP_START_LR
+    assert lr(0) == pytest.approx(0.01)  # WARMUP_START_LR
     # The cosine is not offset by the warm-up (COSINE_AFTER_WARMUP False): at the end of warm-up the LR
     # is the cosine's value at epoch 34, 0.0928, not the base 0.1.
     assert lr(34) == pytest.approx(0.0927571381, abs=1e-9) == pytest.approx(cos(34))
     assert lr(17) == pytest.approx((0.01 + 0.0927571381) / 2)  # warm-up is a straight line
-    assert lr(34 - 1e-9) == pytest.approx(lr(34))               # continuous at the hand-over
-    assert lr(98) == pytest.approx(0.05)                        # half-way through the cosine
-    assert lr(196) == pytest.approx(0.0, abs=1e-12)             # COSINE_END_LR
-    assert lr(250) == pytest.approx(0.0, abs=1e-12)             # past the end: stays at the end
+    assert lr(34 - 1e-9) == pytest.approx(lr(34))  # continuous at the hand-over
+    assert lr(98) == pytest.approx(0.05)  # half-way through the cosine
+    assert lr(196) == pytest.approx(0.0, abs=1e-12)  # COSINE_END_LR
+    assert lr(250) == pytest.approx(0.0, abs=1e-12)  # past the end: stays at the end
     warmup = [lr(e) for e in np.linspace(0, 34, 50)]
     decay = [lr(e) for e in np.linspace(34, 196, 50)]
-    assert all(a < b for a, b in zip(warmup, warmup[1:]))
-    assert all(a > b for a, b in zip(decay, decay[1:]))
+    assert all(a < b for a, b in zip(warmup, warmup[1:], strict=False))
+    assert all(a > b for a, b in zip(decay, decay[1:], strict=False))
 
 
 def test_warmup_start_defaults_to_a_tenth_of_the_scaled_base():
     args = dict(warmup_epochs=34, total_epochs=196)
     assert lr_at(0, base_lr=0.1, **args) == pytest.approx(0.01)
-    assert lr_at(0, base_lr=scaled_lr(0.1, 512), **args) == pytest.approx(0.08)   # 64 GPUs x 8 clips
+    assert lr_at(0, base_lr=scaled_lr(0.1, 512), **args) == pytest.approx(0.08)  # 64 GPUs x 8 clips
     assert lr_at(0, base_lr=0.1, warmup_epochs=0, total_epochs=196) == pytest.approx(0.1)
     assert lr_at(98, base_lr=0.1, warmup_epochs=0, total_epochs=196, end_lr=0.001) == pytest.approx(0.0505)
 
@@ -206,10 +218,10 @@ def test_video_level_averaged_softmax_beats_view_majority():
     agg.add(["v"] * 3, [0, 0, 0], views)
     result = agg.results(3)
     assert result["top1"] == 1.0
-    assert topk_correct(views, torch.zeros(3, dtype=torch.long), ks=(1,)) == {1: 1}   # views: 1 of 3
+    assert topk_correct(views, torch.zeros(3, dtype=torch.long), ks=(1,)) == {1: 1}  # views: 1 of 3
     _, _, probs = agg.video_scores()
     np.testing.assert_allclose(probs[0], [1.58 / 3, 0.81 / 3, 0.61 / 3])
-    assert result["top5"] == 1.0                                # top-5 of 3 classes: always right
+    assert result["top5"] == 1.0  # top-5 of 3 classes: always right
     assert result["views_per_video"] == {"min": 3, "max": 3}
 
 
@@ -222,10 +234,10 @@ def known_views():
     true = [0, 0, 0, 1, 1, 2, 2, 2, 2]
     predicted = [0, 0, 1, 1, 2, 2, 2, 2, 0]
     rows = []
-    for i, (t, p) in enumerate(zip(true, predicted)):
+    for i, (t, p) in enumerate(zip(true, predicted, strict=True)):
         for view in range(2):
             logit = torch.zeros(4)
-            logit[p] = 3.0 + view                           # both views agree on p
+            logit[p] = 3.0 + view  # both views agree on p
             rows.append((f"vid{i}", t, view, logit))
     return rows
 
@@ -233,18 +245,19 @@ def known_views():
 def aggregate(rows, batch=3):
     agg = VideoAggregator()
     for i in range(0, len(rows), batch):
-        chunk = rows[i:i + batch]
-        agg.add([r[0] for r in chunk], [r[1] for r in chunk], torch.stack([r[3] for r in chunk]),
-                view_ids=[r[2] for r in chunk])
+        chunk = rows[i : i + batch]
+        agg.add(
+            [r[0] for r in chunk],
+            [r[1] for r in chunk],
+            torch.stack([r[3] for r in chunk]),
+            view_ids=[r[2] for r in chunk],
+        )
     return agg
 
 
 def test_confusion_matrix_and_per_class_accuracy_on_a_known_example():
     result = aggregate(known_views()).results(4, class_names=["a", "b", "c", "d"])
-    assert result["confusion"] == [[2, 1, 0, 0],
-                                   [0, 1, 1, 0],
-                                   [1, 0, 3, 0],
-                                   [0, 0, 0, 0]]
+    assert result["confusion"] == [[2, 1, 0, 0], [0, 1, 1, 0], [1, 0, 3, 0], [0, 0, 0, 0]]
     assert result["num_videos"] == 9
     assert result["top1"] == pytest.approx(6 / 9)
     assert [c["accuracy"] for c in result["per_class"]] == pytest.approx([2 / 3, 1 / 2, 3 / 4, None])
@@ -252,9 +265,9 @@ def test_confusion_matrix_and_per_class_accuracy_on_a_known_example():
     assert result["per_class"][2] == {"index": 2, "name": "c", "videos": 4, "correct": 3, "accuracy": 0.75}
     # Classes without videos do not count in the mean (they would pull it to 0).
     assert result["mean_class_accuracy"] == pytest.approx((2 / 3 + 1 / 2 + 3 / 4) / 3)
-    assert result["top5"] == 1.0                            # 4 classes: top-5 covers them all
+    assert result["top5"] == 1.0  # 4 classes: top-5 covers them all
     assert result["views_per_video"] == {"min": 2, "max": 2}
-    json.dumps(result)                                      # goes straight into run records and MLflow
+    json.dumps(result)  # goes straight into run records and MLflow
 
 
 def test_views_in_any_order_give_the_same_result():
@@ -285,9 +298,9 @@ def test_merge_of_partial_aggregators_equals_one():
 
 def test_missing_and_repeated_views_are_visible():
     rows = known_views()
-    agg = aggregate(rows[:-1])                              # vid8 lost its second view
+    agg = aggregate(rows[:-1])  # vid8 lost its second view
     assert agg.results(4)["views_per_video"] == {"min": 1, "max": 2}
-    agg = aggregate(rows + rows[:2])                        # a retried batch: vid0's views again
+    agg = aggregate(rows + rows[:2])  # a retried batch: vid0's views again
     assert agg.duplicate_views == 2
     assert agg.results(4) == {**aggregate(rows).results(4), "duplicate_views": 2}
 
@@ -326,11 +339,21 @@ def test_confusion_matrix_png(tmp_path, num_classes):
 
 
 def test_learning_curve_png(tmp_path):
-    history = [{"epoch": e, "train_loss": 2.0 * 0.8 ** e, "train_top1": 1 - 0.8 ** e,
-                "lr": lr_at(e, base_lr=0.1, warmup_epochs=2, total_epochs=10)} for e in range(10)]
-    for record in history[1::2]:                            # validation every other epoch
-        record.update(val_loss=record["train_loss"] * 1.2, val_top1=record["train_top1"] * 0.9,
-                      val_top5=min(1.0, record["train_top1"] * 1.3))
+    history = [
+        {
+            "epoch": e,
+            "train_loss": 2.0 * 0.8**e,
+            "train_top1": 1 - 0.8**e,
+            "lr": lr_at(e, base_lr=0.1, warmup_epochs=2, total_epochs=10),
+        }
+        for e in range(10)
+    ]
+    for record in history[1::2]:  # validation every other epoch
+        record.update(
+            val_loss=record["train_loss"] * 1.2,
+            val_top1=record["train_top1"] * 0.9,
+            val_top5=min(1.0, record["train_top1"] * 1.3),
+        )
     path = learning_curve_png(history, tmp_path / "curve.png")
     data = path.read_bytes()
     assert data.startswith(PNG_MAGIC) and len(data) > 5_000

@@ -1,5 +1,6 @@
 """Spatial transforms and pathway packing: the paper's jitter range, PySlowFast's test crops, and
 the cheap crop-then-resize against the reference's scale-then-crop."""
+
 import numpy as np
 import pytest
 import torch
@@ -24,7 +25,7 @@ def test_jitter_range_is_the_papers_for_224_and_scales_with_the_crop():
 
 
 def test_short_side_size_floors_the_long_side_like_the_reference():
-    assert short_side_size(256, 340, 224) == (224, 297)   # 340 / 256 * 224 = 297.5
+    assert short_side_size(256, 340, 224) == (224, 297)  # 340 / 256 * 224 = 297.5
     assert short_side_size(340, 256, 224) == (297, 224)
     assert short_side_size(256, 256, 224) == (224, 224)
     assert short_side_size(97, 173, 256) == (256, 456)  # odd sizes: 173 / 97 * 256 = 456.6
@@ -33,10 +34,16 @@ def test_short_side_size_floors_the_long_side_like_the_reference():
 def test_uniform_crop_offsets_follow_pyslowfast():
     # Landscape: x offsets 0, ceil((W - size) / 2), W - size; y centred.
     assert [tf.uniform_crop_box(224, 297, 224, i) for i in range(3)] == [
-        (0, 0, 224, 224), (0, 37, 224, 224), (0, 73, 224, 224)]
+        (0, 0, 224, 224),
+        (0, 37, 224, 224),
+        (0, 73, 224, 224),
+    ]
     # Portrait: y offsets move, x centred (rounded up).
     assert [tf.uniform_crop_box(297, 225, 224, i) for i in range(3)] == [
-        (0, 1, 224, 224), (37, 1, 224, 224), (73, 1, 224, 224)]
+        (0, 1, 224, 224),
+        (37, 1, 224, 224),
+        (73, 1, 224, 224),
+    ]
     # Square frames take the landscape branch (height > width is false), all crops identical here.
     assert {tf.uniform_crop_box(224, 224, 224, i) for i in range(3)} == {(0, 0, 224, 224)}
     with pytest.raises(ValueError, match="spatial_idx"):
@@ -114,12 +121,13 @@ def test_train_flips_about_half_the_clips():
 
 def apparent_scale(out, stored):
     """Short-side scale the output was made at, from the slope of the gradients of `stored`."""
+
     def slope(profile):
         return abs(np.polyfit(np.arange(len(profile)), profile, 1)[0])  # a flip only changes the sign
+
     stored_x = slope(stored[0, 0, :, 0].astype(float))
     stored_y = slope(stored[0, :, 0, 1].astype(float))
-    return (stored_x / slope(out[0, 112, :, 0].astype(float)),
-            stored_y / slope(out[0, :, 112, 1].astype(float)))
+    return (stored_x / slope(out[0, 112, :, 0].astype(float)), stored_y / slope(out[0, :, 112, 1].astype(float)))
 
 
 def test_jittered_scale_is_within_the_range_and_spread_over_it():
@@ -139,9 +147,17 @@ def test_jittered_scale_is_within_the_range_and_spread_over_it():
 def scale_then_crop(frames, size, crop, y, x):
     """The reference's order: resize the whole frame (float), then slice the crop."""
     scaled_h, scaled_w = short_side_size(frames.shape[1], frames.shape[2], size)
-    scaled = F.interpolate(torch.from_numpy(frames).permute(0, 3, 1, 2).float(), size=(scaled_h, scaled_w),
-                           mode="bilinear", align_corners=False).permute(0, 2, 3, 1).numpy()
-    return scaled[:, y:y + crop, x:x + crop]
+    scaled = (
+        F.interpolate(
+            torch.from_numpy(frames).permute(0, 3, 1, 2).float(),
+            size=(scaled_h, scaled_w),
+            mode="bilinear",
+            align_corners=False,
+        )
+        .permute(0, 2, 3, 1)
+        .numpy()
+    )
+    return scaled[:, y : y + crop, x : x + crop]
 
 
 def test_crop_then_resize_equals_scale_then_crop_inside_the_border():
@@ -169,8 +185,13 @@ def test_crop_then_resize_at_any_scale_is_within_a_sub_pixel_shift():
 def test_resize_matches_float_interpolate_to_rounding():
     frames = np.random.default_rng(0).integers(0, 256, (3, 40, 50, 3)).astype(np.uint8)
     ours = tf.resize(frames, 57, 61).astype(float)
-    ref = F.interpolate(torch.from_numpy(frames).permute(0, 3, 1, 2).float(), size=(57, 61),
-                        mode="bilinear", align_corners=False).permute(0, 2, 3, 1).numpy()
+    ref = (
+        F.interpolate(
+            torch.from_numpy(frames).permute(0, 3, 1, 2).float(), size=(57, 61), mode="bilinear", align_corners=False
+        )
+        .permute(0, 2, 3, 1)
+        .numpy()
+    )
     assert np.abs(ours - ref).max() <= 1.01  # torch's uint8 kernel has fixed-point weights
     assert np.abs(ours - ref).mean() < 0.35  # rounding alone would be 0.25
 

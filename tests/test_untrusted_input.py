@@ -4,6 +4,7 @@ refused as not_a_video by bytes and by path, and what they name is never opened:
 socket for the http segment, would notice. A positive control shows each would notice an unrestricted av.open.
 test_serving.py sends the same inputs to `python -m pipelines predict` and to a real `mlflow models serve`.
 """
+
 from __future__ import annotations
 
 import errno
@@ -21,6 +22,7 @@ import pytest
 
 from slowfast.video import decode as dec
 from slowfast.video.decode import VideoDecodeError, VideoReader
+
 from videos import encode_frame_number_video, frame_number_image, read_frame_numbers
 
 MARKER = "marker.mp4"  # a FIFO beside the crafted file: what the file names
@@ -48,11 +50,17 @@ def crafted(name: str, port: int) -> Crafted:
     # FFmpeg takes a playlist for HLS only by its .m3u8 name; by its bytes alone it is text, not a container.
     text = "Invalid data found when processing input"
     cases = [
-        Crafted("ffconcat", f"ffconcat version 1.0\nfile {MARKER}\n".encode(), "list.ffconcat", MARKER,
-                "container format 'concat' is not accepted; accepted: mov, matroska, avi, mpegts, mpeg, flv, asf, ogg"),
+        Crafted(
+            "ffconcat",
+            f"ffconcat version 1.0\nfile {MARKER}\n".encode(),
+            "list.ffconcat",
+            MARKER,
+            "container format 'concat' is not accepted; accepted: mov, matroska, avi, mpegts, mpeg, flv, asf, ogg",
+        ),
         Crafted("hls_local_segment", hls.format(SEGMENT).encode(), "local.m3u8", SEGMENT, text),
-        Crafted("hls_http_segment", hls.format(f"http://127.0.0.1:{port}/{SEGMENT}").encode(), "remote.m3u8",
-                "http", text),
+        Crafted(
+            "hls_http_segment", hls.format(f"http://127.0.0.1:{port}/{SEGMENT}").encode(), "remote.m3u8", "http", text
+        ),
         Crafted("image_sequence", png_bytes(), "img%03d.png", "img001.png", "container format 'png_pipe'"),
     ]
     return next(case for case in cases if case.name == name)
@@ -95,7 +103,7 @@ class Watch:
             self._poll = self._open_for_writing
         self._thread = threading.Thread(target=self._run, daemon=True)
 
-    def __enter__(self) -> "Watch":
+    def __enter__(self) -> Watch:
         self._thread.start()
         return self
 
@@ -175,7 +183,7 @@ def test_crafted_input_is_refused_and_what_it_names_never_opened(name, tmp_path,
     telling, disguised = write_crafted(case, tmp_path)
     for source in (case.data, telling, str(disguised), io.BytesIO(case.data)):
         with Watch(tmp_path, case.target, port) as watch:
-            error = attempt(lambda: open_reader(source))
+            error = attempt(lambda source=source: open_reader(source))
         assert not watch.opened, f"{source!r}: the decoder opened {case.target}"
         assert isinstance(error, VideoDecodeError), f"{source!r}: {error!r}"
         assert error.reason == dec.NOT_A_VIDEO and case.detail in error.detail, str(error)
@@ -189,8 +197,7 @@ CONTROLS = {"ffconcat": "bytes", "hls_local_segment": "file", "hls_http_segment"
 
 
 @pytest.mark.parametrize("name", CONTROLS)
-def test_control_the_watch_sees_an_unrestricted_ffmpeg_open_what_the_input_names(name, tmp_path, monkeypatch,
-                                                                                 port):
+def test_control_the_watch_sees_an_unrestricted_ffmpeg_open_what_the_input_names(name, tmp_path, monkeypatch, port):
     monkeypatch.chdir(tmp_path)
     case = crafted(name, port)
     telling, _ = write_crafted(case, tmp_path)
@@ -200,8 +207,10 @@ def test_control_the_watch_sees_an_unrestricted_ffmpeg_open_what_the_input_names
     assert watch.opened, f"an unrestricted av.open did not open {case.target}: the watch cannot fail"
 
 
-@pytest.mark.parametrize("protocol_path", ["concat:part.mp4|marker.mp4", f"subfile,,start,0,end,0,,:{MARKER}",
-                                           "http://127.0.0.1:{port}/segment.ts"])
+@pytest.mark.parametrize(
+    "protocol_path",
+    ["concat:part.mp4|marker.mp4", f"subfile,,start,0,end,0,,:{MARKER}", "http://127.0.0.1:{port}/segment.ts"],
+)
 def test_a_path_is_a_file_name_never_a_url(protocol_path, tmp_path, monkeypatch, port):
     monkeypatch.chdir(tmp_path)
     encode_frame_number_video(tmp_path / "part.mp4", 5)
@@ -224,11 +233,21 @@ def test_a_path_is_a_file_name_never_a_url(protocol_path, tmp_path, monkeypatch,
     assert read_frame_numbers(frames) == [0, 4] and not watch.opened
 
 
-@pytest.mark.parametrize("fmt, codec, ext", [
-    ("mp4", "libx264", "mp4"), ("mov", "libx265", "mov"), ("matroska", "libx264", "mkv"),
-    ("webm", "libvpx-vp9", "webm"), ("avi", "mpeg4", "avi"), ("mpegts", "libx264", "ts"),
-    ("mpeg", "mpeg2video", "mpg"), ("flv", "flv", "flv"), ("asf", "wmv2", "wmv"), ("ogg", "libvpx", "ogv"),
-])
+@pytest.mark.parametrize(
+    "fmt, codec, ext",
+    [
+        ("mp4", "libx264", "mp4"),
+        ("mov", "libx265", "mov"),
+        ("matroska", "libx264", "mkv"),
+        ("webm", "libvpx-vp9", "webm"),
+        ("avi", "mpeg4", "avi"),
+        ("mpegts", "libx264", "ts"),
+        ("mpeg", "mpeg2video", "mpg"),
+        ("flv", "flv", "flv"),
+        ("asf", "wmv2", "wmv"),
+        ("ogg", "libvpx", "ogv"),
+    ],
+)
 def test_every_accepted_container_decodes(fmt, codec, ext, tmp_path):
     video = encode_frame_number_video(tmp_path / f"v.{ext}", 30, codec=codec, container_format=fmt)
     for source in (video.path, video.path.read_bytes()):
@@ -252,8 +271,11 @@ def _one_keyframe_h264(frames: int, rate: int, size=(64, 48)) -> bytes:
 
     buf = io.BytesIO()
     with av.open(buf, "w", format="mp4") as out:
-        stream = out.add_stream("libx264", rate=rate, options={"preset": "ultrafast", "crf": "51",
-                                                               "x264-params": "keyint=infinite:scenecut=0:bframes=0"})
+        stream = out.add_stream(
+            "libx264",
+            rate=rate,
+            options={"preset": "ultrafast", "crf": "51", "x264-params": "keyint=infinite:scenecut=0:bframes=0"},
+        )
         stream.width, stream.height, stream.pix_fmt = *size, "yuv420p"
         frame = av.VideoFrame.from_ndarray(np.full((size[1], size[0], 3), 100, np.uint8), format="rgb24")
         for i in range(frames):
@@ -294,7 +316,7 @@ def test_a_matroska_duration_tag_that_cannot_be_one_is_ignored(tag):
         out.mux(stream.encode())
     data = buf.getvalue()
     written = data.index(b"00:00:02.000000000")
-    crafted = data[:written] + tag.encode().ljust(18) + data[written + 18:]
+    crafted = data[:written] + tag.encode().ljust(18) + data[written + 18 :]
     with VideoReader(crafted) as reader:
         assert reader.info.duration_sec == pytest.approx(2.0, abs=0.05)
         assert reader.info.num_frames == 50

@@ -2,6 +2,7 @@
 videos, a real MLflow (sqlite). A second run skips what is done; kill -9 during preprocess and during
 train, then the same command again, finishes with exactly one registered version; new annotation rows
 are the only videos decoded by the next run, which retrains and records its promotion decision."""
+
 from __future__ import annotations
 
 import csv
@@ -15,8 +16,9 @@ from pathlib import Path
 
 from mlflow.tracking import MlflowClient
 
-from conftest import REPO, pipeline_config
 from pipelines.workflow import STEPS, list_runs, run, select_steps
+
+from conftest import REPO, pipeline_config
 from stop_hook import stop_after, wait_stopped
 
 QUIET = {"log": lambda *_: None}
@@ -24,11 +26,19 @@ QUIET = {"log": lambda *_: None}
 
 def workflow_config(tmp: Path, videos: Path, **sections):
     """slowfast_tiny at 32 px on a synthetic set, 2 epochs, 1 train worker, sqlite MLflow in tmp."""
-    base = {"preprocess": {"clips_per_video": 4, "rows_per_shard": 8, "commit_every": 1},
-            "train": {"epochs": 2, "batch_size": 4, "num_workers": 1, "cpus_per_worker": 1, "base_lr": 0.04,
-                      "warmup_epochs": 0.5},
-            "mlflow": {"tracking_uri": f"sqlite:///{tmp / 'mlflow.db'}", "experiment": "wf", "model_name": "wf"},
-            "ray": {"data_cpus": 1.0}}
+    base = {
+        "preprocess": {"clips_per_video": 4, "rows_per_shard": 8, "commit_every": 1},
+        "train": {
+            "epochs": 2,
+            "batch_size": 4,
+            "num_workers": 1,
+            "cpus_per_worker": 1,
+            "base_lr": 0.04,
+            "warmup_epochs": 0.5,
+        },
+        "mlflow": {"tracking_uri": f"sqlite:///{tmp / 'mlflow.db'}", "experiment": "wf", "model_name": "wf"},
+        "ray": {"data_cpus": 1.0},
+    }
     for key, value in sections.items():
         base[key] = {**base.get(key, {}), **value}
     return pipeline_config(tmp, videos, **base)
@@ -55,7 +65,12 @@ def test_rerun_skips_every_step_with_nothing_new_and_new_rows_decode_only_the_ne
     cfg = workflow_config(tmp_path, videos)
     first = run(cfg, **QUIET)
     assert {k: v["status"] for k, v in first["steps"].items()} == {
-        "ingest": "done", "preprocess": "done", "train": "done", "evaluate": "done", "register": "done"}
+        "ingest": "done",
+        "preprocess": "done",
+        "train": "done",
+        "evaluate": "done",
+        "register": "done",
+    }
     assert first["model_version"] == 1 and first["promoted"] and set(first["aliases"]) == {"champion", "challenger"}
     assert first["model_uri"] == "models:/wf/1" and 0 <= first["metrics"]["top1"] <= first["metrics"]["top5"] <= 1
     records = tmp_path / "storage" / "runs" / first["run_id"]
@@ -67,7 +82,12 @@ def test_rerun_skips_every_step_with_nothing_new_and_new_rows_decode_only_the_ne
     second = run(cfg, **QUIET)
     assert second["run_id"] != first["run_id"]
     assert {k: v["status"] for k, v in second["steps"].items()} == {
-        "ingest": "done", "preprocess": "skipped", "train": "skipped", "evaluate": "skipped", "register": "skipped"}
+        "ingest": "done",
+        "preprocess": "skipped",
+        "train": "skipped",
+        "evaluate": "skipped",
+        "register": "skipped",
+    }
     assert second["model_version"] == 1 and second["promoted"] and second["metrics"] == first["metrics"]
     assert registered_versions(cfg) == ["1"]
 
@@ -79,8 +99,13 @@ def test_rerun_skips_every_step_with_nothing_new_and_new_rows_decode_only_the_ne
     assert [r["run_id"] for r in runs] == [only["run_id"], second["run_id"], first["run_id"]]
     assert all(r["status"] == "succeeded" for r in runs)
 
-    status = subprocess.run([sys.executable, "-m", "pipelines", "status", "--config", _write(cfg, tmp_path)],
-                            capture_output=True, text=True, cwd=REPO, timeout=120)
+    status = subprocess.run(
+        [sys.executable, "-m", "pipelines", "status", "--config", _write(cfg, tmp_path)],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=120,
+    )
     assert status.returncode == 0, status.stderr
     assert first["run_id"] in status.stdout and "models:/wf/1" in status.stdout
     assert "preprocess  skipped" in status.stdout
@@ -116,8 +141,14 @@ def _write(cfg, tmp: Path) -> str:
 def _cli_run(config_path: str, log: Path, env: dict | None = None, **kw) -> subprocess.Popen:
     env = env or {**os.environ, "PYTHONPATH": str(REPO)}
     with open(log, "ab") as out:
-        return subprocess.Popen([sys.executable, "-m", "pipelines", "run", "--config", config_path], cwd=REPO,
-                                env=env, stdout=out, stderr=subprocess.STDOUT, **kw)
+        return subprocess.Popen(
+            [sys.executable, "-m", "pipelines", "run", "--config", config_path],
+            cwd=REPO,
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            **kw,
+        )
 
 
 def _kill_when(proc: subprocess.Popen, ready, log: Path, timeout: float = 300) -> None:
@@ -178,7 +209,10 @@ def test_kill_9_during_preprocess_and_during_train_then_the_same_command_finishe
     assert "resuming after epoch 1 " in log.read_text()
     # One MLflow training run across the attempts, each epoch's figures logged once.
     client = MlflowClient(cfg.mlflow.tracking_uri)
-    trained = [r for r in client.search_runs([client.get_experiment_by_name(cfg.mlflow.experiment).experiment_id])
-               if "val_top1" in r.data.metrics]
+    trained = [
+        r
+        for r in client.search_runs([client.get_experiment_by_name(cfg.mlflow.experiment).experiment_id])
+        if "val_top1" in r.data.metrics
+    ]
     assert len(trained) == 1 and trained[0].info.status == "FINISHED"
     assert [m.step for m in client.get_metric_history(trained[0].info.run_id, "train_loss")] == [1, 2]

@@ -4,6 +4,7 @@ Each frame carries its index as 10 black/white cells (4 x 3 grid, row-major, mos
 bit first) plus two marker cells (white, black) that also tell the orientation; the cells are
 large enough that lossy codecs and resizing keep their mean far from the threshold.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -28,7 +29,7 @@ def frame_number_image(index: int, width: int, height: int) -> np.ndarray:
     cols = np.linspace(0, width, GRID_COLS + 1).round().astype(int)
     for k, bit in enumerate(cells):
         r, c = divmod(k, GRID_COLS)
-        img[rows[r]:rows[r + 1], cols[c]:cols[c + 1]] = 255 if bit else 0
+        img[rows[r] : rows[r + 1], cols[c] : cols[c + 1]] = 255 if bit else 0
     return img
 
 
@@ -44,7 +45,7 @@ def read_frame_number(img: np.ndarray) -> int:
         # The central half of each cell: edges blur under compression and resizing.
         r0, r1 = rows[r] + (rows[r + 1] - rows[r]) / 4, rows[r + 1] - (rows[r + 1] - rows[r]) / 4
         c0, c1 = cols[c] + (cols[c + 1] - cols[c]) / 4, cols[c + 1] - (cols[c + 1] - cols[c]) / 4
-        cell = gray[int(r0):int(np.ceil(r1)), int(c0):int(np.ceil(c1))]
+        cell = gray[int(r0) : int(np.ceil(r1)), int(c0) : int(np.ceil(c1))]
         bits.append(int(cell.mean() > 127.5))
     if bits[BITS:] != [1, 0]:
         return -1
@@ -147,9 +148,8 @@ def _write_tone(out, stream, seconds: float, rate: int = 16000) -> None:
     t = np.arange(samples, dtype=np.float32) / rate
     tone = (0.2 * np.sin(2 * np.pi * 440 * t)).astype(np.float32)
     for start in range(0, samples, 1024):
-        chunk = tone[start:start + 1024][None, :]
-        frame = av.AudioFrame.from_ndarray(np.ascontiguousarray(chunk), format="fltp",
-                                           layout="mono")
+        chunk = tone[start : start + 1024][None, :]
+        frame = av.AudioFrame.from_ndarray(np.ascontiguousarray(chunk), format="fltp", layout="mono")
         frame.sample_rate, frame.pts = rate, start
         out.mux(stream.encode(frame))
     out.mux(stream.encode())

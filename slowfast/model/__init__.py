@@ -4,6 +4,7 @@ Caffe2 .pkl) or mmaction2, and fine-tune it (`freeze_stages`, `freeze_batch_norm
 The torch-backed names load on first use, so code that only needs the presets (configs, Ray Data
 actors that decode video) does not pay for importing torch.
 """
+
 from __future__ import annotations
 
 import importlib
@@ -11,12 +12,21 @@ import importlib
 from .config import PRESETS, SlowFastConfig, resolve
 
 _LAZY = {
-    "CheckpointError": "checkpoint", "LoadedCheckpoint": "checkpoint", "check_checkpoint": "checkpoint",
-    "export_checkpoint": "checkpoint", "export_state_dict": "checkpoint", "load_checkpoint": "checkpoint",
+    "CheckpointError": "checkpoint",
+    "LoadedCheckpoint": "checkpoint",
+    "check_checkpoint": "checkpoint",
+    "export_checkpoint": "checkpoint",
+    "export_state_dict": "checkpoint",
+    "load_checkpoint": "checkpoint",
     "save_checkpoint": "checkpoint",
-    "FrozenBatchNorm3d": "finetune", "freeze_batch_norm": "finetune", "freeze_stages": "finetune",
-    "count_flops": "flops", "count_params": "flops", "gflops": "flops",
-    "SlowFast": "slowfast", "example_inputs": "slowfast",
+    "FrozenBatchNorm3d": "finetune",
+    "freeze_batch_norm": "finetune",
+    "freeze_stages": "finetune",
+    "count_flops": "flops",
+    "count_params": "flops",
+    "gflops": "flops",
+    "SlowFast": "slowfast",
+    "example_inputs": "slowfast",
 }
 
 __all__ = ["PRESETS", "SlowFastConfig", "build", "resolve", *_LAZY]

@@ -4,6 +4,7 @@ A Caffe2 checkpoint is a pickle (often Python 2's, protocol 2) of {"blobs": {nam
 Unpickling calls whatever the file names, so the reader builds only numpy arrays, dtypes and plain
 containers; any other global is refused before it is called.
 """
+
 from __future__ import annotations
 
 import codecs
@@ -73,8 +74,11 @@ _SOLVER_BLOBS = ("lr", "model_iter")
 
 def blobs(obj: dict) -> dict:
     """The weight blobs of a loaded Caffe2 checkpoint: {"blobs": {...}} without the solver's state."""
-    return {name: value for name, value in obj["blobs"].items()
-            if not name.endswith("_momentum") and name not in _SOLVER_BLOBS}
+    return {
+        name: value
+        for name, value in obj["blobs"].items()
+        if not name.endswith("_momentum") and name not in _SOLVER_BLOBS
+    }
 
 
 def write_pickle(file: BinaryIO, blobs: dict[str, np.ndarray]) -> None:

@@ -5,6 +5,7 @@ The format is recognised from the content and every key renamed by `formats`. Th
 exactly: a checkpoint that does not is refused with every difference listed, and the preset or config
 field that would fit it (or why none does).
 """
+
 from __future__ import annotations
 
 import os
@@ -25,8 +26,21 @@ from torch.overrides import TorchFunctionMode
 
 from . import caffe2
 from .config import PRESETS, STAGE_BLOCKS, STAGE_NAMES, SlowFastConfig
-from .formats import (BY_NAME, CAFFE2, FORMAT, MMACTION2, NBT, OWN, PATHWAY_NAMES, PYSLOWFAST, PYTORCHVIDEO, Format,
-                      export, key_map, stage_blocks)
+from .formats import (
+    BY_NAME,
+    CAFFE2,
+    FORMAT,
+    MMACTION2,
+    NBT,
+    OWN,
+    PATHWAY_NAMES,
+    PYSLOWFAST,
+    PYTORCHVIDEO,
+    Format,
+    export,
+    key_map,
+    stage_blocks,
+)
 from .slowfast import SlowFast
 
 VERSION = 1
@@ -47,11 +61,11 @@ _LIST_LIMIT = 20
 # functions, and pipeline users set the field in their config's model: section.
 _LATERAL_NORM = {
     False: "the checkpoint's lateral connections are bare convolutions (mmaction2's default lateral_norm=False: "
-           "no batch norm and no ReLU after the time-strided conv); set model.lateral_norm: false in the pipeline "
-           "config (SlowFastConfig(lateral_norm=False)) to build such laterals",
+    "no batch norm and no ReLU after the time-strided conv); set model.lateral_norm: false in the pipeline "
+    "config (SlowFastConfig(lateral_norm=False)) to build such laterals",
     True: "the checkpoint's lateral connections are conv + batch norm + ReLU (the paper's, PySlowFast's, "
-          "pytorchvideo's, mmaction2's lateral_norm=True); set model.lateral_norm: true (the default) in the "
-          "pipeline config",
+    "pytorchvideo's, mmaction2's lateral_norm=True); set model.lateral_norm: true (the default) in the "
+    "pipeline config",
 }
 
 
@@ -76,17 +90,22 @@ class LoadedCheckpoint:
     def summary(self) -> str:
         line = f"loaded {self.loaded} tensors from {self.source} ({self.format})"
         if self.reinitialised:
-            line += (f"; re-initialised {', '.join(self.reinitialised)} (checkpoint: {self.checkpoint_classes} "
-                     f"classes), kept the rows of {len(self.kept_classes)} shared classes")
+            line += (
+                f"; re-initialised {', '.join(self.reinitialised)} (checkpoint: {self.checkpoint_classes} "
+                f"classes), kept the rows of {len(self.kept_classes)} shared classes"
+            )
             if self.kept_classes:
                 line += f": {', '.join(self.kept_classes)}"
         elif self.unnamed_head:
-            line += (f"; kept its {self.checkpoint_classes}-class classifier: the checkpoint names no classes, so "
-                     "its rows are taken to be the model's classes in their order")
+            line += (
+                f"; kept its {self.checkpoint_classes}-class classifier: the checkpoint names no classes, so "
+                "its rows are taken to be the model's classes in their order"
+            )
         return line
 
 
 # --- reading ---------------------------------------------------------------------------------
+
 
 def unwrap(model: nn.Module) -> SlowFast:
     """The SlowFast inside DDP / DataParallel (.module) or torch.compile (._orig_mod) wrappers."""
@@ -124,10 +143,12 @@ def _read_file(f: BinaryIO, origin: str):
         raise CheckpointError(
             f"{origin}: refused to unpickle {err.global_name}: a Caffe2 .pkl holds only numpy arrays in plain "
             "containers, and building anything else would run code the file names. If you trust the file, "
-            "load it with pickle.load(f, encoding='latin1') and pass the dict") from None
+            "load it with pickle.load(f, encoding='latin1') and pass the dict"
+        ) from None
     except Exception as err:
-        raise CheckpointError(f"{origin}: neither a torch checkpoint nor a pickle ({type(err).__name__}: {err})") \
-            from err
+        raise CheckpointError(
+            f"{origin}: neither a torch checkpoint nor a pickle ({type(err).__name__}: {err})"
+        ) from err
     if isinstance(first, int) and first == torch.serialization.MAGIC_NUMBER:
         # torch.save's format before PyTorch 1.6 (2019 PySlowFast .pyth files): a magic number, then pickles.
         f.seek(start)
@@ -143,7 +164,8 @@ def _torch_load(f: BinaryIO, origin: str):
         # caller may decide to.
         raise CheckpointError(
             f"{origin}: cannot be read as a weights-only torch checkpoint ({type(err).__name__}: {_reason(err)}). "
-            "If you trust the file, load it with torch.load(path, weights_only=False) and pass the dict") from err
+            "If you trust the file, load it with torch.load(path, weights_only=False) and pass the dict"
+        ) from err
 
 
 def _reason(err: Exception) -> str:
@@ -172,7 +194,7 @@ def _strip_wrapper_prefixes(state: dict) -> dict:
         prefix = next((p for p in _WRAPPER_PREFIXES if all(k.startswith(p) for k in state)), None)
         if prefix is None:
             break
-        state = {k[len(prefix):]: v for k, v in state.items()}
+        state = {k[len(prefix) :]: v for k, v in state.items()}
     return state
 
 
@@ -182,7 +204,8 @@ def _detect(state: dict, meta: dict, origin: str) -> Format:
         if meta["format"] != FORMAT or meta.get("version") != VERSION:
             raise CheckpointError(
                 f"{origin}: format {meta['format']!r} version {meta.get('version')!r}; this version reads "
-                f"{FORMAT!r} version {VERSION}")
+                f"{FORMAT!r} version {VERSION}"
+            )
         return OWN
     # PySlowFast first: its keys never start with "blocks.", and a pytorchvideo key never starts
     # with "s<digit>." or with our pathway names; mmaction2 and Caffe2 names share no prefix with either.
@@ -191,8 +214,9 @@ def _detect(state: dict, meta: dict, origin: str) -> Format:
             return fmt
     shown = ", ".join(keys[:5]) or "no keys"
     supported = "; ".join(f"{f.title}, keys like {f.example}" for f in BY_NAME.values())
-    raise CheckpointError(f"{origin}: unrecognised checkpoint format (first keys: {shown}). "
-                          f"Supported formats: {supported}")
+    raise CheckpointError(
+        f"{origin}: unrecognised checkpoint format (first keys: {shown}). Supported formats: {supported}"
+    )
 
 
 def _is_array(value) -> bool:
@@ -200,6 +224,7 @@ def _is_array(value) -> bool:
 
 
 # --- matching --------------------------------------------------------------------------------
+
 
 @dataclass
 class _Match:
@@ -235,6 +260,7 @@ def _match(state: dict, mapping: dict[str, str], expected: dict, fmt: Format, cf
 
 
 # --- what a checkpoint that does not fit is, and what would fit it ----------------------------
+
 
 class _NoInit(TorchFunctionMode):
     """Skips weight initialisation: a skeleton's tensors hold no values, and initialising meta tensors
@@ -291,17 +317,21 @@ def _fields_from_shapes(shapes: dict[str, tuple], arch: str, depth: int, cfg: Sl
         elif cfg.fast_input == "grayscale":
             fields["fast_input"] = "rgb"
     for pathway in PATHWAY_NAMES:
-        kernels = [shapes.get(f"{pathway}.stem.conv.weight")] + \
-                  [shapes.get(f"{pathway}.{stage}.0.a.conv.weight") for stage in STAGE_NAMES[1:]]
+        kernels = [shapes.get(f"{pathway}.stem.conv.weight")] + [
+            shapes.get(f"{pathway}.{stage}.0.a.conv.weight") for stage in STAGE_NAMES[1:]
+        ]
         if all(kernels):
             fields[f"{pathway}_temporal_kernels"] = tuple(k[2] for k in kernels)
     into_slow = shapes.get("slow.res2.0.a.conv.weight")
     if arch == "slowfast" and slow and fast and into_slow:
         lateral, side = shapes.get("lateral.stem.conv.weight"), into_slow[1] - slow[0]
         if lateral:
-            fields.update(lateral="time_strided_conv", fusion_kernel=lateral[2],
-                          fusion="sum" if side == 0 else "concat",
-                          lateral_norm="lateral.stem.bn.weight" in shapes)
+            fields.update(
+                lateral="time_strided_conv",
+                fusion_kernel=lateral[2],
+                fusion="sum" if side == 0 else "concat",
+                lateral_norm="lateral.stem.bn.weight" in shapes,
+            )
             if side and lateral[0] % fast[0] == 0:
                 fields["fusion_channel_ratio"] = lateral[0] // fast[0]
         elif side == 0:
@@ -319,8 +349,11 @@ def _fields_from_shapes(shapes: dict[str, tuple], arch: str, depth: int, cfg: Sl
 def _presets_like(fit: SlowFastConfig, fields: dict) -> str:
     """The presets that build `fit`'s shapes, or the nearest one with the overrides it needs."""
     shape_fields = [k for k in fields if k != "num_classes"]
-    differing = {name: [k for k in shape_fields if not _same(getattr(preset, k), getattr(fit, k))]
-                 for name, preset in PRESETS.items() if (preset.arch, preset.depth) == (fit.arch, fit.depth)}
+    differing = {
+        name: [k for k in shape_fields if not _same(getattr(preset, k), getattr(fit, k))]
+        for name, preset in PRESETS.items()
+        if (preset.arch, preset.depth) == (fit.arch, fit.depth)
+    }
     exact = [name for name, fields_off in differing.items() if not fields_off]
     if exact:
         return " or ".join(f"preset {name}" for name in exact)
@@ -337,13 +370,17 @@ def _diagnose(state: dict, fmt: Format, cfg: SlowFastConfig, head: HeadPolicy) -
         return []
     if len(set(blocks.values())) > 1:
         per_pathway = ", ".join(f"{PATHWAY_NAMES[p]} pathway {b}" for p, b in blocks.items())
-        return [f"  the checkpoint's blocks in res2..res5 differ by pathway ({per_pathway}); this project builds "
-                "both pathways with one depth: no preset or config field fits it"]
+        return [
+            f"  the checkpoint's blocks in res2..res5 differ by pathway ({per_pathway}); this project builds "
+            "both pathways with one depth: no preset or config field fits it"
+        ]
     found = next(iter(blocks.values()))
     depth = next((d for d, b in STAGE_BLOCKS.items() if b == found), None)
     if depth is None:
-        return [f"  the checkpoint has {found} blocks in res2..res5, a depth this project does not build "
-                f"(depths {', '.join(f'{d} {b}' for d, b in STAGE_BLOCKS.items())}): no preset or field fits it"]
+        return [
+            f"  the checkpoint has {found} blocks in res2..res5, a depth this project does not build "
+            f"(depths {', '.join(f'{d} {b}' for d, b in STAGE_BLOCKS.items())}): no preset or field fits it"
+        ]
 
     two_pathway = fmt.two_pathway(list(state))
     if fmt is OWN:
@@ -351,8 +388,9 @@ def _diagnose(state: dict, fmt: Format, cfg: SlowFastConfig, head: HeadPolicy) -
     else:
         arch = "slowfast" if two_pathway else ("fast" if cfg.arch == "fast" else "slow")
     # Names depend on the structure only: every lateral conv and BN named, whatever the model's own lateral.
-    naming = cfg.model_copy(update={"arch": arch, "depth": depth, "lateral": "time_strided_conv", "fusion": "concat",
-                                    "lateral_norm": True})
+    naming = cfg.model_copy(
+        update={"arch": arch, "depth": depth, "lateral": "time_strided_conv", "fusion": "concat", "lateral_norm": True}
+    )
     names = key_map(_skeleton(naming), fmt)
     shapes = {ours: tuple(state[theirs].shape) for ours, theirs in names.items() if _is_array(state.get(theirs))}
     fields = _fields_from_shapes(shapes, arch, depth, cfg)
@@ -363,18 +401,27 @@ def _diagnose(state: dict, fmt: Format, cfg: SlowFastConfig, head: HeadPolicy) -
 
     skeleton = _skeleton(fit)
     fit_names, fit_shapes = key_map(skeleton, fmt), skeleton.state_dict()
-    residual = [ours for ours, theirs in fit_names.items() if not ours.endswith(NBT) and
-                (not _is_array(state.get(theirs)) or tuple(state[theirs].shape) != tuple(fit_shapes[ours].shape))]
+    residual = [
+        ours
+        for ours, theirs in fit_names.items()
+        if not ours.endswith(NBT)
+        and (not _is_array(state.get(theirs)) or tuple(state[theirs].shape) != tuple(fit_shapes[ours].shape))
+    ]
     named = set(fit_names.values())
     extra = [k for k in state if k not in named and not k.endswith(NBT)]
     # With a head to re-initialise, another class count is no difference to report.
-    changed = {k: v for k, v in fields.items() if not _same(getattr(cfg, k), v)
-               and (k != "num_classes" or head == "strict")}
+    changed = {
+        k: v for k, v in fields.items() if not _same(getattr(cfg, k), v) and (k != "num_classes" or head == "strict")
+    }
     if not residual and not extra:
         if not changed:
             return []
-        lines = ["  the checkpoint's network has " + ", ".join(f"{k}={v!r}" for k, v in changed.items()) +
-                 " where the model has " + ", ".join(f"{k}={getattr(cfg, k)!r}" for k in changed)]
+        lines = [
+            "  the checkpoint's network has "
+            + ", ".join(f"{k}={v!r}" for k, v in changed.items())
+            + " where the model has "
+            + ", ".join(f"{k}={getattr(cfg, k)!r}" for k in changed)
+        ]
         if "lateral_norm" in changed and fit.lateral == "time_strided_conv":
             lines.append("  " + _LATERAL_NORM[fit.lateral_norm])
         fix = "build the model with " + ", ".join(f"{k}={v!r}" for k, v in changed.items())
@@ -385,24 +432,32 @@ def _diagnose(state: dict, fmt: Format, cfg: SlowFastConfig, head: HeadPolicy) -
         return lines + [f"  to load it: {fix}"]
 
     for pathway in PATHWAY_NAMES:
-        for stage, count in zip(STAGE_NAMES[1:], found):
+        for stage, count in zip(STAGE_NAMES[1:], found, strict=False):
             kernels = [shapes.get(f"{pathway}.{stage}.{j}.a.conv.weight") for j in range(count)]
             if all(kernels) and len({k[2] for k in kernels}) > 1:
-                return [f"  {stage} of the {pathway} pathway has temporal kernel {_runs([k[2] for k in kernels])} "
-                        "(PySlowFast's NUM_BLOCK_TEMP_KERNEL, as in its R101_50_50 models); this project gives "
-                        "every block of a stage the same temporal kernel (slow_temporal_kernels / "
-                        "fast_temporal_kernels): no preset or config field fits it; the nearest is "
-                        f"{_presets_like(fit, fields)}"]
+                return [
+                    f"  {stage} of the {pathway} pathway has temporal kernel {_runs([k[2] for k in kernels])} "
+                    "(PySlowFast's NUM_BLOCK_TEMP_KERNEL, as in its R101_50_50 models); this project gives "
+                    "every block of a stage the same temporal kernel (slow_temporal_kernels / "
+                    "fast_temporal_kernels): no preset or config field fits it; the nearest is "
+                    f"{_presets_like(fit, fields)}"
+                ]
     if not changed:
         return []  # the model's own architecture, with tensors missing or extra: the listings say which
-    shown = [f"{k} {tuple(state[fit_names[k]].shape) if _is_array(state.get(fit_names[k])) else 'absent'} "
-             f"vs {tuple(fit_shapes[k].shape)}" for k in residual[:3]] + extra[:3]
-    return [f"  the nearest config this project builds ({', '.join(f'{k}={v!r}' for k, v in changed.items())}) "
-            f"still differs: {len(residual)} tensors absent or of another shape, {len(extra)} checkpoint keys with "
-            f"no place in it (e.g. {'; '.join(shown)}): no preset or config field fits it"]
+    shown = [
+        f"{k} {tuple(state[fit_names[k]].shape) if _is_array(state.get(fit_names[k])) else 'absent'} "
+        f"vs {tuple(fit_shapes[k].shape)}"
+        for k in residual[:3]
+    ] + extra[:3]
+    return [
+        f"  the nearest config this project builds ({', '.join(f'{k}={v!r}' for k, v in changed.items())}) "
+        f"still differs: {len(residual)} tensors absent or of another shape, {len(extra)} checkpoint keys with "
+        f"no place in it (e.g. {'; '.join(shown)}): no preset or config field fits it"
+    ]
 
 
 # --- loading ---------------------------------------------------------------------------------
+
 
 @dataclass
 class _Plan:
@@ -423,8 +478,14 @@ def _class_names(names, count: int, what: str, error: type[Exception]) -> tuple[
     return names
 
 
-def _plan(net: SlowFast, obj, origin: str, head: HeadPolicy, class_names: Sequence[str] | None,
-          checkpoint_classes: Sequence[str] | None) -> _Plan:
+def _plan(
+    net: SlowFast,
+    obj,
+    origin: str,
+    head: HeadPolicy,
+    class_names: Sequence[str] | None,
+    checkpoint_classes: Sequence[str] | None,
+) -> _Plan:
     """`obj`: the checkpoint as `_read` returns it, `origin` where it came from (for the messages)."""
     if head not in ("strict", "auto", "reinit"):
         raise ValueError(f"head must be 'strict', 'auto' or 'reinit', got {head!r}")
@@ -443,29 +504,41 @@ def _plan(net: SlowFast, obj, origin: str, head: HeadPolicy, class_names: Sequen
         raise CheckpointError(
             f"{origin}: {fmt.name} checkpoint has {pathways} pathway(s), the model (arch={net.cfg.arch!r}) has "
             f"{model_pathways}; build {want} model (e.g. preset "
-            f"{'slowfast_8x8_r50' if pathways == 2 else 'slow_8x8_r50'})")
+            f"{'slowfast_8x8_r50' if pathways == 2 else 'slow_8x8_r50'})"
+        )
 
     expected, mapping = net.state_dict(), key_map(net, fmt)
     m = _match(state, mapping, expected, fmt, net.cfg)
     head_weight = m.values.get("head.fc.weight")
     # Another class count leaves the head's input width alone; anything else wrong with it is the backbone's.
-    head_replaceable = (head != "strict" and head_weight is not None and "head.fc.bias" in m.values
-                        and tuple(head_weight.shape[1:]) == tuple(expected["head.fc.weight"].shape[1:]))
+    head_replaceable = (
+        head != "strict"
+        and head_weight is not None
+        and "head.fc.bias" in m.values
+        and tuple(head_weight.shape[1:]) == tuple(expected["head.fc.weight"].shape[1:])
+    )
     ignored = set(HEAD_KEYS) if head_replaceable else set()
     wrong = [text for key, text in m.wrong.items() if key not in ignored]
     if m.missing or m.unexpected or wrong:
-        lines = [f"{origin}: {fmt.name} checkpoint does not fit the model "
-                 f"(arch={net.cfg.arch}, depth={net.cfg.depth}, num_classes={net.cfg.num_classes}):"]
+        lines = [
+            f"{origin}: {fmt.name} checkpoint does not fit the model "
+            f"(arch={net.cfg.arch}, depth={net.cfg.depth}, num_classes={net.cfg.num_classes}):"
+        ]
         lines += _diagnose(state, fmt, net.cfg, head)
-        lines += _listing("missing from the checkpoint", [k if fmt is OWN else f"{k} (as {mapping[k]})"
-                                                           for k in m.missing])
+        lines += _listing(
+            "missing from the checkpoint", [k if fmt is OWN else f"{k} (as {mapping[k]})" for k in m.missing]
+        )
         lines += _listing("unexpected in the checkpoint", m.unexpected)
         lines += _listing("shape mismatch", wrong)
         raise CheckpointError("\n".join(lines))
 
     checkpoint_rows = int(head_weight.shape[0])
-    theirs = _class_names(checkpoint_classes if checkpoint_classes is not None else meta.get("class_names"),
-                          checkpoint_rows, f"{origin} (its classifier)", CheckpointError)
+    theirs = _class_names(
+        checkpoint_classes if checkpoint_classes is not None else meta.get("class_names"),
+        checkpoint_rows,
+        f"{origin} (its classifier)",
+        CheckpointError,
+    )
     same_head = "head.fc.weight" not in m.wrong and (theirs is None or class_names is None or theirs == class_names)
     values = {k: v for k, v in m.values.items() if k not in HEAD_KEYS}
     rows, reinitialised, kept, unnamed = [], (), (), False
@@ -481,23 +554,40 @@ def _plan(net: SlowFast, obj, origin: str, head: HeadPolicy, class_names: Sequen
 
     if fmt is OWN and isinstance(meta.get("config"), Mapping):
         saved, current = meta["config"], net.cfg.model_dump()
-        differ = [f"{k}: checkpoint {saved[k]!r} vs model {current[k]!r}"
-                  for k in _SHAPELESS_FIELDS if k in saved and not _same(saved[k], current[k])]
+        differ = [
+            f"{k}: checkpoint {saved[k]!r} vs model {current[k]!r}"
+            for k in _SHAPELESS_FIELDS
+            if k in saved and not _same(saved[k], current[k])
+        ]
         if differ:
-            warnings.warn(f"{origin}: loaded weights trained with a different config ({'; '.join(differ)}); "
-                          "shapes match, but the network computes something else", stacklevel=3)
+            warnings.warn(
+                f"{origin}: loaded weights trained with a different config ({'; '.join(differ)}); "
+                "shapes match, but the network computes something else",
+                stacklevel=3,
+            )
     extra = {k: v for k, v in meta.items() if k not in ("format", "version")}
-    report = LoadedCheckpoint(format=fmt.name, pathways=pathways, source=origin,
-                              loaded=sum(not k.endswith(NBT) for k in values)
-                              + (len(HEAD_KEYS) if rows and not reinitialised else 0),
-                              reinitialised=reinitialised, kept_classes=kept, checkpoint_classes=checkpoint_rows,
-                              unnamed_head=unnamed, extra=extra)
+    report = LoadedCheckpoint(
+        format=fmt.name,
+        pathways=pathways,
+        source=origin,
+        loaded=sum(not k.endswith(NBT) for k in values) + (len(HEAD_KEYS) if rows and not reinitialised else 0),
+        reinitialised=reinitialised,
+        kept_classes=kept,
+        checkpoint_classes=checkpoint_rows,
+        unnamed_head=unnamed,
+        extra=extra,
+    )
     return _Plan(values, rows, {k: m.values[k] for k in HEAD_KEYS} if rows else {}, report)
 
 
-def load_checkpoint(model: nn.Module, source, *, head: HeadPolicy = "strict",
-                    class_names: Sequence[str] | None = None,
-                    checkpoint_classes: Sequence[str] | None = None) -> LoadedCheckpoint:
+def load_checkpoint(
+    model: nn.Module,
+    source,
+    *,
+    head: HeadPolicy = "strict",
+    class_names: Sequence[str] | None = None,
+    checkpoint_classes: Sequence[str] | None = None,
+) -> LoadedCheckpoint:
     """Load weights into `model` from a path, a binary file or a loaded dict, in any supported format.
 
     Formats (recognised from the content): this project's (`save_checkpoint`, or a bare state dict),
@@ -524,7 +614,7 @@ def _apply(net: SlowFast, plan: _Plan) -> LoadedCheckpoint:
     # Keys not taken from the checkpoint (a re-initialised head, absent step counters) keep the model's.
     new = {key: torch.as_tensor(plan.values[key]) if key in plan.values else value for key, value in state.items()}
     if plan.rows:
-        mine, theirs = zip(*plan.rows)
+        mine, theirs = zip(*plan.rows, strict=True)
         for key in HEAD_KEYS:
             new[key] = state[key].clone()
             new[key][list(mine)] = torch.as_tensor(plan.head[key])[list(theirs)].to(new[key].dtype)
@@ -541,8 +631,10 @@ def build_from_checkpoint(source) -> tuple[SlowFast, LoadedCheckpoint]:
     """
     obj, origin = _read(source)
     if not isinstance(obj, Mapping) or obj.get("format") != FORMAT or not isinstance(obj.get("config"), Mapping):
-        raise CheckpointError(f"{origin}: not a checkpoint written by this project (no {FORMAT!r} format and "
-                              "model config in it): build the model it fits and load it with load_checkpoint")
+        raise CheckpointError(
+            f"{origin}: not a checkpoint written by this project (no {FORMAT!r} format and "
+            "model config in it): build the model it fits and load it with load_checkpoint"
+        )
     try:
         cfg = SlowFastConfig.model_validate(obj["config"])
     except pydantic.ValidationError as err:
@@ -554,9 +646,14 @@ def build_from_checkpoint(source) -> tuple[SlowFast, LoadedCheckpoint]:
     return net, _apply(net, _plan(net, obj, origin, "strict", None, None))
 
 
-def check_checkpoint(cfg: SlowFastConfig, source, *, head: HeadPolicy = "strict",
-                     class_names: Sequence[str] | None = None,
-                     checkpoint_classes: Sequence[str] | None = None) -> LoadedCheckpoint:
+def check_checkpoint(
+    cfg: SlowFastConfig,
+    source,
+    *,
+    head: HeadPolicy = "strict",
+    class_names: Sequence[str] | None = None,
+    checkpoint_classes: Sequence[str] | None = None,
+) -> LoadedCheckpoint:
     """What `load_checkpoint` would do for a model built from `cfg`, without building it or loading anything.
 
     For a driver that must refuse a checkpoint before starting workers: raises the same CheckpointError,
@@ -573,6 +670,7 @@ def _same(a, b) -> bool:
 
 
 # --- saving ----------------------------------------------------------------------------------
+
 
 def _write_atomically(path, write: Callable[[BinaryIO], None]) -> Path:
     """A temporary file in the same folder, then a rename: readers see the old file or the new one."""
@@ -602,8 +700,13 @@ def save_checkpoint(model: nn.Module, path, **extra) -> Path:
     reserved = {"format", "version", "config", "model_state"} & set(extra)
     if reserved:
         raise ValueError(f"save_checkpoint: {sorted(reserved)} are reserved names; pick others for extra entries")
-    payload = {"format": FORMAT, "version": VERSION, "config": net.cfg.model_dump(),
-               "model_state": net.state_dict(), **extra}
+    payload = {
+        "format": FORMAT,
+        "version": VERSION,
+        "config": net.cfg.model_dump(),
+        "model_state": net.state_dict(),
+        **extra,
+    }
     return _write_atomically(path, lambda f: torch.save(payload, f))
 
 

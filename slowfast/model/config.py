@@ -2,6 +2,7 @@
 
 Field names follow the paper (Feichtenhofer et al., ICCV 2019): T, tau, alpha, beta, lateral.
 """
+
 from __future__ import annotations
 
 from fractions import Fraction
@@ -44,13 +45,17 @@ class SlowFastConfig(BaseModel):
     fusion_kernel: int = Field(7, ge=1, description="temporal kernel of the time-strided conv lateral")
     fusion_channel_ratio: int = Field(2, ge=1, description="time-strided conv outputs ratio * beta * C channels")
     lateral_norm: bool = Field(
-        True, description="time-strided conv lateral only: batch norm and ReLU after the conv (the paper, PySlowFast, "
-                          "pytorchvideo); false = the bare conv of mmaction2's lateral_norm=False checkpoints")
+        True,
+        description="time-strided conv lateral only: batch norm and ReLU after the conv (the paper, PySlowFast, "
+        "pytorchvideo); false = the bare conv of mmaction2's lateral_norm=False checkpoints",
+    )
     fast_input: FastInput = Field("rgb", description="fast pathway input: rgb, grayscale or time_difference")
     slow_temporal_kernels: tuple[int, int, int, int, int] = Field(
-        (1, 1, 1, 3, 3), description="temporal kernel of the stem and of conv_a in res2..res5, slow pathway")
+        (1, 1, 1, 3, 3), description="temporal kernel of the stem and of conv_a in res2..res5, slow pathway"
+    )
     fast_temporal_kernels: tuple[int, int, int, int, int] = Field(
-        (5, 3, 3, 3, 3), description="temporal kernel of the stem and of conv_a in res2..res5, fast pathway")
+        (5, 3, 3, 3, 3), description="temporal kernel of the stem and of conv_a in res2..res5, fast pathway"
+    )
     dropout: float = Field(0.5, ge=0, lt=1)
     num_classes: int = Field(400, ge=1)
     zero_init_last_bn: bool = Field(True, description="zero gamma of the last BN of every residual block")
@@ -71,14 +76,17 @@ class SlowFastConfig(BaseModel):
         return value
 
     @model_validator(mode="after")
-    def _consistent(self) -> "SlowFastConfig":
+    def _consistent(self) -> SlowFastConfig:
         fast = self.width * self.beta
         if self.arch != "slow" and abs(fast - round(fast)) > 1e-6:
             raise ValueError(
-                f"width * beta must be a whole number of fast channels, got {self.width} * {self.beta:g} = {fast:g}")
+                f"width * beta must be a whole number of fast channels, got {self.width} * {self.beta:g} = {fast:g}"
+            )
         if not self.lateral_norm and self.lateral != "time_strided_conv":
-            raise ValueError(f"lateral_norm=False describes the time-strided conv lateral; lateral='{self.lateral}' "
-                             "has no conv to leave bare. Drop lateral_norm or use lateral='time_strided_conv'")
+            raise ValueError(
+                f"lateral_norm=False describes the time-strided conv lateral; lateral='{self.lateral}' "
+                "has no conv to leave bare. Drop lateral_norm or use lateral='time_strided_conv'"
+            )
         if self.arch == "slowfast" and self.fusion == "sum" and self.lateral == "none":
             raise ValueError("fusion='sum' needs a lateral connection; lateral='none' only makes sense with concat")
         if self.arch == "slowfast" and self.fusion == "sum" and self.lateral != "time_strided_conv":
@@ -87,7 +95,8 @@ class SlowFastConfig(BaseModel):
                     f"fusion='sum' with lateral='{self.lateral}' needs lateral channels equal to slow channels "
                     f"({self.lateral_channels(1)} vs {self.width} at the stem with alpha={self.alpha}, "
                     f"beta={self.beta:g}); time_to_channel sums only when alpha * beta == 1. "
-                    "Use fusion='concat' or lateral='time_strided_conv'")
+                    "Use fusion='concat' or lateral='time_strided_conv'"
+                )
         return self
 
     @property

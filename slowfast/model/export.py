@@ -3,6 +3,7 @@
 The network takes a list [slow, fast]; exporters want plain tensor arguments, so `TwoPathway` takes the two
 clips as separate inputs (named "slow" and "fast" in the ONNX graph, output "logits").
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -40,9 +41,15 @@ def export(net: torch.nn.Module, inputs: list[torch.Tensor], fmt: str, path: str
             torch.jit.save(torch.jit.trace(model, (slow, fast), check_trace=False), str(path))
         else:
             batch = torch.export.Dim("batch", min=1, max=4096)
-            program = torch.onnx.export(model, (slow, fast), input_names=["slow", "fast"], output_names=["logits"],
-                                        dynamic_shapes={"slow": {0: batch}, "fast": {0: batch}}, dynamo=True,
-                                        verbose=False)
+            program = torch.onnx.export(
+                model,
+                (slow, fast),
+                input_names=["slow", "fast"],
+                output_names=["logits"],
+                dynamic_shapes={"slow": {0: batch}, "fast": {0: batch}},
+                dynamo=True,
+                verbose=False,
+            )
             program.save(str(path))
     return path
 

@@ -4,6 +4,7 @@ FLOPs are counted the way the reference counter counts an eval-mode model (fvcor
 FlopCountAnalysis, behind PySlowFast's `misc.get_flop_stats`): convolutions, linear layers and
 batch norm. That reproduces DESIGN.md's 36.3 / 66.1 / 126.4 GFLOPs to the last digit.
 """
+
 from __future__ import annotations
 
 import math
@@ -31,9 +32,16 @@ def _batch_norm_flops(input_shape, weight_shape=None, *args, out_shape=None, **k
 
 _aten = torch.ops.aten
 # Every kernel an eval-mode batch norm can dispatch to (CPU and meta, CUDA, ROCm, decompositions).
-_BATCH_NORM_OPS = {op: _batch_norm_flops for op in (
-    _aten.native_batch_norm, _aten._native_batch_norm_legit_no_training, _aten._native_batch_norm_legit,
-    _aten.cudnn_batch_norm, _aten.miopen_batch_norm)}
+_BATCH_NORM_OPS = {
+    op: _batch_norm_flops
+    for op in (
+        _aten.native_batch_norm,
+        _aten._native_batch_norm_legit_no_training,
+        _aten._native_batch_norm_legit,
+        _aten.cudnn_batch_norm,
+        _aten.miopen_batch_norm,
+    )
+}
 
 
 def _to_meta(x):
@@ -65,8 +73,12 @@ def count_flops(model: nn.Module, inputs, *, batch_norm: bool = True, meta: bool
     try:
         with FlopCounterMode(display=False, custom_mapping=mapping) as counter:
             if meta:
-                tensors = {name: torch.empty_like(t, device="meta") for name, t in chain(
-                    model.named_parameters(remove_duplicate=False), model.named_buffers(remove_duplicate=False))}
+                tensors = {
+                    name: torch.empty_like(t, device="meta")
+                    for name, t in chain(
+                        model.named_parameters(remove_duplicate=False), model.named_buffers(remove_duplicate=False)
+                    )
+                }
                 functional_call(model, tensors, (_to_meta(inputs),))
             else:
                 model(inputs)

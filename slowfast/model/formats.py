@@ -4,6 +4,7 @@
 Every key map is generated from our own module structure (pathway, stage, block, a/b/c/shortcut,
 lateral), so a network of any depth gets every key; `checkpoint.py` does the reading and loading.
 """
+
 from __future__ import annotations
 
 import re
@@ -61,6 +62,7 @@ def layers(model: SlowFast) -> Iterator[Layer]:
 
 
 # --- the naming schemes: our layer -> the format's module name, or straight to a key ----------
+
 
 def _own_name(layer: Layer, two_pathway: bool) -> str:
     return layer.module
@@ -140,8 +142,9 @@ def _caffe2_key(layer: Layer, tensor: str, two_pathway: bool) -> str | None:
     if layer.role == "stem":
         base = fast + ("res_conv1_bn" if bn else "conv1")
     elif layer.role == "lateral":
-        base = ("t_pool1_subsample" if layer.stage == 0
-                else f"t_res{layer.stage + 1}_{layer.block}_branch2c_bn_subsample") + ("_bn" if bn else "")
+        base = (
+            "t_pool1_subsample" if layer.stage == 0 else f"t_res{layer.stage + 1}_{layer.block}_branch2c_bn_subsample"
+        ) + ("_bn" if bn else "")
     else:
         branch = "branch1" if layer.part == "shortcut" else f"branch2{layer.part}"
         base = f"{fast}res{layer.stage + 1}_{layer.block}_{branch}" + ("_bn" if bn else "")
@@ -149,6 +152,7 @@ def _caffe2_key(layer: Layer, tensor: str, two_pathway: bool) -> str | None:
 
 
 # --- values that differ beyond their names -----------------------------------------------------
+
 
 def _head_split(cfg: SlowFastConfig) -> int | None:
     """Columns of the classifier that read the slow pathway; None for a single-pathway network."""
@@ -206,42 +210,67 @@ class Format:
 FORMAT = "slowfast-pipeline"
 
 OWN = Format(
-    FORMAT, "this project's own (save_checkpoint)", "slow.res2.0.a.conv.weight", _dotted(_own_name),
-    re.compile(r"^(?P<p>slow|fast)\.res(?P<s>\d)\.(?P<b>\d+)\."), 2, {"slow": 0, "fast": 1},
+    FORMAT,
+    "this project's own (save_checkpoint)",
+    "slow.res2.0.a.conv.weight",
+    _dotted(_own_name),
+    re.compile(r"^(?P<p>slow|fast)\.res(?P<s>\d)\.(?P<b>\d+)\."),
+    2,
+    {"slow": 0, "fast": 1},
     detect=lambda keys: any(k.startswith(("slow.", "fast.", "lateral.", "head.fc.")) for k in keys),
     two_pathway=lambda keys: any(k.startswith("slow.") for k in keys) and any(k.startswith("fast.") for k in keys),
 )
 PYTORCHVIDEO = Format(
-    "pytorchvideo", "pytorchvideo (create_slowfast / create_resnet, hub slowfast_r50, slow_r50 ...)",
-    "blocks.1.multipathway_blocks.0.res_blocks.0.branch2.conv_a.weight", _dotted(_pytorchvideo_name),
-    re.compile(r"^blocks\.(?P<s>\d)\.(?:multipathway_blocks\.(?P<p>\d)\.)?res_blocks\.(?P<b>\d+)\."), 1,
+    "pytorchvideo",
+    "pytorchvideo (create_slowfast / create_resnet, hub slowfast_r50, slow_r50 ...)",
+    "blocks.1.multipathway_blocks.0.res_blocks.0.branch2.conv_a.weight",
+    _dotted(_pytorchvideo_name),
+    re.compile(r"^blocks\.(?P<s>\d)\.(?:multipathway_blocks\.(?P<p>\d)\.)?res_blocks\.(?P<b>\d+)\."),
+    1,
     {None: 0, "0": 0, "1": 1},
     detect=lambda keys: any(k.startswith("blocks.") for k in keys),
     two_pathway=lambda keys: any(".multipathway_blocks.1." in k for k in keys),
 )
 PYSLOWFAST = Format(
-    "pyslowfast", "PySlowFast .pyth (facebookresearch/SlowFast)", "s1.pathway0_stem.conv.weight",
-    _dotted(_pyslowfast_name), re.compile(r"^s(?P<s>\d)\.pathway(?P<p>\d)_res(?P<b>\d+)\."), 2, {"0": 0, "1": 1},
+    "pyslowfast",
+    "PySlowFast .pyth (facebookresearch/SlowFast)",
+    "s1.pathway0_stem.conv.weight",
+    _dotted(_pyslowfast_name),
+    re.compile(r"^s(?P<s>\d)\.pathway(?P<p>\d)_res(?P<b>\d+)\."),
+    2,
+    {"0": 0, "1": 1},
     detect=lambda keys: any(re.match(r"^s[1-5](_fuse)?\.", k) for k in keys),
     two_pathway=lambda keys: any(".pathway1_" in k for k in keys),
     # An early stem_helper.py named the stems s<p>_stem instead of pathway<p>_stem.
-    aliases=((r"^s1\.s(\d)_stem\.", r"s1.pathway\1_stem."),), bare_laterals=False,
+    aliases=((r"^s1\.s(\d)_stem\.", r"s1.pathway\1_stem."),),
+    bare_laterals=False,
 )
 CAFFE2 = Format(
-    "caffe2", "PySlowFast Caffe2 .pkl (its Kinetics/c2 model zoo, CHECKPOINT_TYPE: caffe2)", "res2_0_branch2a_w",
-    _caffe2_key, re.compile(r"^(?P<p>t_)?res(?P<s>\d)_(?P<b>\d+)_branch"), 2, {None: 0, "t_": 1},
+    "caffe2",
+    "PySlowFast Caffe2 .pkl (its Kinetics/c2 model zoo, CHECKPOINT_TYPE: caffe2)",
+    "res2_0_branch2a_w",
+    _caffe2_key,
+    re.compile(r"^(?P<p>t_)?res(?P<s>\d)_(?P<b>\d+)_branch"),
+    2,
+    {None: 0, "t_": 1},
     detect=lambda keys: any(k in ("conv1_w", "pred_w") or re.match(r"^(t_)?res\d_\d+_branch", k) for k in keys),
     two_pathway=lambda keys: any(k.startswith("t_") for k in keys),
-    to_ours=_caffe2_to_ours, from_ours=_caffe2_from_ours, bare_laterals=False,
+    to_ours=_caffe2_to_ours,
+    from_ours=_caffe2_from_ours,
+    bare_laterals=False,
 )
 MMACTION2 = Format(
-    "mmaction2", "mmaction2 .pth (Recognizer3D: ResNet3dSlowFast or ResNet3dSlowOnly backbone)",
-    "backbone.slow_path.layer1.0.conv1.conv.weight", _dotted(_mmaction2_name),
-    re.compile(r"^backbone\.(?:(?P<p>slow|fast)_path\.)?layer(?P<s>\d)\.(?P<b>\d+)\."), 1,
+    "mmaction2",
+    "mmaction2 .pth (Recognizer3D: ResNet3dSlowFast or ResNet3dSlowOnly backbone)",
+    "backbone.slow_path.layer1.0.conv1.conv.weight",
+    _dotted(_mmaction2_name),
+    re.compile(r"^backbone\.(?:(?P<p>slow|fast)_path\.)?layer(?P<s>\d)\.(?P<b>\d+)\."),
+    1,
     {None: 0, "slow": 0, "fast": 1},
     detect=lambda keys: any(k.startswith(("backbone.", "cls_head.")) for k in keys),
     two_pathway=lambda keys: any(k.startswith("backbone.fast_path.") for k in keys),
-    to_ours=_mmaction2_to_ours, from_ours=_mmaction2_from_ours,
+    to_ours=_mmaction2_to_ours,
+    from_ours=_mmaction2_from_ours,
 )
 BY_NAME = {f.name: f for f in (OWN, PYTORCHVIDEO, PYSLOWFAST, CAFFE2, MMACTION2)}
 
@@ -278,9 +307,14 @@ def export(model: nn.Module, fmt: Format) -> dict:
     """`model`'s state dict (a SlowFast, unwrapped) under the format's names and value layout."""
     cfg = model.cfg
     if not fmt.bare_laterals and cfg.arch == "slowfast" and cfg.lateral == "time_strided_conv" and not cfg.lateral_norm:
-        raise ValueError(f"{fmt.title} cannot hold this model: its laterals are bare convolutions "
-                         "(lateral_norm=False) and that implementation always follows them with batch norm and ReLU. "
-                         "Export it as 'mmaction2' (lateral_norm=False), 'pytorchvideo' or this project's own format")
+        raise ValueError(
+            f"{fmt.title} cannot hold this model: its laterals are bare convolutions "
+            "(lateral_norm=False) and that implementation always follows them with batch norm and ReLU. "
+            "Export it as 'mmaction2' (lateral_norm=False), 'pytorchvideo' or this project's own format"
+        )
     mapping = key_map(model, fmt)
-    return {mapping[key]: (fmt.from_ours(key, value, model.cfg) if fmt.from_ours else value)
-            for key, value in model.state_dict().items() if key in mapping}
+    return {
+        mapping[key]: (fmt.from_ours(key, value, model.cfg) if fmt.from_ours else value)
+        for key, value in model.state_dict().items()
+        if key in mapping
+    }

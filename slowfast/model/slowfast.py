@@ -3,6 +3,7 @@
 Read top to bottom: building blocks, the three lateral transforms, a pathway, the network.
 Shapes are (B, C, T, H, W) throughout.
 """
+
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -33,8 +34,9 @@ class Stem(nn.Module):
 
     def __init__(self, dim_in, dim_out, temporal_kernel):
         super().__init__()
-        self.conv = nn.Conv3d(dim_in, dim_out, (temporal_kernel, 7, 7), (1, 2, 2),
-                              padding=(temporal_kernel // 2, 3, 3), bias=False)
+        self.conv = nn.Conv3d(
+            dim_in, dim_out, (temporal_kernel, 7, 7), (1, 2, 2), padding=(temporal_kernel // 2, 3, 3), bias=False
+        )
         self.bn = nn.BatchNorm3d(dim_out)
         self.relu = nn.ReLU(inplace=True)
         self.pool = nn.MaxPool3d((1, 3, 3), (1, 2, 2), padding=(0, 1, 1))
@@ -52,8 +54,9 @@ class Bottleneck(nn.Module):
         self.b = ConvBN(dim_inner, dim_inner, (1, 3, 3), (1, spatial_stride, spatial_stride))
         self.c = ConvBN(dim_inner, dim_out, 1, relu=False)
         needs_projection = dim_in != dim_out or spatial_stride != 1
-        self.shortcut = (ConvBN(dim_in, dim_out, 1, (1, spatial_stride, spatial_stride), relu=False)
-                         if needs_projection else None)
+        self.shortcut = (
+            ConvBN(dim_in, dim_out, 1, (1, spatial_stride, spatial_stride), relu=False) if needs_projection else None
+        )
         self.relu = nn.ReLU(inplace=True)
 
     def forward(self, x):
@@ -72,9 +75,12 @@ class Pathway(nn.Module):
             dim_out = width * STAGE_OUT_MULT[i + 1]
             dim_inner = dim_out // 4
             stride = 1 if name == "res2" else 2
-            blocks = [Bottleneck(dim_in if j == 0 else dim_out, dim_inner, dim_out, temporal_kernels[i + 1],
-                                 stride if j == 0 else 1)
-                      for j in range(stage_blocks[i])]
+            blocks = [
+                Bottleneck(
+                    dim_in if j == 0 else dim_out, dim_inner, dim_out, temporal_kernels[i + 1], stride if j == 0 else 1
+                )
+                for j in range(stage_blocks[i])
+            ]
             self.add_module(name, nn.Sequential(*blocks))
 
     def stage(self, name: str) -> nn.Module:
@@ -102,7 +108,7 @@ class TimeStridedSampling(nn.Module):
         self.alpha = alpha
 
     def forward(self, x):
-        return x[:, :, ::self.alpha]
+        return x[:, :, :: self.alpha]
 
 
 def time_strided_conv(dim_in, dim_out, kernel, alpha, norm=True) -> ConvBN:
@@ -147,14 +153,16 @@ class SlowFast(nn.Module):
             lateral_in = (0, 0, 0, 0)
         self.fast_input = FastInput(cfg.fast_input) if use_fast else None
         self.slow = Pathway(3, cfg.width, cfg.slow_temporal_kernels, blocks, lateral_in) if use_slow else None
-        self.fast = (Pathway(cfg.fast_in_channels, cfg.fast_width, cfg.fast_temporal_kernels, blocks)
-                     if use_fast else None)
+        self.fast = (
+            Pathway(cfg.fast_in_channels, cfg.fast_width, cfg.fast_temporal_kernels, blocks) if use_fast else None
+        )
         self.lateral = nn.ModuleDict()
         if cfg.arch == "slowfast" and cfg.lateral != "none":
             for i, name in enumerate(STAGE_NAMES[:4]):
                 self.lateral[name] = self._lateral(cfg, STAGE_OUT_MULT[i])
-        head_in = (cfg.width * STAGE_OUT_MULT[4] if use_slow else 0) + \
-                  (cfg.fast_width * STAGE_OUT_MULT[4] if use_fast else 0)
+        head_in = (cfg.width * STAGE_OUT_MULT[4] if use_slow else 0) + (
+            cfg.fast_width * STAGE_OUT_MULT[4] if use_fast else 0
+        )
         self.head = nn.Sequential()
         self.head.add_module("dropout", nn.Dropout(cfg.dropout))
         self.head.add_module("fc", nn.Linear(head_in, cfg.num_classes))
@@ -167,8 +175,9 @@ class SlowFast(nn.Module):
             return TimeToChannel(cfg.alpha)
         if cfg.lateral == "time_strided_sampling":
             return TimeStridedSampling(cfg.alpha)
-        return time_strided_conv(cfg.fast_width * mult, cfg.lateral_channels(mult), cfg.fusion_kernel, cfg.alpha,
-                                 norm=cfg.lateral_norm)
+        return time_strided_conv(
+            cfg.fast_width * mult, cfg.lateral_channels(mult), cfg.fusion_kernel, cfg.alpha, norm=cfg.lateral_norm
+        )
 
     def _init_weights(self):
         for m in self.modules():
@@ -203,17 +212,21 @@ class SlowFast(nn.Module):
             if x.dim() != 5:
                 raise ValueError(f"{name} pathway: expected 5 dims (B, C, T, H, W), got shape {tuple(x.shape)}")
             if x.shape[1] != 3:
-                raise ValueError(f"{name} pathway: expected 3 channels (RGB), got {x.shape[1]} "
-                                 f"in shape {tuple(x.shape)}")
+                raise ValueError(
+                    f"{name} pathway: expected 3 channels (RGB), got {x.shape[1]} in shape {tuple(x.shape)}"
+                )
         if slow is not None and fast is not None:
             if fast.shape[2] != cfg.alpha * slow.shape[2]:
-                raise ValueError(f"fast frames must be alpha x slow frames: expected {cfg.alpha} x "
-                                 f"{slow.shape[2]} = {cfg.alpha * slow.shape[2]}, got {fast.shape[2]}")
+                raise ValueError(
+                    f"fast frames must be alpha x slow frames: expected {cfg.alpha} x "
+                    f"{slow.shape[2]} = {cfg.alpha * slow.shape[2]}, got {fast.shape[2]}"
+                )
             if fast.shape[0] != slow.shape[0]:
                 raise ValueError(f"slow and fast batch sizes differ: {slow.shape[0]} vs {fast.shape[0]}")
         if fast is not None and self.lateral and cfg.lateral != "time_strided_conv" and fast.shape[2] % cfg.alpha:
-            raise ValueError(f"lateral={cfg.lateral} needs fast frames divisible by alpha={cfg.alpha}, "
-                             f"got {fast.shape[2]}")
+            raise ValueError(
+                f"lateral={cfg.lateral} needs fast frames divisible by alpha={cfg.alpha}, got {fast.shape[2]}"
+            )
         return slow, fast
 
     def features(self, inputs: Sequence[torch.Tensor]) -> torch.Tensor:

@@ -5,6 +5,7 @@ they hold (or why a video was quarantined). Readers see only shards named by a c
 so a crash leaves at most invisible orphan files, and a re-run redoes only uncommitted videos.
 Storage access goes through any object with read_bytes / write_bytes (atomic) / list.
 """
+
 from __future__ import annotations
 
 import json
@@ -33,8 +34,8 @@ class VideoRecord:
     label: int | None = None
     shard: str | None = None
     clips: int = 0
-    short: bool = False          # shorter than one clip: indices clamped, frames repeat (as the reference)
-    reason: str | None = None    # set when quarantined
+    short: bool = False  # shorter than one clip: indices clamped, frames repeat (as the reference)
+    reason: str | None = None  # set when quarantined
     detail: str | None = None
 
     @property
@@ -46,7 +47,7 @@ class VideoRecord:
 class Commit:
     run_id: str
     videos: list[VideoRecord]
-    shards: list[dict] = field(default_factory=list)   # {"path", "rows", "bytes"}
+    shards: list[dict] = field(default_factory=list)  # {"path", "rows", "bytes"}
     committed_at: float = 0.0
     name: str = ""
 
@@ -62,10 +63,17 @@ def shard_dir(dataset: str, split: str, prep_hash: str) -> str:
 def commit(store: Store, folder: str, run_id: str, videos: list[VideoRecord], shards: list[dict]) -> str:
     """Write one manifest atomically; from this moment its shards are visible. Returns its path."""
     now = time.time()
-    name = f"commit-{time.strftime('%Y%m%dT%H%M%S', time.gmtime(now))}-{int(now * 1e6) % 10**6:06d}-" \
-           f"{uuid.uuid4().hex[:8]}.json"
-    body = {"format_version": FORMAT_VERSION, "run_id": run_id, "committed_at": now, "shards": shards,
-            "videos": [asdict(v) for v in videos]}
+    name = (
+        f"commit-{time.strftime('%Y%m%dT%H%M%S', time.gmtime(now))}-{int(now * 1e6) % 10**6:06d}-"
+        f"{uuid.uuid4().hex[:8]}.json"
+    )
+    body = {
+        "format_version": FORMAT_VERSION,
+        "run_id": run_id,
+        "committed_at": now,
+        "shards": shards,
+        "videos": [asdict(v) for v in videos],
+    }
     return store.write_bytes(f"{folder}/{name}", json.dumps(body, indent=1).encode())
 
 
@@ -74,10 +82,19 @@ def load_commits(store: Store, folder: str) -> list[Commit]:
     for rel in store.list(folder, suffix=".json"):
         body = json.loads(store.read_bytes(rel))
         if body.get("format_version") != FORMAT_VERSION:
-            raise ValueError(f"{rel}: manifest format {body.get('format_version')}, this version reads "
-                             f"{FORMAT_VERSION}; re-run preprocess into a new storage_root")
-        commits.append(Commit(run_id=body["run_id"], committed_at=body["committed_at"], shards=body["shards"],
-                              videos=[VideoRecord(**v) for v in body["videos"]], name=rel))
+            raise ValueError(
+                f"{rel}: manifest format {body.get('format_version')}, this version reads "
+                f"{FORMAT_VERSION}; re-run preprocess into a new storage_root"
+            )
+        commits.append(
+            Commit(
+                run_id=body["run_id"],
+                committed_at=body["committed_at"],
+                shards=body["shards"],
+                videos=[VideoRecord(**v) for v in body["videos"]],
+                name=rel,
+            )
+        )
     return sorted(commits, key=lambda c: (c.committed_at, c.name))
 
 
@@ -89,7 +106,7 @@ class DatasetState:
     shards: dict[str, dict]
 
     @classmethod
-    def load(cls, store: Store, folder: str) -> "DatasetState":
+    def load(cls, store: Store, folder: str) -> DatasetState:
         videos: dict[str, VideoRecord] = {}
         shards: dict[str, dict] = {}
         for c in load_commits(store, folder):
@@ -122,5 +139,9 @@ class DatasetState:
 
     def counts(self) -> dict[str, int]:
         processed = sum(1 for v in self.videos.values() if not v.quarantined)
-        return {"processed": processed, "quarantined": len(self.videos) - processed,
-                "clips": sum(v.clips for v in self.videos.values()), "shards": len(self.shards)}
+        return {
+            "processed": processed,
+            "quarantined": len(self.videos) - processed,
+            "clips": sum(v.clips for v in self.videos.values()),
+            "shards": len(self.shards),
+        }

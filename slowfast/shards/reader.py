@@ -5,12 +5,14 @@ test views (eval). It stops at uint8 frames in the layout the network runs in; t
 normalisation are made on the device by slowfast.train.clip_inputs. Ray Data calls it from map_batches
 (batch_format "pyarrow" or "numpy"); iter_clips streams shard files through it without Ray.
 """
+
 from __future__ import annotations
 
 import secrets
 import sys
 import zlib
-from typing import Iterable, Iterator, Literal, Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from typing import Literal
 
 import numpy as np
 import pyarrow as pa
@@ -30,16 +32,16 @@ def _binary_cells(arr: pa.Array) -> list[np.ndarray]:
     """Zero-copy uint8 views of each value of a binary / large_binary array."""
     offsets_type = np.int64 if pa.types.is_large_binary(arr.type) else np.int32
     _, offsets_buf, data_buf = arr.buffers()
-    offsets = np.frombuffer(offsets_buf, offsets_type)[arr.offset:arr.offset + len(arr) + 1]
+    offsets = np.frombuffer(offsets_buf, offsets_type)[arr.offset : arr.offset + len(arr) + 1]
     data = np.frombuffer(data_buf, np.uint8) if data_buf is not None else np.empty(0, np.uint8)
-    return [data[offsets[i]:offsets[i + 1]] for i in range(len(arr))]
+    return [data[offsets[i] : offsets[i + 1]] for i in range(len(arr))]
 
 
 def _list_cells(arr: pa.Array, leaf) -> list:
     """Per row, the items of a list / large_list array, with `leaf` applied to the flat child array."""
     offsets = arr.offsets.to_numpy()
     items = leaf(arr.values)
-    return [items[offsets[i]:offsets[i + 1]] for i in range(len(arr))]
+    return [items[offsets[i] : offsets[i + 1]] for i in range(len(arr))]
 
 
 def _arrow_rows(table: pa.Table | pa.RecordBatch, frame_format: str) -> dict[str, list | np.ndarray]:
@@ -47,8 +49,10 @@ def _arrow_rows(table: pa.Table | pa.RecordBatch, frame_format: str) -> dict[str
     cols = {}
     for name in COLUMNS:
         if name not in table.column_names:
-            raise ShardError(f"batch has no {name!r} column (columns: {table.column_names}); "
-                             "read shards with all of " + ", ".join(COLUMNS))
+            raise ShardError(
+                f"batch has no {name!r} column (columns: {table.column_names}); "
+                "read shards with all of " + ", ".join(COLUMNS)
+            )
         col = table.column(name)
         chunks = col.chunks if isinstance(col, pa.ChunkedArray) else [col]
         if name == FRAMES and frame_format == "jpeg":
@@ -68,8 +72,10 @@ def _numpy_rows(batch: dict) -> dict[str, list | np.ndarray]:
     missing = [c for c in COLUMNS if c not in batch]
     if missing:
         raise ShardError(f"batch has no {missing} column(s) (columns: {list(batch)})")
-    return {name: (list(batch[name]) if name in (FRAMES, "slow_index", "video_id") else np.asarray(batch[name]))
-            for name in COLUMNS}
+    return {
+        name: (list(batch[name]) if name in (FRAMES, "slow_index", "video_id") else np.asarray(batch[name]))
+        for name in COLUMNS
+    }
 
 
 class _BufferPool:
@@ -93,7 +99,7 @@ class _BufferPool:
                 return self._bufs[i]
         buf = np.empty(nbytes, np.uint8)
         if self.keep:
-            self._bufs = (self._bufs + [buf])[-self.keep:]
+            self._bufs = (self._bufs + [buf])[-self.keep :]
         return buf
 
 
@@ -129,9 +135,17 @@ class ClipTransform:
     task does): its scratch buffers are not thread-safe.
     """
 
-    def __init__(self, meta: ShardMeta, mode: Mode = "train", crop: int = 224,
-                 jitter: tuple[int, int] | None = None, seed: int = 0, epoch: int | None = None,
-                 spatial_crops: int = 3, reuse_buffers: bool = True):
+    def __init__(
+        self,
+        meta: ShardMeta,
+        mode: Mode = "train",
+        crop: int = 224,
+        jitter: tuple[int, int] | None = None,
+        seed: int = 0,
+        epoch: int | None = None,
+        spatial_crops: int = 3,
+        reuse_buffers: bool = True,
+    ):
         if mode not in ("train", "eval"):
             raise ValueError(f"mode must be 'train' or 'eval', got {mode!r}")
         if spatial_crops not in (1, 3):
@@ -194,10 +208,11 @@ class ClipTransform:
         frame = self._scratch_frames(1, height, width)
         for i, buf in enumerate(cell):
             decode_frames([buf], "jpeg", height, width, out=frame)
-            out[i] = frame[0, box.y:box.y + box.height, box.x:box.x + box.width]
+            out[i] = frame[0, box.y : box.y + box.height, box.x : box.x + box.width]
 
-    def _clip(self, cell, height: int, width: int, rng: np.random.Generator | None, fast: np.ndarray,
-              region: np.ndarray) -> None:
+    def _clip(
+        self, cell, height: int, width: int, rng: np.random.Generator | None, fast: np.ndarray, region: np.ndarray
+    ) -> None:
         """Decode one clip; train: its crop box into fast[0] and (height, width, flip, crop) into region[0];
         eval: each of its views into fast[v]."""
         jpeg = self.meta.frame_format == "jpeg"
@@ -209,14 +224,14 @@ class ClipTransform:
                 if jpeg:
                     self._decode_box(cell, height, width, box, fast[0, :, :h, :w])
                 else:
-                    fast[0, :, :h, :w] = cell[:, box.y:box.y + h, box.x:box.x + w]
+                    fast[0, :, :h, :w] = cell[:, box.y : box.y + h, box.x : box.x + w]
                 fast[0, :, h:] = 0  # the rest of the square: zeros, not what a recycled buffer held
                 fast[0, :, :h, w:] = 0
                 region[0] = (h, w, flip, self.crop)
             else:  # a frame stored above the shard's short side (no shipped path writes one): resize here
                 frames = self._decode(cell, height, width) if jpeg else cell
                 fast[0] = 0
-                fast[0, :, :self.crop, :self.crop] = transforms.resized_crop(frames, box, self.crop, flip)
+                fast[0, :, : self.crop, : self.crop] = transforms.resized_crop(frames, box, self.crop, flip)
                 region[0] = (self.crop, self.crop, False, self.crop)
             return
         frames = self._decode(cell, height, width) if jpeg else cell
@@ -241,9 +256,11 @@ class ClipTransform:
                 cell = decode_frames(cell, "raw", height, width)
             index = np.asarray(cols["slow_index"][r])
             if len(cell) != meta.frames_per_clip or len(index) != meta.T:
-                raise ShardError(f"{cols['video_id'][r]} clip {cols['clip_index'][r]}: {len(cell)} frames and "
-                                 f"{len(index)} slow indices, the shard metadata says "
-                                 f"{meta.frames_per_clip} and {meta.T}")
+                raise ShardError(
+                    f"{cols['video_id'][r]} clip {cols['clip_index'][r]}: {len(cell)} frames and "
+                    f"{len(index)} slow indices, the shard metadata says "
+                    f"{meta.frames_per_clip} and {meta.T}"
+                )
             rng = self._rng(str(cols["video_id"][r]), int(cols["clip_index"][r])) if self.mode == "train" else None
             rows_out = slice(r * views, (r + 1) * views)
             self._clip(cell, height, width, rng, fast[rows_out], region[rows_out])
@@ -263,8 +280,9 @@ class ClipTransform:
         return out
 
 
-def _shard_tables(paths: Sequence, filesystem: pafs.FileSystem | None, rng: np.random.Generator | None,
-                  read_rows: int) -> Iterator[pa.Table]:
+def _shard_tables(
+    paths: Sequence, filesystem: pafs.FileSystem | None, rng: np.random.Generator | None, read_rows: int
+) -> Iterator[pa.Table]:
     """Stream shard files row group by row group (file and row-group order shuffled when rng is given)."""
     order = list(range(len(paths)))
     if rng is not None:
@@ -287,11 +305,23 @@ def _shard_tables(paths: Sequence, filesystem: pafs.FileSystem | None, rng: np.r
                         yield table
 
 
-def iter_clips(paths: Iterable, *, mode: Mode, batch_size: int, crop: int = 224, meta: ShardMeta | None = None,
-               filesystem: pafs.FileSystem | None = None, shuffle: bool = False, shuffle_buffer: int = 256,
-               seed: int = 0, epoch: int | None = None, jitter: tuple[int, int] | None = None,
-               spatial_crops: int = 3, drop_last: bool = False, views: Sequence[int] | None = None
-               ) -> Iterator[dict]:
+def iter_clips(
+    paths: Iterable,
+    *,
+    mode: Mode,
+    batch_size: int,
+    crop: int = 224,
+    meta: ShardMeta | None = None,
+    filesystem: pafs.FileSystem | None = None,
+    shuffle: bool = False,
+    shuffle_buffer: int = 256,
+    seed: int = 0,
+    epoch: int | None = None,
+    jitter: tuple[int, int] | None = None,
+    spatial_crops: int = 3,
+    drop_last: bool = False,
+    views: Sequence[int] | None = None,
+) -> Iterator[dict]:
     """Local loader: shard files -> batches of torch tensors {"fast", "slow_index", "label", "clip_index",
     "spatial_index"} plus "video_id" (list of str); the same dict Ray Data's path yields. Feed it to the
     network through slowfast.train.clip_inputs (uint8 frames in; normalised [slow, fast] out).
@@ -313,9 +343,11 @@ def iter_clips(paths: Iterable, *, mode: Mode, batch_size: int, crop: int = 224,
         path = entry if isinstance(entry, str) else entry[0]
         other = read_meta(path, filesystem)
         if (other.T, other.alpha, other.frame_format) != (meta.T, meta.alpha, meta.frame_format):
-            raise ShardError(f"{path}: T={other.T} alpha={other.alpha} {other.frame_format} frames, but "
-                             f"{first} has T={meta.T} alpha={meta.alpha} {meta.frame_format}; "
-                             "read shards of one preprocessing run together")
+            raise ShardError(
+                f"{path}: T={other.T} alpha={other.alpha} {other.frame_format} frames, but "
+                f"{first} has T={meta.T} alpha={meta.alpha} {meta.frame_format}; "
+                "read shards of one preprocessing run together"
+            )
     transform = ClipTransform(meta, mode, crop, jitter=jitter, seed=seed, epoch=epoch, spatial_crops=spatial_crops)
     rng = np.random.default_rng([seed, epoch if epoch is not None else secrets.randbits(64)]) if shuffle else None
     window = max(shuffle_buffer, batch_size) if shuffle else batch_size

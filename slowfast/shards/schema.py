@@ -3,11 +3,13 @@
 DESIGN.md "Shards" is the contract; this module writes and reads it: the Arrow schema and its JSON
 metadata (ShardMeta), frame encode/decode, clips -> table, table -> Parquet file.
 """
+
 from __future__ import annotations
 
 import json
 import posixpath
-from typing import Any, Literal, Sequence
+from collections.abc import Sequence
+from typing import Any, Literal
 
 import numpy as np
 import pyarrow as pa
@@ -62,13 +64,17 @@ class ShardMeta(BaseModel):
         return data
 
     @model_validator(mode="after")
-    def _consistent(self) -> "ShardMeta":
+    def _consistent(self) -> ShardMeta:
         if self.format_version != FORMAT_VERSION:
-            raise ValueError(f"format_version {self.format_version}: this code reads and writes "
-                             f"version {FORMAT_VERSION}; re-run preprocess with this version")
+            raise ValueError(
+                f"format_version {self.format_version}: this code reads and writes "
+                f"version {FORMAT_VERSION}; re-run preprocess with this version"
+            )
         if self.frames_per_clip != self.alpha * self.T:
-            raise ValueError(f"frames_per_clip must be alpha * T = {self.alpha} * {self.T} = "
-                             f"{self.alpha * self.T}, got {self.frames_per_clip}")
+            raise ValueError(
+                f"frames_per_clip must be alpha * T = {self.alpha} * {self.T} = "
+                f"{self.alpha * self.T}, got {self.frames_per_clip}"
+            )
         return self
 
     @property
@@ -80,28 +86,33 @@ class ShardMeta(BaseModel):
         return self.model_dump_json()
 
     @classmethod
-    def from_json(cls, text: str | bytes) -> "ShardMeta":
+    def from_json(cls, text: str | bytes) -> ShardMeta:
         data = json.loads(text)
         version = data.get("format_version") if isinstance(data, dict) else None
         if version != FORMAT_VERSION:
-            raise ShardError(f"shard format_version {version!r}, this reader understands {FORMAT_VERSION}; "
-                             "re-run preprocess with this version, or read with the version that wrote it")
+            raise ShardError(
+                f"shard format_version {version!r}, this reader understands {FORMAT_VERSION}; "
+                "re-run preprocess with this version, or read with the version that wrote it"
+            )
         return cls.model_validate(data)
 
 
 def shard_schema(meta: ShardMeta) -> pa.Schema:
     """The Arrow schema of a shard with `meta`; frames are list<binary> (JPEG) or binary (raw)."""
     frames_type = pa.list_(pa.binary()) if meta.frame_format == "jpeg" else pa.binary()
-    return pa.schema([
-        pa.field("video_id", pa.string(), nullable=False),
-        pa.field("label", pa.int32(), nullable=False),
-        pa.field("clip_index", pa.int16(), nullable=False),
-        pa.field("start_sec", pa.float32(), nullable=False),
-        pa.field("height", pa.int16(), nullable=False),
-        pa.field("width", pa.int16(), nullable=False),
-        pa.field(FRAMES, frames_type, nullable=False),
-        pa.field("slow_index", pa.list_(pa.int16()), nullable=False),
-    ], metadata={METADATA_KEY: meta.to_json().encode()})
+    return pa.schema(
+        [
+            pa.field("video_id", pa.string(), nullable=False),
+            pa.field("label", pa.int32(), nullable=False),
+            pa.field("clip_index", pa.int16(), nullable=False),
+            pa.field("start_sec", pa.float32(), nullable=False),
+            pa.field("height", pa.int16(), nullable=False),
+            pa.field("width", pa.int16(), nullable=False),
+            pa.field(FRAMES, frames_type, nullable=False),
+            pa.field("slow_index", pa.list_(pa.int16()), nullable=False),
+        ],
+        metadata={METADATA_KEY: meta.to_json().encode()},
+    )
 
 
 def encode_frames(frames: np.ndarray, frame_format: FrameFormat, quality: int = 90) -> list[bytes] | bytes:
@@ -118,13 +129,28 @@ def encode_frames(frames: np.ndarray, frame_format: FrameFormat, quality: int = 
     if frame_format == "jpeg":
         # libjpeg-turbo reads rows by their stride: a frame whose rows are padded (PyAV aligns them)
         # is encoded in place, and only one whose pixels are not packed within a row is copied first.
-        return [simplejpeg.encode_jpeg(f if f.strides[1:] == (3, 1) else np.ascontiguousarray(f), quality=quality,
-                                       colorspace="RGB", colorsubsampling="420") for f in frames]
+        return [
+            simplejpeg.encode_jpeg(
+                f if f.strides[1:] == (3, 1) else np.ascontiguousarray(f),
+                quality=quality,
+                colorspace="RGB",
+                colorsubsampling="420",
+            )
+            for f in frames
+        ]
     raise ShardError(f"frame_format must be 'jpeg' or 'raw', got {frame_format!r}")
 
 
-def decode_frames(cell, frame_format: FrameFormat, height: int, width: int, *, out: np.ndarray | None = None,
-                  fastdct: bool = False, fastupsample: bool = False) -> np.ndarray:
+def decode_frames(
+    cell,
+    frame_format: FrameFormat,
+    height: int,
+    width: int,
+    *,
+    out: np.ndarray | None = None,
+    fastdct: bool = False,
+    fastupsample: bool = False,
+) -> np.ndarray:
     """One row's frames cell -> (N, height, width, 3) uint8.
 
     jpeg: `cell` is a sequence of JPEG buffers (bytes, memoryview or uint8 arrays), decoded straight
@@ -137,8 +163,7 @@ def decode_frames(cell, frame_format: FrameFormat, height: int, width: int, *, o
         flat = np.frombuffer(cell, dtype=np.uint8)
         frame_bytes = height * width * 3
         if frame_bytes == 0 or flat.size % frame_bytes:
-            raise ShardError(f"raw frames cell of {flat.size} bytes is not a whole number of "
-                             f"{height}x{width}x3 frames")
+            raise ShardError(f"raw frames cell of {flat.size} bytes is not a whole number of {height}x{width}x3 frames")
         return flat.reshape(-1, height, width, 3)
     if frame_format != "jpeg":
         raise ShardError(f"frame_format must be 'jpeg' or 'raw', got {frame_format!r}")
@@ -146,11 +171,9 @@ def decode_frames(cell, frame_format: FrameFormat, height: int, width: int, *, o
     if out is None:
         out = np.empty((n, height, width, 3), np.uint8)
     for i, buf in enumerate(cell):
-        img = simplejpeg.decode_jpeg(buf, colorspace="RGB", fastdct=fastdct, fastupsample=fastupsample,
-                                     buffer=out[i])
+        img = simplejpeg.decode_jpeg(buf, colorspace="RGB", fastdct=fastdct, fastupsample=fastupsample, buffer=out[i])
         if img.shape != (height, width, 3):
-            raise ShardError(f"JPEG frame {i} decodes to {img.shape[1]}x{img.shape[0]}, "
-                             f"the row says {width}x{height}")
+            raise ShardError(f"JPEG frame {i} decodes to {img.shape[1]}x{img.shape[0]}, the row says {width}x{height}")
     return out
 
 
@@ -206,8 +229,9 @@ def row_group_rows(table: pa.Table, target_bytes: int = ROW_GROUP_BYTES) -> int:
     return int(min(MAX_ROW_GROUP_ROWS, max(1, target_bytes // max(per_row, 1))))
 
 
-def write_shard(table: pa.Table, path: str, filesystem: pafs.FileSystem | None = None,
-                row_group_size: int | None = None) -> dict:
+def write_shard(
+    table: pa.Table, path: str, filesystem: pafs.FileSystem | None = None, row_group_size: int | None = None
+) -> dict:
     """Write `table` as one Parquet shard; returns {"path", "rows", "bytes", "videos"} for the manifest.
 
     `path` is local or a URI (s3://...) unless `filesystem` is given. The frames column is written
@@ -222,7 +246,8 @@ def write_shard(table: pa.Table, path: str, filesystem: pafs.FileSystem | None =
     small = [c for c in table.column_names if c != FRAMES]
     with fs.open_output_stream(where) as sink:
         pq.write_table(
-            table, sink,
+            table,
+            sink,
             row_group_size=row_group_size or row_group_rows(table),
             compression={**{c: SMALL_CODEC for c in small}, FRAMES: "NONE"},
             use_dictionary=["video_id"],
@@ -243,8 +268,10 @@ def read_meta(path_or_schema: str | pa.Schema, filesystem: pafs.FileSystem | Non
             schema = pq.read_schema(f)
     raw = (schema.metadata or {}).get(METADATA_KEY)
     if raw is None:
-        raise ShardError(f"{where}: no {METADATA_KEY!r} schema metadata; not a slowfast shard "
-                         "(shards are written by slowfast.shards.write_shard)")
+        raise ShardError(
+            f"{where}: no {METADATA_KEY!r} schema metadata; not a slowfast shard "
+            "(shards are written by slowfast.shards.write_shard)"
+        )
     try:
         return ShardMeta.from_json(raw)
     except ShardError as e:

@@ -4,6 +4,7 @@ The training run's validation, `pipelines evaluate`, the ablation study and batc
 through `score_views`, so a view is identified, weighed and averaged the same way everywhere. Which
 views are read is `slowfast.video.sampling.choose_views`.
 """
+
 from __future__ import annotations
 
 from collections.abc import Iterable
@@ -43,16 +44,23 @@ class EvalTotals:
         return self.clips_correct / max(self.clips, 1)
 
     def state_dict(self) -> dict:
-        return {"videos": self.videos.state_dict(), "loss_sum": self.loss_sum, "clips_correct": self.clips_correct,
-                "clips": self.clips}
+        return {
+            "videos": self.videos.state_dict(),
+            "loss_sum": self.loss_sum,
+            "clips_correct": self.clips_correct,
+            "clips": self.clips,
+        }
 
     @classmethod
-    def merged(cls, states: Iterable[dict]) -> "EvalTotals":
+    def merged(cls, states: Iterable[dict]) -> EvalTotals:
         """One total from the partial states of several workers."""
         states = list(states)
-        return cls(VideoAggregator.from_state_dicts(s["videos"] for s in states),
-                   sum(s["loss_sum"] for s in states), sum(s["clips_correct"] for s in states),
-                   sum(s["clips"] for s in states))
+        return cls(
+            VideoAggregator.from_state_dicts(s["videos"] for s in states),
+            sum(s["loss_sum"] for s in states),
+            sum(s["clips_correct"] for s in states),
+            sum(s["clips"] for s in states),
+        )
 
 
 def to_device(batch: dict, device: torch.device) -> dict:
@@ -61,9 +69,15 @@ def to_device(batch: dict, device: torch.device) -> dict:
 
 
 @torch.no_grad()
-def score_views(net: nn.Module, batches: Iterable[dict], *, device: torch.device | str,
-                fmt: torch.memory_format = torch.contiguous_format, mixed_precision: bool = False,
-                totals: EvalTotals | None = None) -> EvalTotals:
+def score_views(
+    net: nn.Module,
+    batches: Iterable[dict],
+    *,
+    device: torch.device | str,
+    fmt: torch.memory_format = torch.contiguous_format,
+    mixed_precision: bool = False,
+    totals: EvalTotals | None = None,
+) -> EvalTotals:
     """Score every view of `batches` (iter_clips / Ray Data eval batches: clips plus "label", "video_id",
     "clip_index", "spatial_index") with `net` in eval mode; returns (or adds to) the totals. The caller
     chooses the views (iter_clips(views=...)) and restores train mode if it needs it."""
@@ -78,6 +92,10 @@ def score_views(net: nn.Module, batches: Iterable[dict], *, device: torch.device
         totals.loss_sum += F.cross_entropy(logits, labels, reduction="sum").item()
         totals.clips_correct += topk_correct(logits, labels, (1,))[1]
         totals.clips += len(labels)
-        totals.videos.add(list(batch["video_id"]), labels.cpu(), logits.cpu(),
-                          view_ids=view_ids(batch["clip_index"].cpu(), batch["spatial_index"].cpu()))
+        totals.videos.add(
+            list(batch["video_id"]),
+            labels.cpu(),
+            logits.cpu(),
+            view_ids=view_ids(batch["clip_index"].cpu(), batch["spatial_index"].cpu()),
+        )
     return totals

@@ -4,6 +4,7 @@ Multi-view testing as in the paper and PySlowFast's TestMeter: every view (tempo
 of a video is scored, the softmax probabilities are averaged per video, and the video is classified by
 the average. (The reference's default `ENSEMBLE_METHOD: sum` adds them: same argmax, same accuracy.)
 """
+
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
@@ -24,7 +25,7 @@ def topk_correct(logits: torch.Tensor, labels: torch.Tensor, ks: Sequence[int] =
     num_classes = logits.shape[-1]
     top = logits.topk(min(max(ks), num_classes), dim=-1).indices
     hit = top == labels.reshape(-1, 1)
-    return {k: int(hit[:, :min(k, num_classes)].any(dim=1).sum()) for k in ks}
+    return {k: int(hit[:, : min(k, num_classes)].any(dim=1).sum()) for k in ks}
 
 
 class VideoAggregator:
@@ -52,10 +53,12 @@ class VideoAggregator:
         labels = _ints(labels)
         views = _ints(view_ids) if view_ids is not None else [None] * len(labels)
         if not len(video_ids) == len(labels) == len(probs) == len(views):
-            raise MetricsError(f"batch lengths differ: {len(video_ids)} video ids, {len(labels)} labels, "
-                               f"{len(probs)} rows of logits, {len(views)} view ids")
+            raise MetricsError(
+                f"batch lengths differ: {len(video_ids)} video ids, {len(labels)} labels, "
+                f"{len(probs)} rows of logits, {len(views)} view ids"
+            )
         self._check_classes(probs.shape[-1])
-        for video, label, p, view in zip(video_ids, labels, probs, views):
+        for video, label, p, view in zip(video_ids, labels, probs, views, strict=True):
             video = str(video)
             if view is not None:
                 seen = self._view_ids.setdefault(video, set())
@@ -65,15 +68,17 @@ class VideoAggregator:
                 seen.add(view)
             self._add_video(video, label, p, 1)
 
-    def merge(self, other: "VideoAggregator") -> "VideoAggregator":
+    def merge(self, other: VideoAggregator) -> VideoAggregator:
         """Fold another partial aggregator into this one (in place); returns self."""
         if other.num_classes is not None:
             self._check_classes(other.num_classes)
         for video, label in other._label.items():
             mine, theirs = self._view_ids.get(video, set()), other._view_ids.get(video, set())
             if mine & theirs:
-                raise MetricsError(f"video {video!r}: views {sorted(mine & theirs)} were scored by both "
-                                   "partial aggregators; each view must be evaluated by exactly one worker")
+                raise MetricsError(
+                    f"video {video!r}: views {sorted(mine & theirs)} were scored by both "
+                    "partial aggregators; each view must be evaluated by exactly one worker"
+                )
             if theirs:
                 self._view_ids[video] = mine | theirs
             self._add_video(video, label, other._score_sum[video], other._views[video])
@@ -83,14 +88,20 @@ class VideoAggregator:
     def state_dict(self) -> dict:
         """Plain lists and one float64 array: picklable, for sending partial results between workers."""
         videos = list(self._label)
-        return {"num_classes": self.num_classes, "duplicate_views": self.duplicate_views, "video_ids": videos,
-                "labels": [self._label[v] for v in videos], "views": [self._views[v] for v in videos],
-                "view_ids": [sorted(self._view_ids.get(v, ())) for v in videos],
-                "score_sum": (np.stack([self._score_sum[v] for v in videos]) if videos
-                              else np.zeros((0, self.num_classes or 0)))}
+        return {
+            "num_classes": self.num_classes,
+            "duplicate_views": self.duplicate_views,
+            "video_ids": videos,
+            "labels": [self._label[v] for v in videos],
+            "views": [self._views[v] for v in videos],
+            "view_ids": [sorted(self._view_ids.get(v, ())) for v in videos],
+            "score_sum": (
+                np.stack([self._score_sum[v] for v in videos]) if videos else np.zeros((0, self.num_classes or 0))
+            ),
+        }
 
     @classmethod
-    def from_state_dict(cls, state: dict) -> "VideoAggregator":
+    def from_state_dict(cls, state: dict) -> VideoAggregator:
         agg = cls()
         agg.num_classes, agg.duplicate_views = state["num_classes"], state["duplicate_views"]
         for i, video in enumerate(state["video_ids"]):
@@ -102,7 +113,7 @@ class VideoAggregator:
         return agg
 
     @classmethod
-    def from_state_dicts(cls, states: Iterable[dict]) -> "VideoAggregator":
+    def from_state_dicts(cls, states: Iterable[dict]) -> VideoAggregator:
         """One aggregator from the partial states of several workers."""
         total = cls()
         for state in states:
@@ -135,15 +146,22 @@ class VideoAggregator:
         if len(bad):
             raise MetricsError(f"labels {sorted(set(bad.tolist()))[:10]} are outside 0..{num_classes - 1}")
         # Stable sort: ties go to the lower class index, the same choice argmax makes.
-        ranked = np.argsort(-probs, axis=1, kind="stable")[:, :min(5, num_classes)]
+        ranked = np.argsort(-probs, axis=1, kind="stable")[:, : min(5, num_classes)]
         predicted = ranked[:, 0]
         confusion = np.zeros((num_classes, num_classes), dtype=np.int64)
         np.add.at(confusion, (labels, predicted), 1)
         per_video = confusion.sum(axis=1)
         correct = np.diag(confusion)
-        per_class = [{"index": c, "name": names[c], "videos": int(per_video[c]), "correct": int(correct[c]),
-                      "accuracy": float(correct[c] / per_video[c]) if per_video[c] else None}
-                     for c in range(num_classes)]
+        per_class = [
+            {
+                "index": c,
+                "name": names[c],
+                "videos": int(per_video[c]),
+                "correct": int(correct[c]),
+                "accuracy": float(correct[c] / per_video[c]) if per_video[c] else None,
+            }
+            for c in range(num_classes)
+        ]
         present = per_video > 0
         views = np.array([self._views[v] for v in videos])
         return {
@@ -166,8 +184,7 @@ class VideoAggregator:
     def _add_video(self, video: str, label: int, score_sum: np.ndarray, views: int) -> None:
         if video in self._label:
             if self._label[video] != label:
-                raise MetricsError(f"video {video!r}: one view says label {label}, "
-                                   f"another said {self._label[video]}")
+                raise MetricsError(f"video {video!r}: one view says label {label}, another said {self._label[video]}")
             self._score_sum[video] = self._score_sum[video] + score_sum
             self._views[video] += views
         else:
@@ -207,11 +224,23 @@ def confusion_matrix_png(confusion, class_names: Sequence[str] | None, path: str
         for t in range(n):
             for p in range(n):
                 if counts[t, p]:
-                    ax.text(p, t, str(counts[t, p]), ha="center", va="center", fontsize=9,
-                            color="white" if share[t, p] > 0.5 else "black")
+                    ax.text(
+                        p,
+                        t,
+                        str(counts[t, p]),
+                        ha="center",
+                        va="center",
+                        fontsize=9,
+                        color="white" if share[t, p] > 0.5 else "black",
+                    )
     if n <= 60:
-        ax.set_xticks(range(n), names, rotation=90 if n > 8 else 45, ha="center" if n > 8 else "right",
-                      fontsize=9 if n <= 30 else 7)
+        ax.set_xticks(
+            range(n),
+            names,
+            rotation=90 if n > 8 else 45,
+            ha="center" if n > 8 else "right",
+            fontsize=9 if n <= 30 else 7,
+        )
         ax.set_yticks(range(n), names, fontsize=9 if n <= 30 else 7)
     ax.set_xlabel("predicted class")
     ax.set_ylabel("true class")
@@ -223,9 +252,11 @@ def confusion_matrix_png(confusion, class_names: Sequence[str] | None, path: str
 
 
 # Which panel each history key goes to; keys matching none are not plotted.
-_PANELS = (("loss", lambda k: "loss" in k),
-           ("accuracy", lambda k: "top" in k or "acc" in k),
-           ("learning rate", lambda k: k == "lr"))
+_PANELS = (
+    ("loss", lambda k: "loss" in k),
+    ("accuracy", lambda k: "top" in k or "acc" in k),
+    ("learning rate", lambda k: k == "lr"),
+)
 
 
 def learning_curve_png(history: Sequence[dict], path: str | Path) -> Path:
@@ -248,7 +279,7 @@ def learning_curve_png(history: Sequence[dict], path: str | Path) -> Path:
             points = [(r["epoch"], r[k]) for r in history if r.get(k) is not None]
             if not points:
                 continue
-            x, y = zip(*points)
+            x, y = zip(*points, strict=True)
             ax.plot(x, y, marker="o" if len(points) <= 30 else None, markersize=3, label=k)
         ax.set_title(title)
         ax.set_xlabel("epoch")

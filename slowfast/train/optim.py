@@ -4,6 +4,7 @@
 The recipe is the paper's (PySlowFast `SOLVER`): momentum 0.9, Nesterov, weight decay 1e-4, no decay
 on batch-norm parameters (`BN.WEIGHT_DECAY: 0.0`) and, here, none on any bias or 1-D parameter.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -26,8 +27,9 @@ _NORMS = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm)
 def scaled_lr(base_lr: float, global_batch: int, reference_batch: int = REFERENCE_BATCH) -> float:
     """The linear scaling rule: base_lr is for `reference_batch` clips; lr grows with the global batch."""
     if global_batch < 1 or reference_batch < 1:
-        raise ValueError(f"batch sizes must be >= 1, got global_batch={global_batch}, "
-                         f"reference_batch={reference_batch}")
+        raise ValueError(
+            f"batch sizes must be >= 1, got global_batch={global_batch}, reference_batch={reference_batch}"
+        )
     return base_lr * global_batch / reference_batch
 
 
@@ -36,7 +38,8 @@ def param_groups(model: nn.Module, weight_decay: float, head_lr_mult: float = 1.
 
     With head_lr_mult != 1 the classifier (the module named "head", SlowFast's) gets two groups of its
     own, carrying `lr_mult`: its learning rate is the backbone's times head_lr_mult (fine-tuning a new
-    head faster than a pretrained backbone); a schedule sets each group's lr to its LR times lr_mult. Frozen parameters are left out: no update, no weight decay;
+    head faster than a pretrained backbone); a schedule sets each group's lr to its LR times lr_mult.
+    Frozen parameters are left out: no update, no weight decay;
     a parameter shared by two modules is listed once. Each group carries `param_names` for logs and
     tests (SGD ignores unknown keys).
     """
@@ -46,8 +49,9 @@ def param_groups(model: nn.Module, weight_decay: float, head_lr_mult: float = 1.
     if head_lr_mult != 1.0:
         heads = [m for name, m in model.named_modules() if name.rpartition(".")[2] == "head"]
         if not heads:
-            raise ValueError(f"head_lr_mult={head_lr_mult} needs a classifier module named 'head'; "
-                             f"{type(model).__name__} has none")
+            raise ValueError(
+                f"head_lr_mult={head_lr_mult} needs a classifier module named 'head'; {type(model).__name__} has none"
+            )
         head = {id(p) for m in heads for p in m.parameters()}
     groups: dict[tuple[bool, bool], dict] = {}  # (in the head, decays) -> {name: parameter}
     seen = set()
@@ -64,14 +68,24 @@ def param_groups(model: nn.Module, weight_decay: float, head_lr_mult: float = 1.
         for decays in (True, False):
             params = groups.get((in_head, decays))
             if params:
-                group = {"params": list(params.values()), "param_names": list(params),
-                         "weight_decay": weight_decay if decays else 0.0}
+                group = {
+                    "params": list(params.values()),
+                    "param_names": list(params),
+                    "weight_decay": weight_decay if decays else 0.0,
+                }
                 result.append(group | {"lr_mult": head_lr_mult} if in_head else group)
     return result
 
 
-def build_optimizer(model: nn.Module, *, lr: float, momentum: float = 0.9, weight_decay: float = 1e-4,
-                    nesterov: bool = True, head_lr_mult: float = 1.0) -> torch.optim.SGD:
+def build_optimizer(
+    model: nn.Module,
+    *,
+    lr: float,
+    momentum: float = 0.9,
+    weight_decay: float = 1e-4,
+    nesterov: bool = True,
+    head_lr_mult: float = 1.0,
+) -> torch.optim.SGD:
     """SGD over `param_groups(model, weight_decay, head_lr_mult)`. `lr` is the starting value (times a
     group's `lr_mult`); the schedule sets it per step."""
     groups = param_groups(model, weight_decay, head_lr_mult)

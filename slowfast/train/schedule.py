@@ -5,6 +5,7 @@ the cosine runs over the whole run from epoch 0, not from the end of warm-up: wa
 from `warmup_start_lr` at epoch 0 to the cosine's own value at `warmup_epochs`, and the cosine alone
 takes over from there. The LR is continuous and reaches `end_lr` at `total_epochs`.
 """
+
 from __future__ import annotations
 
 import math
@@ -22,16 +23,25 @@ def cosine_lr(epoch: float, *, base_lr: float, total_epochs: float, end_lr: floa
     return end_lr + (base_lr - end_lr) * (math.cos(math.pi * epoch / total_epochs) + 1.0) * 0.5
 
 
-def lr_at(epoch: float, *, base_lr: float, warmup_epochs: float, total_epochs: float,
-          warmup_start_lr: float | None = None, end_lr: float = 0.0) -> float:
+def lr_at(
+    epoch: float,
+    *,
+    base_lr: float,
+    warmup_epochs: float,
+    total_epochs: float,
+    warmup_start_lr: float | None = None,
+    end_lr: float = 0.0,
+) -> float:
     """The LR at a fractional epoch (epoch + step / steps_per_epoch).
 
     warmup_start_lr: None = base_lr * WARMUP_START_FACTOR (the reference's 0.01 for base 0.1).
     Epochs past total_epochs keep end_lr rather than climbing the cosine back up.
     """
     if total_epochs <= 0 or not 0 <= warmup_epochs <= total_epochs:
-        raise ValueError(f"need 0 <= warmup_epochs <= total_epochs and total_epochs > 0, "
-                         f"got warmup_epochs={warmup_epochs}, total_epochs={total_epochs}")
+        raise ValueError(
+            f"need 0 <= warmup_epochs <= total_epochs and total_epochs > 0, "
+            f"got warmup_epochs={warmup_epochs}, total_epochs={total_epochs}"
+        )
     if epoch < 0:
         raise ValueError(f"epoch must be >= 0, got {epoch}")
     epoch = min(epoch, total_epochs)
@@ -59,8 +69,14 @@ class LRSchedule:
     last_lr: float | None = None
 
     def lr(self, epoch: float) -> float:
-        return lr_at(epoch, base_lr=self.base_lr, warmup_epochs=self.warmup_epochs,
-                     total_epochs=self.total_epochs, warmup_start_lr=self.warmup_start_lr, end_lr=self.end_lr)
+        return lr_at(
+            epoch,
+            base_lr=self.base_lr,
+            warmup_epochs=self.warmup_epochs,
+            total_epochs=self.total_epochs,
+            warmup_start_lr=self.warmup_start_lr,
+            end_lr=self.end_lr,
+        )
 
     def step(self, optimizer: torch.optim.Optimizer, epoch: int, step: int, steps_per_epoch: int) -> float:
         """Set the LR for step `step` (0-based) of epoch `epoch` (0-based), times each group's `lr_mult`;
@@ -79,7 +95,6 @@ class LRSchedule:
     def load_state_dict(self, state: dict) -> None:
         unknown = set(state) - set(asdict(self))
         if unknown:
-            raise ValueError(f"LRSchedule state has unknown keys {sorted(unknown)}; "
-                             f"expected {sorted(asdict(self))}")
+            raise ValueError(f"LRSchedule state has unknown keys {sorted(unknown)}; expected {sorted(asdict(self))}")
         for key, value in state.items():
             setattr(self, key, value)

@@ -1,5 +1,6 @@
 """One training step of the reference recipe, shared by the Ray Train loop, the throughput benchmark's
 in-memory baseline and the ablation study, so that all three time and train the same thing."""
+
 from __future__ import annotations
 
 from typing import NamedTuple
@@ -41,9 +42,16 @@ def clip_inputs(batch: dict, fmt: torch.memory_format) -> list[torch.Tensor]:
     return [normalize_tensor(x.permute(0, 4, 1, 2, 3).contiguous(memory_format=fmt)) for x in (slow, fast)]
 
 
-def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, batch: dict, *, fmt: torch.memory_format,
-               mixed_precision: bool = False, grad_clip: float | None = None,
-               clipped: nn.Module | None = None) -> Step:
+def train_step(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    batch: dict,
+    *,
+    fmt: torch.memory_format,
+    mixed_precision: bool = False,
+    grad_clip: float | None = None,
+    clipped: nn.Module | None = None,
+) -> Step:
     """clip_inputs, forward (in bf16 where `autocast` gives it with mixed_precision), cross-entropy in fp32,
     backward, clip the global gradient norm to grad_clip, SGD step. batch: {"fast", "slow_index", "label"} on the
     model's device (see clip_inputs).

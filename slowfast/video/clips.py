@@ -3,11 +3,13 @@ pathway's indices out. Preprocessing (shards) and serving (predict) both cut the
 they see the same frames of the same video; `sampling.py` holds the arithmetic, `decode.py` PyAV.
 A timeline's size is capped here too (`TimelineLimits`), from the video's duration, before any decoding.
 """
+
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -83,16 +85,29 @@ class ClipSampling:
 
     def plans(self, num_frames: int, video_id: str = "") -> list[ClipPlan]:
         """The clips of a video of ``num_frames`` target-fps frames (see `sampling.plan_clips`)."""
-        return plan_clips(num_frames, T=self.T, tau=self.tau, alpha=self.alpha, mode=self.mode,
-                          num_clips=self.num_clips, seed=self.seed, video_id=video_id)
+        return plan_clips(
+            num_frames,
+            T=self.T,
+            tau=self.tau,
+            alpha=self.alpha,
+            mode=self.mode,
+            num_clips=self.num_clips,
+            seed=self.seed,
+            video_id=video_id,
+        )
 
     @property
     def clip_seconds(self) -> float:
         """How long a clip lasts: the default timeline window."""
         return self.clip_size / self.target_fps
 
-    def windows(self, num_frames: int, window_s: float | None = None, stride_s: float | None = None,
-                limits: TimelineLimits | None = None) -> list["Window"]:
+    def windows(
+        self,
+        num_frames: int,
+        window_s: float | None = None,
+        stride_s: float | None = None,
+        limits: TimelineLimits | None = None,
+    ) -> list[Window]:
         """A timeline of a video of ``num_frames`` target-fps frames: windows of ``window_s`` seconds (default
         one clip) every ``stride_s`` (default ``window_s``) from 0, as long as they fit in the video, and a last
         one ending with the video where those stop short of it. A window longer than the video is clamped to it:
@@ -113,10 +128,16 @@ class ClipSampling:
         per_window = max(1, round(length / self.clip_seconds))
         if (count + tail) * per_window > limits.max_clips:
             clips = (count + tail) * per_window
-            raise TimelineLimitError("max_clips", clips, limits.max_clips, (
-                f"{count + tail:,} window{'s' * (count + tail > 1)} of {length:.3g} s, {per_window:,} "
-                f"clip{'s' * (per_window > 1)} of {self.clip_seconds:.3g} s each, make {clips:,} clips > max_clips "
-                f"{limits.max_clips:,}: ask for shorter windows (window_s) or fewer (a longer stride_s)"))
+            raise TimelineLimitError(
+                "max_clips",
+                clips,
+                limits.max_clips,
+                (
+                    f"{count + tail:,} window{'s' * (count + tail > 1)} of {length:.3g} s, {per_window:,} "
+                    f"clip{'s' * (per_window > 1)} of {self.clip_seconds:.3g} s each, make {clips:,} clips > max_clips "
+                    f"{limits.max_clips:,}: ask for shorter windows (window_s) or fewer (a longer stride_s)"
+                ),
+            )
         starts = [w * stride_s for w in range(count)] + ([duration - length] if tail else [])
         last_start = max(num_frames - self.clip_size, 0)
         out, clip_index = [], 0
@@ -148,9 +169,16 @@ class ClipSampling:
         shortest = ""
         if limits.max_windows > 2:  # max_windows - 2 strides, then the tail: max_windows windows at most
             shortest = f"; a stride_s of {_round_up((duration - window_s) / (limits.max_windows - 2)):g} s or more fits"
-        raise TimelineLimitError("max_windows", asked, limits.max_windows, (
-            f"stride_s {stride_s:g} s over {duration:.2f} s in windows of {window_s:.3g} s makes {asked:,} windows > "
-            f"max_windows {limits.max_windows:,}{shortest}"))
+        raise TimelineLimitError(
+            "max_windows",
+            asked,
+            limits.max_windows,
+            (
+                f"stride_s {stride_s:g} s over {duration:.2f} s in windows of {window_s:.3g} s makes "
+                f"{asked:,} windows > "
+                f"max_windows {limits.max_windows:,}{shortest}"
+            ),
+        )
 
 
 def _round_up(seconds: float) -> float:
@@ -213,9 +241,14 @@ class VideoClips:
         return np.stack(self.items(i))
 
 
-def cut_clips(reader: VideoReader, sampling: ClipSampling, *, video_id: str = "",
-              plans: Sequence[ClipPlan] | None = None,
-              encode: Callable[[np.ndarray], Any] | None = None) -> VideoClips:
+def cut_clips(
+    reader: VideoReader,
+    sampling: ClipSampling,
+    *,
+    video_id: str = "",
+    plans: Sequence[ClipPlan] | None = None,
+    encode: Callable[[np.ndarray], Any] | None = None,
+) -> VideoClips:
     """Cut ``sampling``'s clips from the open video (or the given ``plans``, e.g. the clips of
     `ClipSampling.windows`).
 
@@ -228,8 +261,13 @@ def cut_clips(reader: VideoReader, sampling: ClipSampling, *, video_id: str = ""
     return next(iter_clips(reader, sampling, [plans], encode=encode))
 
 
-def iter_clips(reader: VideoReader, sampling: ClipSampling, groups: Sequence[Sequence[ClipPlan]], *,
-               encode: Callable[[np.ndarray], Any] | None = None) -> Iterator[VideoClips]:
+def iter_clips(
+    reader: VideoReader,
+    sampling: ClipSampling,
+    groups: Sequence[Sequence[ClipPlan]],
+    *,
+    encode: Callable[[np.ndarray], Any] | None = None,
+) -> Iterator[VideoClips]:
     """`cut_clips` of each group of plans in turn, all from one forward pass over the open video: the same frames,
     decoded once, as one `cut_clips` of every plan would give.
 
@@ -242,14 +280,14 @@ def iter_clips(reader: VideoReader, sampling: ClipSampling, groups: Sequence[Seq
     last_group = {j: k for k, frames in enumerate(wanted) for j in frames}
     order = sorted(last_group)
     times = [j / sampling.target_fps for j in order]  # ClipPlan.times' arithmetic
-    decoded = zip(order, reader.decode_stream(times, short_side=sampling.short_side))
+    decoded = zip(order, reader.decode_stream(times, short_side=sampling.short_side), strict=False)
     # frame index -> (which distinct source frame, the frame or its encoding): an encoding may be any object, even
     # the same one for two frames (None), so frames are told apart by number, not by what `encode` returned
     held: dict[int, tuple[int, Any]] = {}
     previous = item = None
     source = 0
     height, width = reader.frame_size(sampling.short_side)
-    for k, (plans, frames) in enumerate(zip(groups, wanted)):
+    for k, (plans, frames) in enumerate(zip(groups, wanted, strict=True)):
         while frames and frames[-1] not in held:
             j, rgb = next(decoded)
             if rgb is not previous:  # the same array: the same source frame shown at both times

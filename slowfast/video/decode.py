@@ -2,6 +2,7 @@
 seeks only where that is cheaper than decoding through; resize the short side, turn rotated video
 upright. Every failure is a `VideoDecodeError` whose `.reason` names the quarantine bucket.
 """
+
 from __future__ import annotations
 
 import bisect
@@ -11,8 +12,9 @@ import functools
 import io
 import os
 import struct
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import BinaryIO, Iterator, Sequence, Union
+from typing import BinaryIO
 
 import av
 import numpy as np
@@ -84,7 +86,7 @@ _EPS = 1e-6  # seconds; far below any real time base step (1/90000 s)
 _TRUNCATION_SLACK_SEC = 0.5
 _MAX_DECLARED_SEC = 1e7  # 115 days: a header declaring more is lying; the stream's timestamps are used instead
 
-Source = Union[str, os.PathLike, bytes, bytearray, memoryview, BinaryIO]
+Source = str | os.PathLike | bytes | bytearray | memoryview | BinaryIO
 
 # The demuxers FFmpeg may use, by FFmpeg's names: the containers of the extensions
 # pipelines/ingest.py lists as video. mov: .mp4 .m4v .mov .3gp; matroska: .mkv .webm; mpegts: .ts
@@ -307,8 +309,7 @@ class VideoReader:
         fixed delay before showing it, the gap between its first decode time and time 0.
         """
         try:
-            entries = [(e.timestamp, e.is_keyframe) for e in self.stream.index_entries
-                       if not e.is_discard]
+            entries = [(e.timestamp, e.is_keyframe) for e in self.stream.index_entries if not e.is_discard]
         except (AttributeError, TypeError):  # PyAV < 14 has no index_entries
             return None
         keys = sorted(ts for ts, key in entries if key)
@@ -341,11 +342,11 @@ class VideoReader:
         """
         before = DecodeStats(**vars(self.stats))
         times = sorted({float(t) for w in windows for t in w})
-        shown = dict(zip(times, self.decode_stream(times, short_side=short_side,
-                                                   interpolation=interpolation)))
+        shown = dict(
+            zip(times, self.decode_stream(times, short_side=short_side, interpolation=interpolation), strict=False)
+        )
         empty = np.empty((0, *self.frame_size(short_side), 3), np.uint8)
-        out = [np.stack([shown[float(t)] for t in window]) if len(window) else empty
-               for window in windows]
+        out = [np.stack([shown[float(t)] for t in window]) if len(window) else empty for window in windows]
         if stats is not None:
             stats.frames_decoded += self.stats.frames_decoded - before.frames_decoded
             stats.frames_converted += self.stats.frames_converted - before.frames_converted
@@ -369,7 +370,7 @@ class VideoReader:
         Times that show the same source frame yield the same array: treat it as read-only.
         """
         times = [float(t) for t in times]
-        if any(b < a for a, b in zip(times, times[1:])):
+        if any(b < a for a, b in zip(times, times[1:], strict=False)):
             raise ValueError(f"{self.name}: decode_stream takes times in ascending order; sort them")
         h, w = self.frame_size(short_side)
         # Resize in coded orientation, turn afterwards.
@@ -452,8 +453,7 @@ class VideoReader:
             raise self._decode_failure(e) from e
         self.stats.frames_decoded += 1
         if self.max_frames is not None and self.stats.frames_decoded > self.max_frames:
-            raise self._error(TOO_MANY_FRAMES, f"over max_frames {self.max_frames:,}",
-                              "raise max_frames to accept it")
+            raise self._error(TOO_MANY_FRAMES, f"over max_frames {self.max_frames:,}", "raise max_frames to accept it")
         self._check_size(frame.width, frame.height, "decoded frame")
         if frame.pts is None:
             # No timestamp: one average frame after the previous frame.
@@ -487,8 +487,7 @@ class VideoReader:
         if width and height and width * height > self.max_pixels:
             raise self._error(
                 FRAME_TOO_LARGE,
-                f"{where}: {width}x{height} = {width * height:,} pixels > max_pixels "
-                f"{self.max_pixels:,}",
+                f"{where}: {width}x{height} = {width * height:,} pixels > max_pixels {self.max_pixels:,}",
                 "raise max_pixels to accept it",
             )
 
@@ -502,8 +501,7 @@ class VideoReader:
         if t > end and end + _TRUNCATION_SLACK_SEC < self._declared_sec:
             raise self._error(
                 TRUNCATED,
-                f"the video stream ends at {end:.2f} s, the container declares "
-                f"{self._declared_sec:.2f} s",
+                f"the video stream ends at {end:.2f} s, the container declares {self._declared_sec:.2f} s",
             )
 
     def _decode_failure(self, e: Exception) -> VideoDecodeError:
@@ -527,16 +525,14 @@ class VideoReader:
             self._file.close()
         self._file = None
 
-    def __enter__(self) -> "VideoReader":
+    def __enter__(self) -> VideoReader:
         return self
 
     def __exit__(self, *exc) -> None:
         self.close()
 
 
-def probe(
-    source: Source, *, max_pixels: int = DEFAULT_MAX_PIXELS, name: str | None = None
-) -> VideoInfo:
+def probe(source: Source, *, max_pixels: int = DEFAULT_MAX_PIXELS, name: str | None = None) -> VideoInfo:
     """Duration, rate, size (upright), rotation, codec; raises VideoDecodeError if unusable."""
     with VideoReader(source, name=name, max_pixels=max_pixels) as reader:
         return reader.info
@@ -576,8 +572,14 @@ def decode_frames(
 ) -> np.ndarray:
     """The frames shown at ``times`` (seconds from the first frame): (N, H, W, 3) uint8."""
     return decode_windows(
-        source, [times], short_side=short_side, max_pixels=max_pixels, name=name,
-        interpolation=interpolation, threads=threads, stats=stats,
+        source,
+        [times],
+        short_side=short_side,
+        max_pixels=max_pixels,
+        name=name,
+        interpolation=interpolation,
+        threads=threads,
+        stats=stats,
     )[0]
 
 
@@ -616,8 +618,22 @@ def _open_source(source: Source, name: str) -> tuple[BinaryIO, bool]:
     return f, owns
 
 
-_MP4_TOP_BOXES = {b"ftyp", b"styp", b"moov", b"mdat", b"free", b"skip", b"wide", b"pnot",
-                  b"uuid", b"meta", b"moof", b"mfra", b"sidx", b"pdin"}
+_MP4_TOP_BOXES = {
+    b"ftyp",
+    b"styp",
+    b"moov",
+    b"mdat",
+    b"free",
+    b"skip",
+    b"wide",
+    b"pnot",
+    b"uuid",
+    b"meta",
+    b"moof",
+    b"mfra",
+    b"sidx",
+    b"pdin",
+}
 _EBML_MAGIC = b"\x1a\x45\xdf\xa3"
 _MKV_SEGMENT = b"\x18\x53\x80\x67"
 
@@ -658,8 +674,7 @@ def _mp4_shortfall(f: BinaryIO, size: int) -> str | None:
             return None  # not box structure any more: damaged, not short; FFmpeg decides
         if pos + box_size > size:
             name = box_type.decode("latin-1")
-            return (f"the '{name}' box at byte {pos:,} needs {pos + box_size:,} bytes, "
-                    f"the file has {size:,}")
+            return f"the '{name}' box at byte {pos:,} needs {pos + box_size:,} bytes, the file has {size:,}"
         pos += box_size
     return None
 
@@ -724,8 +739,12 @@ def _refusal(f: BinaryIO) -> str | None:
 
 
 class _AVProbeData(ctypes.Structure):
-    _fields_ = [("filename", ctypes.c_char_p), ("buf", ctypes.c_char_p),
-                ("buf_size", ctypes.c_int), ("mime_type", ctypes.c_char_p)]
+    _fields_ = [
+        ("filename", ctypes.c_char_p),
+        ("buf", ctypes.c_char_p),
+        ("buf_size", ctypes.c_int),
+        ("mime_type", ctypes.c_char_p),
+    ]
 
 
 @functools.cache
@@ -744,8 +763,7 @@ def _ffmpeg_probe():
     except (OSError, AttributeError):  # a library file gone since it was mapped, or another build
         return None
     probe_format.restype = ctypes.POINTER(ctypes.c_char_p)
-    probe_format.argtypes = [ctypes.POINTER(_AVProbeData), ctypes.c_int,
-                             ctypes.POINTER(ctypes.c_int)]
+    probe_format.argtypes = [ctypes.POINTER(_AVProbeData), ctypes.c_int, ctypes.POINTER(ctypes.c_int)]
     return probe_format
 
 

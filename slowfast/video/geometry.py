@@ -1,6 +1,7 @@
 """The short-side rule: the one size arithmetic that decoding (resize while converting) and the
 transforms (resize a clip) share. Pure Python, so `decode` needs no torch and `transforms` no PyAV.
 """
+
 from __future__ import annotations
 
 import math

@@ -3,6 +3,7 @@
 Frame numbers here count frames of the video resampled to the target fps (frame j is shown at
 j / target_fps seconds); `decode.py` turns them into times and finds the source frames.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -36,9 +37,7 @@ def torch_linspace_f32(start: float, end: float, steps: int) -> np.ndarray:
     return np.where(i < steps // 2, first, second).astype(np.float32)
 
 
-def clip_window(
-    num_frames: int, clip_size: float, clip_idx: int, num_clips: int, rng=None
-) -> tuple[float, float]:
+def clip_window(num_frames: int, clip_size: float, clip_idx: int, num_clips: int, rng=None) -> tuple[float, float]:
     """PySlowFast's ``get_start_end_idx``: (first, last) frame of a clip, both float.
 
     ``clip_idx == -1`` draws the start uniformly in [0, num_frames - clip_size] (training);

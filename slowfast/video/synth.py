@@ -79,6 +79,7 @@ plain words with spaces (quoted when they contain one, as there), split values `
 ours are `seconds` long and the CSV says so: `time_end = time_start + ceil(seconds)`. Readers should take a
 video's real duration from the container anyway (many Kinetics downloads are shorter than their window).
 """
+
 from __future__ import annotations
 
 import itertools
@@ -111,19 +112,34 @@ class SynthClass:
 
 CLASSES: tuple[SynthClass, ...] = (
     SynthClass("scrolling up", "slow", None, "the whole scene slides up, 0.4-0.6 frame heights per second"),
-    SynthClass("stripes drifting up", "fast only", "stripes drifting down",
-               "the stripes inside the still object drift up at 2.4-5.4 cycles/s"),
-    SynthClass("stripes drifting down", "fast only", "stripes drifting up",
-               "the stripes inside the still object drift down at 2.4-5.4 cycles/s"),
+    SynthClass(
+        "stripes drifting up",
+        "fast only",
+        "stripes drifting down",
+        "the stripes inside the still object drift up at 2.4-5.4 cycles/s",
+    ),
+    SynthClass(
+        "stripes drifting down",
+        "fast only",
+        "stripes drifting up",
+        "the stripes inside the still object drift down at 2.4-5.4 cycles/s",
+    ),
     SynthClass("bouncing", "slow", None, "the object moves up and down at 0.4-0.6 frame heights per second"),
-    SynthClass("flickering smoothly", "fast only", "flickering erratically",
-               "object brightness follows Gaussian noise correlated over ~0.09 s"),
-    SynthClass("flickering erratically", "fast only", "flickering smoothly",
-               "object brightness, same noise level, independent every frame"),
+    SynthClass(
+        "flickering smoothly",
+        "fast only",
+        "flickering erratically",
+        "object brightness follows Gaussian noise correlated over ~0.09 s",
+    ),
+    SynthClass(
+        "flickering erratically",
+        "fast only",
+        "flickering smoothly",
+        "object brightness, same noise level, independent every frame",
+    ),
     SynthClass("standing still", "slow", None, "nothing moves"),
     SynthClass("scrolling down", "slow", None, "the whole scene slides down, 0.4-0.6 frame heights per second"),
-    SynthClass("wobbling", "fast only", "jittering",
-               "object position wanders, Gaussian noise correlated over ~0.09 s"),
+    SynthClass("wobbling", "fast only", "jittering", "object position wanders, Gaussian noise correlated over ~0.09 s"),
     SynthClass("jittering", "fast only", "wobbling", "object position, same noise level, independent every frame"),
     SynthClass("pulsing", "slow", None, "the object and its stripes swell and shrink at x2.6-3.2 per second"),
 )
@@ -149,8 +165,10 @@ def class_names(classes: int | None = None) -> list[str]:
     """The first `classes` labels of the fixed order (all of them when None)."""
     n = len(CLASSES) if classes is None else classes
     if not 1 <= n <= len(CLASSES):
-        raise SynthError(f"classes={n}: the synthetic set defines {len(CLASSES)} classes "
-                         f"({', '.join(c.label for c in CLASSES)}); pass a number from 1 to {len(CLASSES)}")
+        raise SynthError(
+            f"classes={n}: the synthetic set defines {len(CLASSES)} classes "
+            f"({', '.join(c.label for c in CLASSES)}); pass a number from 1 to {len(CLASSES)}"
+        )
     return [c.label for c in CLASSES[:n]]
 
 
@@ -202,8 +220,7 @@ def _periodic_noise(rng: np.random.Generator, height: int, width: int, scale: fl
     spectrum = np.fft.rfft2(rng.standard_normal((height, width)))
     fy = np.fft.fftfreq(height)[:, None]
     fx = np.fft.rfftfreq(width)[None, :]
-    field = np.fft.irfft2(spectrum * np.exp(-0.5 * (fy ** 2 + fx ** 2) * (2 * np.pi * scale / 2) ** 2),
-                          s=(height, width))
+    field = np.fft.irfft2(spectrum * np.exp(-0.5 * (fy**2 + fx**2) * (2 * np.pi * scale / 2) ** 2), s=(height, width))
     field = (field - field.mean()) / (field.std() + 1e-12)
     return np.clip(0.5 + 0.3 * field, 0, 1)
 
@@ -217,7 +234,7 @@ def _noise(rng: np.random.Generator, n: int, fps: float, smooth: bool, dims: int
     s = SMOOTH_NOISE_S * fps / math.sqrt(2)
     half = int(math.ceil(4 * s))
     kernel = np.exp(-0.5 * (np.arange(-half, half + 1) / s) ** 2)
-    kernel /= np.sqrt((kernel ** 2).sum())
+    kernel /= np.sqrt((kernel**2).sum())
     white = rng.standard_normal((n + 2 * half, dims))
     return np.stack([np.convolve(white[:, d], kernel, mode="valid") for d in range(dims)], axis=1)
 
@@ -227,15 +244,24 @@ def _triangle(cycles: np.ndarray) -> np.ndarray:
     return 2 * np.abs(2 * (cycles % 1.0) - 1) - 1
 
 
-def sample_video(seed: int, class_index: int, video_index: int, *, width: int = 160, height: int = 120,
-                 fps: int | float | Fraction | str = 30, seconds: float = 4.0) -> VideoSpec:
+def sample_video(
+    seed: int,
+    class_index: int,
+    video_index: int,
+    *,
+    width: int = 160,
+    height: int = 120,
+    fps: int | float | Fraction | str = 30,
+    seconds: float = 4.0,
+) -> VideoSpec:
     """Draw one video of class `class_index`; the same arguments always give the same video."""
     if not 0 <= class_index < len(CLASSES):
         raise SynthError(f"class_index={class_index}: must be in [0, {len(CLASSES)})")
     rate = _as_rate(fps)
     n = max(1, round(seconds * rate))
-    appearance, motion = (np.random.default_rng(s)
-                          for s in np.random.SeedSequence([seed, class_index, video_index]).spawn(2))
+    appearance, motion = (
+        np.random.default_rng(s) for s in np.random.SeedSequence([seed, class_index, video_index]).spawn(2)
+    )
     h, w = float(height), float(width)
 
     # Appearance: identical draws whatever the class.
@@ -275,11 +301,26 @@ def sample_video(seed: int, class_index: int, video_index: int, *, width: int = 
         light = FLICKER_LEVELS * _noise(motion, n, float(rate), label == "flickering smoothly")[:, 0]
     elif label in ("wobbling", "jittering"):
         centre = centre + WOBBLE_HEIGHTS * h * _noise(motion, n, float(rate), label == "wobbling", dims=2)
-    return VideoSpec(label=label, width=width, height=height, fps=rate, background=background,
-                     shape_power=shape_power, shape_angle=shape_angle, aspect=aspect, stripe_period=stripe_period,
-                     stripe_angle=stripe_angle, stripe_colours=stripe_colours,
-                     wrap=label in ("scrolling up", "scrolling down"), base_size=base_size,
-                     scroll=scroll, centre=centre, size=size, phase=phase, light=light)
+    return VideoSpec(
+        label=label,
+        width=width,
+        height=height,
+        fps=rate,
+        background=background,
+        shape_power=shape_power,
+        shape_angle=shape_angle,
+        aspect=aspect,
+        stripe_period=stripe_period,
+        stripe_angle=stripe_angle,
+        stripe_colours=stripe_colours,
+        wrap=label in ("scrolling up", "scrolling down"),
+        base_size=base_size,
+        scroll=scroll,
+        centre=centre,
+        size=size,
+        phase=phase,
+        light=light,
+    )
 
 
 def render(spec: VideoSpec, start: int = 0, stop: int | None = None) -> np.ndarray:
@@ -326,7 +367,7 @@ def render(spec: VideoSpec, start: int = 0, stop: int | None = None) -> np.ndarr
     elif p == 2:
         r = np.sqrt(u * u + v * v)
     elif p == 4:
-        r = np.sqrt(np.sqrt(u ** 4 + v ** 4))
+        r = np.sqrt(np.sqrt(u**4 + v**4))
     else:
         r = np.maximum(u, v)
     mask = np.clip((1 - r) * b + 0.5, 0, 1)[..., None]  # about one pixel of anti-aliased edge
@@ -402,11 +443,21 @@ def _frames_of(frames: np.ndarray | Iterable[np.ndarray]) -> Iterable[np.ndarray
             yield item
 
 
-def encode_video(path: str | os.PathLike, frames: np.ndarray | Iterable[np.ndarray],
-                 fps: int | float | Fraction | str = 30, *, codec: str = "h264", pix_fmt: str = "yuv420p",
-                 options: dict[str, str] | None = None, bit_rate: int | None = None,
-                 timestamps: Sequence[float] | None = None, rotation: int | None = None,
-                 audio: np.ndarray | None = None, audio_rate: int = 48000, audio_codec: str | None = None) -> Path:
+def encode_video(
+    path: str | os.PathLike,
+    frames: np.ndarray | Iterable[np.ndarray],
+    fps: int | float | Fraction | str = 30,
+    *,
+    codec: str = "h264",
+    pix_fmt: str = "yuv420p",
+    options: dict[str, str] | None = None,
+    bit_rate: int | None = None,
+    timestamps: Sequence[float] | None = None,
+    rotation: int | None = None,
+    audio: np.ndarray | None = None,
+    audio_rate: int = 48000,
+    audio_codec: str | None = None,
+) -> Path:
     """Encode RGB frames into a video file with PyAV; the container follows the suffix (.mp4, .mkv, .webm, .avi).
 
     frames: (T, H, W, 3) uint8, or an iterable of (H, W, 3) frames or (n, H, W, 3) chunks.
@@ -425,8 +476,10 @@ def encode_video(path: str | os.PathLike, frames: np.ndarray | Iterable[np.ndarr
     path = Path(path)
     encoder = _CODEC_ALIASES.get(codec, codec)
     if not encoder_available(encoder):
-        raise SynthError(f"{path}: codec {codec!r} has no encoder in this PyAV build "
-                         f"(check with slowfast.video.synth.encoder_available)")
+        raise SynthError(
+            f"{path}: codec {codec!r} has no encoder in this PyAV build "
+            f"(check with slowfast.video.synth.encoder_available)"
+        )
     rate = _as_rate(fps)
     frame_iter = iter(_frames_of(frames))
     first = next(frame_iter, None)
@@ -439,7 +492,7 @@ def encode_video(path: str | os.PathLike, frames: np.ndarray | Iterable[np.ndarr
         raise SynthError(f"{path}: {pix_fmt} needs an even width and height, got {width}x{height}")
     if timestamps is not None:
         timestamps = [float(x) for x in timestamps]
-        if any(b <= a for a, b in zip(timestamps, timestamps[1:])):
+        if any(b <= a for a, b in zip(timestamps, timestamps[1:], strict=False)):
             raise SynthError(f"{path}: timestamps must be strictly increasing")
 
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -459,8 +512,7 @@ def encode_video(path: str | os.PathLike, frames: np.ndarray | Iterable[np.ndarr
         stream.options = {**_ENCODER_DEFAULTS.get(encoder, {}), **(options or {})}
         if rotation is not None:
             if not hasattr(stream, "set_display_rotation"):
-                raise SynthError(f"{path}: this PyAV ({av.__version__}) cannot set a display rotation; "
-                                 "PyAV >= 16 can")
+                raise SynthError(f"{path}: this PyAV ({av.__version__}) cannot set a display rotation; PyAV >= 16 can")
             stream.set_display_rotation(rotation)
         audio_stream = None
         if audio is not None:
@@ -472,10 +524,12 @@ def encode_video(path: str | os.PathLike, frames: np.ndarray | Iterable[np.ndarr
         count = 0
         for image in itertools.chain([first], frame_iter):
             if image.shape != first.shape or image.dtype != np.uint8:
-                raise SynthError(f"{path}: frame {count} is {image.shape} {image.dtype}, "
-                                 f"expected {first.shape} uint8 like frame 0")
+                raise SynthError(
+                    f"{path}: frame {count} is {image.shape} {image.dtype}, expected {first.shape} uint8 like frame 0"
+                )
             frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(image), format="rgb24").reformat(
-                format=pix_fmt, interpolation=_EXACT_CONVERSION, threads=1)
+                format=pix_fmt, interpolation=_EXACT_CONVERSION, threads=1
+            )
             if timestamps is not None:
                 if count >= len(timestamps):
                     raise SynthError(f"{path}: more frames than timestamps ({len(timestamps)})")
@@ -490,7 +544,7 @@ def encode_video(path: str | os.PathLike, frames: np.ndarray | Iterable[np.ndarr
             # PyAV resamples to the encoder's sample format and frame size as it encodes.
             layout = audio_stream.layout.name
             for start in range(0, audio.shape[1], 1024):
-                af = av.AudioFrame.from_ndarray(audio[:, start:start + 1024], format="fltp", layout=layout)
+                af = av.AudioFrame.from_ndarray(audio[:, start : start + 1024], format="fltp", layout=layout)
                 af.sample_rate, af.pts, af.time_base = audio_rate, start, Fraction(1, audio_rate)
                 container.mux(audio_stream.encode(af))
             container.mux(audio_stream.encode())
@@ -533,10 +587,21 @@ def _usable_cpus() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
-def write_dataset(out_dir: str | os.PathLike, classes: int, videos_per_class: int, seed: int, *,
-                  width: int = 160, height: int = 120, fps: int | float | Fraction | str = 30,
-                  seconds: float = 4.0, val_fraction: float = 0.25, codec: str = "h264",
-                  progress: Callable[[int, int], None] | None = None, workers: int | None = None) -> dict:
+def write_dataset(
+    out_dir: str | os.PathLike,
+    classes: int,
+    videos_per_class: int,
+    seed: int,
+    *,
+    width: int = 160,
+    height: int = 120,
+    fps: int | float | Fraction | str = 30,
+    seconds: float = 4.0,
+    val_fraction: float = 0.25,
+    codec: str = "h264",
+    progress: Callable[[int, int], None] | None = None,
+    workers: int | None = None,
+) -> dict:
     """Write `classes` x `videos_per_class` videos and the train/val annotation CSVs under `out_dir`.
 
     The last round(videos_per_class * val_fraction) videos of each class (at least one when val_fraction > 0
@@ -582,8 +647,11 @@ def write_dataset(out_dir: str | os.PathLike, classes: int, videos_per_class: in
     size_bytes, n_frames = 0, 0
     pool = ThreadPoolExecutor(workers, thread_name_prefix="synth")
     try:
-        futures = [pool.submit(write_one, class_index, video_index)
-                   for class_index in range(len(labels)) for video_index in range(videos_per_class)]
+        futures = [
+            pool.submit(write_one, class_index, video_index)
+            for class_index in range(len(labels))
+            for video_index in range(videos_per_class)
+        ]
         for done, future in enumerate(futures, 1):
             written = future.result()
             rows[written.split].append(written.row)
@@ -598,8 +666,9 @@ def write_dataset(out_dir: str | os.PathLike, classes: int, videos_per_class: in
     (out / "annotations").mkdir(parents=True, exist_ok=True)
     for split, split_rows in rows.items():
         csv_path = out / "annotations" / f"{split}.csv"
-        lines = [_CSV_HEADER] + [f"{_csv_field(label)},{yid},{start},{end},{split}"
-                                 for label, yid, start, end in sorted(split_rows)]
+        lines = [_CSV_HEADER] + [
+            f"{_csv_field(label)},{yid},{start},{end},{split}" for label, yid, start, end in sorted(split_rows)
+        ]
         partial = csv_path.with_suffix(".csv.partial")
         partial.write_text("\n".join(lines) + "\n", encoding="utf-8")
         os.replace(partial, csv_path)

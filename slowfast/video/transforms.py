@@ -4,10 +4,12 @@ Train: short side jittered, random crop, horizontal flip. Eval: short side scale
 PySlowFast's uniform_crop (left/center/right, or top/center/bottom for portrait frames).
 Then normalise to float32 (C, T, H, W) and pack [slow, fast].
 """
+
 from __future__ import annotations
 
 import math
-from typing import NamedTuple, Sequence
+from collections.abc import Sequence
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -76,7 +78,7 @@ def uniform_crop_box(height: int, width: int, size: int, spatial_idx: int) -> Cr
 def uniform_crop(frames: np.ndarray, size: int, spatial_idx: int) -> np.ndarray:
     """A size x size view of (T, H, W, 3) frames at uniform_crop_box's window (no copy)."""
     b = uniform_crop_box(frames.shape[1], frames.shape[2], size, spatial_idx)
-    return frames[:, b.y:b.y + size, b.x:b.x + size]
+    return frames[:, b.y : b.y + size, b.x : b.x + size]
 
 
 def scaled_crop_box(height: int, width: int, crop: int, size: int, y: int, x: int) -> CropBox:
@@ -91,8 +93,9 @@ def scaled_crop_box(height: int, width: int, crop: int, size: int, y: int, x: in
     return CropBox(min(height - h, round(y * ry)), min(width - w, round(x * rx)), h, w)
 
 
-def random_crop_box(height: int, width: int, crop: int, jitter: tuple[int, int],
-                    rng: np.random.Generator) -> tuple[CropBox, int]:
+def random_crop_box(
+    height: int, width: int, crop: int, jitter: tuple[int, int], rng: np.random.Generator
+) -> tuple[CropBox, int]:
     """Scale jitter + random crop, as the region of the stored frame it covers; also returns the scale.
 
     The reference scales the whole frame so its short side is s ~ U[jitter] (rounded), then crops
@@ -102,8 +105,9 @@ def random_crop_box(height: int, width: int, crop: int, jitter: tuple[int, int],
     s = int(round(rng.uniform(jitter[0], jitter[1])))
     scaled_h, scaled_w = short_side_size(height, width, s)
     if scaled_h < crop or scaled_w < crop:
-        raise ValueError(f"jitter {jitter} scales a {width}x{height} frame to {scaled_w}x{scaled_h}, "
-                         f"smaller than the {crop} crop")
+        raise ValueError(
+            f"jitter {jitter} scales a {width}x{height} frame to {scaled_w}x{scaled_h}, smaller than the {crop} crop"
+        )
     # Inclusive upper bound: every position is possible (the reference's randint never picks the last).
     y = int(rng.integers(0, scaled_h - crop + 1))
     x = int(rng.integers(0, scaled_w - crop + 1))
@@ -120,7 +124,7 @@ def resized_crop(frames: np.ndarray, box: CropBox, size: int, flip: bool = False
     axis (no copy; `normalize` reads channels one at a time anyway). Bilinear resizing with
     align_corners=False commutes with mirroring, so this equals resize-then-flip.
     """
-    region = frames[:, box.y:box.y + box.height, box.x:box.x + box.width].copy()
+    region = frames[:, box.y : box.y + box.height, box.x : box.x + box.width].copy()
     if not flip:
         return resize(region, size, size)
     t, h, w, c = region.shape
@@ -166,13 +170,15 @@ def resize_regions(fast: torch.Tensor, region: torch.Tensor) -> torch.Tensor:
 def _bilinear(x: torch.Tensor, height: int, width: int, in_float: bool) -> torch.Tensor:
     """uint8 (N, 3, h, w) -> (N, 3, height, width): bilinear, align_corners=False, no antialias; in uint8
     (torch's fixed-point kernel, what `resize` runs) or (in_float) in float32 rounded back to uint8 levels."""
-    y = F.interpolate(x.float() if in_float else x, size=(height, width), mode="bilinear", align_corners=False,
-                      antialias=False)
+    y = F.interpolate(
+        x.float() if in_float else x, size=(height, width), mode="bilinear", align_corners=False, antialias=False
+    )
     return y.round_().clamp_(0, 255) if in_float else y
 
 
-def train_view(frames: np.ndarray, crop: int, jitter: tuple[int, int], rng: np.random.Generator,
-               flip_prob: float = 0.5) -> np.ndarray:
+def train_view(
+    frames: np.ndarray, crop: int, jitter: tuple[int, int], rng: np.random.Generator, flip_prob: float = 0.5
+) -> np.ndarray:
     """Training augmentation of one clip: jittered short side, random crop, random horizontal flip."""
     box, _ = random_crop_box(frames.shape[1], frames.shape[2], crop, jitter, rng)
     flip = bool(rng.random() < flip_prob)
@@ -188,8 +194,9 @@ def eval_views(frames: np.ndarray, crop: int, spatial_crops: int = 3) -> list[np
     return [uniform_crop(scaled, crop, i) for i in indices]
 
 
-def normalize(frames: np.ndarray, mean: Sequence[float] = MEAN, std: Sequence[float] = STD,
-              out: np.ndarray | None = None) -> np.ndarray:
+def normalize(
+    frames: np.ndarray, mean: Sequence[float] = MEAN, std: Sequence[float] = STD, out: np.ndarray | None = None
+) -> np.ndarray:
     """(T, H, W, 3) uint8 -> float32 (3, T, H, W): (x / 255 - mean) / std per channel.
 
     The channel split (a strided read) is the cost; it goes a few frames at a time so that the
@@ -199,11 +206,11 @@ def normalize(frames: np.ndarray, mean: Sequence[float] = MEAN, std: Sequence[fl
     if out is None:
         out = np.empty((c, t, h, w), np.float32)
     scale = np.array([1.0 / (255.0 * s) for s in std], np.float32).reshape(c, 1, 1, 1)
-    shift = np.array([m / s for m, s in zip(mean, std)], np.float32).reshape(c, 1, 1, 1)
+    shift = np.array([m / s for m, s in zip(mean, std, strict=True)], np.float32).reshape(c, 1, 1, 1)
     for t0 in range(0, t, _NORM_FRAMES):
-        o = out[:, t0:t0 + _NORM_FRAMES]
+        o = out[:, t0 : t0 + _NORM_FRAMES]
         for ch in range(c):
-            np.copyto(o[ch], frames[t0:t0 + _NORM_FRAMES, ..., ch], casting="unsafe")
+            np.copyto(o[ch], frames[t0 : t0 + _NORM_FRAMES, ..., ch], casting="unsafe")
         np.multiply(o, scale, out=o)
         np.subtract(o, shift, out=o)
     return out
@@ -213,7 +220,7 @@ def normalize_tensor(x: torch.Tensor, mean: Sequence[float] = MEAN, std: Sequenc
     """uint8 (..., 3, T, H, W) -> float32, normalised as `normalize` does, in x's memory format; meant for
     the device, where a loader that emits uint8 leaves this step (4x fewer bytes through the data path)."""
     scale = [1.0 / (255.0 * s) for s in std]
-    shift = [m / s for m, s in zip(mean, std)]
+    shift = [m / s for m, s in zip(mean, std, strict=True)]
     out = x.float()
     if len(set(scale)) == 1 and len(set(shift)) == 1:
         # One value for all channels (the Kinetics defaults): scalar operands, the same float32 products,
