@@ -10,13 +10,23 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test install clean
+.PHONY: demo test check lint install clean
 
 demo: $(STAMP)
 	$(PY) -m pipelines run --config configs/demo.yaml
 
-test: $(STAMP)
+# The whole suite (what CI runs), after the linter.
+test: lint
 	$(PY) -m pytest
+
+# The inner loop, in under 2 minutes: the linter, the formatter's check, and every test that starts no Ray,
+# server or subprocess (tests/conftest.py: --check).
+check: lint
+	$(PY) -m pytest --check -q
+
+lint: $(STAMP)
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
 
 install: $(STAMP)
 

@@ -21,6 +21,45 @@ os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 
 REPO = Path(__file__).resolve().parents[1]
 
+# `make check` (pytest --check) runs the tests that start no Ray, server or subprocess. A test is heavy when it
+# asks for one of these fixtures (directly or through another fixture), or says so with @pytest.mark.heavy.
+HEAVY_FIXTURES = {"ray_local", "s3_endpoint"}
+
+
+def pytest_addoption(parser):
+    parser.addoption(
+        "--check",
+        action="store_true",
+        help="the fast tier (make check): only tests that start no Ray, server or subprocess",
+    )
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if HEAVY_FIXTURES & set(getattr(item, "fixturenames", ())) or item.get_closest_marker("multinode"):
+            item.add_marker(pytest.mark.heavy)
+    if config.getoption("--check"):
+        heavy = [item for item in items if item.get_closest_marker("heavy")]
+        if heavy:
+            config.hook.pytest_deselected(items=heavy)
+            items[:] = [item for item in items if not item.get_closest_marker("heavy")]
+
+
+@pytest.fixture(autouse=True)
+def _fast_tier_starts_nothing(request, monkeypatch):
+    """Under --check, a test that starts a subprocess or Ray fails, naming the fix, instead of slowing the tier."""
+    if not request.config.getoption("--check"):
+        return
+    fix = f"{request.node.nodeid} is not for `make check`: mark it @pytest.mark.heavy"
+
+    def refuse(*_, **__):
+        pytest.fail(f"{fix} (it starts a subprocess or Ray)", pytrace=False)
+
+    import ray
+
+    monkeypatch.setattr(subprocess.Popen, "__init__", refuse)
+    monkeypatch.setattr(ray, "init", refuse)
+
 
 def stop_server(proc: subprocess.Popen) -> None:
     """Stop a server started in its own process group: SIGTERM, then SIGKILL."""
