@@ -22,8 +22,9 @@ os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 REPO = Path(__file__).resolve().parents[1]
 
 # `make check` (pytest --check) runs the tests that start no Ray, server or subprocess. A test is heavy when it
-# asks for one of these fixtures (directly or through another fixture), or says so with @pytest.mark.heavy.
-HEAVY_FIXTURES = {"ray_local", "s3_endpoint"}
+# asks for one of these fixtures (directly or through another fixture), or says so with @pytest.mark.heavy
+# (a subprocess of its own, or minutes of CPU).
+HEAVY_FIXTURES = {"ray_local", "s3_endpoint", "server", "mlflow_server"}  # the last two: `mlflow ... serve` processes
 
 
 def pytest_addoption(parser):
@@ -45,20 +46,18 @@ def pytest_collection_modifyitems(config, items):
             items[:] = [item for item in items if not item.get_closest_marker("heavy")]
 
 
-@pytest.fixture(autouse=True)
-def _fast_tier_starts_nothing(request, monkeypatch):
-    """Under --check, a test that starts a subprocess or Ray fails, naming the fix, instead of slowing the tier."""
-    if not request.config.getoption("--check"):
+def pytest_configure(config):
+    """Under --check, a test (or a fixture it asks for) that starts a subprocess or Ray fails, naming the fix,
+    instead of slowing the tier down."""
+    if not config.getoption("--check"):
         return
-    fix = f"{request.node.nodeid} is not for `make check`: mark it @pytest.mark.heavy"
-
-    def refuse(*_, **__):
-        pytest.fail(f"{fix} (it starts a subprocess or Ray)", pytrace=False)
-
     import ray
 
-    monkeypatch.setattr(subprocess.Popen, "__init__", refuse)
-    monkeypatch.setattr(ray, "init", refuse)
+    def refuse(*_, **__):
+        pytest.fail("this test is not for `make check`: it starts a subprocess or Ray; mark it @pytest.mark.heavy")
+
+    subprocess.Popen.__init__ = refuse
+    ray.init = refuse
 
 
 def stop_server(proc: subprocess.Popen) -> None:

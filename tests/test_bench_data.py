@@ -16,6 +16,7 @@ from conftest import REPO, load_benchmark
 SIZES = ("340x256", "640x360")
 
 
+@pytest.mark.heavy
 def test_bench_data_quick_times_every_case_on_both_sizes_and_the_ray_job(tmp_path):
     out = tmp_path / "bench_data.json"
     done = subprocess.run(

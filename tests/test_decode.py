@@ -113,7 +113,7 @@ def test_clips_hold_the_frames_the_reference_names(videos, name):
     stats = DecodeStats()
     clips = decode_windows(video.path, windows, short_side=256, stats=stats)
 
-    for plan, clip in zip(plans, clips, strict=True):
+    for plan, clip in zip(plans, clips[:-1], strict=True):
         assert read_frame_numbers(clip) == _expected(video, plan.indices), plan
     assert read_frame_numbers(clips[-1]) == _expected(video, end)
     assert _expected(video, end)[-1] >= NUM_FRAMES - 2  # within a target frame of the end

@@ -134,6 +134,7 @@ def test_a_list_file_and_s3_in_and_out(ray_local, infer_model, synth_set, s3_end
     assert list(row["labels"]) == want["labels"] and np.allclose(row["scores"], want["scores"], atol=1e-5)
 
 
+@pytest.mark.heavy
 def test_killed_mid_run_resumes_exactly_once(infer_model, synth_set):
     """SIGKILL to the whole `pipelines infer` process group right after its first commit; the same command then
     scores exactly the videos that were not committed, and no uncommitted file is left."""

@@ -406,6 +406,7 @@ def test_a_list_files_local_videos_must_be_shared_on_a_cluster(synth_set, tmp_pa
     assert local_inputs("s3://bucket/videos", [], []) == {}
 
 
+@pytest.mark.heavy
 def test_a_list_file_naming_local_videos_is_refused_on_a_head_that_runs_no_work(infer_model, synth_set, tmp_path):
     """A real Ray head with 0 CPUs (every task would run on some other node): `pipelines infer` with a list file of
     local paths stops before anything is committed, saying what to do."""

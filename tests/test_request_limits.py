@@ -298,6 +298,7 @@ def rss_of(command: list[str], env: dict) -> tuple[int, str]:
     return usage.ru_maxrss * 1024, output
 
 
+@pytest.mark.heavy
 def test_predict_timeline_peak_memory_does_not_grow_with_the_windows(tmp_path_factory):
     """`python -m pipelines predict --timeline` on a 2-minute video, 21 windows against 398: the views of 398
     windows take 300 MiB (16 frames of 128 x 128 x 3 each), which scoring them all at once held on top of the

@@ -171,6 +171,7 @@ def test_rest_refuses_crafted_bytes_without_opening_what_they_name(server, regis
     assert "Traceback" not in body and "stack_trace" not in body
 
 
+@pytest.mark.heavy
 def test_predict_cli_refuses_crafted_files_in_one_line_each(registered, tmp_path):
     port = free_port()
     cases = [crafted(name, port) for name in CRAFTED]
