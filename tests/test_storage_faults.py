@@ -154,8 +154,6 @@ def test_retry_quarantined_decodes_those_videos_again(ray_local, synth_set, tmp_
 def test_infer_through_a_flaky_network_scores_every_video_exactly_once(
     ray_local, s3_endpoint, bucket, synth_set, tmp_path
 ):
-    from test_infer import MODEL
-
     from pipelines import tracking
     from pipelines.infer import run_infer
     from pipelines.infer_out import Job
@@ -169,7 +167,7 @@ def test_infer_through_a_flaky_network_scores_every_video_exactly_once(
             tmp_path,
             synth_set,
             bucket,
-            mlflow={"tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}", "model_name": MODEL},
+            mlflow={"tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}", "model_name": "flaky-infer"},
             infer={"commit_every_s": 0.0, "batch_videos": 2},
         )
         net = SlowFast(cfg.model.to_slowfast_config(num_classes=4))
@@ -177,7 +175,9 @@ def test_infer_through_a_flaky_network_scores_every_video_exactly_once(
         spec = ClipSpec(T=4, tau=4, alpha=4, target_fps=30.0, short_side=48, crop=32, temporal_views=2, spatial_crops=1)
         version = tracking.log_model(cfg, run_id, net=net, class_names=["a", "b", "c", "d"], spec=spec, metadata={})
         out = tmp_path / "scores"
-        s = run_infer(cfg, f"models:/{MODEL}/{version}", f"{bucket}/val", str(out), Job(top_k=1), log=lambda *_: None)
+        s = run_infer(
+            cfg, f"models:/flaky-infer/{version}", f"{bucket}/val", str(out), Job(top_k=1), log=lambda *_: None
+        )
 
     assert set(proxy.injected) == set(FAULTS) and sum(proxy.injected.values()) == 4 + 1  # 4 val videos; 1 twice
     assert (s["scored_now"], s["quarantined_now"], s["unread_now"]) == (4, 0, 0), s
