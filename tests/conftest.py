@@ -1,5 +1,6 @@
-"""Shared test fixtures: a real local Ray, a real S3 endpoint (moto_server on 127.0.0.1), and a
-small synthetic Kinetics-format video set encoded with PyAV."""
+"""Shared test fixtures: a real local Ray, a real S3 endpoint (moto_server on 127.0.0.1), a real `mlflow server`, a
+small synthetic Kinetics-format video set encoded with PyAV, and the session's one Ray Train run with the promotion
+gate run on its checkpoint (what tests/test_train.py, test_registry.py and test_mlflow_server.py check)."""
 
 from __future__ import annotations
 
@@ -9,9 +10,14 @@ import socket
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
+
+if TYPE_CHECKING:
+    from pipelines.config import PipelineConfig
 
 # Dummy credentials for the local S3 endpoint, set before any Ray worker starts so workers inherit
 # them; never real ones (the standard AWS chain would otherwise find a developer's own).
@@ -51,7 +57,13 @@ def pytest_configure(config):
     instead of slowing the tier down."""
     if not config.getoption("--check"):
         return
+    import platform
+
     import ray
+
+    # Importing mlflow asks platform for the processor, which Python answers once by running `uname -p`: asked
+    # here, before the guard, so that a module importing mlflow still collects.
+    platform.processor()
 
     def refuse(*_, **__):
         pytest.fail("this test is not for `make check`: it starts a subprocess or Ray; mark it @pytest.mark.heavy")
@@ -258,3 +270,160 @@ def infer_model(tmp_path_factory, synth_set):
     spec = ClipSpec(T=4, tau=4, alpha=4, target_fps=30.0, short_side=48, crop=32, temporal_views=2, spatial_crops=3)
     version = tracking.log_model(cfg, run_id, net=net, class_names=["a", "b", "c", "d"], spec=spec, metadata={})
     return cfg, f"models:/{INFER_MODEL}/{version}", tmp
+
+
+# --- The session's one trained run ----------------------------------------------------------------------------
+# A Ray Train run costs ~18 s of controller and worker start on 2 cores before its first step: the tests that need
+# "a trained run and its checkpoints" share this one (tests/test_train.py checks how it learnt and logged,
+# test_mlflow_server.py that it reads back through the server, test_registry.py evaluates and registers it).
+
+MOTION_BUCKET = "mlflow-server-test"
+MOTION_MODEL = "motion"
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(s3_endpoint, tmp_path_factory):
+    """The session's `mlflow server` (mlflow_server_in), its artifacts in s3://MOTION_BUCKET/mlflow."""
+    yield from mlflow_server_in(s3_endpoint, tmp_path_factory, MOTION_BUCKET)
+
+
+def trained_config(tmp: Path, videos: Path, tracking_uri: str):
+    """slowfast_tiny at 32 px on the 4-class synthetic set, its Fast pathway on frame differences (as the demo):
+    2 DDP workers x 8 clips, 2 epochs of 12 steps (12 train videos x 16 pre-sampled clips), base LR 0.04 (0.01 at
+    the global batch of 16) after a quarter epoch of warm-up.
+
+    8 clips a worker, not fewer: batch norm over 4 clips (2 of them often from one video) makes the loss climb at
+    this learning rate. 4 videos per shard, so the trainer's read groups mix classes.
+    """
+    return pipeline_config(
+        tmp,
+        videos,
+        preprocess={"clips_per_video": 16, "rows_per_shard": 64},
+        model={"preset": "slowfast_tiny", "fast_input": "time_difference"},
+        train={
+            "epochs": 2,
+            "batch_size": 8,
+            "num_workers": 2,
+            "cpus_per_worker": 0.5,
+            "base_lr": 0.04,
+            "warmup_epochs": 0.25,
+        },
+        mlflow={"tracking_uri": tracking_uri, "experiment": "train-test", "model_name": MOTION_MODEL},
+        ray={"data_cpus": 1.0},
+    )
+
+
+@dataclass
+class TrainedRun:
+    cfg: PipelineConfig  # what it was trained with
+    out: dict  # pipelines.train.train's summary
+    log: list[str]  # what train logged
+
+
+@pytest.fixture(scope="session")
+def trained_run(ray_local, synth_set, mlflow_server, tmp_path_factory) -> TrainedRun:
+    """trained_config, trained once through a real local Ray (Ray Train + Ray Data), logging to the session's
+    real `mlflow server`. Shared: a test that trains again from it (a resume) copies its storage_root first."""
+    from pipelines.train import train
+
+    tmp = tmp_path_factory.mktemp("trained")
+    cfg = trained_config(tmp, synth_set, mlflow_server["url"])
+    lines: list[str] = []
+    return TrainedRun(cfg, train(cfg, log=lines.append), lines)
+
+
+def skewed_val(tmp: Path, videos: Path) -> str:
+    """The val annotations plus one more video of the first class (a train video): 5 val videos, 2 of class
+    0, so a constant predictor of class 0 scores 0.4 and of any other class 0.2 (a better and a worse model
+    whose figures do not depend on how training went)."""
+    import csv
+
+    train = list(csv.reader((videos / "annotations/train.csv").open()))
+    first = sorted({row[0] for row in train[1:]})[0]
+    extra = next(row for row in train[1:] if row[0] == first)
+    path = tmp / "val_skewed.csv"
+    path.write_text(
+        (videos / "annotations/val.csv").read_text().rstrip("\n")
+        + "\n"
+        + ",".join([f'"{extra[0]}"', *extra[1:4], "val"])
+        + "\n"
+    )
+    return str(path)
+
+
+def constant_model(checkpoint: Path, out: Path, predicted: int) -> str:
+    """The trained checkpoint with its classifier replaced: every video is `predicted` (top-1 = 1/4 here)."""
+    import torch
+
+    from pipelines.checkpoints import CHECKPOINT_FILE
+
+    state = torch.load(checkpoint, weights_only=True)
+    weight = state["model_state"]["head.fc.weight"]
+    state["model_state"]["head.fc.weight"] = torch.zeros_like(weight)
+    state["model_state"]["head.fc.bias"] = torch.nn.functional.one_hot(torch.tensor(predicted), len(weight)).float()
+    folder = out / f"constant-{predicted}" / "epoch-0001"
+    folder.mkdir(parents=True)
+    torch.save(state, folder / CHECKPOINT_FILE)
+    return str(folder)
+
+
+@dataclass
+class Gate:
+    """What the promotion gate did, in order: evaluate, register and promote results."""
+
+    cfg: PipelineConfig  # the trained run's, on the skewed eval set (skewed_val), with its own storage_root
+    constants: Path  # the constant models' checkpoints
+    weak: dict  # class 1 (0.2): the first model, champion whatever its figure
+    first: dict
+    better: dict  # class 0 (0.4): registered, then promoted as the challenger (promote's default)
+    better_registered: dict
+    second: dict
+    worse: dict  # class 2 (0.2): registered, rejected
+    third: dict
+    good: dict  # the trained checkpoint's evaluation, logged to its training run
+    good_registered: dict  # registered as the next version; its figure decides nothing here
+    good_again: dict  # registered again: the same version
+
+
+@pytest.fixture(scope="session")
+def gate(trained_run, tmp_path_factory) -> Gate:
+    """The promotion gate on trained_run's checkpoint, through the session's `mlflow server`, on an eval set where
+    constant predictors score known figures (skewed_val). Its own storage_root: the skewed val split is never
+    preprocessed into the training's shards (that would be another run identity for test_train's re-run)."""
+    from pipelines.checkpoints import CHECKPOINT_FILE
+    from pipelines.evaluate import evaluate
+    from pipelines.registry import promote, register
+
+    tmp = tmp_path_factory.mktemp("gate")
+    raw = trained_run.cfg.model_dump(mode="json")
+    raw["storage_root"] = str(tmp / "storage")
+    raw["data"]["annotations"]["val"] = skewed_val(tmp, Path(raw["data"]["video_root"]))
+    cfg = type(trained_run.cfg).model_validate(raw)
+    best = Path(trained_run.out["best_checkpoint"]) / CHECKPOINT_FILE
+    constants = tmp / "constants"
+    quiet = {"log": lambda *_: None}
+
+    weak = evaluate(cfg, constant_model(best, constants, 1), **quiet)
+    first = promote(cfg, register(cfg, weak, **quiet)["model_version"], **quiet)
+    better = evaluate(cfg, constant_model(best, constants, 0), **quiet)
+    better_registered = register(cfg, better, **quiet)
+    second = promote(cfg, **quiet)
+    worse = evaluate(cfg, constant_model(best, constants, 2), **quiet)
+    third = promote(cfg, register(cfg, worse, **quiet)["model_version"], **quiet)
+    good = evaluate(cfg, trained_run.out["best_checkpoint"], **quiet)
+    good_registered = register(cfg, good, **quiet)
+    good_again = register(cfg, good, **quiet)
+    return Gate(
+        cfg=cfg,
+        constants=constants,
+        weak=weak,
+        first=first,
+        better=better,
+        better_registered=better_registered,
+        second=second,
+        worse=worse,
+        third=third,
+        good=good,
+        good_registered=good_registered,
+        good_again=good_again,
+    )

@@ -1,6 +1,6 @@
-"""The ablation benchmark end to end on a tiny synthetic set: real preprocess (local Ray), real trainings in
-two spawned workers, a real MLflow (sqlite); a re-run trains nothing, a new seed trains only that seed.
-And the findings' arithmetic on made-up figures."""
+"""The ablation benchmark end to end on a tiny synthetic set: real preprocess (the session's local Ray), real
+trainings in two spawned workers and in this process, a real MLflow (sqlite); a re-run trains nothing, a new seed
+trains only that seed. And the findings' arithmetic on made-up figures."""
 
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ def bench(monkeypatch):
     return load_benchmark("ablate", monkeypatch)
 
 
-def test_study_writes_results_table_plot_and_mlflow_runs_then_resumes(bench, synth_set, tmp_path, capsys):
+def test_study_writes_results_table_plot_and_mlflow_runs_then_resumes(bench, ray_local, synth_set, tmp_path, capsys):
     cfg = pipeline_config(
         tmp_path,
         synth_set,
@@ -33,16 +33,34 @@ def test_study_writes_results_table_plot_and_mlflow_runs_then_resumes(bench, syn
     config.write_text(cfg.to_yaml())
     out = tmp_path / "study"
     argv = ["--config", str(config), "--out", str(out), "--variants", "slow_only,slowfast", "--steps", "3"]
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
 
-    assert bench.main([*argv, "--seeds", "2", "--workers", "2", "--threads", "1"]) == 0
-    first = capsys.readouterr().out
+    # One seed, both variants at once in two spawned workers.
+    assert bench.main([*argv, "--seeds", "1", "--workers", "2", "--threads", "1"]) == 0
+    assert "2 trained now, 0 done before" in capsys.readouterr().out
+    first = {p: p.stat().st_mtime_ns for p in (out / "results").glob("*.json")}
+    assert len(first) == 2
+
+    # Re-run: every training is done, nothing is trained or logged again.
+    assert bench.main([*argv, "--seeds", "1", "--workers", "1"]) == 0
+    assert "0 trained now, 2 done before" in capsys.readouterr().out
+    assert {p: p.stat().st_mtime_ns for p in (out / "results").glob("*.json")} == first
+    experiment = client.get_experiment_by_name("ablate-test")
+    assert len(client.search_runs([experiment.experiment_id])) == 2
+
+    # A second seed trains that seed only (here, in this process); the first seed's results are untouched.
+    assert bench.main([*argv, "--seeds", "2", "--workers", "1"]) == 0
+    printed = capsys.readouterr().out
+    assert "2 trained now, 2 done before" in printed
     results = {p: json.loads(p.read_text()) for p in (out / "results").glob("*.json")}
+    assert {p: p.stat().st_mtime_ns for p in first} == first
     assert sorted((r["variant"], r["seed"]) for r in results.values()) == [
         ("slow_only", 0),
         ("slow_only", 1),
         ("slowfast", 0),
         ("slowfast", 1),
     ]
+    assert sorted((results[p]["variant"], results[p]["seed"]) for p in first) == [("slow_only", 0), ("slowfast", 0)]
     for r in results.values():
         assert r["steps"] == 3 and 0 <= r["top1"] <= 1 and r["val_videos"] == 4 and r["wall_s"] > 0
         # the learning curve: val top-1 after every step (--eval-every defaults to a third of --steps), the last
@@ -52,22 +70,23 @@ def test_study_writes_results_table_plot_and_mlflow_runs_then_resumes(bench, syn
     assert slow["overrides"] == {"arch": "slow"}
     assert slow["params"] == count_params(SlowFast(resolve("slowfast_tiny", arch="slow", num_classes=4)))
 
+    # The table, plot and summary over both seeds.
     table = (out / "ablation.md").read_text()
-    assert "| slow_only " in table and "| slowfast " in table and "4 trained now, 0 done before" in table
+    assert "| slow_only " in table and "| slowfast " in table and "2 trained now, 2 done before" in table
     assert "train top-1" in table.splitlines()[2]
     assert "every SlowFast variant beats Slow-only" in table and "n/a** grayscale" in table
-    assert table.strip() in first  # printed as written
+    assert table.strip() in printed  # printed as written
     assert (out / "ablation.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     summary = json.loads((out / "summary.json").read_text())
     assert [v["variant"] for v in summary["variants"]] == ["slow_only", "slowfast"]
+    assert [len(v["top1"]) for v in summary["variants"]] == [2, 2]
     slow_runs = sorted((r for r in results.values() if r["variant"] == "slow_only"), key=lambda r: r["seed"])
     assert summary["variants"][0]["top1"] == [r["top1"] for r in slow_runs]
     assert summary["variants"][0]["curve"] == [
         [step, pytest.approx(statistics.fmean(r["curve"][step - 1][1] for r in slow_runs))] for step in (1, 2, 3)
     ]
 
-    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
-    experiment = client.get_experiment_by_name("ablate-test")
+    # One MLflow run per training, whichever process trained it.
     runs = client.search_runs([experiment.experiment_id])
     assert len(runs) == 4 and all(run.info.status == "FINISHED" for run in runs)
     for run in runs:
@@ -81,21 +100,6 @@ def test_study_writes_results_table_plot_and_mlflow_runs_then_resumes(bench, syn
         ]
         if mine["variant"] == "slow_only":
             assert run.data.params["model.arch"] == "slow"
-
-    # Re-run: every training is done, nothing is trained or logged again.
-    stamps = {p: p.stat().st_mtime_ns for p in results}
-    assert bench.main([*argv, "--seeds", "2", "--workers", "1"]) == 0
-    assert "0 trained now, 4 done before" in capsys.readouterr().out
-    assert {p: p.stat().st_mtime_ns for p in (out / "results").glob("*.json")} == stamps
-    assert len(client.search_runs([experiment.experiment_id])) == 4
-
-    # A third seed trains that seed only; a different step budget is a different training.
-    assert bench.main([*argv, "--seeds", "3", "--workers", "1"]) == 0
-    assert "2 trained now, 4 done before" in capsys.readouterr().out
-    assert len(list((out / "results").glob("*.json"))) == 6
-    assert len(client.search_runs([experiment.experiment_id])) == 6
-    summary = json.loads((out / "summary.json").read_text())
-    assert [len(v["top1"]) for v in summary["variants"]] == [3, 3]
 
 
 def row(bench, variant: str, top1: list[float]) -> dict:

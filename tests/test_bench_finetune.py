@@ -25,7 +25,9 @@ def bench(monkeypatch):
 
 def test_quick_study_fine_tunes_every_format_from_the_same_weights(bench, ray_local, tmp_path, capsys):
     out = tmp_path / "ft"
-    argv = ["--quick", "--out", str(out), "--workers", "2", "--threads", "1"]
+    # --quick's set, at the fewest steps that still give a two-point curve (--quick alone: 4 steps, eval every 2).
+    steps = ["--steps", "2", "--eval-every", "1", "--pretrain-steps", "1"]
+    argv = ["--quick", *steps, "--out", str(out), "--workers", "2", "--threads", "1"]
     assert bench.main(argv) == 0
     printed = capsys.readouterr().out
     summary = json.loads((out / "summary.json").read_text())
@@ -40,7 +42,7 @@ def test_quick_study_fine_tunes_every_format_from_the_same_weights(bench, ray_lo
     header = table.splitlines()[2]
     for column in (
         "arm",
-        "top-1 at 4 steps (mean ± std)",
+        "top-1 at 2 steps (mean ± std)",
         "/ scratch (same seeds)",
         "steps to top-1 ≥ 0.7, per seed",
         "scratch steps / these",
@@ -54,7 +56,7 @@ def test_quick_study_fine_tunes_every_format_from_the_same_weights(bench, ray_lo
     assert (out / "finetune.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     for row in summary["arms"]:
         assert row["seeds"] == [0] and 0 <= row["top1_mean"] <= 1 and row["top1_std"] == 0.0
-        assert [step for step, _ in row["curve"]] == [2, 4] and row["curve"][-1][1] == row["top1"][0]
+        assert [step for step, _ in row["curve"]] == [1, 2] and row["curve"][-1][1] == row["top1"][0]
 
     # Each export loads back equal to the pre-trained network (checked here again, independently).
     checks = {c["format"]: c for c in summary["formats"]}

@@ -34,7 +34,7 @@ def test_bench_train_reports_both_cases_per_precision_the_ratios_and_the_data_wa
                 "--classes",
                 "4",
                 "--videos-per-class",
-                "4",
+                "2",
                 "--workdir",
                 str(tmp_path / "work"),
                 "--json",
@@ -56,13 +56,13 @@ def test_bench_train_reports_both_cases_per_precision_the_ratios_and_the_data_wa
         assert shards["clips_per_s"] > 0 and memory["clips_per_s"] > 0 and shards["wall_clips_per_s"] > 0
         assert memory["clips_per_cpu_s"] > 0
         assert shards["steps"] == memory["steps"] == 3
-        # One epoch holds warm-up + timed steps: 12 train videos x 2 clips / 4 a step.
-        assert shards["steps_in_epoch"] == 6
+        # One epoch holds warm-up + timed steps: 4 train videos (2 a class, one of them to val) x 4 clips / 4 a step.
+        assert shards["steps_in_epoch"] == 4
         assert run["ratio_shards_over_memory"] == pytest.approx(shards["clips_per_s"] / memory["clips_per_s"], abs=1e-3)
         assert 0 <= run["data_wait"] <= 1 and run["data_wait"] == pytest.approx(shards["data_wait"], abs=1e-4)
         assert 0 <= shards["epoch_data_wait"] <= 1
-        assert len(shards["step_ms"]) == 6 and all(ms > 0 for ms in shards["step_ms"])
-    assert result["config"]["clips_per_video"] == 2
+        assert len(shards["step_ms"]) == 4 and all(ms > 0 for ms in shards["step_ms"])
+    assert result["config"]["clips_per_video"] == 4 and result["config"]["train_clips"] == 16
     # The memory case runs with the train worker's threads: the demo's train.threads_per_worker.
     assert result["config"]["cpus_per_worker"] == 1 and result["config"]["data_cpus"] == 1
     assert result["config"]["threads"] == 2

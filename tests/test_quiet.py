@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.heavy  # every test here watches a process of its own
+
 REPO = Path(__file__).resolve().parents[1]
 DEMO = str(REPO / "configs" / "demo.yaml")
 # Ray's Python log format, "<time>\tINFO streaming_executor.py:215 -- Starting execution of Dataset ..."

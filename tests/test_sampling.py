@@ -114,6 +114,7 @@ def test_train_clips_are_seeded_per_video_and_clip():
         assert p.indices.tolist() == reference_indices(lo, lo + 63, 32, 300).tolist()
 
 
+@pytest.mark.heavy  # a process of its own
 def test_train_seeds_do_not_depend_on_python_hash_randomisation():
     code = (
         "from slowfast.video.sampling import plan_clips;"

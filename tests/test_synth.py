@@ -227,6 +227,7 @@ write_dataset(sys.argv[1], 3, 4, seed=7, workers=2, **json.loads(sys.argv[2]))
 """
 
 
+@pytest.mark.heavy  # a process of its own
 @pytest.mark.skipif(
     not hasattr(os, "sched_setaffinity") or not Path("/proc/self/maps").exists(),
     reason="pins CPUs and finds FFmpeg's library the Linux way",

@@ -1,9 +1,12 @@
-"""Train through a real local Ray (Ray Train + Ray Data) and a real MLflow (sqlite): two DDP workers
-on CPU learn from synthetic shards, checkpoint every epoch and log to MLflow. (A driver killed mid-run and
-the re-run resuming after the last checkpoint: tests/test_workflow.py; a node lost: tests/test_multinode.py.)"""
+"""Train through a real local Ray (Ray Train + Ray Data) and a real MLflow: two DDP workers on CPU learn from
+synthetic shards, checkpoint every epoch and log to MLflow (the session's one trained run, tests/conftest.py's
+trained_run, logging to a real `mlflow server`); the same command again trains nothing, and a longer run resumes
+after the last checkpoint (into a sqlite MLflow). (A driver killed mid-run and the re-run resuming after the last
+checkpoint: tests/test_workflow.py; a node lost: tests/test_multinode.py.)"""
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import pyarrow as pa
@@ -17,45 +20,17 @@ from pipelines.train import train
 from pipelines.train_input import data_cpu_split, read_shards
 from slowfast.model import SlowFast, load_checkpoint, resolve
 
-from conftest import pipeline_config
-
-CLIPS = 12 * 16  # 12 train videos x 16 pre-sampled clips
+CLIPS = 12 * 16  # tests/conftest.py's trained_config: 12 train videos x 16 pre-sampled clips
 STEPS = CLIPS // 16  # per epoch: 2 workers x 8 clips a step
 LR = 0.04 * 16 / 64  # base_lr scaled to the global batch
-
-
-def small_run(tmp_path: Path, videos: Path, **train):
-    """slowfast_tiny at 32 px on the 4-class synthetic set, 2 workers x 8 clips, lr 0.01.
-
-    8 clips a worker, not fewer: batch norm over 4 clips (2 of them often from one video) makes the
-    loss climb at this learning rate. 4 videos per shard, so the trainer's read groups mix classes.
-    """
-    return pipeline_config(
-        tmp_path,
-        videos,
-        preprocess={"clips_per_video": 16, "rows_per_shard": 64},
-        train={
-            "epochs": 2,
-            "batch_size": 8,
-            "num_workers": 2,
-            "cpus_per_worker": 0.5,
-            "base_lr": 0.04,
-            "warmup_epochs": 0.25,
-            **train,
-        },
-        mlflow={"tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}", "experiment": "train-test"},
-        ray={"data_cpus": 1.0},
-    )
 
 
 def history(client: MlflowClient, run_id: str, key: str) -> list[tuple[int, float]]:
     return sorted((m.step, m.value) for m in client.get_metric_history(run_id, key))
 
 
-def test_two_workers_learn_checkpoint_every_epoch_and_log_to_mlflow(ray_local, synth_set, tmp_path):
-    cfg = small_run(tmp_path, synth_set)
-    lines: list[str] = []
-    out = train(cfg, log=lines.append)
+def test_two_workers_learn_checkpoint_every_epoch_and_log_to_mlflow(trained_run):
+    cfg, out = trained_run.cfg, trained_run.out
 
     assert out["epochs_done"] == 2 and out["epochs_run_now"] == 2 and out["resumed_from_epoch"] == 0
     client = MlflowClient(out["tracking_uri"])
@@ -84,36 +59,49 @@ def test_two_workers_learn_checkpoint_every_epoch_and_log_to_mlflow(ray_local, s
     assert out["metrics"]["val_videos"] == 4 and out["metrics"]["train_clips"] == CLIPS
 
     # Checkpoints: one per epoch under storage_root/checkpoints/<run>/, each a full training state.
-    run_dir = tmp_path / "storage" / "checkpoints" / out["run_name"]
+    run_dir = Path(cfg.storage_root) / "checkpoints" / out["run_name"]
     assert out["run_dir"] == str(run_dir)
     assert sorted(p.parent.name for p in run_dir.glob(f"*/{CHECKPOINT_FILE}")) == ["epoch-0001", "epoch-0002"]
     assert out["best_checkpoint"] in out["checkpoints"]
     assert out["best_val_top1"] == max(v for _, v in history(client, run.info.run_id, "val_top1"))
-    net = SlowFast(resolve("slowfast_tiny", num_classes=4))
+    net = SlowFast(resolve("slowfast_tiny", num_classes=4, fast_input="time_difference"))
     extra = load_checkpoint(net, run_dir / "epoch-0002" / CHECKPOINT_FILE).extra
     assert extra["epoch"] == 2 and extra["global_step"] == 2 * STEPS and len(extra["rng"]) == 2
     assert extra["optimizer"]["state"] and extra["schedule"]["total_epochs"] == 2
     assert len(extra["class_names"]) == 4
+
+
+def test_the_same_command_trains_nothing_and_a_longer_run_resumes_after_the_last_checkpoint(trained_run, tmp_path):
+    cfg, out = trained_run.cfg, trained_run.out
+    client = MlflowClient(out["tracking_uri"])
+    lines: list[str] = []
 
     # The same command again: the run is complete, so nothing is trained and MLflow gains nothing.
     again = train(cfg, log=lines.append)
     assert again["run_name"] == out["run_name"] and again["mlflow_run_id"] == out["mlflow_run_id"]
     assert again["epochs_done"] == 2 and again["epochs_run_now"] == 0
     assert again["best_checkpoint"] == out["best_checkpoint"]
-    assert len(history(client, run.info.run_id, "loss")) == 2 * STEPS
+    assert len(history(client, out["mlflow_run_id"], "loss")) == 2 * STEPS
     assert any("nothing to do" in line for line in lines)
 
     # Resumed into an MLflow run that lacks the figures of the epoch it resumes after (as when a run is killed
     # between the checkpoint's commit and their logging): they are logged from the checkpoint, then the new
-    # epoch's, each once.
+    # epoch's, each once. On a copy of the run's storage_root: the session's run stays as trained.
+    storage = tmp_path / "storage"
+    shutil.copytree(cfg.storage_root, storage)
     longer = cfg.model_copy(
         update={
+            "storage_root": str(storage),
             "train": cfg.train.model_copy(update={"epochs": 3}),
-            "mlflow": cfg.mlflow.model_copy(update={"tracking_uri": f"sqlite:///{tmp_path / 'mlflow-2.db'}"}),
+            "mlflow": cfg.mlflow.model_copy(update={"tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}"}),
         }
     )
+    checkpoint = storage / "checkpoints" / out["run_name"] / "epoch-0002" / CHECKPOINT_FILE
+    net = SlowFast(resolve("slowfast_tiny", num_classes=4, fast_input="time_difference"))
+    extra = load_checkpoint(net, checkpoint).extra
     third = train(longer, run_name=out["run_name"], log=lines.append)
     assert third["resumed_from_epoch"] == 2 and third["epochs_run_now"] == 1
+    assert third["run_dir"] == str(storage / "checkpoints" / out["run_name"])
     client = MlflowClient(third["tracking_uri"])
     logged = history(client, third["mlflow_run_id"], "train_loss")
     assert logged[0] == (2, pytest.approx(extra["metrics"]["train_loss"]))

@@ -1,12 +1,14 @@
-"""The workflow (`python -m pipelines run`) end to end, through real processes: a real local Ray, real
-videos, a real MLflow (sqlite). A second run skips what is done; kill -9 during preprocess and during
-train, then the same command again, finishes with exactly one registered version; new annotation rows
-are the only videos decoded by the next run, which retrains and records its promotion decision."""
+"""The workflow (`python -m pipelines run`) end to end: a real local Ray, real videos, a real MLflow (sqlite).
+kill -9 of the command (its driver and the local Ray it started) during preprocess and during train, then the same
+command again, finishes with exactly one registered version; a run with nothing new skips every step; new
+annotation rows are the only videos decoded by the next run, which retrains and records its promotion decision.
+
+Only the runs that are killed are separate processes; the others call the CLI (or `run`) in this process, on the
+session's Ray. A fresh run's records (every step done): tests/test_workflow_s3.py."""
 
 from __future__ import annotations
 
 import csv
-import json
 import os
 import signal
 import subprocess
@@ -16,6 +18,7 @@ from pathlib import Path
 
 from mlflow.tracking import MlflowClient
 
+from pipelines.cli import EXIT_OK, main
 from pipelines.workflow import STEPS, list_runs, run, select_steps
 
 from conftest import REPO, pipeline_config
@@ -24,11 +27,14 @@ from stop_hook import stop_after, wait_stopped
 QUIET = {"log": lambda *_: None}
 
 
-def workflow_config(tmp: Path, videos: Path, **sections):
-    """slowfast_tiny at 32 px on a synthetic set, 2 epochs, 1 train worker, sqlite MLflow in tmp."""
-    base = {
-        "preprocess": {"clips_per_video": 4, "rows_per_shard": 8, "commit_every": 1},
-        "train": {
+def workflow_config(tmp: Path, videos: Path):
+    """slowfast_tiny at 32 px on a synthetic set, 2 clips a video, 2 epochs, 1 train worker, sqlite MLflow in tmp;
+    one video per shard and one shard per commit, so that a kill lands between two videos."""
+    return pipeline_config(
+        tmp,
+        videos,
+        preprocess={"clips_per_video": 2, "rows_per_shard": 2, "commit_every": 1},
+        train={
             "epochs": 2,
             "batch_size": 4,
             "num_workers": 1,
@@ -36,12 +42,9 @@ def workflow_config(tmp: Path, videos: Path, **sections):
             "base_lr": 0.04,
             "warmup_epochs": 0.5,
         },
-        "mlflow": {"tracking_uri": f"sqlite:///{tmp / 'mlflow.db'}", "experiment": "wf", "model_name": "wf"},
-        "ray": {"data_cpus": 1.0},
-    }
-    for key, value in sections.items():
-        base[key] = {**base.get(key, {}), **value}
-    return pipeline_config(tmp, videos, **base)
+        mlflow={"tracking_uri": f"sqlite:///{tmp / 'mlflow.db'}", "experiment": "wf", "model_name": "wf"},
+        ray={"data_cpus": 1.0},
+    )
 
 
 def registered_versions(cfg) -> list[str]:
@@ -53,83 +56,6 @@ def test_select_steps():
     assert select_steps() == list(STEPS)
     assert select_steps(from_step="evaluate") == ["evaluate", "register"]
     assert select_steps(only="train") == ["train"]
-
-
-def test_rerun_skips_every_step_with_nothing_new_and_new_rows_decode_only_the_new_videos(ray_local, tmp_path):
-    """One workflow, then the same command: nothing new, every step skipped; then new annotation rows: only
-    their videos are decoded, and the model retrained goes through the gate."""
-    from slowfast.video.synth import write_dataset
-
-    videos, extra = tmp_path / "videos", tmp_path / "extra"
-    write_dataset(videos, classes=3, videos_per_class=4, seed=7, width=96, height=72, seconds=1.2)
-    cfg = workflow_config(tmp_path, videos)
-    first = run(cfg, **QUIET)
-    assert {k: v["status"] for k, v in first["steps"].items()} == {
-        "ingest": "done",
-        "preprocess": "done",
-        "train": "done",
-        "evaluate": "done",
-        "register": "done",
-    }
-    assert first["model_version"] == 1 and first["promoted"] and set(first["aliases"]) == {"champion", "challenger"}
-    assert first["model_uri"] == "models:/wf/1" and 0 <= first["metrics"]["top1"] <= first["metrics"]["top5"] <= 1
-    records = tmp_path / "storage" / "runs" / first["run_id"]
-    assert json.loads((records / "summary.json").read_text())["model_version"] == 1
-    train_record = json.loads((records / "train.json").read_text())
-    assert train_record["status"] == "done" and train_record["outputs"]["epochs_done"] == 2
-    assert train_record["config_hash"] == cfg.config_hash("data", "preprocess", "model", "train")
-
-    second = run(cfg, **QUIET)
-    assert second["run_id"] != first["run_id"]
-    assert {k: v["status"] for k, v in second["steps"].items()} == {
-        "ingest": "done",
-        "preprocess": "skipped",
-        "train": "skipped",
-        "evaluate": "skipped",
-        "register": "skipped",
-    }
-    assert second["model_version"] == 1 and second["promoted"] and second["metrics"] == first["metrics"]
-    assert registered_versions(cfg) == ["1"]
-
-    # --only / --from reuse what is committed; --force evaluate scores the model again.
-    only = run(cfg, only="evaluate", force=["evaluate"], **QUIET)
-    assert only["steps"] == {"evaluate": {"status": "done", "wall_s": only["steps"]["evaluate"]["wall_s"]}}
-    assert only["metrics"]["top1"] == first["metrics"]["top1"]
-    runs = list_runs(cfg)
-    assert [r["run_id"] for r in runs] == [only["run_id"], second["run_id"], first["run_id"]]
-    assert all(r["status"] == "succeeded" for r in runs)
-
-    status = subprocess.run(
-        [sys.executable, "-m", "pipelines", "status", "--config", _write(cfg, tmp_path)],
-        capture_output=True,
-        text=True,
-        cwd=REPO,
-        timeout=120,
-    )
-    assert status.returncode == 0, status.stderr
-    assert first["run_id"] in status.stdout and "models:/wf/1" in status.stdout
-    assert "preprocess  skipped" in status.stdout
-
-    # Two more training videos per class, from another seed, added to the train annotations.
-    write_dataset(extra, classes=3, videos_per_class=4, seed=8, width=96, height=72, seconds=1.2, val_fraction=0.5)
-    new_rows = list(csv.reader((extra / "annotations/train.csv").open()))[1:]
-    for label, youtube_id, *_ in new_rows:
-        src = next((extra / "train" / label).glob(f"{youtube_id}_*.mp4"))
-        (videos / "train" / label / src.name).write_bytes(src.read_bytes())
-    with (videos / "annotations/train.csv").open("a", newline="") as f:
-        csv.writer(f).writerows(new_rows)
-
-    retrained = run(cfg, **QUIET)
-    records = {r["run_id"]: r for r in list_runs(cfg)}[retrained["run_id"]]["step_records"]
-    assert records["preprocess"]["outputs"]["decoded_now"] == len(new_rows) == 6
-    assert records["train"]["status"] == "done" and records["train"]["outputs"]["epochs_run_now"] == 2
-    assert retrained["model_version"] == 2
-    assert retrained["decision"] in ("promoted", "rejected") and retrained["reason"]
-    tags = MlflowClient(cfg.mlflow.tracking_uri).get_model_version("wf", "2").tags
-    assert tags["slowfast.promotion.decision"] == retrained["decision"]
-    assert tags["slowfast.promotion.champion_version"] == "1"
-    champion = MlflowClient(cfg.mlflow.tracking_uri).get_model_version_by_alias("wf", "champion")
-    assert str(champion.version) == ("2" if retrained["promoted"] else "1")
 
 
 def _write(cfg, tmp: Path) -> str:
@@ -161,12 +87,15 @@ def _kill_when(proc: subprocess.Popen, ready, log: Path, timeout: float = 300) -
     proc.wait()
 
 
-def test_kill_9_during_preprocess_and_during_train_then_the_same_command_finishes(tmp_path):
+def test_killed_twice_the_same_command_finishes_then_reruns_redo_only_what_is_new(ray_local, tmp_path, capsys):
+    """One scenario, each part starting from what the last one left: kill -9 during preprocess and during train, then
+    the same command finishes with exactly one registered version; the same command with nothing new skips every
+    step; new annotation rows are the only videos decoded, and the model retrained goes through the gate."""
     from slowfast.video.synth import write_dataset
 
-    videos = tmp_path / "videos"
-    write_dataset(videos, classes=3, videos_per_class=8, seed=5, width=96, height=72, seconds=1.2)
-    cfg = workflow_config(tmp_path, videos, preprocess={"rows_per_shard": 4})  # 1 video per shard, 1 per commit
+    videos, extra = tmp_path / "videos", tmp_path / "extra"
+    write_dataset(videos, classes=3, videos_per_class=4, seed=5, width=64, height=48, seconds=1.0)
+    cfg = workflow_config(tmp_path, videos)
     config_path = _write(cfg, tmp_path)
     storage, log = tmp_path / "storage", tmp_path / "run.log"
     manifests = storage / "manifests"
@@ -191,22 +120,29 @@ def test_kill_9_during_preprocess_and_during_train_then_the_same_command_finishe
     runs = list_runs(cfg)
     second_preprocess = runs[0]["step_records"]["preprocess"]
     assert second_preprocess["status"] == "done"
-    total = 3 * 8
+    total = 3 * 4
     # Only the videos not committed before the first kill were decoded again.
     assert second_preprocess["outputs"]["decoded_now"] == total - 2
     assert runs[0]["step_records"]["train"]["status"] == "running"
 
-    # 3. The same command again: preprocess skipped, train resumes after epoch 1, one version registered.
-    final = _cli_run(config_path, log)
-    assert final.wait(timeout=600) == 0, log.read_text()[-3000:]
+    # 3. The same command again, here (nothing of the killed runs lives on in this process or its Ray): preprocess
+    # skipped, train resumes after epoch 1, one version registered.
+    capsys.readouterr()
+    assert main(["run", "--config", config_path]) == EXIT_OK
+    said = _read_until(capsys, "resuming after epoch 1 ")  # a train worker's line, relayed by Ray as it comes
     runs = list_runs(cfg)
-    steps = runs[0]["step_records"]
+    steps, first = runs[0]["step_records"], runs[0]["summary"]
     assert steps["preprocess"]["status"] == "skipped" and steps["preprocess"]["outputs"]["decoded_now"] == 0
     assert steps["train"]["status"] == "done" and steps["train"]["outputs"]["resumed_from_epoch"] == 1
+    assert steps["train"]["outputs"]["epochs_done"] == 2
+    assert steps["train"]["config_hash"] == cfg.config_hash("data", "preprocess", "model", "train")
+    assert steps["evaluate"]["status"] == "done" and steps["register"]["status"] == "done"
     assert steps["register"]["outputs"]["model_version"] == 1
+    assert first["model_version"] == 1 and first["promoted"] and set(first["aliases"]) == {"champion", "challenger"}
+    assert first["model_uri"] == "models:/wf/1" and 0 <= first["metrics"]["top1"] <= first["metrics"]["top5"] <= 1
     assert runs[0]["status"] == "succeeded" and len(runs) == 3
     assert registered_versions(cfg) == ["1"]
-    assert "resuming after epoch 1 " in log.read_text()
+    assert "resuming after epoch 1 " in said, said[-3000:]
     # One MLflow training run across the attempts, each epoch's figures logged once.
     client = MlflowClient(cfg.mlflow.tracking_uri)
     trained = [
@@ -216,3 +152,63 @@ def test_kill_9_during_preprocess_and_during_train_then_the_same_command_finishe
     ]
     assert len(trained) == 1 and trained[0].info.status == "FINISHED"
     assert [m.step for m in client.get_metric_history(trained[0].info.run_id, "train_loss")] == [1, 2]
+
+    # 4. The same command with nothing new: every step skipped, the same model and figures.
+    second = run(cfg, **QUIET)
+    assert second["run_id"] != first["run_id"]
+    assert {k: v["status"] for k, v in second["steps"].items()} == {
+        "ingest": "done",
+        "preprocess": "skipped",
+        "train": "skipped",
+        "evaluate": "skipped",
+        "register": "skipped",
+    }
+    assert second["model_version"] == 1 and second["promoted"] and second["metrics"] == first["metrics"]
+    assert registered_versions(cfg) == ["1"]
+
+    # --only / --from reuse what is committed; --force evaluate scores the model again.
+    only = run(cfg, only="evaluate", force=["evaluate"], **QUIET)
+    assert only["steps"] == {"evaluate": {"status": "done", "wall_s": only["steps"]["evaluate"]["wall_s"]}}
+    assert only["metrics"]["top1"] == first["metrics"]["top1"]
+    runs = list_runs(cfg)
+    assert [r["run_id"] for r in runs[:3]] == [only["run_id"], second["run_id"], first["run_id"]]
+    assert all(r["status"] == "succeeded" for r in runs[:3])
+
+    capsys.readouterr()
+    assert main(["status", "--config", config_path]) == EXIT_OK
+    status = capsys.readouterr().out
+    assert first["run_id"] in status and "models:/wf/1" in status
+    assert "preprocess  skipped" in status
+
+    # 5. One more training video per class, from another seed, added to the train annotations: only those are
+    # decoded, and a new model is trained (all its epochs: another run) and goes through the gate.
+    write_dataset(extra, classes=3, videos_per_class=2, seed=8, width=64, height=48, seconds=1.0, val_fraction=0.5)
+    new_rows = list(csv.reader((extra / "annotations/train.csv").open()))[1:]
+    for label, youtube_id, *_ in new_rows:
+        src = next((extra / "train" / label).glob(f"{youtube_id}_*.mp4"))
+        (videos / "train" / label / src.name).write_bytes(src.read_bytes())
+    with (videos / "annotations/train.csv").open("a", newline="") as f:
+        csv.writer(f).writerows(new_rows)
+
+    retrained = run(cfg, **QUIET)
+    records = {r["run_id"]: r for r in list_runs(cfg)}[retrained["run_id"]]["step_records"]
+    assert records["preprocess"]["outputs"]["decoded_now"] == len(new_rows) == 3
+    assert records["train"]["status"] == "done" and records["train"]["outputs"]["epochs_run_now"] == 2
+    assert retrained["model_version"] == 2
+    assert retrained["decision"] in ("promoted", "rejected") and retrained["reason"]
+    tags = MlflowClient(cfg.mlflow.tracking_uri).get_model_version("wf", "2").tags
+    assert tags["slowfast.promotion.decision"] == retrained["decision"]
+    assert tags["slowfast.promotion.champion_version"] == "1"
+    champion = MlflowClient(cfg.mlflow.tracking_uri).get_model_version_by_alias("wf", "champion")
+    assert str(champion.version) == ("2" if retrained["promoted"] else "1")
+
+
+def _read_until(capsys, text: str, timeout_s: float = 30) -> str:
+    """What this process printed (stdout and stderr) until `text` shows, or `timeout_s` passes."""
+    said, deadline = "", time.time() + timeout_s
+    while True:
+        out, err = capsys.readouterr()
+        said += out + err
+        if text in said or time.time() > deadline:
+            return said
+        time.sleep(0.2)

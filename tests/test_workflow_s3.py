@@ -1,6 +1,9 @@
 """Nothing outside storage_root: the workflow with storage_root on S3 (the moto endpoint) and a sqlite
 tracking database writes shards, checkpoints and the registered model's files to the bucket, leaves nothing
-in its working directory, and the champion loads from the registry after that directory is gone."""
+in its working directory, and the champion loads from the registry after that directory is gone.
+
+Both the run and the load are processes of their own: the run's working directory is its Ray's too (a Ray
+started by this process would keep this process's), and the load must find everything in a fresh shell."""
 
 from __future__ import annotations
 
@@ -12,6 +15,8 @@ import subprocess
 import sys
 
 import boto3
+
+from pipelines.workflow import STEPS, list_runs
 
 from conftest import REPO, pipeline_config
 
@@ -27,7 +32,7 @@ def test_the_registered_model_lives_under_an_s3_storage_root(s3_endpoint, synth_
         synth_set,
         storage_root=f"s3://{BUCKET}/wf",
         s3={"endpoint_url": s3_endpoint},
-        preprocess={"clips_per_video": 4, "rows_per_shard": 8},
+        preprocess={"clips_per_video": 2, "rows_per_shard": 8},
         train={
             "epochs": 1,
             "batch_size": 4,
@@ -56,6 +61,17 @@ def test_the_registered_model_lives_under_an_s3_storage_root(s3_endpoint, synth_
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert sorted(p.name for p in workdir.iterdir()) == []  # no ./mlruns, no ./mlflow.db, nothing
     assert sorted(p.name for p in db.parent.iterdir()) == ["mlflow.db"]
+    # A fresh run's records: every step done, the first version promoted to champion.
+    (record,) = list_runs(cfg)
+    summary = record["summary"]
+    assert record["status"] == "succeeded"
+    assert {k: v["status"] for k, v in summary["steps"].items()} == dict.fromkeys(STEPS, "done")
+    assert summary["model_uri"] == "models:/wf-s3/1" and summary["model_version"] == 1 and summary["promoted"]
+    assert set(summary["aliases"]) == {"champion", "challenger"}
+    assert 0 <= summary["metrics"]["top1"] <= summary["metrics"]["top5"] <= 1
+    train = record["step_records"]["train"]
+    assert train["outputs"]["epochs_done"] == 1
+    assert train["config_hash"] == cfg.config_hash("data", "preprocess", "model", "train")
 
     keys = [
         o["Key"]
