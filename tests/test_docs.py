@@ -225,12 +225,20 @@ class Checked:
     commands: list[Command]
     problems: list[str]
     helped: list[str]
-    ray_before: bool
+    ray_before: str
+    ray_after: str
+
+
+def ray_state() -> str:
+    """ "absent" (not imported), "imported" or "running" (earlier tests of the session may have started it)."""
+    if "ray" not in sys.modules:
+        return "absent"
+    return "running" if sys.modules["ray"].is_initialized() else "imported"
 
 
 @pytest.fixture(scope="module")
 def checked() -> Checked:
-    ray_before = "ray" in sys.modules
+    ray_before = ray_state()
     from pipelines.cli import build_parser
 
     parser = build_parser()
@@ -252,7 +260,7 @@ def checked() -> Checked:
         helped.append(f"bench {name}")
         if problem:
             problems.append(f"python -m pipelines bench {name} --help: {problem}")
-    return Checked(found, problems, helped, ray_before)
+    return Checked(found, problems, helped, ray_before, ray_state())
 
 
 def link_problems(doc: Path) -> tuple[int, list[str]]:
@@ -291,12 +299,7 @@ def test_every_shown_command_parses(checked: Checked):
 
 
 def test_checking_the_commands_starts_no_ray(checked: Checked):
-    if not checked.ray_before:
-        assert "ray" not in sys.modules, "parsing the documented commands imported ray"
-    else:
-        import ray
-
-        assert not ray.is_initialized(), "parsing the documented commands started Ray"
+    assert checked.ray_after == checked.ray_before, f"parsing the documented commands left Ray {checked.ray_after}"
 
 
 def test_readme_is_short():
