@@ -4,13 +4,12 @@ with `--labels` roles. Token authentication is on, as Ray 2.60 sets it up for lo
 environment, so nothing is written to ~/.ray.
 
 A node is killed as a machine dies: SIGKILL to its process group (the raylet, its agents and its workers).
-Jobs go in with `ray job submit` (their drivers run on the head); the dashboard's REST API, the one `ray job
-status`, `ray job logs` and `ray list` ask, says how a job is doing and where each task and actor ran. They go in
-without a working dir: the nodes of one machine share the session's runtime_resources folder, so one node's
-runtime-env agent would unpack or delete the job's code under another's running job (seen: a job's driver losing
-pipelines/train.py mid-run). The code reaches every node as it does on a cluster whose image has the project
-installed: the venv's (editable) install. tests/test_job_submit.py starts a head that does the work itself
-(head_cpus=2, one node) and submits with the working dir, as the README does.
+Jobs go in with `ray job submit` (their drivers run on the head); Ray's state API (`ray list`) says where each
+task and actor ran. They go in without a working dir: the nodes of one machine share the session's
+runtime_resources folder, so one node's runtime-env agent would unpack or delete the job's code under another's
+running job (seen: a job's driver losing pipelines/train.py mid-run). The code reaches every node as it does on a
+cluster whose image has the project installed: the venv's (editable) install. tests/test_job_submit.py submits
+with the working dir, as the README does, to a single node.
 """
 
 from __future__ import annotations
@@ -23,8 +22,6 @@ import signal
 import subprocess
 import sys
 import time
-import urllib.error
-import urllib.parse
 import urllib.request
 from pathlib import Path
 
@@ -38,11 +35,6 @@ FAST_HEALTH_CHECKS = {
     "RAY_health_check_failure_threshold": "3",
     "RAY_health_check_timeout_ms": "1000",
 }
-# Read by Ray Train's controller: how long it waits for its workers' placement group before it tries again with
-# the workers that fit then (default 60 s). After a node's loss its first try can still count the lost node's
-# resources (its view lags the GCS by a few seconds) and ask for a group that cannot be placed; on this cluster
-# a group that can be placed is placed in well under a second.
-QUICK_TRAIN_RETRIES = {"RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "10"}
 # What train workers ask for beside the train-node label (train.resources_per_worker): Ray 2.60's elastic
 # scaling counts the workers that fit from the resources asked for, ignoring labels, and these CPU-only train
 # nodes sit beside CPU data nodes (on a real cluster the GPUs tell them apart).
@@ -51,10 +43,9 @@ TRAIN_SLOT = {"train_slot": 1}
 
 class LocalCluster:
     """`ray start --head` plus `add_node`s; `stop` ends them all (only these: `ray stop` would end every Ray on
-    the machine, the test session's own included). head_cpus: 0 for a cluster of nodes (the head runs the job
-    drivers only), more for a head that also does the work (one node, as in the README)."""
+    the machine, the test session's own included)."""
 
-    def __init__(self, tmp: Path, head_cpus: int = 0):
+    def __init__(self, tmp: Path):
         self.tmp = tmp
         tmp.mkdir(parents=True, exist_ok=True)
         self.env = {
@@ -62,7 +53,6 @@ class LocalCluster:
             "RAY_AUTH_MODE": "token",
             "RAY_AUTH_TOKEN": secrets.token_hex(16),
             **FAST_HEALTH_CHECKS,
-            **QUICK_TRAIN_RETRIES,
         }
         self.env.pop("RAY_ADDRESS", None)
         # As after `source .venv/bin/activate`: a job's `python` is the one the nodes run on.
@@ -76,7 +66,7 @@ class LocalCluster:
             [
                 "--head",
                 f"--port={self.port}",
-                f"--num-cpus={head_cpus}",
+                "--num-cpus=0",
                 "--include-dashboard=true",
                 "--dashboard-host=127.0.0.1",
                 f"--dashboard-port={dashboard}",
@@ -91,21 +81,12 @@ class LocalCluster:
         for name, cpus, role in nodes:  # one at a time: raylets starting together on 2 cores time out
             labels = f"test-node={name}" + (f",node-role={role}" if role else "")
             extra = [f"--resources={json.dumps(TRAIN_SLOT)}"] if role == "train" else []
-            # The head's log monitor reads the session's log folder, which every node of this machine shares: one
-            # per node would send each line of a worker's output to the driver once per node (Ray's advice: one
-            # log monitor per host).
-            args = [f"--address={self.address}", f"--num-cpus={cpus}", f"--labels={labels}", *extra]
-            args.append("--include-log-monitor=false")
-            for tries_left in (1, 0):
-                self._start(name, args)
-                if self._joined(name):
-                    break
-                # `ray start` waits 30 s for its raylet to register, which a loaded machine can miss: once more,
-                # after what it started is gone (a raylet registering late would be a second node of that name).
-                log = self.log(name)
-                self.kill(name)
-                assert tries_left and "timed out during startup" in log, f"node {name} did not start: {log[-3000:]}"
-                self._wait_dead()
+            self._start(name, [f"--address={self.address}", f"--num-cpus={cpus}", f"--labels={labels}", *extra])
+            deadline = time.time() + 180
+            while name not in self.node_ids():
+                assert self.nodes[name].poll() is None, self.log(name)[-3000:]
+                assert time.time() < deadline, f"node {name} did not join: {self.log(name)[-3000:]}"
+                time.sleep(1)
 
     def kill(self, name: str) -> None:
         """The node's machine dies: SIGKILL to its raylet, agents and workers at once."""
@@ -116,13 +97,6 @@ class LocalCluster:
             pass
         proc.wait()
 
-    def remove_nodes(self, timeout: float = 60) -> None:
-        """Every node but the head killed, and declared dead by Ray: the next scenario starts from the head alone
-        (a node killed a moment ago still counts as alive for a few seconds)."""
-        for name in [n for n in self.nodes if n != "head"]:
-            self.kill(name)
-        self._wait_dead(timeout)
-
     def stop(self) -> None:
         """Every node gone at once (the test is over: nothing to drain)."""
         for name in list(self.nodes):
@@ -131,23 +105,16 @@ class LocalCluster:
     # --- what Ray says -------------------------------------------------------------------------------------
 
     def state(self, kind: str, *filters: str) -> list[dict]:
-        """What `ray list KIND --detail` lists (nodes, tasks, actors...), asked of the State API that command asks:
-        the dead nodes and the tasks and actors that ran on them included. FILTERS as `ray list --filter` takes
-        them: "state=ALIVE", "job_id!=01000000"."""
-        query = {"limit": 10000, "timeout": 24, "detail": "True", "exclude_driver": "True"}
+        """`ray list KIND --detail` as dicts (nodes, tasks, actors...)."""
+        args = [RAY, "list", kind, "--address", self.dashboard, "--format", "json", "--detail", "--limit", "10000"]
         for f in filters:
-            key, predicate, value = re.fullmatch(r"([^!=]+)(!=|=)(.*)", f).groups()
-            for field, part in (("filter_keys", key), ("filter_predicates", predicate), ("filter_values", value)):
-                query.setdefault(field, []).append(part)
+            args += ["--filter", f]
         for _ in range(10):  # a node that is just joining can make one query fail
-            try:
-                answer = self.api(f"/api/v0/{kind}", query)
-            except urllib.error.HTTPError as exc:
-                answer = {"result": False, "msg": f"HTTP {exc.code}: {exc.read()[-2000:]!r}"}
-            if answer["result"]:
-                return answer["data"]["result"]["result"]
-            time.sleep(1)
-        raise AssertionError(f"the State API's {kind}: {answer['msg']}")
+            done = subprocess.run(args, env=self.env, capture_output=True, text=True, timeout=120)
+            if done.returncode == 0 and "[" in done.stdout:
+                return json.loads(done.stdout[done.stdout.index("[") :])
+            time.sleep(2)
+        raise AssertionError(f"ray list {kind}: {done.stdout[-2000:]}{done.stderr[-2000:]}")
 
     def node_ids(self, alive: bool = True) -> dict[str, str]:
         """{node name: Ray node id} of the nodes added (and alive, by default)."""
@@ -159,9 +126,9 @@ class LocalCluster:
 
     # --- jobs ----------------------------------------------------------------------------------------------
 
-    def submit(self, *command: str, options: tuple[str, ...] = ()) -> str:
-        """`ray job submit OPTIONS -- COMMAND`, not waiting; returns the submission id. No options: no working
-        dir (see the module's docstring)."""
+    def submit(self, *command: str) -> str:
+        """`ray job submit` of `command` (no working dir: see the module's docstring), not waiting; returns the
+        submission id."""
         submission = f"test-{secrets.token_hex(4)}"
         args = [
             RAY,
@@ -169,7 +136,6 @@ class LocalCluster:
             "submit",
             "--address",
             self.dashboard,
-            *options,
             "--submission-id",
             submission,
             "--no-wait",
@@ -186,22 +152,20 @@ class LocalCluster:
         return submission
 
     def ended(self, submission: str) -> str | None:
-        """SUCCEEDED | FAILED | STOPPED once the job has ended, else None (what `ray job status` says)."""
-        status = self.job(submission)["status"]
-        return status if status in ("SUCCEEDED", "FAILED", "STOPPED") else None
-
-    def job(self, submission: str) -> dict:
-        """The Jobs API's record of the job (what `ray job status` shows): its status, its Ray job id..."""
-        return self.api(f"/api/jobs/{submission}")
-
-    def job_id(self, submission: str, timeout: float = 120) -> str:
-        """The Ray job id of the submission's driver (the job_id of every task and actor it starts), once the
-        driver has connected."""
-        deadline = time.time() + timeout
-        while not (job_id := self.job(submission).get("job_id")):
-            assert time.time() < deadline and not self.ended(submission), self.logs(submission)[-4000:]
-            time.sleep(0.25)
-        return job_id
+        """SUCCEEDED | FAILED | STOPPED once the job has ended, else None."""
+        done = subprocess.run(
+            [RAY, "job", "status", "--address", self.dashboard, submission],
+            env=self.env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        out = re.sub(r"\x1b\[[0-9;]*m", "", done.stdout + done.stderr)
+        # "Job '<id>' succeeded" / "failed" / "was stopped", or "Status for job ...: RUNNING".
+        for word, said in (("SUCCEEDED", "succeeded"), ("FAILED", "failed"), ("STOPPED", "was stopped")):
+            if f"Job '{submission}' {said}" in out:
+                return word
+        return None
 
     def wait(self, submission: str, timeout: float = 900) -> tuple[str, str]:
         """(SUCCEEDED | FAILED | STOPPED, the job's log) once the job ends."""
@@ -210,43 +174,22 @@ class LocalCluster:
             status = self.ended(submission)
             if status:
                 return status, self.logs(submission)
-            time.sleep(0.5)
+            time.sleep(3)
         raise AssertionError(f"job {submission} not finished after {timeout}s:\n{self.logs(submission)[-4000:]}")
 
     def logs(self, submission: str) -> str:
-        """What `ray job logs` prints: the driver's output."""
-        return self.api(f"/api/jobs/{submission}/logs")["logs"]
-
-    def api(self, path: str, query: dict | None = None) -> dict:
-        """GET of the dashboard's REST API, as Ray's CLI sends it (the token as a bearer): JSON back. The polls
-        of a test go this way, not through `ray job status` or `ray list`: each of those is a Python start and
-        seconds of CPU, taken from the cluster under test on a machine of 2 cores."""
-        url = f"{self.dashboard}{path}" + (f"?{urllib.parse.urlencode(query, doseq=True)}" if query else "")
-        request = urllib.request.Request(url, headers={"Authorization": f"Bearer {self.env['RAY_AUTH_TOKEN']}"})
-        with urllib.request.urlopen(request, timeout=60) as response:
-            return json.load(response)
+        return subprocess.run(
+            [RAY, "job", "logs", "--address", self.dashboard, submission],
+            env=self.env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        ).stdout
 
     # --- internals -----------------------------------------------------------------------------------------
 
     def log(self, name: str) -> str:
         return (self.tmp / f"{name}.log").read_text(errors="replace")
-
-    def _wait_dead(self, timeout: float = 60) -> None:
-        """Until Ray lists alive no node that this object no longer runs."""
-        deadline = time.time() + timeout
-        while gone := set(self.node_ids()) - set(self.nodes):
-            assert time.time() < deadline, f"nodes still alive {timeout}s after their kill: {gone}"
-            time.sleep(0.25)
-
-    def _joined(self, name: str, timeout: float = 180) -> bool:
-        """True once Ray lists the node alive, False if its `ray start` gave up first."""
-        deadline = time.time() + timeout
-        while name not in self.node_ids():
-            if self.nodes[name].poll() is not None:
-                return False
-            assert time.time() < deadline, f"node {name} did not join in {timeout}s: {self.log(name)[-3000:]}"
-            time.sleep(0.25)
-        return True
 
     def _start(self, name: str, args: list[str]) -> None:
         # Every port a node opens is a free one: the test session's own local Ray holds Ray's defaults (the
