@@ -27,6 +27,11 @@ os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 
 REPO = Path(__file__).resolve().parents[1]
 
+# Ray Data sets up its log handlers when it is first imported, on the sys.stderr of that moment: imported here, that
+# is pytest's session-long stream, not the stream of whichever test happens to import it first (a test's capsys
+# stream is closed when the test ends, and every later Ray Data log line would then fail with "Logging error").
+import ray.data  # noqa: E402, F401
+
 # `make check` (pytest --check) runs the tests that start no Ray, server or subprocess. A test is heavy when it
 # asks for one of these fixtures (directly or through another fixture), or says so with @pytest.mark.heavy
 # (a subprocess of its own, or minutes of CPU).
